@@ -1,0 +1,578 @@
+"""Named downloadable weights, a per-user cache, and downloads that never leave a partial or
+unverified file where a caller would load it.
+
+Trust model. No checksums are published for the FastSAM3D or SAM-Med3D weights, so the first
+download is trusted (trust on first use): its SHA-256 goes into ``hashes.json`` beside the file,
+and every later :func:`cached_path` / :func:`download` re-hashes the file against that record, so
+a file truncated, corrupted or swapped afterwards is refused instead of loaded. A pinned hash
+(the ``sha256=`` argument, or a registry entry's ``sha256``) is checked before the file is moved
+into place.
+
+Why our own streaming loop rather than ``torch.hub.download_url_to_file``: that function moves a
+*truncated* transfer into place without complaint. On Python 3.11 ``http.client`` returns ``b""``
+when a Content-Length response is cut short instead of raising, and torch.hub never compares the
+byte count with Content-Length (checked against a loopback server sending 400 of 1000 bytes).
+It also has no way to cancel (the Slicer module's progress dialog needs one) and no socket
+timeout. The loop below keeps its good parts (urllib, temporary file in the destination
+directory, tqdm bar) and adds those three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import glob
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+__all__ = [
+    "ENV_CACHE",
+    "HASHES_FILE",
+    "CacheStatus",
+    "ChecksumError",
+    "DownloadCancelled",
+    "DownloadError",
+    "HubError",
+    "WeightsInfo",
+    "cache_dir",
+    "cache_status",
+    "cached_path",
+    "download",
+    "get_weights_info",
+    "list_weights",
+    "normalize_sha256",
+    "remove",
+    "sha256_file",
+    "verify_file",
+]
+
+ENV_CACHE = "FASTSAM3D_CACHE"
+HASHES_FILE = "hashes.json"
+_RECORD_FORMAT = 1
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
+_STALE_PART_S = 3600.0  # leftover .part files older than this belong to no live download
+
+ProgressCallback = Callable[[int, "int | None"], "bool | None"]
+
+
+class HubError(RuntimeError):
+    """Base class of the errors raised by this module."""
+
+
+class DownloadError(HubError):
+    """The transfer failed (network error, HTTP error, truncated body); nothing was kept."""
+
+
+class ChecksumError(HubError):
+    """A file's SHA-256 does not match the pinned or recorded one, or cannot be checked."""
+
+
+class DownloadCancelled(HubError):
+    """The progress callback returned False; the partial file was deleted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsInfo:
+    """One downloadable checkpoint. ``config`` is the ``fastsam3d.build`` config it fits."""
+
+    name: str
+    url: str
+    filename: str
+    config: str
+    description: str
+    license_note: str
+    sha256: str | None = None
+
+
+_REGISTRY: dict[str, WeightsInfo] = {
+    info.name: info
+    for info in (
+        WeightsInfo(
+            name="fastsam3d",
+            url="https://huggingface.co/techlove/FastSAM3D/resolve/main/FastSAM3D.pth",
+            filename="FastSAM3D.pth",
+            config="fastsam3d",
+            description="FastSAM3D: 6-block distilled encoder + SAM-Med3D prompt encoder/decoder",
+            license_note=(
+                "Published by the FastSAM3D authors (github.com/arcadelab/FastSAM3D); no licence "
+                "for the weights is stated there. Research use; not a medical device."
+            ),
+        ),
+        WeightsInfo(
+            name="sam-med3d-turbo",
+            url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
+            filename="sam_med3d_turbo.pth",
+            config="sam-med3d-turbo",
+            description="SAM-Med3D-turbo: 12-block ViT-B encoder (FastSAM3D's teacher)",
+            license_note=(
+                "Published by the SAM-Med3D authors (github.com/uni-medical/SAM-Med3D); check "
+                "that repository's terms before redistribution. Research use; not a medical device."
+            ),
+        ),
+    )
+}
+
+
+def list_weights() -> list[WeightsInfo]:
+    """All registered weights, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def get_weights_info(name: str) -> WeightsInfo:
+    """The registry entry ``name``; unknown names raise ValueError listing the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown weights name {name!r}; known names: {known}") from None
+
+
+def normalize_sha256(value: str) -> str:
+    """Lower-case 64-digit hex; accepts Slicer's ``SHA256:`` prefix so its strings can be reused."""
+    v = value.strip().lower()
+    if v.startswith("sha256:"):
+        v = v[len("sha256:") :]
+    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+        raise ValueError(f"not a SHA-256 hex digest (64 hex digits expected): {value!r}")
+    return v
+
+
+def cache_dir(create: bool = True) -> Path:
+    """The per-user weights cache: $FASTSAM3D_CACHE, else the platform's user cache directory.
+
+    ``create=False`` lets read-only callers (``fastsam3d info``) look without leaving a directory.
+    """
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        base = Path(env).expanduser()
+    elif sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        base = (Path(local) if local else Path.home() / "AppData" / "Local") / "fastsam3d"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        # The XDG spec says relative values are invalid and must be ignored.
+        root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+        base = root / "fastsam3d"
+    if create:
+        base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: str | os.PathLike[str], expected_sha256: str) -> str:
+    """Raise ChecksumError unless the file's SHA-256 is ``expected_sha256``; return the digest."""
+    expected = normalize_sha256(expected_sha256)
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ChecksumError(f"{path}: SHA-256 is {digest}, expected {expected}")
+    return digest
+
+
+# --------------------------------------------------------------------------------------------
+# name / URL resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    key: str  # registry name or URL, as the user gave it (used in hints)
+    url: str
+    filename: str
+    expected: str | None  # pinned SHA-256
+    from_registry: bool
+
+
+def _is_url(value: str) -> bool:
+    return urllib.parse.urlsplit(value).scheme.lower() in ("http", "https", "file")
+
+
+def _filename_from_url(url: str) -> str:
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    bad = (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")  # our temporary files are hidden; keep the namespaces apart
+        or name == HASHES_FILE
+        or "\\" in name
+        or "\x00" in name
+    )
+    if bad:
+        raise ValueError(f"cannot derive a safe cache file name from URL {url!r}")
+    return name
+
+
+def _resolve(name_or_url: str, sha256: str | None) -> _Target:
+    pin = normalize_sha256(sha256) if sha256 else None
+    if _is_url(name_or_url):
+        return _Target(name_or_url, name_or_url, _filename_from_url(name_or_url), pin, False)
+    info = get_weights_info(name_or_url)
+    registered = normalize_sha256(info.sha256) if info.sha256 else None
+    if pin and registered and pin != registered:
+        raise ValueError(
+            f"sha256={pin} conflicts with the registered SHA-256 {registered} of {info.name!r}"
+        )
+    return _Target(info.name, info.url, info.filename, pin or registered, True)
+
+
+# --------------------------------------------------------------------------------------------
+# the hash record (hashes.json beside the files)
+
+
+def _read_records(directory: Path) -> dict[str, dict]:
+    path = directory / HASHES_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data, err = None, str(e)
+    else:
+        err = "unexpected layout"
+    files = data.get("files") if isinstance(data, dict) else None
+    ok = isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()
+    )
+    if not ok:
+        # It is the only evidence of what was downloaded: never "repair" it by overwriting.
+        raise HubError(
+            f"the hash record {path} is unreadable ({err}); it is left untouched. Fix or delete "
+            "it, then re-download the weights with `fastsam3d download NAME --force`."
+        )
+    return files
+
+
+@contextlib.contextmanager
+def _records_lock(directory: Path) -> Iterator[None]:
+    """Serialise read-modify-write of hashes.json between processes (POSIX; no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: os.replace keeps the file whole; a lost update is the risk
+        yield
+        return
+    with open(directory / ".hashes.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _set_record(directory: Path, filename: str, entry: dict | None) -> bool:
+    """Store (or with None, delete) one record; returns whether anything changed."""
+    with _records_lock(directory):
+        files = _read_records(directory)
+        if entry is None:
+            if filename not in files:
+                return False
+            del files[filename]
+        else:
+            files[filename] = entry
+        _write_json_atomic(directory / HASHES_FILE, {"format": _RECORD_FORMAT, "files": files})
+    return True
+
+
+def _new_record(target: _Target, digest: str, size: int, pinned: bool) -> dict:
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return {"sha256": digest, "size": size, "url": target.url, "recorded": now, "pinned": pinned}
+
+
+# --------------------------------------------------------------------------------------------
+# cache queries
+
+
+def _directory(dest_dir: str | os.PathLike[str] | None, create: bool) -> Path:
+    if dest_dir is None:
+        return cache_dir(create=create)
+    d = Path(dest_dir).expanduser()
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _hint(target: _Target) -> str:
+    return f"re-download it with `fastsam3d download {target.key} --force`"
+
+
+def _check_existing(target: _Target, path: Path, record: dict | None) -> str:
+    """Verify an existing file against the pin, else its record; return its digest."""
+    if target.expected is None and record is None:
+        raise ChecksumError(
+            f"{path} has no recorded SHA-256 (it was not downloaded by fastsam3d, or "
+            f"{HASHES_FILE} lost its entry), so it cannot be verified; {_hint(target)}, or "
+            f"adopt it by passing its SHA-256 (`fastsam3d download {target.key} --sha256 HEX`)"
+        )
+    expected = target.expected or record["sha256"]
+    what = "the pinned" if target.expected else "the recorded"
+    size = path.stat().st_size
+    if target.expected is None and isinstance(record.get("size"), int) and size != record["size"]:
+        raise ChecksumError(
+            f"{path} is {size} bytes but {record['size']} bytes were recorded at download: the "
+            f"file was changed or truncated afterwards; {_hint(target)}"
+        )
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ChecksumError(
+            f"{path}: SHA-256 is {digest}, not {what} {expected}: the file was changed after it "
+            f"was downloaded, or is a different file; {_hint(target)}"
+        )
+    return digest
+
+
+def cached_path(
+    name: str,
+    verify: bool = True,
+    *,
+    sha256: str | None = None,
+    dest_dir: str | os.PathLike[str] | None = None,
+) -> Path | None:
+    """The cached file for a registry name or URL, or None when it is not downloaded.
+
+    With ``verify`` the file is re-hashed against the pinned or recorded SHA-256 and a mismatch
+    (or a file with no record) raises ChecksumError: a present but untrusted file is not "absent".
+    """
+    target = _resolve(name, sha256)
+    directory = _directory(dest_dir, create=False)
+    path = directory / target.filename
+    if not path.is_file():
+        return None
+    if verify:
+        _check_existing(target, path, _read_records(directory).get(target.filename))
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStatus:
+    """What ``fastsam3d info`` / ``download --list`` and the Slicer panel show for one entry."""
+
+    name: str
+    path: Path
+    present: bool
+    size: int | None  # bytes on disk
+    recorded_sha256: str | None
+    verified: bool | None  # None: not checked (verify=False) or not present
+    error: str | None  # why it is not usable, when known
+
+
+def cache_status(
+    name: str, *, verify: bool = False, dest_dir: str | os.PathLike[str] | None = None
+) -> CacheStatus:
+    """Cache state without raising; hashing (``verify``) is opt-in because it reads the file."""
+    target = _resolve(name, None)
+    directory = _directory(dest_dir, create=False)
+    path = directory / target.filename
+    present = path.is_file()
+    size = path.stat().st_size if present else None
+    try:
+        record = _read_records(directory).get(target.filename)
+    except HubError as e:
+        return CacheStatus(name, path, present, size, None, False if present else None, str(e))
+    recorded = record["sha256"] if record else None
+    verified: bool | None = None
+    error = None
+    if present and record is None and target.expected is None:
+        verified, error = False, f"no recorded SHA-256 for {path.name}"
+    elif present and verify:
+        try:
+            _check_existing(target, path, record)
+            verified = True
+        except ChecksumError as e:
+            verified, error = False, str(e)
+    elif present and record is not None and record.get("size") not in (None, size):
+        verified, error = False, f"size {size} differs from the recorded {record['size']} bytes"
+    return CacheStatus(name, path, present, size, recorded, verified, error)
+
+
+# --------------------------------------------------------------------------------------------
+# download
+
+
+def _content_length(response: object) -> int | None:
+    value = response.headers.get("Content-Length")  # type: ignore[attr-defined]
+    try:
+        n = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return n if n is not None and n >= 0 else None
+
+
+def _fetch(
+    url: str,
+    tmp: Path,
+    progress: bool,
+    callback: ProgressCallback | None,
+    label: str,
+) -> tuple[str, int]:
+    """Stream ``url`` into ``tmp`` (created here, exclusively); return (sha256, size)."""
+    from tqdm.auto import tqdm
+
+    version = getattr(sys.modules.get("fastsam3d"), "__version__", "unknown")
+    request = urllib.request.Request(url, headers={"User-Agent": f"fastsam3d/{version}"})
+    h = hashlib.sha256()
+    done = 0
+    total: int | None = None
+
+    def notify() -> None:
+        if callback is not None and callback(done, total) is False:
+            raise DownloadCancelled(f"download of {url} cancelled after {done} bytes")
+
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(tmp, "xb") as f:
+            total = _content_length(response)
+            with tqdm(
+                total=total,
+                disable=not progress,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label,
+                leave=True,
+            ) as bar:
+                notify()
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    h.update(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                    notify()
+            f.flush()
+            os.fsync(f.fileno())
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        # Socket timeouts and resets are OSErrors; IncompleteRead is an HTTPException.
+        raise DownloadError(f"downloading {url} failed after {done} bytes: {e}") from e
+    if total is not None and done != total:
+        raise DownloadError(
+            f"downloading {url} failed: the transfer ended after {done} of {total} bytes "
+            "(connection dropped?); nothing was kept"
+        )
+    if done == 0:
+        raise DownloadError(f"downloading {url} failed: the server sent an empty file")
+    return h.hexdigest(), done
+
+
+def download(
+    name_or_url: str,
+    *,
+    sha256: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+    dest_dir: str | os.PathLike[str] | None = None,
+    progress_callback: ProgressCallback | None = None,
+) -> Path:
+    """Download registry weights (or any http(s)/file URL) into the cache; return its path.
+
+    An existing file is reused after verification (pinned hash, else the recorded one). A fresh
+    transfer goes to a hidden temporary file in the destination directory and is moved over the
+    destination with ``os.replace`` only once complete and matching the pin, so a failed, cut or
+    cancelled download leaves the previous file (if any) untouched and nothing partial behind.
+    ``progress_callback(done_bytes, total_bytes_or_None)`` returning False cancels
+    (DownloadCancelled).
+    """
+    target = _resolve(name_or_url, sha256)
+    directory = _directory(dest_dir, create=True)
+    dest = directory / target.filename
+    # Read the record first: an unreadable record must stop us before any network traffic.
+    record = _read_records(directory).get(target.filename)
+
+    if dest.exists() and not force:
+        other_url = record is not None and record.get("url") != target.url
+        if other_url and not target.from_registry and target.expected is None:
+            # Two URLs with the same file name would share one cache file: do not mix them up.
+            raise HubError(
+                f"{dest} was downloaded from {record.get('url')}, not {target.url}; use "
+                "--force (force=True) to replace it, or another --cache-dir (dest_dir)"
+            )
+        if target.expected is None:
+            _check_existing(target, dest, record)
+            return dest
+        digest = sha256_file(dest)
+        if digest == target.expected:
+            if record is None or record["sha256"] != digest:
+                entry = _new_record(target, digest, dest.stat().st_size, pinned=True)
+                _set_record(directory, target.filename, entry)
+            return dest
+        # The existing file is not the pinned one: fetch; it stays until the new one verifies.
+
+    tmp = directory / f".{target.filename}.{uuid.uuid4().hex}.part"
+    try:
+        digest, size = _fetch(target.url, tmp, progress, progress_callback, target.filename)
+        if target.expected is not None and digest != target.expected:
+            raise ChecksumError(
+                f"downloaded {target.url}: SHA-256 is {digest}, not the pinned {target.expected}; "
+                "the file was discarded"
+            )
+        if target.expected is None and record is not None and record["sha256"] != digest:
+            warnings.warn(
+                f"{target.filename}: the new download differs from the one recorded on "
+                f"{record.get('recorded', '?')} (SHA-256 {record['sha256']} -> {digest}); the "
+                "upstream file has changed. Recording the new hash.",
+                stacklevel=2,
+            )
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _set_record(
+        directory, target.filename, _new_record(target, digest, size, target.expected is not None)
+    )
+    return dest
+
+
+def remove(name: str, *, dest_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Delete a cached file, its hash record and stale partial downloads; True if any existed."""
+    target = _resolve(name, None)
+    directory = _directory(dest_dir, create=False)
+    if not directory.is_dir():
+        return False
+    removed = False
+    path = directory / target.filename
+    if path.is_file():
+        path.unlink()
+        removed = True
+    # Leftovers of a killed process; a recent one may belong to a download still running.
+    pattern = os.path.join(glob.escape(str(directory)), f".{glob.escape(target.filename)}.*.part")
+    for part in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(part) > _STALE_PART_S:
+                os.unlink(part)
+                removed = True
+    if (directory / HASHES_FILE).exists() and _set_record(directory, target.filename, None):
+        removed = True
+    return removed
