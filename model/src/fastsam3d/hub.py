@@ -473,6 +473,7 @@ def _fetch(
             f.flush()
             os.fsync(f.fileno())
     except urllib.error.HTTPError as e:
+        e.close()  # it holds the response's socket
         raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         # Socket timeouts and resets are OSErrors; IncompleteRead is an HTTPException.
@@ -538,7 +539,14 @@ def download(
                 f"downloaded {target.url}: SHA-256 is {digest}, not the pinned {target.expected}; "
                 "the file was discarded"
             )
-        if target.expected is None and record is not None and record["sha256"] != digest:
+        upstream_changed = (
+            target.expected is None
+            and record is not None
+            and record.get("url") == target.url
+            and record["sha256"] != digest
+        )
+        if upstream_changed:
+            # Not an error (forced re-download, nothing pinned), but the user should know.
             warnings.warn(
                 f"{target.filename}: the new download differs from the one recorded on "
                 f"{record.get('recorded', '?')} (SHA-256 {record['sha256']} -> {digest}); the "
