@@ -1,0 +1,129 @@
+"""Named model configurations and the builder (one private builder, a small registry)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from .modeling import ImageEncoderViT3D, MaskDecoder3D, PromptEncoder3D, Sam3D
+from .modeling.attention import BACKENDS, Attention
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides a network's shapes and forward math.
+
+    ``point_policy`` records how the model's decoder was trained to see clicks (the session
+    follows it): ``"newest"`` = only the newest click plus the previous low-res logits
+    (FastSAM3D's fine-tuning and evaluation loops), ``"accumulate"`` = every click so far plus
+    the previous logits (SAM-Med3D's current inference and training with multi-click).
+    """
+
+    name: str
+    depth: int = 12
+    embed_dim: int = 768
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    num_attn_free_blocks: int = 0
+    block_style: str = "standard"
+    img_size: int = 128
+    patch_size: int = 16
+    out_chans: int = 384
+    num_point_embeddings: int = 2
+    point_policy: str = "accumulate"
+    description: str = ""
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    def summary(self) -> str:
+        attn = self.depth - self.num_attn_free_blocks
+        win = f"window {self.window_size} except blocks {list(self.global_attn_indexes)}" \
+            if self.window_size else "global attention"
+        return (f"{self.name}: {self.depth} blocks ({self.num_attn_free_blocks} attention-free, "
+                f"{attn} with {win}), width {self.embed_dim}, {self.num_heads} heads, "
+                f"block style {self.block_style!r}")
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "fastsam3d": ModelConfig(
+        name="fastsam3d", depth=6, num_heads=6, window_size=0, global_attn_indexes=(),
+        num_attn_free_blocks=2, block_style="fastsam3d", point_policy="newest",
+        description="FastSAM3D distilled encoder (6 blocks, 2 attention-free) + SAM-Med3D decoder",
+    ),
+    "sam-med3d-turbo": ModelConfig(
+        name="sam-med3d-turbo", point_policy="accumulate",
+        description="SAM-Med3D(-turbo) ViT-B, standard pre-norm blocks (the SAM-Med3D code)",
+    ),
+    "sam-med3d-turbo-fastsam3d-block": ModelConfig(
+        name="sam-med3d-turbo-fastsam3d-block", block_style="fastsam3d", point_policy="accumulate",
+        description="SAM-Med3D weights run through FastSAM3D's block (FastSAM3D's teacher and "
+                    "its Slicer plugin)",
+    ),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CONFIGS)
+
+
+def get_config(name: str | ModelConfig, **overrides: object) -> ModelConfig:
+    """A registered config, optionally with fields replaced (tiny test/distillation students)."""
+    if isinstance(name, ModelConfig):
+        cfg = name
+    else:
+        try:
+            cfg = MODEL_CONFIGS[name]
+        except KeyError:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def _build(cfg: ModelConfig) -> Sam3D:
+    g = cfg.grid
+    encoder = ImageEncoderViT3D(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.out_chans, window_size=cfg.window_size,
+        global_attn_indexes=cfg.global_attn_indexes,
+        num_attn_free_blocks=cfg.num_attn_free_blocks, block_style=cfg.block_style,
+    )
+    prompt = PromptEncoder3D(
+        embed_dim=cfg.out_chans, image_embedding_size=(g, g, g),
+        input_image_size=(cfg.img_size,) * 3, num_point_embeddings=cfg.num_point_embeddings,
+    )
+    decoder = MaskDecoder3D(transformer_dim=cfg.out_chans)
+    return Sam3D(encoder, prompt, decoder, config=cfg)
+
+
+def build_model(
+    name: str | ModelConfig = "fastsam3d", *, attn_backend: str = "sdpa", **overrides: object
+) -> Sam3D:
+    """A randomly initialised model of a registered config (``fastsam3d.load_model`` loads
+    weights). Keyword overrides replace config fields, e.g. ``depth=2, embed_dim=64``."""
+    model = _build(get_config(name, **overrides))
+    set_attention_backend(model, attn_backend)
+    return model.eval()
+
+
+def set_attention_backend(model: nn.Module, backend: str, pattern: object = None) -> nn.Module:
+    """Switch every encoder attention layer to ``backend`` (see ``modeling.attention``).
+
+    ``pattern`` is a ``SparsePattern`` for the ``"sparse"`` backend (None = its default).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
+    if backend == "sparse" and pattern is None:
+        from .modeling.sparse_attention import SparsePattern
+
+        pattern = SparsePattern()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+            m.sparse_pattern = pattern
+    return model

@@ -1,0 +1,279 @@
+"""Encoder self-attention with decomposed 3D relative positions, behind one backend switch.
+
+Backends (all compute the same function of the weights):
+
+* ``"einsum"``: explicit ``q @ k^T`` + rel-pos + softmax, and SAM-Med3D's windowed blocks are
+  zero-padded to the window exactly as the public code does (2744 tokens for 8^3 in 14^3).
+  This is the reference the other backends are tested against.
+* ``"sdpa"`` (default): ``F.scaled_dot_product_attention`` with the rel-pos bias as an additive
+  mask; padded windows use the closed form below, so only the 512 real queries are computed.
+* ``"flex"``: FlexAttention with the rel-pos terms in a ``score_mod`` (see ``sparse_attention``).
+* ``"sparse"``: the 3D block-sparse pattern (local blocks + dilated strides) of
+  ``sparse_attention``; a research option, the official weights were trained dense.
+
+Padded-window closed form. With window 14 on an 8^3 grid the reference pads the *normed* tokens
+with zeros to 14^3, so every padded key is ``k = b_k`` and every padded value ``v = b_v`` (the qkv
+bias) and they are not masked. A real query's logit for a padded key is ``q.b_k*scale + bias``,
+and the rel-pos bias (see :func:`dense_bias` for its exact form) factorises per key-w index, so
+the summed exponentials of all 2232 padded keys have a closed form. They collapse into ONE extra
+key ``b_k`` with value ``b_v`` and additive bias ``log(sum_padded exp(bias))``: exact, 513 keys
+instead of 2744, and no padded queries at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("einsum", "sdpa", "flex", "sparse")
+DEFAULT_BACKEND = "sdpa"
+
+Grid = tuple[int, int, int]
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Gather the (q_size, k_size, C) relative-position embeddings from a (2L-1, C) table.
+
+    Interpolates the table linearly when its length differs from what the sizes need (never
+    the case for the released weights; kept for checkpoints trained at other sizes).
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
+            size=max_rel_dist,
+            mode="linear",
+        )
+        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[rel.long()]
+
+
+def rel_pos_terms(
+    q: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    q_grid: Grid,
+    k_grid: Grid,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-axis rel-pos logits from the UNSCALED query (the official weights' convention).
+
+    q: (B, heads, N, C) with N = prod(q_grid). Returns (B, heads, qd, qh, qw, k_axis) per axis;
+    each axis table is indexed by that axis' query coordinate (combine with :func:`dense_bias`).
+    """
+    b, h, _, c = q.shape
+    rq = q.reshape(b, h, *q_grid, c)
+    rd = get_rel_pos(q_grid[0], k_grid[0], tables[0]).to(q.dtype)
+    rh = get_rel_pos(q_grid[1], k_grid[1], tables[1]).to(q.dtype)
+    rw = get_rel_pos(q_grid[2], k_grid[2], tables[2]).to(q.dtype)
+    t_d = torch.einsum("bndhwc,dkc->bndhwk", rq, rd)
+    t_h = torch.einsum("bndhwc,hkc->bndhwk", rq, rh)
+    t_w = torch.einsum("bndhwc,wkc->bndhwk", rq, rw)
+    return t_d, t_h, t_w
+
+
+def dense_bias(terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Combine per-axis terms into the (B, heads, Nq, Nk) additive bias, the reference's way.
+
+    The public code adds ``rel_d[:, :, :, :, None, None]`` (one colon short of the 2D SAM
+    pattern), so on a cubic grid the bias of query (qd,qh,qw) for key (kd,kh,kw) is
+    ``t_d[qd,qh,qw,kw] + t_h[qd,qh,kd,kw] + t_w[qd,qh,kh,kw]``: every axis term is taken at the
+    key's w index, and the h/w terms use the query of token (qd,qh,kd) / (qd,qh,kh). The released
+    weights were trained with this, so it is reproduced exactly (parity fixture: 2e-6).
+    Here ``t_h``/``t_w`` are (B, heads, qd, qh, X, K): query row X along the w axis.
+    """
+    t_d, t_h, t_w = terms
+    b, h, qd, qh, qw, kw = t_d.shape
+    kd, kh = t_h.shape[-2], t_w.shape[-2]
+    bias = (
+        t_d[:, :, :, :, :, None, None, :]
+        + t_h[:, :, :, :, None, :, None, :]
+        + t_w[:, :, :, :, None, None, :, :]
+    )
+    return bias.reshape(b, h, qd * qh * qw, kd * kh * kw)
+
+
+def padded_key_bias(
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], real: Grid
+) -> torch.Tensor:
+    """log(sum over the padded keys of exp(rel-pos bias)), per real query: (B, heads, N).
+
+    ``terms`` are over the whole padded window (see :func:`rel_pos_terms_window`). The bias
+    factorises per key-w index:
+    sum_k exp(bias) = sum_kw e^{t_d} (sum_kd e^{t_h}) (sum_kh e^{t_w}),
+    over the full window minus the same over the real keys.
+    """
+    t_d, t_h, t_w = (t.float() for t in terms)
+    gd, gh, gw = real
+    # (B, h, qd, qh, kw): the h/w factors do not depend on the query's w index.
+    log_all = torch.logsumexp(
+        t_d + (torch.logsumexp(t_h, dim=4) + torch.logsumexp(t_w, dim=4))[:, :, :, :, None, :],
+        dim=-1,
+    )
+    log_real = torch.logsumexp(
+        t_d[..., :gw]
+        + (torch.logsumexp(t_h[..., :gd, :gw], dim=4)
+           + torch.logsumexp(t_w[..., :gh, :gw], dim=4))[:, :, :, :, None, :],
+        dim=-1,
+    )
+    out = log_all + torch.log1p(-torch.exp(log_real - log_all).clamp(max=1.0 - 1e-7))
+    return out.flatten(2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a 3D token grid with decomposed relative positions.
+
+    Parameter names (``qkv``, ``proj``, ``rel_pos_d/h/w``) are the official ones.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = True,
+        input_size: Grid = (8, 8, 8),
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        self.input_size = input_size
+        if use_rel_pos:
+            self.rel_pos_d = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[2] - 1, head_dim))
+        self.backend = DEFAULT_BACKEND
+        self.sparse_pattern = None  # set by set_attention_backend(..., pattern=...)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rel_pos_d, self.rel_pos_h, self.rel_pos_w
+
+    def forward(self, x: torch.Tensor, pad_to: int = 0) -> torch.Tensor:
+        """x: (B, D, H, W, C). ``pad_to`` > 0 means: behave as if the tokens had been
+        zero-padded to a ``pad_to``^3 window (SAM-Med3D's windowed blocks), exactly."""
+        b, d, h, w, c = x.shape
+        grid = (d, h, w)
+        n = d * h * w
+        nh = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, hd)
+
+        if pad_to:
+            out = self._padded_window(q, k, v, grid, pad_to)
+        elif self.backend == "einsum":
+            out = self._einsum(q, k, v, grid)
+        elif self.backend == "sdpa":
+            bias = None
+            if self.use_rel_pos:
+                bias = dense_bias(rel_pos_terms(q, self._tables(), grid, grid)).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        elif self.backend in ("flex", "sparse"):
+            from . import sparse_attention as sa
+
+            terms = rel_pos_terms(q, self._tables(), grid, grid) if self.use_rel_pos else None
+            if self.backend == "flex":
+                out = sa.flex_dense(q, k, v, terms, self.scale, grid)
+            else:
+                out = sa.sparse_attention(q, k, v, terms, self.scale, grid, self.sparse_pattern)
+        else:
+            raise ValueError(f"unknown attention backend {self.backend!r}; use one of {BACKENDS}")
+        out = out.transpose(1, 2).reshape(b, d, h, w, c)
+        return self.proj(out)
+
+    def _einsum(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+    ) -> torch.Tensor:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.use_rel_pos:
+            attn = attn + dense_bias(rel_pos_terms(q, self._tables(), grid, grid))
+        return attn.softmax(dim=-1) @ v
+
+    def _padded_window(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, pad_to: int
+    ) -> torch.Tensor:
+        """Exact attention of the real tokens in a zero-padded ``pad_to``^3 window (see module
+        docstring): the padded keys collapse into one extra key carrying their total mass."""
+        b, nh, n, hd = q.shape
+        full = (pad_to, pad_to, pad_to)
+        if self.qkv.bias is not None:
+            b_q, b_k, b_v = self.qkv.bias.reshape(3, nh, hd).to(q.dtype)
+        else:
+            b_q = b_k = b_v = q.new_zeros(nh, hd)
+        k_all = torch.cat([k, b_k[None, :, None, :].expand(b, nh, 1, hd)], dim=2)
+        v_all = torch.cat([v, b_v[None, :, None, :].expand(b, nh, 1, hd)], dim=2)
+        if self.use_rel_pos:
+            t_d, t_h, t_w = rel_pos_terms_window(q, self._tables(), grid, full, b_q)
+            gd, gh, gw = grid
+            real_terms = (t_d[..., :gw], t_h[..., :gd, :gw], t_w[..., :gh, :gw])
+            bias = torch.cat(
+                [dense_bias(real_terms),
+                 padded_key_bias((t_d, t_h, t_w), grid).to(q.dtype)[..., None]],
+                dim=-1,
+            )
+        else:
+            n_pad = math.prod(full) - n
+            bias = torch.zeros(b, nh, n, n + 1, dtype=q.dtype, device=q.device)
+            bias[..., -1] = math.log(n_pad)
+        if self.backend == "einsum":
+            attn = (q * self.scale) @ k_all.transpose(-2, -1) + bias
+            return attn.softmax(dim=-1) @ v_all
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias, scale=self.scale)
+
+
+def rel_pos_terms_window(
+    q: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    real: Grid,
+    full: Grid,
+    b_q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rel-pos terms of the real queries of a zero-padded ``full`` window.
+
+    Returns t_d (B, h, rd, rh, rw, Fw) and t_h, t_w (B, h, rd, rh, Fw, Fw): the h/w terms use
+    the query row along w, whose padded entries are the q bias ``b_q`` (heads, hd) because the
+    padded tokens are zeros (see :func:`dense_bias`). Needs a cubic window.
+    """
+    b, h, _, c = q.shape
+    gd, gh, gw = real
+    f = full[2]
+    qg = q.reshape(b, h, gd, gh, gw, c)
+    pad = b_q[None, :, None, None, None, :].expand(b, h, gd, gh, f - gw, c).to(q.dtype)
+    q_row = torch.cat([qg, pad], dim=4)
+    rd, rh, rw = (get_rel_pos(n, n, t).to(q.dtype) for t, n in zip(tables, full))
+    t_d = torch.einsum("bndhwc,dkc->bndhwk", qg, rd[:gd])
+    t_h = torch.einsum("bndhxc,hkc->bndhxk", q_row, rh[:gh])
+    t_w = torch.einsum("bndhxc,xkc->bndhxk", q_row, rw)
+    return t_d, t_h, t_w
+
+
+def window_partition3d(x: torch.Tensor, window: int) -> tuple[torch.Tensor, Grid]:
+    """Zero-pad (B, D, H, W, C) to multiples of ``window`` and split into windows, as the
+    reference does (after norm1, so padded tokens are exact zeros)."""
+    b, d, h, w, c = x.shape
+    pd, ph, pw = (-d) % window, (-h) % window, (-w) % window
+    if pd or ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pd))
+    dp, hp, wp = d + pd, h + ph, w + pw
+    x = x.view(b, dp // window, window, hp // window, window, wp // window, window, c)
+    windows = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, window, window, window, c)
+    return windows, (dp, hp, wp)
+
+
+def window_unpartition3d(
+    windows: torch.Tensor, window: int, padded: Grid, size: Grid
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition3d`, cropping the padding away."""
+    dp, hp, wp = padded
+    b = windows.shape[0] // (dp * hp * wp // window**3)
+    x = windows.view(b, dp // window, hp // window, wp // window, window, window, window, -1)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, dp, hp, wp, -1)
+    d, h, w = size
+    return x[:, :d, :h, :w, :].contiguous()

@@ -1,0 +1,61 @@
+"""Sam3D: the container of the three parts, under the official key prefixes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .image_encoder import ImageEncoderViT3D
+from .mask_decoder import MaskDecoder3D
+from .prompt_encoder import PromptEncoder3D
+
+if TYPE_CHECKING:
+    from ..build import ModelConfig
+
+
+class Sam3D(nn.Module):
+    """Holds ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``.
+
+    Callers use the three parts directly (SAM style); :meth:`predict` is the one-call path
+    for a single crop. The ImageNet ``pixel_mean``/``pixel_std`` of the reference wrapper are
+    left out: no pipeline used them and they are not in the checkpoints.
+    """
+
+    mask_threshold: float = 0.0
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT3D,
+        prompt_encoder: PromptEncoder3D,
+        mask_decoder: MaskDecoder3D,
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_encoder.no_mask_embed.weight.device
+
+    def predict(
+        self,
+        image_embeddings: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass: prompt encoder + mask decoder -> (low_res_logits, iou)."""
+        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
