@@ -1,0 +1,260 @@
+"""Stage 1: layer-wise progressive distillation of the image encoder.
+
+Default (the FastSAM3D paper): student block i is taught by teacher block 2i, the loss is the
+mean over i = 1..k of the feature MSE, k grows on a schedule, and the neck output is matched
+throughout. Options reproduce what the released code did instead (prior-art notes §3.2):
+``neck`` = MSE of the neck output only (the code at HEAD), ``released-tap`` = one tap at a
+time, advancing every few epochs, pairing student block 2j with teacher block 2j.
+
+The teacher is frozen and lives outside the DDP-wrapped module (it is not trained, so it
+should not be broadcast or hooked). Its features come online under bf16 autocast, or from a
+cache written once by :func:`cache_teacher_features`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .engine import Task
+
+LOSS_MODES = ("paper", "neck", "released-tap")
+
+
+def tap_pairs(student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:
+    """0-based (student block, teacher block) pairs: student i <- teacher r*i (1-based).
+
+    ``r = teacher_depth // student_depth`` (2 for FastSAM3D's 6-from-12).
+    """
+    if teacher_depth < student_depth or teacher_depth % student_depth:
+        raise ValueError(
+            f"teacher depth {teacher_depth} must be a multiple of student depth {student_depth}"
+        )
+    r = teacher_depth // student_depth
+    return [(i - 1, r * i - 1) for i in range(1, student_depth + 1)]
+
+
+def released_tap_pairs(student_depth: int) -> list[tuple[int, int]]:
+    """The released code's pairing: student block 2j with teacher block 2j (1-based)."""
+    return [(2 * j - 1, 2 * j - 1) for j in range(1, student_depth // 2 + 1)]
+
+
+@torch.no_grad()
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Copy teacher encoder weights into the student wherever names and shapes agree.
+
+    Patch embedding, position embedding and neck copy directly; student block i (1-based)
+    takes teacher block r*i, the block it is taught to imitate. Tensors whose shapes differ
+    (e.g. rel-pos tables of a different head size) keep their initialisation. Returns the
+    student keys that were copied.
+    """
+    s_depth, t_depth = len(student.blocks), len(teacher.blocks)
+    block_map = {s: t for s, t in tap_pairs(s_depth, t_depth)}
+    t_sd = teacher.state_dict()
+    copied = []
+    for key, val in student.state_dict().items():
+        src = key
+        if key.startswith("blocks."):
+            parts = key.split(".")
+            parts[1] = str(block_map[int(parts[1])])
+            src = ".".join(parts)
+        if src in t_sd and t_sd[src].shape == val.shape:
+            val.copy_(t_sd[src])
+            copied.append(key)
+    return copied
+
+
+def _mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+class DistillTask(Task):
+    """Student encoder + loss. ``prepare`` adds teacher targets unless the batch has them."""
+
+    name = "distill"
+
+    def __init__(
+        self,
+        student_encoder: nn.Module,
+        teacher_encoder: nn.Module | None,
+        loss: str = "paper",
+        k_start: int = 1,
+        k_every_epochs: int = 3,
+        k_every_steps: int = 0,
+        neck_weight: float = 1.0,
+        teacher_depth: int | None = None,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSS_MODES:
+            raise ValueError(f"unknown distillation loss {loss!r}; use one of {LOSS_MODES}")
+        self.student = student_encoder
+        # Not registered as a submodule: frozen, not saved in training checkpoints, not DDP'd.
+        self.__dict__["teacher"] = teacher_encoder
+        if teacher_encoder is not None:
+            teacher_encoder.eval().requires_grad_(False)
+            teacher_depth = len(teacher_encoder.blocks)
+        if teacher_depth is None:
+            raise ValueError("give a teacher encoder or teacher_depth (cached features)")
+        s_depth = len(student_encoder.blocks)
+        self.loss_mode = loss
+        self.pairs = tap_pairs(s_depth, teacher_depth)
+        self.released_pairs = released_tap_pairs(s_depth)
+        # Teacher blocks whose outputs are targets, in a fixed order (also the cache layout).
+        self.teacher_taps = sorted({t for _, t in self.pairs} | {t for _, t in self.released_pairs})
+        self.k_start, self.k_every_epochs, self.k_every_steps = k_start, k_every_epochs, k_every_steps
+        self.neck_weight = neck_weight
+        self.k = k_start
+        self.find_unused = loss == "released-tap"
+
+    # schedule --------------------------------------------------------------------------------
+
+    def set_progress(self, epoch: int, step: int) -> None:
+        if self.k_every_steps:
+            grown = step // self.k_every_steps
+        else:
+            grown = epoch // max(self.k_every_epochs, 1)
+        limit = len(self.pairs) if self.loss_mode == "paper" else len(self.released_pairs) + 1
+        self.k = min(self.k_start + grown, limit)
+
+    def scalars(self) -> dict[str, float]:
+        return {"distill/k": float(self.k)}
+
+    # targets ---------------------------------------------------------------------------------
+
+    def teacher_targets(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(taps (B, T, 8, 8, 8, C), neck (B, 384, 8, 8, 8)) for ``self.teacher_taps``."""
+        teacher = self.__dict__["teacher"]
+        if teacher is None:
+            raise RuntimeError("no teacher: the batch must carry cached teacher features")
+        neck, taps = teacher(image, return_taps=True)
+        return torch.stack([taps[t] for t in self.teacher_taps], 1), neck
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "t_taps" not in batch:
+            teacher = self.__dict__["teacher"]
+            if teacher is not None and next(teacher.parameters()).device != batch["image"].device:
+                teacher.to(batch["image"].device)
+            batch["t_taps"], batch["t_neck"] = self.teacher_targets(batch["image"])
+        return batch
+
+    # loss --------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        mode = self.loss_mode
+        x = batch["image"]
+        t_taps, t_neck = batch["t_taps"], batch["t_neck"]
+        col = {t: c for c, t in enumerate(self.teacher_taps)}
+        if mode == "neck":
+            return _mse_per_sample(self.student(x), t_neck)
+        neck, taps = self.student(x, return_taps=True)
+        if mode == "paper":
+            terms = [
+                _mse_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
+            ]
+            loss = torch.stack(terms, 0).mean(0)
+            return loss + self.neck_weight * _mse_per_sample(neck, t_neck)
+        # released-tap: one tap at a time; once past the last block tap, the neck.
+        if self.k <= len(self.released_pairs):
+            s, t = self.released_pairs[self.k - 1]
+            return _mse_per_sample(taps[s], t_taps[:, col[t]])
+        return _mse_per_sample(neck, t_neck)
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+@torch.no_grad()
+def cache_teacher_features(
+    teacher_encoder: nn.Module,
+    dataset: Dataset,
+    out_dir: str | Path,
+    teacher_taps: list[int],
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    bf16: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> Path:
+    """Run the teacher once over ``dataset`` (un-augmented crops) and store its targets.
+
+    One file per sample: the crop and the targets, all in bf16 (the crop is rounded to bf16
+    *before* the teacher sees it, so student and teacher inputs stay identical). With
+    ``world > 1`` each rank writes every world-th sample. Existing files are kept (restartable).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_encoder = teacher_encoder.to(device).eval()
+    dev = torch.device(device)
+    todo = [i for i in range(rank, len(dataset), world) if not (out / f"{i:07d}.pt").exists()]
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b : b + batch_size]
+        items = [dataset[i] for i in idx]
+        image = torch.stack([it["image"] for it in items]).to(dev).to(torch.bfloat16)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            neck, taps = teacher_encoder(image.float(), return_taps=True)
+        sel = torch.stack([taps[t] for t in teacher_taps], 1).to(torch.bfloat16).cpu()
+        neck = neck.to(torch.bfloat16).cpu()
+        for j, i in enumerate(idx):
+            rec = {"image": image[j].cpu(), "t_taps": sel[j].clone(), "t_neck": neck[j].clone()}
+            tmp = out / f".{i:07d}.pt.tmp"
+            torch.save(rec, tmp)
+            tmp.replace(out / f"{i:07d}.pt")
+    if rank == 0:
+        meta = {"n": len(dataset), "teacher_taps": list(teacher_taps),
+                "teacher_depth": len(teacher_encoder.blocks)}
+        (out / "index.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+class CachedFeatureDataset(Dataset):
+    """Samples written by :func:`cache_teacher_features`; ``preload`` keeps them in memory
+    (optionally on a device, for benchmarks of pure GPU work)."""
+
+    def __init__(
+        self, cache_dir: str | Path, preload: bool = False, device: str | None = None
+    ) -> None:
+        self.dir = Path(cache_dir)
+        meta_path = self.dir / "index.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} missing: run the cache step first")
+        self.meta = json.loads(meta_path.read_text())
+        self.n = int(self.meta["n"])
+        self.teacher_taps = list(self.meta["teacher_taps"])
+        missing = [i for i in range(self.n) if not (self.dir / f"{i:07d}.pt").exists()]
+        if missing:
+            raise FileNotFoundError(f"feature cache {self.dir} lacks {len(missing)} samples "
+                                    f"(first: {missing[0]}); re-run the cache step")
+        self.items: list[dict[str, torch.Tensor]] | None = None
+        self.direct_batches = preload
+        if preload:
+            self.items = [self._read(i) for i in range(self.n)]
+            if device is not None:
+                self.items = [{k: v.to(device) for k, v in it.items()} for it in self.items]
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        return torch.load(self.dir / f"{i:07d}.pt", map_location="cpu", weights_only=True)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.items[i] if self.items is not None else self._read(i)
+        return {"image": rec["image"].float(), "t_taps": rec["t_taps"], "t_neck": rec["t_neck"],
+                "id": i}
+
+    def get_batch(self, idx: list[int], epoch: int) -> dict[str, Any]:
+        """Batching straight from the preloaded tensors (no DataLoader round trip)."""
+        assert self.items is not None
+        its = [self.items[i] for i in idx]
+        return {
+            "image": torch.stack([it["image"] for it in its]).float(),
+            "t_taps": torch.stack([it["t_taps"] for it in its]),
+            "t_neck": torch.stack([it["t_neck"] for it in its]),
+            "id": torch.as_tensor(idx),
+        }
