@@ -48,6 +48,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if mode == "stall":
+            # Send a little, then go silent until the test ends (a hung server or network).
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            srv.stop.wait(10)
+            self.close_connection = True
+            return
         if mode == "short":
             # Announce the full length, send 60 %, hang up.
             self.wfile.write(body[: len(body) * 6 // 10])
@@ -65,6 +72,7 @@ def server():
     srv.daemon_threads = True
     srv.routes = {}
     srv.hits = {}
+    srv.stop = threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_port}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     thread.daemon = True
@@ -77,6 +85,7 @@ def server():
         yield srv
     finally:
         watchdog.cancel()
+        srv.stop.set()
         srv.shutdown()
         srv.server_close()
         thread.join(5)
@@ -181,6 +190,15 @@ def test_url_download_and_progress_callback_totals(server, cache):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 3
 
 
+def test_file_url_for_offline_installs(cache, tmp_path):
+    src = tmp_path / "share" / "FastSAM3D.pth"
+    src.parent.mkdir()
+    src.write_bytes(BODY)
+    path = hub.download(src.as_uri(), sha256=BODY_SHA, progress=False)
+    assert path == cache / "FastSAM3D.pth" and path.read_bytes() == BODY
+    assert src.read_bytes() == BODY  # the source is copied, never moved
+
+
 @pytest.mark.parametrize("mode", ["short", "chunked-drop", "404"])
 @pytest.mark.parametrize("with_callback", [False, True])
 def test_failed_transfer_leaves_nothing(server, cache, registry_url, mode, with_callback):
@@ -193,6 +211,14 @@ def test_failed_transfer_leaves_nothing(server, cache, registry_url, mode, with_
     assert _leftovers(cache) == []
     assert _records(cache) == {}
     assert hub.cached_path("fastsam3d") is None
+
+
+def test_stalled_server_times_out(server, cache, registry_url, monkeypatch):
+    server.routes[registry_url] = ("stall", BODY)
+    monkeypatch.setattr(hub, "_TIMEOUT_S", 0.3)
+    with pytest.raises(hub.DownloadError, match="timed out"):
+        hub.download("fastsam3d", progress=False)
+    assert _leftovers(cache) == [] and _records(cache) == {}
 
 
 def test_wrong_pinned_hash_is_discarded(server, cache, registry_url):
