@@ -1,0 +1,299 @@
+"""The 1.5 mm crop lattice of the reference recipe, crop sampling and paste-back.
+
+SAM-Med3D / FastSAM3D weights were trained and are evaluated on volumes that torchio resampled
+to 1.5 mm (``tio.Resample(1.5)``) and then canonicalised (``tio.ToCanonical()``). We reproduce
+that lattice exactly for the *whole* volume but only ever sample the 128^3 points of a crop,
+straight from the original grid, so no time or memory is spent resampling a whole CT.
+
+Facts reproduced (checked against torchio 1.2.1's source and numerically in the tests):
+
+* ``Resample(1.5)`` keeps the direction of every voxel axis, uses ``floor(n * spacing / 1.5)``
+  voxels per axis and keeps the centre of the first..last voxel centres fixed (the new grid is
+  centred on the old one). Interpolation is linear; a point within half a voxel outside the
+  outermost voxel centres takes the border value, anything further out is 0 (ITK semantics).
+* ``ToCanonical`` flips and permutes voxel axes with nibabel's ``io_orientation`` rule so that
+  tensor axes (dim0, dim1, dim2) run closest to (R, A, S); oblique directions stay oblique.
+* ``CropOrPad(128)`` around a single voxel ``v`` takes lattice voxels ``v - 64 .. v + 63``.
+
+Index conventions: lattice and crop indices are voxel centres (integer = centre), tensors are
+indexed (dim0, dim1, dim2). The volume array is ``[k, j, i]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CROP",
+    "LOWRES",
+    "SPACING",
+    "Lattice",
+    "closest_orientation",
+    "crop_to_volume_grid",
+    "sample_crop",
+    "znormalize",
+    "upsample_logits",
+    "tile_weights",
+    "sample_field",
+]
+
+CROP = 128
+LOWRES = 32
+SPACING = 1.5
+
+
+def closest_orientation(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """For each world axis (R, A, S): the voxel axis closest to it and its sign (+1/-1).
+
+    Same rule as nibabel's ``io_orientation`` (which ``ToCanonical`` uses): take the closest
+    rotation (polar decomposition), then assign voxel axes to world axes greedily, strongest
+    first, so ties resolve the way the reference resolves them.
+    """
+    rs = np.asarray(direction, dtype=np.float64)
+    rs = rs / np.linalg.norm(rs, axis=0)
+    u, _, vt = np.linalg.svd(rs)
+    r = u @ vt
+    world_of_axis = [-1, -1, -1]
+    sign_of_axis = [1, 1, 1]
+    order = np.argsort(np.min(-(r**2), axis=0), kind="stable")
+    for ax in order:
+        col = r[:, ax]
+        world = int(np.argmax(np.abs(col)))
+        world_of_axis[ax] = world
+        sign_of_axis[ax] = 1 if col[world] > 0 else -1
+        r[world, :] = 0
+    axis_of_world = [0, 0, 0]
+    sign_of_world = [1, 1, 1]
+    for ax, world in enumerate(world_of_axis):
+        axis_of_world[world] = ax
+        sign_of_world[world] = sign_of_axis[ax]
+    return tuple(axis_of_world), tuple(sign_of_world)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """The whole-volume 1.5 mm canonical lattice: index (dim0, dim1, dim2) -> RAS.
+
+    ``affine`` maps continuous lattice indices to RAS mm; ``shape`` is the shape the whole
+    resampled + canonicalised volume would have. Crops are windows ``start .. start+127``.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def for_volume(cls, ijk_to_ras: np.ndarray, shape_kji: Sequence[int],
+                   spacing: float = SPACING) -> Lattice:
+        m = np.asarray(ijk_to_ras, dtype=np.float64)
+        size = np.array(shape_kji[::-1], dtype=np.float64)  # (I, J, K)
+        a = m[:3, :3]
+        old_spacing = np.sqrt(np.sum(a * a, axis=0))
+        direction = a / old_spacing
+        new_size = np.floor(size * old_spacing / spacing)
+        if np.any(new_size < 1):
+            raise ValueError(f"volume extent {size * old_spacing} mm is smaller than one "
+                             f"{spacing} mm voxel along some axis")
+        origin = m[:3, 3]
+        centre = (origin + (origin + a @ (size - 1))) / 2
+        new_origin = centre - direction @ ((new_size - 1) / 2 * spacing)
+        axis_of_world, sign_of_world = closest_orientation(direction)
+        lat = np.eye(4)
+        shape = []
+        origin_can = new_origin.copy()
+        for w in range(3):
+            ax, sgn = axis_of_world[w], sign_of_world[w]
+            lat[:3, w] = sgn * spacing * direction[:, ax]
+            shape.append(int(new_size[ax]))
+            if sgn < 0:
+                origin_can = origin_can + spacing * direction[:, ax] * (new_size[ax] - 1)
+        lat[:3, 3] = origin_can
+        return cls(lat, tuple(shape))  # type: ignore[arg-type]
+
+    @property
+    def spacing(self) -> float:
+        return float(np.linalg.norm(self.affine[:3, 0]))
+
+    def ras_to_index(self, ras: np.ndarray) -> np.ndarray:
+        """Continuous lattice indices of RAS points (..., 3)."""
+        inv = np.linalg.inv(self.affine)
+        return np.asarray(ras, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+    def index_to_ras(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(idx, dtype=np.float64) @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def crop_start(self, ras: np.ndarray, size: int = CROP) -> tuple[int, int, int]:
+        """Start of the crop centred (as ``CropOrPad`` centres it) on the voxel nearest ``ras``."""
+        v = np.floor(self.ras_to_index(ras) + 0.5).astype(np.int64)
+        return tuple(int(x) for x in v - size // 2)  # type: ignore[return-value]
+
+    def crop_affine(self, start: Sequence[int]) -> np.ndarray:
+        """Crop index -> RAS for the crop starting at ``start``."""
+        t = np.eye(4)
+        t[:3, 3] = start
+        return self.affine @ t
+
+
+def _normaliser(shape: Sequence[int]) -> np.ndarray:
+    """Index (d0, d1, d2) -> grid_sample coordinates (x=d2, y=d1, z=d0), align_corners=True."""
+    n = np.zeros((4, 4))
+    for row, dim in enumerate((2, 1, 0)):
+        n[row, dim] = 2.0 / max(shape[dim] - 1, 1)
+        n[row, 3] = -1.0
+    n[3, 3] = 1.0
+    return n
+
+
+def _grid(out_shape: Sequence[int], out_to_norm: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(1, *out_shape, 3) grid for ``grid_sample``: index of each output voxel -> normalised.
+
+    Built by broadcasting three per-axis ramps (cheap) instead of a full matrix product.
+    """
+    g = torch.as_tensor(out_to_norm[:3], dtype=torch.float32, device=device)
+    ramps = [torch.arange(n, dtype=torch.float32, device=device)[:, None] * g[:, d]
+             for d, n in enumerate(out_shape)]
+    ramps[0] = ramps[0] + g[:, 3]
+    grid = (ramps[0][:, None, :] + ramps[1][None, :, :])[:, :, None, :] + ramps[2][None, None]
+    return grid.unsqueeze(0)
+
+
+def _inside(grid: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+    """Points within half a voxel of the outermost voxel centres (ITK's 'inside buffer')."""
+    inside = None
+    for comp, dim in enumerate((2, 1, 0)):
+        half = 1.0 / max(in_shape[dim] - 1, 1)
+        c = grid[..., comp]
+        ok = (c >= -1.0 - half) & (c < 1.0 + half)
+        inside = ok if inside is None else inside & ok
+    return inside
+
+
+def crop_to_volume_grid(lattice: Lattice, ijk_to_ras: np.ndarray,
+                        start: Sequence[int]) -> np.ndarray:
+    """Crop index (d0, d1, d2) -> volume array index (k, j, i), as a 4x4 matrix."""
+    ras_to_ijk = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
+    ijk_to_kji = np.eye(4)[[2, 1, 0, 3]]
+    return ijk_to_kji @ ras_to_ijk @ lattice.crop_affine(start)
+
+
+def sample_crop(volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray,
+                start: Sequence[int], size: int = CROP) -> torch.Tensor:
+    """The ``size^3`` crop of the lattice at ``start``, sampled from the original grid.
+
+    ``volume`` is the (1, 1, K, J, I) float tensor on the model's device. Trilinear, border value
+    within half a voxel of the volume's edge, 0 beyond (what torchio/ITK produce). Returns
+    (size, size, size) in (dim0, dim1, dim2) order.
+    """
+    in_shape = volume.shape[2:]
+    m = _normaliser(in_shape) @ crop_to_volume_grid(lattice, ijk_to_ras, start)
+    grid = _grid((size, size, size), m, volume.device)
+    out = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    out = out[0, 0]
+    # Skip the inside test when all 8 crop corners are inside (the footprint is convex).
+    corners = np.array([[a, b, c, 1.0] for a in (0, size - 1) for b in (0, size - 1)
+                        for c in (0, size - 1)]) @ m.T
+    lim = np.array([1.0 / max(in_shape[d] - 1, 1) for d in (2, 1, 0)])
+    if not (np.all(corners[:, :3] >= -1.0 - lim) and np.all(corners[:, :3] < 1.0 + lim)):
+        out = out * _inside(grid[0], in_shape)
+    return out
+
+
+def znormalize(crop: torch.Tensor) -> torch.Tensor:
+    """Z-normalise with mean/std over voxels > 0 (the reference's ``ZNormalization(x > 0)``).
+
+    Guards: fewer than two voxels > 0 uses all voxels; a zero std only subtracts the mean,
+    so a constant or empty crop gives zeros instead of NaN.
+    """
+    x = crop.float()
+    m = (x > 0).to(x.dtype)
+    n = m.sum()
+    if n < 2:
+        m = torch.ones_like(x)
+        n = m.sum()
+    mean = (x * m).sum() / n
+    var = (((x - mean) ** 2) * m).sum() / (n - 1)  # unbiased, like torch.std in torchio
+    std = var.sqrt()
+    if not torch.isfinite(std) or std <= 0:
+        return x - mean
+    return (x - mean) / std
+
+
+def upsample_logits(low_res: torch.Tensor, size: int = CROP) -> torch.Tensor:
+    """(..., 32, 32, 32) logits -> (size^3) trilinear, as the reference's ``F.interpolate``."""
+    x = low_res.reshape(1, 1, *low_res.shape[-3:]).float()
+    return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
+
+
+def tile_weights(size: int = CROP, ramp: int = 32, device: torch.device | None = None
+                 ) -> torch.Tensor:
+    """Blending weight of each crop voxel: 1 inside, falling linearly over ``ramp`` voxels
+    towards every face (never 0), so overlapping crops fade into each other without seams."""
+    a = torch.arange(size, dtype=torch.float32, device=device)
+    w = torch.clamp(torch.minimum(a + 1, size - a) / ramp, max=1.0)
+    return w[:, None, None] * w[None, :, None] * w[None, None, :]
+
+
+def sample_field(field: torch.Tensor, field_start: Sequence[int], lattice: Lattice,
+                 ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]) -> torch.Tensor:
+    """Sample a lattice field (C, n0, n1, n2) starting at lattice index ``field_start`` at the
+    centres of the original voxels in ``region`` (slices into [k, j, i]).
+
+    Returns (C, nk, nj, ni): trilinear, border values outside the field (callers mask the
+    footprint themselves, see :func:`footprint`).
+    """
+    m = _region_to_lattice(lattice, ijk_to_ras, region)
+    m[:3, 3] -= np.asarray(field_start, dtype=np.float64)
+    out_shape = [s.stop - s.start for s in region]
+    grid = _grid(out_shape, _normaliser(field.shape[1:]) @ m, field.device)
+    return F.grid_sample(field[None].float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=True)[0]
+
+
+def _region_to_lattice(lattice: Lattice, ijk_to_ras: np.ndarray,
+                       region: tuple[slice, slice, slice]) -> np.ndarray:
+    """Region index (k, j, i relative to the region start) -> continuous lattice index."""
+    kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in region]
+    return np.linalg.inv(lattice.affine) @ np.asarray(ijk_to_ras) @ kji_to_ijk @ shift
+
+
+def footprint(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
+              starts: Sequence[Sequence[int]], device: torch.device, size: int = CROP
+              ) -> torch.Tensor:
+    """Bool (nk, nj, ni): original voxels of ``region`` whose centre lies inside at least one
+    crop (its voxels +/- half a voxel) — the only voxels a crop may write."""
+    m = _region_to_lattice(lattice, ijk_to_ras, region)
+    out_shape = [s.stop - s.start for s in region]
+    c = _grid(out_shape, m[[2, 1, 0, 3]], device)[0]  # (.., 3) as (d2, d1, d0)
+    result = torch.zeros(out_shape, dtype=torch.bool, device=device)
+    for st in starts:
+        ok = None
+        for comp, dim in enumerate((2, 1, 0)):
+            lo = st[dim] - 0.5
+            v = (c[..., comp] >= lo) & (c[..., comp] < lo + size)
+            ok = v if ok is None else ok & v
+        result |= ok
+    return result
+
+
+def lattice_box_to_region(lattice: Lattice, ijk_to_ras: np.ndarray, lo: Sequence[float],
+                          hi: Sequence[float], shape_kji: Sequence[int]
+                          ) -> tuple[slice, slice, slice] | None:
+    """Smallest region of the original array whose voxel centres cover the lattice box
+    [lo, hi] (continuous lattice indices); None when it misses the volume."""
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                        for c in (lo[2], hi[2])], dtype=np.float64)
+    ras = lattice.index_to_ras(corners)
+    inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
+    ijk = ras @ inv[:3, :3].T + inv[:3, 3]
+    kji = ijk[:, ::-1]
+    start = np.maximum(np.floor(kji.min(axis=0)).astype(np.int64), 0)
+    stop = np.minimum(np.ceil(kji.max(axis=0)).astype(np.int64) + 1, np.asarray(shape_kji))
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
