@@ -65,7 +65,7 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
 _STALE_PART_S = 3600.0  # leftover .part files older than this belong to no live download
 
-ProgressCallback = Callable[[int, "int | None"], "bool | None"]
+ProgressCallback = Callable[[int, int | None], bool | None]
 
 
 class HubError(RuntimeError):
@@ -222,7 +222,7 @@ def _filename_from_url(url: str) -> str:
 
 
 def _resolve(name_or_url: str, sha256: str | None) -> _Target:
-    pin = normalize_sha256(sha256) if sha256 else None
+    pin = normalize_sha256(sha256) if sha256 is not None else None
     if _is_url(name_or_url):
         return _Target(name_or_url, name_or_url, _filename_from_url(name_or_url), pin, False)
     info = get_weights_info(name_or_url)
