@@ -153,7 +153,7 @@ def test_cache_dir_env_override_and_defaults(tmp_path, monkeypatch):
 
 def test_normalize_sha256():
     assert hub.normalize_sha256("SHA256:" + BODY_SHA.upper()) == BODY_SHA
-    for bad in ("abc", BODY_SHA[:-1] + "g", BODY_SHA + "0"):
+    for bad in ("", "abc", BODY_SHA[:-1] + "g", BODY_SHA + "0"):
         with pytest.raises(ValueError, match="SHA-256"):
             hub.normalize_sha256(bad)
 
@@ -372,6 +372,12 @@ def test_dest_dir_keeps_its_own_record(server, cache, registry_url, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+def test_commands_are_registered_with_the_cli():
+    from fastsam3d.commands import COMMANDS
+
+    assert {"info", "download"} <= set(COMMANDS)
 
 
 def _cli(argv):
