@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from fastsam3d import hub
 from fastsam3d.commands import download as download_cmd
 from fastsam3d.commands import info as info_cmd
