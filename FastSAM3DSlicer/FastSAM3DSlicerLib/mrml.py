@@ -1,0 +1,491 @@
+"""MRML glue: volumes and markups in, segment labelmap regions out, with masking and undo.
+
+Written against MRML and module-logic classes only (no ``slicer.util``, no Qt), so the same
+code runs inside the Slicer application and in plain Python with the ``slicer-core`` wheel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .geometry import Region, as_matrix, extent_is_empty, region_to_extent
+
+# ---------------------------------------------------------------------------------------------
+# small conversions
+
+
+def matrix_to_numpy(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the labelmap/surface conversion rules once, as the Slicer app does at start-up.
+
+    Without them a headless scene cannot create or convert segment representations.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    for name in (
+        "vtkBinaryLabelmapToClosedSurfaceConversionRule",
+        "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+        "vtkClosedSurfaceToFractionalLabelmapConversionRule",
+        "vtkFractionalLabelmapToClosedSurfaceConversionRule",
+    ):
+        rule = getattr(slicer, name, None)
+        if rule is not None:
+            factory.RegisterConverterRule(rule())
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes
+
+
+def volume_ijk_to_ras(volume_node: slicer.vtkMRMLScalarVolumeNode) -> np.ndarray:
+    """IJK -> the volume's own RAS (hardened transforms are already part of it)."""
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return matrix_to_numpy(m)
+
+
+def volume_array(volume_node: slicer.vtkMRMLScalarVolumeNode) -> np.ndarray:
+    """A private copy of the voxels as [k, j, i]: the worker thread must not share MRML memory."""
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise ValueError(f"volume {volume_node.GetName()!r} has no image data")
+    scalars = image.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        raise ValueError(
+            f"volume {volume_node.GetName()!r} has {scalars.GetNumberOfComponents()} components "
+            "per voxel; select a single-channel (grey-level) CT or MR volume"
+        )
+    i, j, k = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(scalars).reshape(k, j, i).copy()
+
+
+def volume_signature(volume_node: slicer.vtkMRMLScalarVolumeNode) -> tuple:
+    """Changes whenever voxels or geometry change, so a stale session can be detected in O(1)."""
+    image = volume_node.GetImageData()
+    return (
+        volume_node.GetID(),
+        image.GetMTime() if image is not None else 0,
+        tuple(np.round(volume_ijk_to_ras(volume_node), 9).ravel()),
+    )
+
+
+def world_to_volume_ras(
+    volume_node: slicer.vtkMRMLScalarVolumeNode, world_ras: Sequence[float]
+) -> np.ndarray:
+    """World RAS -> the volume's own RAS through the inverse of its (non-hardened) transforms.
+
+    A general transform is used so that non-linear (warping) parents work for points too.
+    """
+    parent = volume_node.GetParentTransformNode()
+    if parent is None:
+        return np.asarray(world_ras, dtype=np.float64)
+    to_volume = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, to_volume)
+    return np.asarray(to_volume.TransformPoint([float(x) for x in world_ras]), dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# markups
+
+
+def control_points_world(markups_node: slicer.vtkMRMLMarkupsNode) -> list[np.ndarray]:
+    out = []
+    p = [0.0, 0.0, 0.0]
+    for n in range(markups_node.GetNumberOfControlPoints()):
+        markups_node.GetNthControlPointPositionWorld(n, p)
+        out.append(np.array(p, dtype=np.float64))
+    return out
+
+
+def roi_corners_world(roi_node: slicer.vtkMRMLMarkupsROINode) -> np.ndarray:
+    """The eight corners of a (possibly rotated, possibly transformed) ROI in world RAS."""
+    half = np.asarray(roi_node.GetSize(), dtype=np.float64) / 2.0
+    object_to_world = matrix_to_numpy(roi_node.GetObjectToWorldMatrix())
+    signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], float)
+    corners = np.c_[signs * half, np.ones(8)]
+    return (object_to_world @ corners.T).T[:, :3]
+
+
+def roi_box_in_volume(
+    volume_node: slicer.vtkMRMLScalarVolumeNode, roi_node: slicer.vtkMRMLMarkupsROINode
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ROI as an axis-aligned box (ras_min, ras_max) in the volume's own RAS.
+
+    A rotated ROI becomes its bounding box: the session takes axis-aligned boxes.
+    """
+    corners = np.array([world_to_volume_ras(volume_node, c) for c in roi_corners_world(roi_node)])
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# segment writes
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSettings:
+    """The Segment Editor's masking options that decide which voxels an edit may change.
+
+    Defaults are Slicer's own defaults (edit everywhere, overwrite all other segments).
+    """
+
+    mask_mode: int = 0  # vtkMRMLSegmentationNode.EditAllowed*
+    mask_segment_id: str = ""
+    overwrite_mode: int = 0  # vtkMRMLSegmentEditorNode.Overwrite*
+    intensity_mask: bool = False
+    intensity_range: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def from_segment_editor_node(
+        cls, node: slicer.vtkMRMLSegmentEditorNode | None
+    ) -> MaskingSettings:
+        if node is None:
+            return cls()
+        return cls(
+            mask_mode=int(node.GetMaskMode()),
+            mask_segment_id=node.GetMaskSegmentID() or "",
+            overwrite_mode=int(node.GetOverwriteMode()),
+            intensity_mask=bool(node.GetSourceVolumeIntensityMask()),
+            intensity_range=tuple(node.GetSourceVolumeIntensityMaskRange()),
+        )
+
+
+@dataclasses.dataclass
+class UndoEntry:
+    """Previous contents of every segment one write changed, inside that write's extent."""
+
+    segmentation_id: str
+    extent: tuple[int, ...]
+    image_to_segmentation: np.ndarray
+    previous: dict[str, np.ndarray]  # segment id -> uint8 [k, j, i] over the extent
+
+    @property
+    def empty(self) -> bool:
+        return not self.previous
+
+
+class GeometryError(ValueError):
+    """Volume and segmentation frames cannot be related by a linear transform."""
+
+
+def _oriented_image(
+    image_to_world: np.ndarray, extent: Sequence[int], values: np.ndarray | None = None
+) -> slicer.vtkOrientedImageData:
+    img = slicer.vtkOrientedImageData()
+    img.SetExtent(*[int(e) for e in extent])
+    img.SetImageToWorldMatrix(numpy_to_matrix(image_to_world))
+    if values is not None:
+        flat = np.ascontiguousarray(values, dtype=np.uint8).ravel()
+        img.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(img.GetPointData().GetScalars())[:] = flat
+    return img
+
+
+def _image_values(img: slicer.vtkOrientedImageData, extent: Sequence[int]) -> np.ndarray:
+    i0, i1, j0, j1, k0, k1 = extent
+    scalars = img.GetPointData().GetScalars()
+    return numpy_support.vtk_to_numpy(scalars).reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1)
+
+
+class SegmentWriter:
+    """Writes a session result into one segment, inside the result's region only.
+
+    Masking follows the Segment Editor: the editable area (mask mode, intensity range) limits the
+    voxels that change, and the overwrite mode decides which other segments lose the voxels the
+    edited segment gains. Every write returns an :class:`UndoEntry` that restores exactly the
+    previous contents of the segments it changed; voxels outside the region are never touched.
+    """
+
+    def __init__(
+        self,
+        segmentation_node: slicer.vtkMRMLSegmentationNode,
+        volume_node: slicer.vtkMRMLScalarVolumeNode,
+    ) -> None:
+        self.segmentation_node = segmentation_node
+        self.volume_node = volume_node
+        ensure_segmentation_converters()
+        segmentation = segmentation_node.GetSegmentation()
+        name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        if not segmentation.GetConversionParameter(name):
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+
+    # -- geometry -------------------------------------------------------------------------
+
+    def image_to_segmentation(self) -> np.ndarray:
+        """Volume IJK -> the segmentation node's frame (linear transforms only)."""
+        m = vtk.vtkMatrix4x4()
+        ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            self.volume_node.GetParentTransformNode(),
+            self.segmentation_node.GetParentTransformNode(),
+            m,
+        )
+        if not ok:
+            raise GeometryError(
+                "The volume and the segmentation are related by a non-linear transform; harden "
+                "the transform on the volume or put both under the same transform."
+            )
+        return matrix_to_numpy(m) @ volume_ijk_to_ras(self.volume_node)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_segment(
+        self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int]
+    ) -> np.ndarray:
+        """The segment as 0/1 uint8 [k, j, i] on the volume grid over ``extent``."""
+        labelmap, label = self.snapshot_segment(segment_id)
+        return read_labelmap(labelmap, label, image_to_seg, extent)
+
+    def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
+        """An independent copy of the segment's labelmap and the label value it uses there."""
+        segmentation = self.segmentation_node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            raise KeyError(
+                f"segment {segment_id!r} is not in {self.segmentation_node.GetName()!r} "
+                "(was it deleted?)"
+            )
+        labelmap = slicer.vtkOrientedImageData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            self.segmentation_node, segment_id, labelmap
+        )
+        copy = slicer.vtkOrientedImageData()
+        copy.DeepCopy(labelmap)
+        return copy, int(segment.GetLabelValue())
+
+    def _write_segment(
+        self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int], values: np.ndarray
+    ) -> None:
+        """Make the segment equal ``values`` inside ``extent``; voxels outside are kept.
+
+        MODE_REPLACE would replace the whole segment with the modifier (its extent argument
+        does not limit it), so, as Slicer's Segment Editor does, removals are a MERGE_MIN with
+        255 = keep / 0 = remove (255 so that any label value survives the minimum) and
+        additions a MERGE_MASK of the 0/1 values; both leave voxels outside the modifier alone.
+        """
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        values = np.asarray(values, np.uint8) > 0
+        current = self.read_segment(segment_id, image_to_seg, extent) > 0
+        ext = tuple(int(e) for e in extent)
+        steps = []
+        if (current & ~values).any():
+            steps.append((logic.MODE_MERGE_MIN, np.where(values, 255, 0)))
+        if (values & ~current).any():
+            steps.append((logic.MODE_MERGE_MASK, values))
+        for mode, modifier_values in steps:
+            modifier = _oriented_image(image_to_seg, extent, modifier_values)
+            # An empty overwrite list: this call must never touch another segment.
+            if not logic.SetBinaryLabelmapToSegment(
+                modifier, self.segmentation_node, segment_id, mode, ext, False, []
+            ):
+                raise RuntimeError(f"writing segment {segment_id!r} failed")
+
+    # -- masking ----------------------------------------------------------------------------
+
+    def _segments_to_overwrite(self, segment_id: str, settings: MaskingSettings) -> list[str]:
+        segmentation = self.segmentation_node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        others = [s for s in ids if s != segment_id]
+        if settings.overwrite_mode == slicer.vtkMRMLSegmentEditorNode.OverwriteNone:
+            return []
+        if settings.overwrite_mode == slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments:
+            display = self.segmentation_node.GetDisplayNode()
+            if display is not None:
+                return [s for s in others if display.GetSegmentVisibility(s)]
+        return others
+
+    def editable(
+        self,
+        segment_id: str,
+        image_to_seg: np.ndarray,
+        extent: Sequence[int],
+        settings: MaskingSettings,
+        region_voxels: np.ndarray | None,
+    ) -> np.ndarray:
+        """Bool [k, j, i]: where the Segment Editor settings allow this edit to change voxels."""
+        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        everywhere = slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
+        if settings.mask_mode == everywhere and not settings.intensity_mask:
+            return np.ones(shape, bool)
+        reference = _oriented_image(image_to_seg, extent)
+        forbidden = slicer.vtkOrientedImageData()
+        source = None
+        intensity_range = None
+        if settings.intensity_mask and region_voxels is not None:
+            source = slicer.vtkOrientedImageData()
+            source.SetExtent(*[int(e) for e in extent])
+            source.SetImageToWorldMatrix(numpy_to_matrix(image_to_seg))
+            source.AllocateScalars(vtk.VTK_FLOAT, 1)
+            numpy_support.vtk_to_numpy(source.GetPointData().GetScalars())[:] = (
+                np.asarray(region_voxels, np.float32).ravel()
+            )
+            intensity_range = [float(settings.intensity_range[0]),
+                               float(settings.intensity_range[1])]
+        ok = self.segmentation_node.GenerateEditMask(
+            forbidden,
+            settings.mask_mode,
+            reference,
+            segment_id,
+            settings.mask_segment_id,
+            source,
+            intensity_range,
+        )
+        if not ok:
+            raise RuntimeError("could not compute the Segment Editor's editable area")
+        if forbidden.GetPointData().GetScalars() is None:
+            return np.ones(shape, bool)
+        # GenerateEditMask marks the voxels that must NOT be edited with non-zero values.
+        return _image_values(forbidden, extent) == 0
+
+    # -- the write --------------------------------------------------------------------------
+
+    def write(
+        self,
+        segment_id: str,
+        region: Region,
+        mask: np.ndarray,
+        settings: MaskingSettings | None = None,
+        keep: np.ndarray | None = None,
+        region_voxels: np.ndarray | None = None,
+    ) -> UndoEntry:
+        """Make ``segment_id`` equal ``mask | keep`` inside ``region`` where editing is allowed.
+
+        ``mask`` is the result (bool over the region); ``keep`` the voxels the segment held
+        before its session started (kept, so a session never deletes earlier work).
+        ``region_voxels`` (the volume's intensities over the region) is needed only for the
+        intensity-range mask.
+        """
+        settings = settings or MaskingSettings()
+        volume_shape = volume_array_shape(self.volume_node)
+        extent = region_to_extent(region, volume_shape)
+        if extent_is_empty(extent):
+            return UndoEntry(self.segmentation_node.GetID(), extent, np.eye(4), {})
+        image_to_seg = self.image_to_segmentation()
+        mask = np.asarray(mask, bool)
+        expected = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        if mask.shape != expected:
+            raise ValueError(f"result mask has shape {mask.shape}, region needs {expected}")
+        desired = mask | (np.asarray(keep, bool) if keep is not None else False)
+        others = self._segments_to_overwrite(segment_id, settings)
+        before = {
+            s: self.read_segment(s, image_to_seg, extent) for s in [segment_id, *others]
+        }
+        allowed = self.editable(segment_id, image_to_seg, extent, settings, region_voxels)
+        new = np.where(allowed, desired, before[segment_id].astype(bool))
+        gained = new & allowed & desired
+
+        node = self.segmentation_node
+        was_modifying = node.StartModify()
+        try:
+            scene = node.GetScene()
+            if scene is not None and scene.GetUndoFlag():
+                scene.SaveStateForUndo(node)
+            changed: dict[str, np.ndarray] = {}
+            if not np.array_equal(new, before[segment_id].astype(bool)):
+                self._write_segment(segment_id, image_to_seg, extent, new)
+                changed[segment_id] = before[segment_id]
+            for other in others:
+                old = before[other].astype(bool)
+                if (old & gained).any():
+                    self._write_segment(other, image_to_seg, extent, old & ~gained)
+                    changed[other] = before[other]
+        finally:
+            node.EndModify(was_modifying)
+        return UndoEntry(node.GetID(), extent, image_to_seg, changed)
+
+    def restore(self, entry: UndoEntry) -> None:
+        """Put back the contents an earlier :meth:`write` replaced (newest entry first)."""
+        if entry.empty:
+            return
+        node = self.segmentation_node
+        was_modifying = node.StartModify()
+        try:
+            # First take away what each segment gained, then give back what it lost: no step
+            # ever makes two segments claim a voxel that they did not both claim before.
+            current = {
+                s: self.read_segment(s, entry.image_to_segmentation, entry.extent)
+                for s in entry.previous
+            }
+            for s, old in entry.previous.items():
+                shrunk = current[s].astype(bool) & old.astype(bool)
+                if not np.array_equal(shrunk, current[s].astype(bool)):
+                    self._write_segment(s, entry.image_to_segmentation, entry.extent, shrunk)
+            for s, old in entry.previous.items():
+                self._write_segment(s, entry.image_to_segmentation, entry.extent, old)
+        finally:
+            node.EndModify(was_modifying)
+
+
+def read_labelmap(
+    labelmap: slicer.vtkOrientedImageData, label: int, image_to_seg: np.ndarray,
+    extent: Sequence[int],
+) -> np.ndarray:
+    """0/1 uint8 [k, j, i] of ``labelmap == label`` on the grid ``image_to_seg`` over ``extent``.
+
+    Nearest-neighbour resampling, so a labelmap on another grid (oversampled segmentation,
+    other reference volume) is read the way Slicer itself would show it.
+    """
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    if labelmap.GetPointData().GetScalars() is None or extent_is_empty(labelmap.GetExtent()):
+        return np.zeros(shape, np.uint8)
+    reference = _oriented_image(image_to_seg, extent)
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference, resampled, False, True
+    )
+    if resampled.GetPointData().GetScalars() is None:
+        return np.zeros(shape, np.uint8)
+    # Padding makes the output the union of both extents: cut out ours.
+    have = resampled.GetExtent()
+    if any(have[2 * a] > extent[2 * a] or have[2 * a + 1] < extent[2 * a + 1] for a in range(3)):
+        raise RuntimeError(f"resampling gave extent {have}, which does not cover {extent}")
+    values = _image_values(resampled, have)
+    values = values[
+        extent[4] - have[4] : extent[5] - have[4] + 1,
+        extent[2] - have[2] : extent[3] - have[2] + 1,
+        extent[0] - have[0] : extent[1] - have[0] + 1,
+    ]
+    # A shared labelmap layer holds several segments, each under its own label value.
+    return (values == label).astype(np.uint8)
+
+
+def volume_array_shape(volume_node: slicer.vtkMRMLScalarVolumeNode) -> tuple[int, int, int]:
+    i, j, k = volume_node.GetImageData().GetDimensions()
+    return (k, j, i)
+
+
+def segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> Iterable[str]:
+    seg = segmentation_node.GetSegmentation()
+    return [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+
+
+__all__ = [
+    "GeometryError",
+    "MaskingSettings",
+    "SegmentWriter",
+    "UndoEntry",
+    "as_matrix",
+    "control_points_world",
+    "ensure_segmentation_converters",
+    "roi_box_in_volume",
+    "volume_array",
+    "volume_ijk_to_ras",
+    "volume_signature",
+    "world_to_volume_ras",
+]

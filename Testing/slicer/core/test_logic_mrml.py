@@ -1,0 +1,246 @@
+"""The Lib's MRML logic on real Slicer MRML (slicer-core), driven by a deterministic session.
+
+These tests use SphereSession (conftest): a stand-in with fastsam3d.Session's API whose result
+is a known sphere around the click. That makes "the selected segment holds voxels at the
+clicked world position" checkable, which the fixture-weight network (arbitrary output) cannot
+do. test_real_session.py runs the same path with the real fastsam3d.Session.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from slicer_scene import build_scene, slicer
+
+from FastSAM3DSlicerLib import geometry
+from FastSAM3DSlicerLib.logic import InteractiveLogic, NoTargetError
+
+
+def _logic(scene, engine, editor=None) -> InteractiveLogic:
+    logic = InteractiveLogic(engine)
+    logic.set_target(scene.volume, scene.segmentation, scene.target, editor)
+    return logic
+
+
+def _click(logic, scene, world, positive=True):
+    idx = scene.add_point_world(world)
+    logic.add_point(world, positive, tag=(scene.points.GetID(), idx))
+    (record,) = logic.wait()
+    if isinstance(record, BaseException):
+        raise record
+    return record
+
+
+def test_click_writes_sphere_at_world_position_only_inside_region(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    ijk = (20, 18, 15)  # (i, j, k), away from the other segment
+    world = scene.world_of_ijk(ijk)
+    before_target = scene.segment(scene.target)
+    before_other = scene.segment(scene.other)
+    assert not before_target.any()
+
+    record = _click(logic, scene, world)
+
+    # The stub saw the click in the volume's own RAS (parent transform undone).
+    (kind, ras, positive), = stub_engine.sessions[0].calls
+    np.testing.assert_allclose(ras, (scene.ijk_to_ras @ np.array([*ijk, 1.0]))[:3], atol=1e-6)
+    assert scene.segment_value_at_world(scene.target, world)
+    after = scene.segment(scene.target)
+    assert after[ijk[2], ijk[1], ijk[0]]
+    inside = np.zeros(scene.shape, bool)
+    inside[record.region] = True
+    # Everything outside the result's region is untouched, and the region holds the sphere.
+    np.testing.assert_array_equal(after[~inside], before_target[~inside])
+    assert after[inside].sum() == record.voxels > 0
+    np.testing.assert_array_equal(scene.segment(scene.other), before_other)
+    assert logic.last_edit is record
+
+
+def test_undo_restores_previous_labelmap_and_steps_session_back(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    w1 = scene.world_of_ijk((20, 18, 15))
+    w2 = scene.world_of_ijk((24, 20, 17))
+    _click(logic, scene, w1)
+    after_first = scene.segment(scene.target)
+    _click(logic, scene, w2)
+    assert not np.array_equal(scene.segment(scene.target), after_first)
+    prompt = logic.undo()
+    assert prompt.tag[1] == 1  # the Widget removes this marker
+    np.testing.assert_array_equal(scene.segment(scene.target), after_first)
+    logic.undo()
+    assert not scene.segment(scene.target).any()
+    assert logic.undo() is None
+    assert [c[0] for c in stub_engine.sessions[0].calls] == ["point", "point", "undo", "undo"]
+
+
+def test_negative_click_removes_only_session_voxels_and_keeps_earlier_work(scene, stub_engine):
+    # Voxels painted before the session started must survive a negative click on them.
+    painted = np.zeros(scene.shape, bool)
+    painted[15, 18, 19:22] = True
+    from slicer_scene import _oriented
+
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        _oriented(scene.to_world @ scene.ijk_to_ras, painted), scene.segmentation, scene.target,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+    )
+    logic = _logic(scene, stub_engine)
+    world = scene.world_of_ijk((20, 18, 15))
+    _click(logic, scene, world)
+    _click(logic, scene, world, positive=False)
+    np.testing.assert_array_equal(scene.segment(scene.target), painted)
+
+
+def test_overwrite_all_takes_voxels_from_other_segment_and_undo_gives_them_back(stub_engine):
+    scene = build_scene(other_block=(slice(12, 18), slice(15, 21), slice(17, 23)))
+    logic = _logic(scene, stub_engine)  # no editor node: Slicer defaults (overwrite all)
+    before_other = scene.segment(scene.other)
+    world = scene.world_of_ijk((20, 18, 15))
+    record = _click(logic, scene, world)
+    target = scene.segment(scene.target)
+    other = scene.segment(scene.other)
+    assert not (target & other).any()
+    lost = before_other & ~other
+    assert lost.any() and (lost <= target).all()  # lost only where the target grew
+    outside = np.ones(scene.shape, bool)
+    outside[record.region] = False
+    np.testing.assert_array_equal(other[outside], before_other[outside])
+    logic.undo()
+    np.testing.assert_array_equal(scene.segment(scene.other), before_other)
+    assert not scene.segment(scene.target).any()
+
+
+@pytest.mark.parametrize("mode", ["EditAllowedOutsideAllSegments", "OverwriteNone"])
+def test_masked_out_area_stays_untouched(stub_engine, mode):
+    scene = build_scene(other_block=(slice(12, 18), slice(15, 21), slice(17, 23)))
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    scene.scene.AddNode(editor)
+    if mode == "OverwriteNone":
+        editor.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    else:
+        editor.SetMaskMode(getattr(slicer.vtkMRMLSegmentationNode, mode))
+    logic = _logic(scene, stub_engine, editor)
+    before_other = scene.segment(scene.other)
+    _click(logic, scene, scene.world_of_ijk((20, 18, 15)))
+    target = scene.segment(scene.target)
+    np.testing.assert_array_equal(scene.segment(scene.other), before_other)
+    assert target.any()
+    if mode == "EditAllowedOutsideAllSegments":
+        assert not (target & before_other).any()  # the other segment's voxels were not editable
+    else:
+        assert (target & before_other).any()  # overlap allowed, other segment kept
+
+
+def test_intensity_range_mask_limits_the_edit(scene, stub_engine):
+    editor = slicer.vtkMRMLSegmentEditorNode()
+    scene.scene.AddNode(editor)
+    editor.SetSourceVolumeIntensityMask(True)
+    editor.SetSourceVolumeIntensityMaskRange(200, 1000)  # only the bright blob is editable
+    logic = _logic(scene, stub_engine, editor)
+    from FastSAM3DSlicerLib import mrml
+
+    array = mrml.volume_array(scene.volume)
+    # A click on the blob's edge: the sphere spills into the dark background.
+    edge = (22 + 11 - 1, 20, 18)  # (i, j, k): just inside the blob along i
+    record = _click(logic, scene, scene.world_of_ijk(edge))
+    target = scene.segment(scene.target)
+    assert target.any()
+    assert (array[target] >= 200).all()
+    assert record.voxels > target.sum()  # the stub's sphere was cut by the intensity mask
+
+
+def test_prompt_outside_volume_is_refused_without_touching_anything(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    outside = scene.world_of_ijk((-5, 10, 10))
+    with pytest.raises(geometry.PromptOutsideVolumeError, match="outside the volume"):
+        logic.add_point(outside, True)
+    assert not logic.busy
+    assert stub_engine.sessions[0].calls == []
+    far = np.array([scene.world_of_ijk((200, 200, 200))] * 8) + np.arange(8)[:, None]
+    with pytest.raises(geometry.PromptOutsideVolumeError, match="box"):
+        logic.add_box(far)
+
+
+def test_one_session_per_segment_and_sessions_resume(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    _click(logic, scene, scene.world_of_ijk((20, 18, 15)))
+    logic.set_target(scene.volume, scene.segmentation, scene.other)
+    _click(logic, scene, scene.world_of_ijk((30, 25, 20)))
+    assert len(stub_engine.sessions) == 2
+    logic.set_target(scene.volume, scene.segmentation, scene.target)
+    assert len(logic.prompts()) == 1
+    logic.undo()
+    assert not scene.segment(scene.target).any()
+    assert scene.segment(scene.other)[20, 25, 30]
+
+
+def test_roi_box_goes_to_session_in_volume_ras(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    roi = slicer.vtkMRMLMarkupsROINode()
+    scene.scene.AddNode(roi)
+    center = scene.world_of_ijk((20, 18, 15))
+    roi.SetCenterWorld(*center) if hasattr(roi, "SetCenterWorld") else roi.SetCenter(*center)
+    roi.SetSize(10, 8, 6)
+    logic.add_roi(roi)
+    (record,) = logic.wait()
+    assert not isinstance(record, BaseException), record
+    kind, lo, hi = stub_engine.sessions[0].calls[0]
+    assert kind == "box"
+    vol_center = (scene.ijk_to_ras @ np.array([20, 18, 15, 1.0]))[:3]
+    np.testing.assert_allclose((np.array(lo) + np.array(hi)) / 2, vol_center, atol=1e-6)
+    assert scene.segment_value_at_world(scene.target, center)
+
+
+def test_hardened_transform_gives_the_same_result(stub_engine):
+    a = build_scene()
+    b = build_scene()
+    b.volume.SetAndObserveTransformNodeID(None)
+    b.volume.ApplyTransformMatrix(b.transform.GetMatrixTransformToParent())  # harden
+    world = a.world_of_ijk((20, 18, 15))
+    ra = _click(_logic(a, stub_engine), a, world)
+    rb = _click(_logic(b, stub_engine), b, world)
+    assert ra.region == rb.region
+    np.testing.assert_array_equal(a.segment(a.target), b.segment(b.target))
+    assert b.segment_value_at_world(b.target, world)
+
+
+def test_clicks_from_three_slice_orientations_land_on_their_voxels(scene, stub_engine):
+    # A prompt placed on an axial, coronal or sagittal view is just a world point on that
+    # plane; move along each world axis and check the written voxel follows.
+    logic = _logic(scene, stub_engine)
+    base = (20, 18, 15)
+    for axis in range(3):
+        world = scene.world_of_ijk(base).copy()
+        world[axis] += 6.0
+        ijk = np.linalg.inv(scene.to_world @ scene.ijk_to_ras) @ np.array([*world, 1.0])
+        i, j, k = np.round(ijk[:3]).astype(int)
+        _click(logic, scene, world)
+        assert scene.segment(scene.target)[k, j, i], f"axis {axis}"
+        assert scene.segment_value_at_world(scene.target, world)
+
+
+def test_inference_runs_on_one_persistent_thread(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    seen = set()
+    session_cls = type(stub_engine.new_session())
+    orig = session_cls.add_point
+
+    def spy(self, ras, positive=True):
+        seen.add(threading.get_ident())
+        return orig(self, ras, positive)
+
+    session_cls.add_point = spy
+    try:
+        for n in range(3):
+            _click(logic, scene, scene.world_of_ijk((18 + n, 18, 15)))
+    finally:
+        session_cls.add_point = orig
+    assert seen == {logic.worker.thread_id}
+    assert threading.get_ident() not in seen
+
+
+def test_no_target_gives_a_clear_message(stub_engine):
+    logic = InteractiveLogic(stub_engine)
+    with pytest.raises(NoTargetError, match="Select a volume"):
+        logic.add_point((0, 0, 0), True)
