@@ -269,6 +269,12 @@ def footprint(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, sli
     crop (its voxels +/- half a voxel) — the only voxels a crop may write."""
     m = _region_to_lattice(lattice, ijk_to_ras, region)
     out_shape = [s.stop - s.start for s in region]
+    corners = np.array([[a, b, c, 1.0] for a in (0, out_shape[0] - 1)
+                        for b in (0, out_shape[1] - 1) for c in (0, out_shape[2] - 1)]) @ m.T
+    for st in starts:  # the footprint is convex: all corners inside -> everything inside
+        lo = np.asarray(st, dtype=np.float64) - 0.5
+        if np.all(corners[:, :3] >= lo) and np.all(corners[:, :3] < lo + size):
+            return torch.ones(out_shape, dtype=torch.bool, device=device)
     c = _grid(out_shape, m[[2, 1, 0, 3]], device)[0]  # (.., 3) as (d2, d1, d0)
     result = torch.zeros(out_shape, dtype=torch.bool, device=device)
     for st in starts:

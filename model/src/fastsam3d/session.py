@@ -1,0 +1,561 @@
+"""The interactive session: world-space clicks and boxes -> a mask on the original grid.
+
+One session segments one object in one volume. The network only ever sees 128^3 crops of the
+reference recipe's 1.5 mm canonical lattice (:mod:`fastsam3d.geometry`); the session decides
+which crops, caches each crop's image embedding, feeds the previous low-res logits back as the
+mask prompt, and maps the logits back onto the original voxels inside the crops' footprints.
+
+Point policy (how clicks reach the decoder) follows how each model's decoder was trained,
+``model.config.point_policy``; override with ``Session(..., point_policy=...)``:
+
+* ``"newest"`` (FastSAM3D): only the newest click, plus the previous low-res logits. FastSAM3D's
+  decoder fine-tuning (``train.py``, multi-click off) and its evaluation loop both do this; the
+  click history lives in the logits.
+* ``"accumulate"`` (SAM-Med3D-turbo and anything unknown): every click inside the crop so far,
+  plus the previous logits, as SAM-Med3D's current inference does.
+
+Objects larger than one crop: when the mask reaches a crop face that has volume behind it, a
+neighbouring crop half a crop further (64 lattice voxels, 50 % overlap, same lattice) is added,
+seeded with a positive point where the mask crosses the face and the overlapping half of the
+logits as its mask prompt, until the mask stops touching faces or ``max_crops`` is reached.
+Overlapping crops are blended with weights that fade towards each crop's faces, so the merged
+mask has no seam. A click outside every crop adds a crop centred on it.
+
+Boxes: the released weights have no box embedding, so a box places (and for a large box tiles)
+the crops, seeds each with a positive point at the centre of its part of the box, and the result
+is clipped to the box. ``add_box`` starts a new object (undo brings the previous one back).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import geometry as geo
+from .volume import Volume, VolumeError
+
+__all__ = ["Session", "Result", "SessionError", "paste_result", "resolve_device"]
+
+Region = tuple[slice, slice, slice]
+_HALF = geo.CROP // 2
+_STEP = geo.CROP // 2  # neighbour crops overlap by half a crop
+_KNOT = geo.CROP // geo.LOWRES  # lattice voxels per low-res logit
+_CPU_WARNED = False
+
+
+class SessionError(ValueError):
+    """A prompt or call the session cannot act on; the session's state is unchanged."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA, then Apple MPS, then CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Result:
+    """The object's current mask, as the part of the volume it may have changed.
+
+    ``region`` also covers what the previous result covered, so pasting it clears voxels a
+    correction removed.
+    """
+
+    region: Region
+    mask: np.ndarray  # bool, shape of the region
+    shape: tuple[int, int, int]  # the whole volume, [k, j, i]
+    crops: int = 0
+    iou: float | None = None
+
+    def full_mask(self) -> np.ndarray:
+        """Bool array of the whole volume."""
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.region] = self.mask
+        return out
+
+    @property
+    def voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
+                 ) -> np.ndarray:
+    """Write ``result`` into a caller-owned ``labelmap`` ([k, j, i]) in place; returns it.
+
+    Only ``result.region`` is touched. Inside it the mask's voxels get ``value``; with ``erase``
+    voxels that hold ``value`` but are no longer in the mask are set to 0 (a correction that
+    shrank the object). Other labels are never erased.
+    """
+    if tuple(labelmap.shape) != tuple(result.shape):
+        raise ValueError(f"labelmap shape {labelmap.shape} does not match the volume "
+                         f"{result.shape}")
+    sub = labelmap[result.region]
+    if erase:
+        sub[(sub == value) & ~result.mask] = 0
+    sub[result.mask] = value
+    return labelmap
+
+
+@dataclass(frozen=True)
+class _Click:
+    index: np.ndarray  # continuous lattice index (3,)
+    ras: tuple[float, float, float]
+    positive: bool
+
+
+@dataclass(frozen=True)
+class _Tile:
+    start: tuple[int, int, int]
+    logits: torch.Tensor  # (1, 1, 32, 32, 32) low-res logits
+    seeds: tuple[_Click, ...] = ()  # points the session placed (propagation, boxes)
+    iou: float | None = None
+
+
+@dataclass(frozen=True)
+class _State:
+    tiles: dict[tuple[int, int, int], _Tile] = field(default_factory=dict)
+    clicks: tuple[_Click, ...] = ()
+    box: tuple[np.ndarray, np.ndarray] | None = None  # RAS min, max
+
+
+def _region_union(a: Region | None, b: Region | None) -> Region | None:
+    if a is None or any(s.stop <= s.start for s in a):
+        return b
+    if b is None or any(s.stop <= s.start for s in b):
+        return a
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop))
+                 for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def _load_model(model: Any, device: torch.device) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from .checkpoint import load_model
+
+        return load_model(model, device=device)
+    raise TypeError(f"model must be a registry name, a checkpoint path or an nn.Module, "
+                    f"not {type(model).__name__}")
+
+
+class Session:
+    """Interactive segmentation of one object in one volume (see the module docstring).
+
+    ``model``: a registry name, a checkpoint path or a model with the SAM-style parts.
+    ``max_crops``: most crops one object may use (each new crop costs one encoder run).
+    ``warmup``: run the network once now so the first real click is not slow.
+    """
+
+    def __init__(self, model: Any = "fastsam3d", device: str | torch.device = "auto", *,
+                 point_policy: str | None = None, max_crops: int = 8, propagate: bool = True,
+                 warmup: bool = True) -> None:
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            global _CPU_WARNED
+            if not _CPU_WARNED:
+                _CPU_WARNED = True
+                warnings.warn("fastsam3d: running on the CPU; each new 128^3 crop costs one "
+                              "encoder run (a fraction of a second to seconds). Use a CUDA or "
+                              "MPS device for interactive speed.", RuntimeWarning, stacklevel=2)
+        self.model = _load_model(model, self.device).to(self.device).eval()
+        cfg = getattr(self.model, "config", None)
+        policy = point_policy or getattr(cfg, "point_policy", None) or "accumulate"
+        if policy not in ("newest", "accumulate"):
+            raise ValueError(f"point_policy must be 'newest' or 'accumulate', not {policy!r}")
+        self.point_policy = policy
+        if max_crops < 1:
+            raise ValueError("max_crops must be at least 1")
+        self.max_crops = int(max_crops)
+        self.propagate = propagate
+        with torch.inference_mode():
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        self._weights = geo.tile_weights(device=self.device)
+        self.volume: Volume | None = None
+        self._clear_volume()
+        if warmup:
+            self._warmup()
+
+    # --- public API -----------------------------------------------------------------------
+    def set_volume(self, volume: Volume) -> None:
+        """Use ``volume`` (uploaded to the device once) and start a new object."""
+        if not isinstance(volume, Volume):
+            raise TypeError(f"set_volume needs a fastsam3d.Volume, not {type(volume).__name__}")
+        a = volume.array
+        lo, hi = a.min(), a.max()
+        if lo == hi:
+            raise VolumeError(f"volume is constant (every voxel is {lo}): nothing to segment")
+        lattice = geo.Lattice.for_volume(volume.ijk_to_ras, volume.shape)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = t.to(device=self.device, dtype=torch.float32)
+        self._clear_volume()
+        self.volume = volume
+        self._lattice = lattice
+        self._tensor = t[None, None]
+
+    def add_point(self, ras: Sequence[float], positive: bool = True) -> Result:
+        """Add a click at RAS position ``ras`` (mm); positive adds, negative removes."""
+        vol = self._require_volume()
+        p = self._as_point(ras, "click")
+        if not vol.contains(p):
+            ijk = vol.ras_to_ijk(p)
+            raise SessionError(f"click at RAS {tuple(round(float(x), 2) for x in p)} lies "
+                               f"outside the volume (voxel index i,j,k = "
+                               f"{tuple(round(float(x), 1) for x in ijk)}, size {vol.shape[::-1]})")
+        state = self._state
+        if state.box is not None and not (np.all(p >= state.box[0]) and np.all(p <= state.box[1])):
+            raise SessionError("click lies outside the current box; reset() or add a new box")
+        click = _Click(self._lattice.ras_to_index(p), tuple(float(x) for x in p), bool(positive))
+        new = self._apply_click(state, click)
+        return self._commit(new)
+
+    def add_box(self, ras_min: Sequence[float], ras_max: Sequence[float]) -> Result:
+        """Segment the object inside the RAS box [ras_min, ras_max]; starts a new object."""
+        vol = self._require_volume()
+        lo = self._as_point(ras_min, "ras_min")
+        hi = self._as_point(ras_max, "ras_max")
+        if np.any(hi <= lo):
+            raise SessionError(f"box is empty or inverted: ras_min {lo.tolist()} must be "
+                               f"below ras_max {hi.tolist()} on every axis")
+        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                            for z in (lo[2], hi[2])])
+        ijk = vol.ras_to_ijk(corners)
+        size = np.array(vol.shape[::-1])
+        if np.any(ijk.max(axis=0) < -0.5) or np.any(ijk.min(axis=0) >= size - 0.5):
+            raise SessionError("box does not overlap the volume")
+        lat = self._lattice.ras_to_index(corners)
+        llo = np.maximum(lat.min(axis=0), 0)
+        lhi = np.minimum(lat.max(axis=0), np.array(self._lattice.shape) - 1)
+        starts_per_axis = []
+        for a in range(3):
+            length = lhi[a] - llo[a]
+            if length <= geo.CROP - 8:
+                starts_per_axis.append([int(math.floor((llo[a] + lhi[a]) / 2 + 0.5)) - _HALF])
+            else:
+                n = math.ceil((length + 8 - geo.CROP) / (geo.CROP * 3 // 4)) + 1
+                first, last = llo[a] - 4, lhi[a] + 4 - geo.CROP
+                starts_per_axis.append([int(round(first + (last - first) * t / (n - 1)))
+                                        for t in range(n)])
+        count = math.prod(len(s) for s in starts_per_axis)
+        if count > self.max_crops:
+            raise SessionError(f"box needs {count} crops of 192 mm, more than max_crops="
+                               f"{self.max_crops}; draw a smaller box or raise max_crops")
+        tiles: dict[tuple[int, int, int], _Tile] = {}
+        zero = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
+        for s0 in starts_per_axis[0]:
+            for s1 in starts_per_axis[1]:
+                for s2 in starts_per_axis[2]:
+                    start = (s0, s1, s2)
+                    st = np.array(start, dtype=np.float64)
+                    c = (np.maximum(llo, st) + np.minimum(lhi, st + geo.CROP - 1)) / 2
+                    seed = _Click(c, tuple(self._lattice.index_to_ras(c).tolist()), True)
+                    logits, iou = self._decode(start, [seed], zero)
+                    tiles[start] = _Tile(start, logits, (seed,), iou)
+        return self._commit(_State(tiles=tiles, clicks=(), box=(lo, hi)))
+
+    def undo(self) -> Result:
+        """Go back one step (clicks and boxes); repeatable."""
+        self._require_volume()
+        if not self._history:
+            raise SessionError("nothing to undo")
+        self._state = self._history.pop()
+        self._result = self._render(self._state)
+        return self._result
+
+    def reset(self) -> Result:
+        """Forget the object (undo history included); the result covers what to clear."""
+        self._require_volume()
+        self._history.clear()
+        self._state = _State()
+        self._result = self._render(self._state)
+        return self._result
+
+    @property
+    def result(self) -> Result | None:
+        return self._result
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._history)
+
+    @property
+    def crops(self) -> list[tuple[int, int, int]]:
+        """Lattice starts of the crops the current object uses."""
+        return list(self._state.tiles)
+
+    @property
+    def lattice(self) -> geo.Lattice:
+        self._require_volume()
+        return self._lattice
+
+    # --- internals ------------------------------------------------------------------------
+    def _clear_volume(self) -> None:
+        self.volume = None
+        self._tensor: torch.Tensor | None = None
+        self._lattice: geo.Lattice = None  # type: ignore[assignment]
+        self._embeddings: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._state = _State()
+        self._history: list[_State] = []
+        self._result: Result | None = None
+        self._last_region: Region | None = None
+
+    def _require_volume(self) -> Volume:
+        if self.volume is None:
+            raise SessionError("no volume: call set_volume(volume) first")
+        return self.volume
+
+    @staticmethod
+    def _as_point(p: Sequence[float], what: str) -> np.ndarray:
+        a = np.asarray(p, dtype=np.float64).reshape(-1)
+        if a.shape != (3,) or not np.all(np.isfinite(a)):
+            raise SessionError(f"{what} must be three finite RAS coordinates, got {p!r}")
+        return a
+
+    def _commit(self, new: _State) -> Result:
+        result = self._render(new)
+        self._history.append(self._state)
+        self._state = new
+        self._result = result
+        return result
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        x = torch.zeros(1, 1, geo.CROP, geo.CROP, geo.CROP, device=self.device)
+        emb = self.model.image_encoder(x)
+        pts = torch.full((1, 1, 3), float(_HALF), device=self.device)
+        self._run_decoder(emb, pts, torch.ones(1, 1, dtype=torch.long, device=self.device),
+                          torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES,
+                                      device=self.device))
+
+    @torch.inference_mode()
+    def _embedding(self, start: tuple[int, int, int]) -> torch.Tensor:
+        emb = self._embeddings.get(start)
+        if emb is None:
+            crop = geo.sample_crop(self._tensor, self._lattice, self.volume.ijk_to_ras, start)
+            x = geo.znormalize(crop)[None, None]
+            emb = self.model.image_encoder(x)
+            self._embeddings[start] = emb
+        return emb
+
+    def _run_decoder(self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.model.prompt_encoder(points=(pts, labels), boxes=None, masks=mask)
+        return self.model.mask_decoder(image_embeddings=emb, image_pe=self._dense_pe,
+                                       sparse_prompt_embeddings=sparse,
+                                       dense_prompt_embeddings=dense, multimask_output=False)
+
+    @torch.inference_mode()
+    def _decode(self, start: tuple[int, int, int], points: Sequence[_Click],
+                mask: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        emb = self._embedding(start)
+        coords = np.stack([c.index - np.asarray(start) for c in points])
+        pts = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
+        labels = torch.as_tensor([[1 if c.positive else 0 for c in points]],
+                                 dtype=torch.long, device=self.device)
+        low_res, iou = self._run_decoder(emb, pts, labels, mask)
+        low_res = low_res[:, :1].float()
+        iou_v = float(iou.reshape(-1)[0]) if iou is not None else None
+        return low_res, iou_v
+
+    @staticmethod
+    def _inside_tile(start: Sequence[int], index: np.ndarray, margin: float = 0.0) -> bool:
+        st = np.asarray(start, dtype=np.float64)
+        return bool(np.all(index >= st - 0.5 + margin) and np.all(index < st + geo.CROP - 0.5
+                                                                  - margin))
+
+    def _points_for(self, state: _State, tile: _Tile | None, start: Sequence[int],
+                    newest: _Click) -> list[_Click]:
+        if self.point_policy == "newest":
+            return [newest]
+        seeds = list(tile.seeds) if tile is not None else []
+        clicks = [c for c in state.clicks if self._inside_tile(start, c.index)]
+        return seeds + clicks + [newest]
+
+    def _apply_click(self, state: _State, click: _Click) -> _State:
+        tiles = dict(state.tiles)
+        touched = [s for s in tiles if self._inside_tile(s, click.index)]
+        well_inside = any(self._inside_tile(s, click.index, margin=8) for s in touched)
+        new_starts: list[tuple[int, int, int]] = []
+        if not well_inside and click.positive:
+            start = self._lattice.crop_start(np.asarray(click.ras))
+            if start not in tiles:
+                new_starts.append(start)
+        if len(tiles) + len(new_starts) > self.max_crops:
+            raise SessionError(f"the object already uses max_crops={self.max_crops} crops; "
+                               "a click here would need another (raise max_crops)")
+        for s in touched:
+            t = tiles[s]
+            logits, iou = self._decode(s, self._points_for(state, t, s, click), t.logits)
+            tiles[s] = replace(t, logits=logits, iou=iou)
+        for s in new_starts:
+            prompt = self._mask_prompt_from(tiles, s)
+            logits, iou = self._decode(s, self._points_for(state, None, s, click), prompt)
+            tiles[s] = _Tile(s, logits, (), iou)
+        changed = touched + new_starts
+        if self.propagate and state.box is None:
+            self._propagate(tiles, changed)
+        return _State(tiles=tiles, clicks=state.clicks + (click,), box=state.box)
+
+    def _mask_prompt_from(self, tiles: dict[tuple[int, int, int], _Tile],
+                          start: Sequence[int]) -> torch.Tensor:
+        """Low-res mask prompt for a new crop: the existing crops' logits where they overlap
+        it (averaged), 0 (= no information, as on a first click) elsewhere."""
+        total = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
+        count = torch.zeros_like(total)
+        knots = torch.arange(geo.LOWRES, dtype=torch.float32, device=self.device) * _KNOT + 1.5
+        for t in tiles.values():
+            off = np.asarray(start, dtype=np.float64) - np.asarray(t.start, dtype=np.float64)
+            if np.any(np.abs(off) >= geo.CROP):
+                continue
+            # knot positions of the new crop in the old crop's low-res grid (align_corners=False)
+            axes = [((knots + float(off[d])) + 0.5) / geo.CROP * 2 - 1 for d in range(3)]
+            g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1)
+            g = g.permute(2, 1, 0, 3)[None]  # (1, n0, n1, n2, (x=d2, y=d1, z=d0))
+            v = F.grid_sample(t.logits, g, mode="bilinear", padding_mode="border",
+                              align_corners=False)
+            inside = ((g.abs() <= 1).all(-1))[:, None].float()
+            total += v * inside
+            count += inside
+        return torch.where(count > 0, total / count.clamp(min=1), total)
+
+    def _propagate(self, tiles: dict[tuple[int, int, int], _Tile],
+                   queue: list[tuple[int, int, int]]) -> None:
+        shape = self._lattice.shape
+        queue = list(queue)
+        while queue:
+            s = queue.pop(0)
+            t = tiles[s]
+            pos = t.logits[0, 0] > 0
+            for axis in range(3):
+                for direction in (-1, 1):
+                    face = pos.select(axis, 0 if direction < 0 else geo.LOWRES - 1)
+                    if not bool(face.any()):
+                        continue
+                    if direction < 0 and s[axis] <= 0:
+                        continue  # nothing of the volume behind this face
+                    if direction > 0 and s[axis] + geo.CROP >= shape[axis]:
+                        continue
+                    n = list(s)
+                    n[axis] += direction * _STEP
+                    nstart = (n[0], n[1], n[2])
+                    if any(np.all(np.abs(np.subtract(o, nstart)) < _STEP // 2) for o in tiles):
+                        continue
+                    if len(tiles) >= self.max_crops:
+                        return
+                    seed = self._seed_at_face(t, axis, direction)
+                    prompt = self._mask_prompt_from(tiles, nstart)
+                    logits, iou = self._decode(nstart, [seed], prompt)
+                    tiles[nstart] = _Tile(nstart, logits, (seed,), iou)
+                    queue.append(nstart)
+
+    def _seed_at_face(self, tile: _Tile, axis: int, direction: int) -> _Click:
+        """A positive point where the mask crosses a face: the strongest logit in the last
+        16 voxels before it (about the middle of the neighbouring crop along that axis)."""
+        up = geo.upsample_logits(tile.logits)
+        sl = [slice(None)] * 3
+        sl[axis] = slice(0, 16) if direction < 0 else slice(geo.CROP - 16, geo.CROP)
+        slab = up[tuple(sl)]
+        flat = int(torch.argmax(slab))
+        idx = np.array(np.unravel_index(flat, tuple(slab.shape)), dtype=np.float64)
+        if direction > 0:
+            idx[axis] += geo.CROP - 16
+        lat = idx + np.asarray(tile.start, dtype=np.float64)
+        return _Click(lat, tuple(self._lattice.index_to_ras(lat).tolist()), True)
+
+    # --- paste-back -----------------------------------------------------------------------
+    def _render(self, state: _State) -> Result:
+        vol = self.volume
+        assert vol is not None
+        lat, m = self._lattice, vol.ijk_to_ras
+        los, his = [], []
+        for t in state.tiles.values():
+            pos = t.logits[0, 0] > 0
+            if not bool(pos.any()):
+                continue
+            idx = torch.nonzero(pos)
+            k0 = idx.min(0).values.cpu().numpy()
+            k1 = idx.max(0).values.cpu().numpy()
+            st = np.asarray(t.start, dtype=np.float64)
+            los.append(st + np.maximum(k0 * _KNOT - 4, -0.5))
+            his.append(st + np.minimum(k1 * _KNOT + 8, geo.CROP - 0.5))
+        region = None
+        if los:
+            lo, hi = np.min(los, axis=0), np.max(his, axis=0)
+            if state.box is not None:
+                b = lat.ras_to_index(_box_corners(state.box))
+                lo, hi = np.maximum(lo, b.min(0) - 1), np.minimum(hi, b.max(0) + 1)
+            if np.all(hi > lo):
+                region = geo.lattice_box_to_region(lat, m, lo, hi, vol.shape)
+        out_region = _region_union(region, self._last_region)
+        if out_region is None:
+            out_region = (slice(0, 0),) * 3
+        shape = tuple(s.stop - s.start for s in out_region)
+        if region is None:
+            mask = np.zeros(shape, dtype=bool)
+        else:
+            mask = self._paste(state, out_region).cpu().numpy()
+        self._last_region = out_region if mask.any() or region is not None else self._last_region
+        ious = [t.iou for t in state.tiles.values() if t.iou is not None]
+        return Result(out_region, mask, vol.shape, len(state.tiles),
+                      float(np.mean(ious)) if ious else None)
+
+    @torch.inference_mode()
+    def _paste(self, state: _State, region: Region) -> torch.Tensor:
+        lat, m = self._lattice, self.volume.ijk_to_ras
+        tiles = list(state.tiles.values())
+        if len(tiles) == 1:
+            t = tiles[0]
+            field = geo.upsample_logits(t.logits)[None]
+            logits = geo.sample_field(field, t.start, lat, m, region)[0]
+        else:
+            lo = np.min([t.start for t in tiles], axis=0)
+            hi = np.max([t.start for t in tiles], axis=0) + geo.CROP
+            acc = torch.zeros((2, *(hi - lo).tolist()), device=self.device)
+            for t in tiles:
+                o = np.asarray(t.start) - lo
+                sl = tuple(slice(int(a), int(a) + geo.CROP) for a in o)
+                acc[0][sl] += geo.upsample_logits(t.logits) * self._weights
+                acc[1][sl] += self._weights
+            both = geo.sample_field(acc, lo.tolist(), lat, m, region)
+            den = both[1]
+            logits = torch.where(den > 0, both[0] / den.clamp(min=1e-12),
+                                 torch.full_like(den, -1.0))
+        mask = logits > 0
+        mask &= geo.footprint(lat, m, region, [t.start for t in tiles], self.device)
+        if state.box is not None:
+            mask &= self._in_box(region, state.box)
+        return mask
+
+    def _in_box(self, region: Region, box: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        m = self.volume.ijk_to_ras
+        kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
+        shift = np.eye(4)
+        shift[:3, 3] = [s.start for s in region]
+        to_ras = (m @ kji_to_ijk @ shift)[[2, 1, 0, 3]]  # grid comps ordered like _grid's
+        shape = [s.stop - s.start for s in region]
+        g = geo._grid(shape, to_ras, self.device)[0]  # (.., 3) as (S, A, R)
+        lo = torch.as_tensor(box[0][::-1].copy(), dtype=torch.float32, device=self.device)
+        hi = torch.as_tensor(box[1][::-1].copy(), dtype=torch.float32, device=self.device)
+        return ((g >= lo) & (g <= hi)).all(-1)
+
+
+def _box_corners(box: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    lo, hi = box
+    return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                     for z in (lo[2], hi[2])])
