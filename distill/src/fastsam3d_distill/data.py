@@ -158,16 +158,36 @@ def index_samples(
 
 
 def crop_sample(
-    image: np.ndarray, affine: np.ndarray, label: np.ndarray, value: int
+    volume: torch.Tensor, affine: np.ndarray, label: np.ndarray, value: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image crop (1,128,128,128) z-normalised, binary target (1,128,128,128) float).
 
-    One call into fastsam3d.geometry: the same lattice, centring, sampling and normalisation
-    as the interactive session.
+    ``volume`` is the (1, 1, K, J, I) float tensor of the image, ``label`` the ``[k, j, i]``
+    label map. The crop is the reference's ``CropOrPad(mask)`` window: centred on the
+    structure's bounding box on the 1.5 mm canonical lattice, with the start rounded exactly
+    as the session rounds a click (``Lattice.crop_start``). Lattice, sampling and
+    normalisation are fastsam3d.geometry's. The target is the structure's mask sampled the same
+    way and thresholded at 0.5 (fastsam3d samples trilinearly; torchio uses nearest for labels,
+    which differs only on boundary voxels).
     """
-    from fastsam3d import geometry
+    from fastsam3d import geometry as geo
 
-    return geometry.training_crop(image, affine, label == value)
+    mask = label == value
+    if not mask.any():
+        raise ValueError(f"label value {value} is absent")
+    lattice = geo.Lattice.for_volume(affine, label.shape)
+    kji = np.argwhere(mask)
+    corners = np.stack([kji.min(0), kji.max(0)])[:, ::-1].astype(np.float64)  # (i, j, k)
+    box = np.array([[a, b, c] for a in corners[:, 0] for b in corners[:, 1]
+                    for c in corners[:, 2]])
+    ras = box @ affine[:3, :3].T + affine[:3, 3]
+    lat = lattice.ras_to_index(ras)
+    centre_ras = lattice.index_to_ras((lat.min(0) + lat.max(0)) / 2)
+    start = lattice.crop_start(centre_ras)
+    image = geo.znormalize(geo.sample_crop(volume, lattice, affine, start))
+    m = torch.from_numpy(mask.astype(np.float32)).to(volume.device)[None, None]
+    target = (geo.sample_crop(m, lattice, affine, start) >= 0.5).float()
+    return image[None].float().cpu(), target[None].cpu()
 
 
 def znormalize(crop: torch.Tensor) -> torch.Tensor:
@@ -228,13 +248,13 @@ class CropDataset(Dataset):
         self.cases, self.samples = cases, samples
         self.augment = build_augment() if augment else None
         self.seed = seed
-        self._lru: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._lru: OrderedDict[int, tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
         self.cache_volumes = cache_volumes
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _volume(self, ci: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _volume(self, ci: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         if ci in self._lru:
             self._lru.move_to_end(ci)
             return self._lru[ci]
@@ -244,7 +264,8 @@ class CropDataset(Dataset):
         if lab.shape != img.shape or not np.allclose(lab_aff, aff, atol=1e-3):
             raise ValueError(f"case {case.name}: label grid differs from image grid "
                              f"({lab.shape} vs {img.shape})")
-        rec = (img.astype(np.float32), aff, np.rint(lab).astype(np.int64))
+        vol = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+        rec = (vol, aff, np.rint(lab).astype(np.int64))
         self._lru[ci] = rec
         while len(self._lru) > self.cache_volumes:
             self._lru.popitem(last=False)

@@ -271,6 +271,10 @@ class Task(nn.Module):
     def scalars(self) -> dict[str, float]:
         return {}
 
+    def meta(self) -> dict[str, Any]:
+        """JSON-able facts needed to rebuild the model from a checkpoint (configs)."""
+        return {}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen_")}
 
@@ -364,6 +368,7 @@ class Trainer:
             "gate": self.gate.state_dict(),
             "rng": rngs,
             "config": json.dumps(asdict(self.cfg)),
+            "meta": json.dumps(self.task.meta()),
         }
 
     def save(self, path: Path | None = None) -> None:
@@ -376,7 +381,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         ckpt = load_training_checkpoint(path)
         if ckpt["task"] != self.task.name:
-            raise ValueError(f"{path} was written by stage {ckpt['task']!r}, not {self.task.name!r}")
+            raise ValueError(
+                f"{path} was written by stage {ckpt['task']!r}, not {self.task.name!r}"
+            )
         missing, unexpected = self.task.load_state_dict(ckpt["model"], strict=False)
         trainable = set(self.task.trainable_state_dict())
         if unexpected or (set(missing) & trainable):

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from .engine import Task
+from .models import config_to_dict
 
 LOSS_MODES = ("paper", "neck", "released-tap")
 
@@ -70,6 +70,12 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
     return copied
 
 
+def needed_teacher_taps(student_depth: int, teacher_depth: int) -> list[int]:
+    """Teacher blocks whose outputs any loss mode uses, in cache order."""
+    pairs = tap_pairs(student_depth, teacher_depth) + released_tap_pairs(student_depth)
+    return sorted({t for _, t in pairs})
+
+
 def _mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
@@ -89,6 +95,7 @@ class DistillTask(Task):
         k_every_steps: int = 0,
         neck_weight: float = 1.0,
         teacher_depth: int | None = None,
+        student_config: Any = None,
     ) -> None:
         super().__init__()
         if loss not in LOSS_MODES:
@@ -106,11 +113,18 @@ class DistillTask(Task):
         self.pairs = tap_pairs(s_depth, teacher_depth)
         self.released_pairs = released_tap_pairs(s_depth)
         # Teacher blocks whose outputs are targets, in a fixed order (also the cache layout).
-        self.teacher_taps = sorted({t for _, t in self.pairs} | {t for _, t in self.released_pairs})
-        self.k_start, self.k_every_epochs, self.k_every_steps = k_start, k_every_epochs, k_every_steps
+        self.teacher_taps = needed_teacher_taps(s_depth, teacher_depth)
+        self.k_start, self.k_every_epochs = k_start, k_every_epochs
+        self.k_every_steps = k_every_steps
         self.neck_weight = neck_weight
         self.k = k_start
         self.find_unused = loss == "released-tap"
+        self.student_config = student_config
+
+    def meta(self) -> dict[str, Any]:
+        cfg = self.student_config
+        return {"student_config": config_to_dict(cfg) if cfg is not None else None,
+                "loss": self.loss_mode, "teacher_taps": self.teacher_taps}
 
     # schedule --------------------------------------------------------------------------------
 

@@ -130,12 +130,13 @@ def write_nifti(phantom: Phantom, image_path: str | Path, label_path: str | Path
 def write_nnunet_dataset(
     root: str | Path, n_cases: int = 4, seed: int = 0, **phantom_kw: object
 ) -> Path:
-    """Write ``n_cases`` phantoms in nnU-Net raw layout (``imagesTr/X_0000.nii.gz``, ``labelsTr``)."""
+    """Write ``n_cases`` phantoms in nnU-Net raw layout (``imagesTr/X_0000.nii.gz``, labelsTr)."""
     root = Path(root)
     for c in range(n_cases):
         ph = make_phantom(seed=seed + c, **phantom_kw)  # type: ignore[arg-type]
         name = f"case_{c:03d}"
-        write_nifti(ph, root / "imagesTr" / f"{name}_0000.nii.gz", root / "labelsTr" / f"{name}.nii.gz")
+        write_nifti(ph, root / "imagesTr" / f"{name}_0000.nii.gz",
+                    root / "labelsTr" / f"{name}.nii.gz")
     return root
 
 

@@ -1,0 +1,349 @@
+"""``fastsam3d-distill``: one subcommand per stage.
+
+    fastsam3d-distill synth     --out data/synth --cases 8
+    fastsam3d-distill cache     --teacher sam_med3d_turbo.pth --data data/Dataset001 --out feats
+    fastsam3d-distill distill   --teacher sam_med3d_turbo.pth --data data/Dataset001 --out runs/s1
+    fastsam3d-distill finetune  --model runs/s1/student.pth --data data/Dataset001 --out runs/s2
+    fastsam3d-distill evaluate  --model runs/s2/model.pth --data data/Dataset002 --out runs/eval
+    fastsam3d-distill export    --checkpoint runs/s2/last.pt --base runs/s1/student.pth --out m.pth
+
+Training subcommands run under ``torchrun --nproc_per_node N`` unchanged (DDP) and resume from
+``<out>/last.pt`` when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import TrainConfig, Trainer, init_distributed
+from .models import load_spec, parse_overrides
+
+FASTSAM3D_TEACHER = "sam-med3d-turbo-fastsam3d-block"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _add_data(p: argparse.ArgumentParser, augment_default: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", default=[],
+                   help="nnU-Net dataset folder (imagesTr/labelsTr) or a list file of "
+                        "'image label' lines; repeatable")
+    g.add_argument("--classes", type=int, nargs="*", help="label values to use (default: all)")
+    g.add_argument("--min-voxels", type=int, default=100,
+                   help="skip structures smaller than this many voxels")
+    g.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="use N in-memory synthetic phantoms instead of --data (demos, tests)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=augment_default,
+                   help="random flips + intensity jitter (MONAI)")
+
+
+def _add_train(p: argparse.ArgumentParser, lr: float) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run folder (checkpoints, metrics, tensorboard)")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps")
+    g.add_argument("--batch-size", type=int, default=1, help="per process")
+    g.add_argument("--accum", type=int, default=1, help="backward passes per optimiser step")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    g.add_argument("--seed", type=int, default=2023)
+    g.add_argument("--ckpt-every", type=int, default=100, help="optimiser steps")
+    g.add_argument("--log-every", type=int, default=10, help="micro-batches")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from <out>/last.pt when present")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("backward gating (SkipGS-style)")
+    g.add_argument("--gate", action="store_true", help="skip backward passes of samples whose "
+                   "loss is at or below their running baseline")
+    g.add_argument("--gate-warmup", type=int, default=500, help="micro-batches without skipping")
+    g.add_argument("--gate-threshold", type=float, default=0.0)
+    g.add_argument("--gate-min-backward", default="auto",
+                   help="'auto' (max(0.5, 1 - r/2)) or a share in [0, 1]")
+
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
+    mb: float | str = a.gate_min_backward
+    if mb != "auto":
+        mb = float(mb)
+    return TrainConfig(
+        out_dir=a.out, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
+        accum=a.accum, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+        precision=a.precision, seed=a.seed, ckpt_every=a.ckpt_every, log_every=a.log_every,
+        num_workers=a.workers, device=a.device, resume=a.resume, gate=a.gate,
+        gate_warmup=a.gate_warmup, gate_threshold=a.gate_threshold, gate_min_backward=mb,
+        tensorboard=a.tensorboard, progress=a.progress,
+    )
+
+
+def _add_teacher(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True,
+                   help="teacher checkpoint (SAM-Med3D-turbo layout), or fixture:NAME / "
+                        "random:NAME for tests")
+    p.add_argument("--teacher-config", default=FASTSAM3D_TEACHER,
+                   help="config to run a teacher checkpoint with (block style!); FastSAM3D's "
+                        f"teacher ran {FASTSAM3D_TEACHER}")
+    p.add_argument("--teacher-override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for fixture:/random: teachers (tiny tests)")
+
+
+def _teacher(a: argparse.Namespace, device: Any = "cpu") -> torch.nn.Module:
+    spec = a.teacher
+    if spec.startswith(("fixture:", "random:")):
+        return load_spec(spec, device, **parse_overrides(a.teacher_override))
+    return load_spec(spec, device, config=a.teacher_config)
+
+
+def _dataset(a: argparse.Namespace, out: Path, labels: bool = True) -> Any:
+    from .data import CropDataset, TensorCropDataset, discover, index_samples
+
+    if a.synthetic:
+        from .synthetic import synthetic_crops
+
+        images, labs = synthetic_crops(a.synthetic, seed=a.seed)
+        return TensorCropDataset(images, labs if labels else None, augment=a.augment,
+                                 seed=a.seed)
+    if not a.data:
+        raise SystemExit("give --data (dataset folder or list file) or --synthetic N")
+    cases = [c for src in a.data for c in discover(src)]
+    samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels,
+                            cache=out / "sample_index.json")
+    return CropDataset(cases, samples, augment=a.augment, seed=a.seed)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .synthetic import write_nnunet_dataset
+
+    root = write_nnunet_dataset(a.out, n_cases=a.cases, seed=a.seed, shape=tuple(a.shape),
+                                spacing=tuple(a.spacing), oblique_deg=a.oblique)
+    print(f"wrote {a.cases} synthetic cases to {root}")
+    return 0
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    from .stage1 import cache_teacher_features, needed_teacher_taps
+
+    env = init_distributed(a.device)
+    a.augment = False  # cached targets are only valid for the crops the teacher saw
+    ds = _dataset(a, Path(a.out), labels=False)
+    teacher = _teacher(a, env.device).image_encoder
+    s_depth = int(parse_overrides(a.student_override).get("depth", 6))
+    taps = needed_teacher_taps(s_depth, len(teacher.blocks))
+    cache_teacher_features(teacher, ds, a.out, taps, device=env.device, batch_size=a.batch_size,
+                           rank=env.rank, world=env.world)
+    if env.is_main:
+        print(f"cached teacher features of {len(ds)} samples in {a.out}")
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    import fastsam3d
+
+    from .export import assemble_student, export_model
+    from .stage1 import CachedFeatureDataset, DistillTask, init_student_from_teacher
+
+    cfg = _train_config(a)
+    env = init_distributed(cfg.device)
+    out = Path(a.out)
+    torch.manual_seed(a.seed)
+    teacher = _teacher(a)
+    s_cfg = fastsam3d.get_config(a.student, **parse_overrides(a.student_override))
+    student = fastsam3d.build_model(s_cfg).image_encoder.train()
+    if a.init == "teacher":
+        copied = init_student_from_teacher(student, teacher.image_encoder)
+        if env.is_main:
+            print(f"[distill] student initialised from the teacher: {len(copied)} tensors")
+    if a.cache:
+        ds = CachedFeatureDataset(a.cache, preload=a.cache_in_memory)
+        task = DistillTask(student, None, loss=a.loss, k_every_epochs=a.k_every_epochs,
+                           k_every_steps=a.k_every_steps, teacher_depth=ds.meta["teacher_depth"],
+                           student_config=s_cfg)
+        if ds.teacher_taps != task.teacher_taps:
+            raise SystemExit(f"cache {a.cache} holds teacher blocks {ds.teacher_taps}, this "
+                             f"student needs {task.teacher_taps}: re-run `cache`")
+    else:
+        ds = _dataset(a, out, labels=False)
+        task = DistillTask(student, teacher.image_encoder, loss=a.loss,
+                           k_every_epochs=a.k_every_epochs, k_every_steps=a.k_every_steps,
+                           student_config=s_cfg)
+    result = Trainer(task, ds, cfg, env).fit()
+    if env.is_main:
+        model = assemble_student(task.student, s_cfg, teacher)
+        paths = export_model(model, out / "student.pth", stage="distill")
+        print(json.dumps(result, indent=1))
+        print(f"[distill] student with the teacher's decoder: {', '.join(map(str, paths))}")
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .export import export_model
+    from .stage2 import FinetuneTask
+
+    cfg = _train_config(a)
+    env = init_distributed(cfg.device)
+    out = Path(a.out)
+    torch.manual_seed(a.seed)
+    model = load_spec(a.model, config=a.model_config, **parse_overrides(a.model_override))
+    if a.box_prob > 0 and not model.prompt_encoder.supports_boxes:
+        import fastsam3d
+
+        box_model = fastsam3d.build_model(model.config, num_point_embeddings=4)
+        missing, unexpected = box_model.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all("point_embeddings" in k for k in missing), missing
+        model = box_model
+        if env.is_main:
+            print("[finetune] added box embeddings (point_embeddings.2/.3), newly initialised")
+    model.train()
+    task = FinetuneTask(model, n_clicks=a.clicks, policy=a.policy, box_prob=a.box_prob,
+                        seed=a.seed)
+    ds = _dataset(a, out, labels=True)
+    result = Trainer(task, ds, cfg, env).fit()
+    if env.is_main:
+        paths = export_model(model.eval(), out / "model.pth", stage="finetune")
+        print(json.dumps(result, indent=1))
+        print(f"[finetune] exported {', '.join(map(str, paths))}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .data import CropDataset, discover, index_samples
+    from .evaluate import evaluate_crops, evaluate_volumes, summarise, write_report
+
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_spec(a.model, device, config=a.model_config,
+                      **parse_overrides(a.model_override))
+    cases = [c for src in a.data for c in discover(src)]
+    if not cases:
+        raise SystemExit("give --data with held-out cases")
+    samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels)
+    results: dict[str, list] = {}
+    if "crop" in a.grids:
+        results["crop"] = evaluate_crops(model, CropDataset(cases, samples), a.clicks, device)
+    if "original" in a.grids:
+        results["original"] = evaluate_volumes(model, cases, samples, a.clicks, device)
+    path = write_report(results, a.out)
+    for grid, recs in results.items():
+        s = summarise(recs)["overall"]
+        print(f"{grid:9s} final {s['final']}  best {s['best']}")
+    print(f"wrote {path} and {Path(a.out) / 'evaluation.png'}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_model, model_from_training_checkpoint
+
+    model = model_from_training_checkpoint(a.checkpoint, a.base)
+    paths = export_model(model, a.out, safetensors=a.safetensors)
+    print(f"exported {', '.join(map(str, paths))}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastsam3d-distill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic nnU-Net dataset (demos, smoke tests)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], metavar=("K", "J", "I"))
+    p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
+    p.add_argument("--oblique", type=float, default=0.0, help="max rotation of the affine (deg)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("cache", help="run the teacher once and store its targets")
+    _add_teacher(p)
+    _add_data(p, augment_default=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--student-override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="only depth matters: which teacher blocks to keep")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=2023)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("distill", help="stage 1: layer-wise progressive encoder distillation")
+    _add_teacher(p)
+    p.add_argument("--student", default="fastsam3d", help="student config name")
+    p.add_argument("--student-override", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--init", choices=["teacher", "random"], default="teacher",
+                   help="student initialisation (paper: from the teacher; released code: random)")
+    p.add_argument("--loss", choices=["paper", "neck", "released-tap"], default="paper")
+    p.add_argument("--k-every-epochs", type=int, default=3,
+                   help="progressive schedule: one more matched block every N epochs")
+    p.add_argument("--k-every-steps", type=int, default=0, help="... or every N optimiser steps")
+    p.add_argument("--cache", help="feature cache folder written by `cache` (else online)")
+    p.add_argument("--cache-in-memory", action="store_true", help="read the whole cache once")
+    _add_data(p, augment_default=False)
+    _add_train(p, lr=8e-4)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("finetune", help="stage 2: prompt encoder + decoder with simulated clicks")
+    p.add_argument("--model", required=True, help="full model (e.g. <distill out>/student.pth)")
+    p.add_argument("--model-config", default=None, help="config name overriding detection")
+    p.add_argument("--model-override", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--clicks", type=int, default=5, help="click rounds per sample")
+    p.add_argument("--policy", choices=["newest", "accumulate"], default=None,
+                   help="how clicks reach the decoder (default: the model config's)")
+    p.add_argument("--box-prob", type=float, default=0.0,
+                   help="share of batches prompted with the box too (trains box embeddings)")
+    _add_data(p, augment_default=True)
+    _add_train(p, lr=8e-5)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="click-simulation Dice on held-out cases")
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-config", default=None)
+    p.add_argument("--model-override", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", action="append", default=[])
+    p.add_argument("--classes", type=int, nargs="*")
+    p.add_argument("--min-voxels", type=int, default=100)
+    p.add_argument("--clicks", type=int, default=10)
+    p.add_argument("--grids", nargs="+", choices=["crop", "original"],
+                   default=["crop", "original"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="training checkpoint -> official .pth + .safetensors")
+    p.add_argument("--checkpoint", required=True, help="<run>/last.pt or final.pt")
+    p.add_argument("--base", required=True,
+                   help="after distill: the teacher (decoder source); after finetune: the "
+                        "model it started from (encoder source)")
+    p.add_argument("--out", required=True, help="output .pth")
+    p.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

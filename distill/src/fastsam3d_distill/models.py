@@ -1,0 +1,72 @@
+"""Model specs for the CLI and checkpoints: registry names, checkpoint paths, fixture weights,
+config overrides. All networks come from fastsam3d."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_dict(d: dict[str, Any]) -> Any:
+    from fastsam3d.build import ModelConfig
+
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+    return ModelConfig(**kw)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["depth=2", "embed_dim=32", "global_attn_indexes=1,3"]`` -> typed config overrides."""
+    from fastsam3d.build import ModelConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, val = item.split("=", 1)
+        if key not in types:
+            raise ValueError(f"unknown config field {key!r}; fields: {', '.join(sorted(types))}")
+        t = str(types[key])
+        if "tuple" in t:
+            out[key] = tuple(int(v) for v in val.split(",") if v.strip())
+        elif "float" in t:
+            out[key] = float(val)
+        elif "int" in t:
+            out[key] = int(val)
+        else:
+            out[key] = val
+    return out
+
+
+def load_spec(
+    spec: str, device: str | torch.device = "cpu", config: str | None = None, **overrides: Any
+) -> nn.Module:
+    """A full Sam3D from a spec.
+
+    ``fixture:NAME`` = registry config with the parity-recipe weights (no download; for tests
+    and GPU benchmarks), ``random:NAME`` = random init, otherwise a checkpoint path or hub
+    name for ``fastsam3d.load_model`` (``config`` overrides its detection, e.g. to run SAM-Med3D
+    weights with FastSAM3D's block). Overrides apply to fixture/random specs only.
+    """
+    import fastsam3d
+
+    if spec.startswith("fixture:"):
+        from fastsam3d.testing import fixture_model
+
+        return fixture_model(spec.split(":", 1)[1], device=device, **overrides)
+    if spec.startswith("random:"):
+        return fastsam3d.build_model(spec.split(":", 1)[1], **overrides).to(device)
+    if overrides:
+        raise ValueError(f"config overrides apply to fixture:/random: specs, not to {spec!r}")
+    if Path(spec).exists() or not spec.endswith((".pth", ".pt", ".safetensors")):
+        return fastsam3d.load_model(spec, device=str(device), config=config)
+    raise FileNotFoundError(f"model checkpoint {spec} not found")
