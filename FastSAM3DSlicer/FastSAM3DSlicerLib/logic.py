@@ -65,6 +65,14 @@ class EditRecord:
 
 
 @dataclasses.dataclass
+class FailedEdit:
+    """A prompt whose prediction or write failed; the session did not keep it."""
+
+    prompt: Prompt
+    error: BaseException
+
+
+@dataclasses.dataclass
 class PendingEdit:
     key: tuple
     prompt: Prompt
@@ -81,6 +89,25 @@ class _SegmentSession:
     history: list[EditRecord] = dataclasses.field(default_factory=list)
 
 
+def thicken_box(lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Give a flat box (an ROI drawn on one slice) depth: thin sides grow to the largest side.
+
+    The session clips its result to the box, so a box one slice thick would give a one-slice
+    result; a structure outlined on a slice usually extends about as far through-plane.
+    """
+    lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
+    size = hi - lo
+    largest = float(size.max())
+    if largest <= 0:
+        raise geometry.PromptOutsideVolumeError("The box has no size; draw it again.")
+    thin = size < ratio * largest
+    center = (lo + hi) / 2
+    lo[thin] = center[thin] - largest / 2
+    hi[thin] = center[thin] + largest / 2
+    return lo, hi
+
+
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args)
@@ -91,7 +118,7 @@ class InteractiveLogic:
     """Keeps one session per (volume, segmentation, segment) and applies results with undo."""
 
     def __init__(
-        self, engine: Engine, worker: InferenceWorker | None = None, max_sessions: int = 8
+        self, engine: Engine, worker: InferenceWorker | None = None, max_sessions: int = 4
     ) -> None:
         self.engine = engine
         self.worker = worker or InferenceWorker()
@@ -176,7 +203,7 @@ class InteractiveLogic:
         """Queue a box given by its corners in world RAS (e.g. a rotated ROI's eight corners)."""
         key, entry = self._segment_session()
         corners = np.array([mrml.world_to_volume_ras(self.volume_node, c) for c in world_corners])
-        lo, hi = corners.min(axis=0), corners.max(axis=0)
+        lo, hi = thicken_box(corners.min(axis=0), corners.max(axis=0))
         ijk_to_ras = mrml.volume_ijk_to_ras(self.volume_node)
         if not geometry.box_corners_inside(ijk_to_ras, entry.array.shape, lo, hi):
             raise geometry.PromptOutsideVolumeError(
@@ -202,20 +229,20 @@ class InteractiveLogic:
 
     # -- results ----------------------------------------------------------------------------
 
-    def poll(self) -> list[EditRecord | BaseException]:
+    def poll(self) -> list[EditRecord | FailedEdit]:
         """Write every finished prediction, oldest first; failures are returned, not raised."""
-        done: list[EditRecord | BaseException] = []
+        done: list[EditRecord | FailedEdit] = []
         while self._pending and self._pending[0].future.done():
             pending = self._pending.popleft()
             try:
                 done.append(self._apply(pending))
             except Exception as e:  # noqa: BLE001 - reported to the user by the Widget
-                done.append(e)
+                done.append(FailedEdit(pending.prompt, e))
         return done
 
-    def wait(self) -> list[EditRecord | BaseException]:
+    def wait(self) -> list[EditRecord | FailedEdit]:
         """Block until every queued prediction is written (headless use and tests)."""
-        out: list[EditRecord | BaseException] = []
+        out: list[EditRecord | FailedEdit] = []
         while self._pending:
             self._pending[0].future.exception()
             out.extend(self.poll())

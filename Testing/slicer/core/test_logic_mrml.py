@@ -15,7 +15,7 @@ import pytest
 from slicer_scene import build_scene, slicer
 
 from FastSAM3DSlicerLib import geometry
-from FastSAM3DSlicerLib.logic import InteractiveLogic, NoTargetError
+from FastSAM3DSlicerLib.logic import FailedEdit, InteractiveLogic, NoTargetError, thicken_box
 
 
 def _logic(scene, engine, editor=None) -> InteractiveLogic:
@@ -28,8 +28,8 @@ def _click(logic, scene, world, positive=True):
     idx = scene.add_point_world(world)
     logic.add_point(world, positive, tag=(scene.points.GetID(), idx))
     (record,) = logic.wait()
-    if isinstance(record, BaseException):
-        raise record
+    if isinstance(record, FailedEdit):
+        raise record.error
     return record
 
 
@@ -184,7 +184,7 @@ def test_roi_box_goes_to_session_in_volume_ras(scene, stub_engine):
     roi.SetSize(10, 8, 6)
     logic.add_roi(roi)
     (record,) = logic.wait()
-    assert not isinstance(record, BaseException), record
+    assert not isinstance(record, FailedEdit), record
     kind, lo, hi = stub_engine.sessions[0].calls[0]
     assert kind == "box"
     vol_center = (scene.ijk_to_ras @ np.array([20, 18, 15, 1.0]))[:3]
@@ -244,3 +244,29 @@ def test_no_target_gives_a_clear_message(stub_engine):
     logic = InteractiveLogic(stub_engine)
     with pytest.raises(NoTargetError, match="Select a volume"):
         logic.add_point((0, 0, 0), True)
+
+
+def test_flat_box_gets_depth_and_a_real_box_is_kept():
+    lo, hi = thicken_box(np.array([0.0, 0.0, 5.0]), np.array([40.0, 20.0, 5.5]))
+    np.testing.assert_allclose(lo, [0, 0, 5.25 - 20])
+    np.testing.assert_allclose(hi, [40, 20, 5.25 + 20])
+    lo, hi = thicken_box(np.array([0.0, 0.0, 0.0]), np.array([40.0, 20.0, 15.0]))
+    np.testing.assert_allclose(hi - lo, [40, 20, 15])
+
+
+def test_failed_prediction_is_reported_and_not_kept(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    _click(logic, scene, scene.world_of_ijk((20, 18, 15)))
+    after_first = scene.segment(scene.target)
+    session = stub_engine.sessions[0]
+
+    def boom(ras, positive=True):
+        raise RuntimeError("CUDA out of memory")
+
+    session.add_point = boom
+    logic.add_point(scene.world_of_ijk((24, 20, 17)), True, tag="second")
+    (failed,) = logic.wait()
+    assert isinstance(failed, FailedEdit) and failed.prompt.tag == "second"
+    assert "out of memory" in str(failed.error)
+    np.testing.assert_array_equal(scene.segment(scene.target), after_first)
+    assert len(logic.prompts()) == 1

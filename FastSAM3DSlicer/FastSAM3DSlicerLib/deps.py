@@ -1,0 +1,96 @@
+"""What the module needs from Python packages, checked without importing them.
+
+Installing is done by the Widget inside Slicer (PyTorch extension for torch, Slicer's pip
+helpers for the rest), because only the application can show the dialogs and restart. This
+module only answers "what is missing" from package metadata, so the check is instant and never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import re
+
+# torch comes from the PyTorch extension (light-the-torch picks the CUDA build that matches the
+# driver); a plain pip install would fetch a CPU-only or mismatched wheel.
+TORCH_REQUIREMENT = ">=2.4"
+# Everything else fastsam3d needs at run time that Slicer does not bundle (numpy and SimpleITK
+# ship with Slicer). Floors only: pins would fight other extensions.
+PIP_REQUIREMENTS = ("tqdm>=4.60",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    name: str
+    spec: str  # ">=2.4"
+    installed: str | None  # version, or None when absent
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}{self.spec}"
+
+    @property
+    def satisfied(self) -> bool:
+        return self.installed is not None and version_ok(self.installed, self.spec)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for piece in v.split("+")[0].split("."):
+        m = re.match(r"\d+", piece)
+        if not m:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts)
+
+
+def version_ok(installed: str, spec: str) -> bool:
+    """Only '>=' floors are used here; anything else is treated as satisfied if installed."""
+    m = re.fullmatch(r"\s*>=\s*([0-9][0-9a-zA-Z.+]*)\s*", spec)
+    if not m:
+        return True
+    have, need = _version_tuple(installed), _version_tuple(m.group(1))
+    width = max(len(have), len(need))
+    return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def parse(requirement: str) -> tuple[str, str]:
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(.*)", requirement)
+    if not m:
+        raise ValueError(f"cannot parse requirement {requirement!r}")
+    return m.group(1), m.group(2).strip()
+
+
+def torch_requirement() -> Requirement:
+    return Requirement("torch", TORCH_REQUIREMENT, _installed("torch"))
+
+
+def pip_requirements() -> list[Requirement]:
+    return [Requirement(n, s, _installed(n)) for n, s in map(parse, PIP_REQUIREMENTS)]
+
+
+def missing() -> list[Requirement]:
+    """Requirements not satisfied now, torch first."""
+    return [r for r in [torch_requirement(), *pip_requirements()] if not r.satisfied]
+
+
+def plan_text(reqs: list[Requirement]) -> str:
+    """What the first-use dialog tells the user before anything is installed."""
+    lines = ["FastSAM3D needs these Python packages, which are not installed yet:", ""]
+    for r in reqs:
+        have = f" (installed: {r.installed})" if r.installed else ""
+        how = ("through the PyTorch extension, which picks the build that matches your GPU "
+               "driver" if r.name == "torch" else "with pip")
+        lines.append(f"  - {r.text}{have}: {how}")
+    lines += ["", "This downloads several hundred MB to a few GB (PyTorch with CUDA) and may take "
+              "minutes. Slicer may need to restart afterwards; the installation then resumes "
+              "when you open this module again."]
+    return "\n".join(lines)
