@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import LayerNorm3d, patch_conv_transpose
 from .transformer import TwoWayTransformer3D
 
 
@@ -67,11 +67,11 @@ class MaskDecoder3D(nn.Module):
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (low_res_logits (B, C, 32, 32, 32), iou (B, C)), C = 3 if multimask else 1."""
-        masks, iou = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou[:, sl]
+        masks, iou = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, sl
+        )
+        return masks, iou[:, sl]
 
     def predict_masks(
         self,
@@ -79,7 +79,10 @@ class MaskDecoder3D(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_slice: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All IoU predictions, and masks only for the tokens in ``mask_slice`` (a single-mask
+        click needs one hypernetwork and one product, not four)."""
         bt = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
@@ -96,10 +99,13 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        up = self.output_upscaling
+        upscaled = src.transpose(1, 2).reshape(b, c, x, y, z)
+        upscaled = up[2](up[1](patch_conv_transpose(upscaled, up[0])))
+        upscaled = up[4](patch_conv_transpose(upscaled, up[3]))
+        wanted = range(self.num_mask_tokens)[mask_slice]
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
         )
         b, c, x, y, z = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import LayerNorm3d, patch_conv, using_reference_kernels
 
 
 class PositionEmbeddingRandom3D(nn.Module):
@@ -91,8 +91,28 @@ class PromptEncoder3D(nn.Module):
         return self.num_point_embeddings >= 4
 
     def get_dense_pe(self) -> torch.Tensor:
-        """(1, C, 8, 8, 8) positional encoding of the image-embedding grid."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """(1, C, 8, 8, 8) positional encoding of the image-embedding grid.
+
+        A pure function of the Gaussian matrix, so it is cached (keyed on that buffer's identity,
+        version and device) instead of recomputing 196k sin/cos per click.
+        """
+        g = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (g.data_ptr(), g._version, g.device, g.dtype)
+        if using_reference_kernels():
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        if getattr(self, "_dense_pe_key", None) != key or torch.is_grad_enabled():
+            pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            if torch.is_grad_enabled():
+                return pe
+            self._dense_pe, self._dense_pe_key = pe, key
+        return self._dense_pe
+
+    def _downscale_mask(self, masks: torch.Tensor) -> torch.Tensor:
+        """``mask_downscaling`` with its two stride-2 convs as exact GEMMs (see patch_conv)."""
+        m = self.mask_downscaling
+        x = m[2](m[1](patch_conv(masks, m[0])))
+        x = m[5](m[4](patch_conv(x, m[3])))
+        return patch_conv(x, m[6])
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5
@@ -149,7 +169,7 @@ class PromptEncoder3D(nn.Module):
         if boxes is not None:
             sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
         if masks is not None:
-            dense = self.mask_downscaling(masks)
+            dense = self._downscale_mask(masks)
         else:
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(
                 bs, -1, *self.image_embedding_size
