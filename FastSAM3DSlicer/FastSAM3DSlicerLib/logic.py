@@ -319,6 +319,12 @@ class InteractiveLogic:
             return []
         return [r.prompt for r in entry.history] if entry else []
 
+    def forget_sessions(self) -> None:
+        """Drop every session (e.g. the scene closes); the network stays loaded."""
+        if self._pending:
+            raise RuntimeError("wait for the running prediction to finish first")
+        self._sessions.clear()
+
     def close(self) -> None:
         """Drop all sessions (their cached embeddings) and stop the worker."""
         self._sessions.clear()
