@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 LOCAL_FILE = "local-file"
 
 
@@ -111,5 +109,5 @@ class FastSAM3DEngine:
         self._warmed = True
         return session
 
-    def make_volume(self, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> Any:
+    def make_volume(self, array_kji: Any, ijk_to_ras: Any) -> Any:
         return self._fastsam3d.Volume(array_kji, ijk_to_ras)

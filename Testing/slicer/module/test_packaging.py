@@ -237,3 +237,19 @@ def test_no_weights_in_the_extension_sources():
     found = [p for d in (MODULE_DIR, REPO / "Resources") for p in d.rglob("*")
              if p.suffix in {".pth", ".pt", ".safetensors", ".ckpt"}]
     assert not found, found
+
+
+def test_source_checkout_puts_model_src_on_sys_path(tmp_path):
+    # -S: no site-packages, so an installed fastsam3d cannot hide the fallback under test.
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from FastSAM3DSlicerLib import engine; engine.ensure_fastsam3d_importable();"
+        "import importlib.util; print(importlib.util.find_spec('fastsam3d').origin)"
+    )
+    proc = subprocess.run([sys.executable, "-S", "-c", code, str(MODULE_DIR)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    origin = Path(proc.stdout.strip()).resolve()
+    assert origin == (REPO / "model" / "src" / "fastsam3d" / "__init__.py").resolve()
