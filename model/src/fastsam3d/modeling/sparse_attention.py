@@ -214,10 +214,19 @@ def _score_mod(terms: Terms | None, coords: tuple[torch.Tensor, ...]) -> Callabl
     return score_mod
 
 
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex() -> Callable:
+    """One compiled flex_attention for every call. Each (grid, branch, score_mod) combination
+    is its own specialisation; dynamo's default limit (8 per code object) would silently send
+    the rest to the unfused eager kernel, so the limit is raised (never lowered) once here."""
+    import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
 
+    if dynamo_config.recompile_limit < FLEX_RECOMPILE_LIMIT:
+        dynamo_config.recompile_limit = FLEX_RECOMPILE_LIMIT
     return torch.compile(flex_attention, dynamic=False)
 
 
