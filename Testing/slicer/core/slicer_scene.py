@@ -205,12 +205,13 @@ class SphereSession:
         self.calls.append(("point", tuple(ras), positive))
         ijk = np.linalg.inv(self.ijk_to_ras) @ np.array([*ras, 1.0])
         center = np.round(ijk[:3][::-1]).astype(int)
-        zz, yy, xx = np.indices(self.shape)
+        region = self._region(center)
+        zz, yy, xx = np.ogrid[region]
         ball = ((zz - center[0]) ** 2 + (yy - center[1]) ** 2 + (xx - center[2]) ** 2
                 <= self.RADIUS**2)
-        full = self.state[-1] | ball if positive else self.state[-1] & ~ball
+        full = self.state[-1].copy()
+        full[region] = full[region] | ball if positive else full[region] & ~ball
         self.state.append(full)
-        region = self._region(center)
         self.regions.append(region)
         return StubResult(region, full[region].copy())
 
