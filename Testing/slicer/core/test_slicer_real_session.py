@@ -4,7 +4,7 @@ The fixture weights make the network's mask arbitrary, so this test checks what 
 depend on the mask's shape: the click reaches the session in the volume's own RAS, the segment
 equals the session's result inside the result's region (nothing else changes), the other
 segment is untouched, undo restores the labelmap and steps the session back. Where the voxels
-land relative to the click is checked with the deterministic session in test_logic_mrml.py.
+land relative to the click is checked with the deterministic session in test_slicer_logic_mrml.py.
 """
 
 from __future__ import annotations

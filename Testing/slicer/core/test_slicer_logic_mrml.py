@@ -3,7 +3,7 @@
 These tests use SphereSession (conftest): a stand-in with fastsam3d.Session's API whose result
 is a known sphere around the click. That makes "the selected segment holds voxels at the
 clicked world position" checkable, which the fixture-weight network (arbitrary output) cannot
-do. test_real_session.py runs the same path with the real fastsam3d.Session.
+do. test_slicer_real_session.py runs the same path with the real fastsam3d.Session.
 """
 
 from __future__ import annotations
