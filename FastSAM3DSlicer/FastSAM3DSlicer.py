@@ -226,6 +226,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else:
                     slicer.util.pip_install(" ".join(pip_reqs))
         except Exception as e:
+            qt.QSettings().remove(PENDING_INSTALL_KEY)  # do not retry at every start-up
             logging.exception("FastSAM3D dependency installation failed")
             slicer.util.errorDisplay(_("Installing dependencies failed: ") + str(e))
             return False
@@ -477,12 +478,12 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.boxNode = node
         return node
 
-    def _placeMode(self, node: Any) -> None:
+    def _placeMode(self, node: Any, persistent: bool = True) -> None:
         selection = slicer.app.applicationLogic().GetSelectionNode()
         selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
         selection.SetActivePlaceNodeID(node.GetID())
         interaction = slicer.app.applicationLogic().GetInteractionNode()
-        interaction.SetPlaceModePersistence(1)
+        interaction.SetPlaceModePersistence(1 if persistent else 0)
         interaction.SetCurrentInteractionMode(interaction.Place)
 
     def _stopPlacing(self) -> None:
@@ -543,7 +544,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.blockSignals(False)
         node = self._ensureBoxNode()
         node.RemoveAllControlPoints()
-        self._placeMode(node)
+        self._placeMode(node, persistent=False)  # one box, then back to normal interaction
 
     def onBoxPlaced(self, caller: Any, event: Any) -> None:
         if self._rebuilding or not caller.GetControlPointPlacementComplete():
