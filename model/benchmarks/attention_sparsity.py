@@ -116,7 +116,7 @@ def _bias_rows(terms, start: int, stop: int) -> torch.Tensor:
     return bias.reshape(b, h, len(rows), -1)
 
 
-def methods(pattern: sa.SparsePattern, scale: float, grid, with_flash: bool):
+def methods(pattern: sa.SparsePattern, scale: float, grid, with_flash: bool, on_cuda: bool):
     flex = sa.SparsePattern(pattern.branches, impl="flex")
     union = sa.SparsePattern(pattern.branches, impl="flex_union")
     out = {
@@ -130,6 +130,11 @@ def methods(pattern: sa.SparsePattern, scale: float, grid, with_flash: bool):
         "sparse_flex_union": (True, lambda q, k, v, t: sa.sparse_attention(
             q, k, v, t, scale, grid, union)),
     }
+    if on_cuda:
+        # 64-token tiles match the 4^3 groups; flex may refuse tiles below its kernel block.
+        b64 = sa.SparsePattern(pattern.branches, impl="flex", flex_block=64)
+        out["sparse_flex_b64"] = (True, lambda q, k, v, t: sa.sparse_attention(
+            q, k, v, t, scale, grid, b64))
     if with_flash:
         out["sparse_flash"] = (True, lambda q, k, v, t: sa.sparse_grouped(
             q, k, v, t, scale, grid, pattern, sa.flash_group_kernel))
@@ -140,8 +145,8 @@ def block_stats(pattern: sa.SparsePattern, grid, device: torch.device) -> dict:
     """Fraction of 128x128 FlexAttention blocks computed, per implementation."""
     stats = {}
     try:
-        plan = sa._flex_plan(pattern.branches, grid, device)
-        union = sa._flex_union_plan(pattern.branches, grid, device)
+        plan = sa._flex_plan(pattern.branches, pattern.flex_block, grid, device)
+        union = sa._flex_union_plan(pattern.branches, pattern.flex_block, grid, device)
         stats["sparse_flex_blocks_computed"] = sum(1 - bm.block_mask.sparsity() / 100
                                                   for bm in plan)
         stats["sparse_flex_branches_run"] = len(plan)
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                **block_stats(pattern, grid, device)}
         if device.type == "cuda":
             torch.cuda.synchronize()
-        for name, (is_sparse, fn) in methods(pattern, scale, grid, with_flash).items():
+        for name, (is_sparse, fn) in methods(pattern, scale, grid, with_flash,
+                                                   device.type == "cuda").items():
             entry = dict(row, method=name)
             try:
                 with torch.no_grad():

@@ -75,6 +75,8 @@ class SparsePattern:
 
     branches: tuple[tuple[int, int], ...] = ((4, 1), (8, 2), (16, 4))
     impl: str = "auto"
+    # FlexAttention BlockMask tile (tokens). 128 is flex's default; 64 matches 4^3 groups.
+    flex_block: int = 128
 
     def __post_init__(self) -> None:
         branches = tuple(tuple(int(x) for x in br) for br in self.branches)
@@ -89,6 +91,8 @@ class SparsePattern:
                 )
         if len(branches) > 8:
             raise ValueError(f"SparsePattern has {len(branches)} branches; at most 8 supported")
+        if self.flex_block < 16 or self.flex_block & (self.flex_block - 1):
+            raise ValueError(f"flex_block must be a power of two >= 16, got {self.flex_block}")
         if self.impl not in IMPLS:
             raise ValueError(f"unknown sparse impl {self.impl!r}; use one of {IMPLS}")
 
@@ -335,10 +339,10 @@ class _FlexBranch:
     block_mask: object
 
 
-def _block_mask(mask_mod: Callable, n: int, device: torch.device) -> object:
+def _block_mask(mask_mod: Callable, n: int, device: torch.device, block: int) -> object:
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_mod, None, None, n, n, device=device)
+    return create_block_mask(mask_mod, None, None, n, n, device=device, BLOCK_SIZE=block)
 
 
 def _order(gid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,7 +352,9 @@ def _order(gid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=32)
-def _flex_plan(branches: tuple, grid: Grid, device: torch.device) -> list[_FlexBranch]:
+def _flex_plan(
+    branches: tuple, block: int, grid: Grid, device: torch.device
+) -> list[_FlexBranch]:
     """Per branch: its group-contiguous order and a BlockMask of the keys it adds to the
     earlier branches (so the branches are disjoint). Branches adding nothing are dropped."""
     pattern = SparsePattern(branches)
@@ -366,7 +372,7 @@ def _flex_plan(branches: tuple, grid: Grid, device: torch.device) -> list[_FlexB
                 keep = keep & (gp[j, q_idx] != gp[j, kv_idx])
             return keep
 
-        bm = _block_mask(mask_mod, n, device)
+        bm = _block_mask(mask_mod, n, device, block)
         if int(bm.kv_num_blocks.sum()) + int(_full_blocks(bm)) == 0:
             continue
         plan.append(_FlexBranch(perm, inv, tuple(c[perm] for c in coords), bm))
@@ -396,7 +402,7 @@ def _sparse_flex(
     grid: Grid, pattern: SparsePattern,
 ) -> torch.Tensor:
     outs, lses = [], []
-    for br in _flex_plan(pattern.branches, grid, q.device):
+    for br in _flex_plan(pattern.branches, pattern.flex_block, grid, q.device):
         qp, kp, vp = (x.index_select(2, br.perm) for x in (q, k, v))
         o, lse = _flex(qp, kp, vp, _score_mod(terms, br.coords), br.block_mask, scale, lse=True)
         outs.append(o.index_select(2, br.inv))
@@ -407,7 +413,7 @@ def _sparse_flex(
 
 
 @functools.lru_cache(maxsize=32)
-def _flex_union_plan(branches: tuple, grid: Grid, device: torch.device) -> _FlexBranch:
+def _flex_union_plan(branches: tuple, block: int, grid: Grid, device: torch.device) -> _FlexBranch:
     gid = SparsePattern(branches).group_ids(grid, device)
     perm, inv = _order(gid[0])
     gp = gid[:, perm]
@@ -419,14 +425,14 @@ def _flex_union_plan(branches: tuple, grid: Grid, device: torch.device) -> _Flex
         return keep
 
     coords = tuple(c[perm] for c in _coords(grid, device))
-    return _FlexBranch(perm, inv, coords, _block_mask(mask_mod, gid.shape[1], device))
+    return _FlexBranch(perm, inv, coords, _block_mask(mask_mod, gid.shape[1], device, block))
 
 
 def _sparse_flex_union(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
     grid: Grid, pattern: SparsePattern,
 ) -> torch.Tensor:
-    br = _flex_union_plan(pattern.branches, grid, q.device)
+    br = _flex_union_plan(pattern.branches, pattern.flex_block, grid, q.device)
     qp, kp, vp = (x.index_select(2, br.perm) for x in (q, k, v))
     o, _ = _flex(qp, kp, vp, _score_mod(terms, br.coords), br.block_mask, scale)
     return o.index_select(2, br.inv)
