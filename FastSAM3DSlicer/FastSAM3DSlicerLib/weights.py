@@ -54,12 +54,15 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def remote_size(name: str, timeout: float = 10.0) -> int | None:
+def remote_size(name_or_url: str, timeout: float = 10.0) -> int | None:
     """Content-Length of the weights' URL (HEAD request), so the size shows before a download."""
-    ensure_fastsam3d_importable()
-    from fastsam3d import hub
+    if "://" in name_or_url:
+        url = name_or_url
+    else:
+        ensure_fastsam3d_importable()
+        from fastsam3d import hub
 
-    url = hub.get_weights_info(name).url
+        url = hub.get_weights_info(name_or_url).url
     request = urllib.request.Request(url, method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from slicer_scene import build_scene, slicer
 
-from FastSAM3DSlicerLib import geometry
+from FastSAM3DSlicerLib import geometry, mrml
 from FastSAM3DSlicerLib.logic import FailedEdit, InteractiveLogic, NoTargetError, thicken_box
 
 
@@ -205,19 +205,31 @@ def test_hardened_transform_gives_the_same_result(stub_engine):
     assert b.segment_value_at_world(b.target, world)
 
 
-def test_clicks_from_three_slice_orientations_land_on_their_voxels(scene, stub_engine):
-    # A prompt placed on an axial, coronal or sagittal view is just a world point on that
-    # plane; move along each world axis and check the written voxel follows.
+@pytest.mark.parametrize("orientation", ["Axial", "Coronal", "Sagittal"])
+def test_click_on_each_slice_view_lands_on_its_voxel(scene, stub_engine, orientation):
+    # A click on a slice view is a pixel (x, y) mapped by the slice's XYToRAS: do the same.
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene.scene)
+    view = scene.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    view.SetDimensions(400, 300, 1)
+    view.SetFieldOfView(200.0, 150.0, 1.0)
+    view.SetOrientation(orientation)
+    target = scene.world_of_ijk((22, 17, 14))
+    view.JumpSliceByCentering(*target)
+    view.UpdateMatrices()
+    xy_to_ras = mrml.matrix_to_numpy(view.GetXYToRAS())
+    x, y = np.round((np.linalg.inv(xy_to_ras) @ np.array([*target, 1.0]))[:2])
+    world = (xy_to_ras @ np.array([x, y, 0.0, 1.0]))[:3]
+    i, j, k = np.round(
+        np.linalg.inv(scene.to_world @ scene.ijk_to_ras) @ np.array([*world, 1.0])
+    )[:3].astype(int)
     logic = _logic(scene, stub_engine)
-    base = (20, 18, 15)
-    for axis in range(3):
-        world = scene.world_of_ijk(base).copy()
-        world[axis] += 6.0
-        ijk = np.linalg.inv(scene.to_world @ scene.ijk_to_ras) @ np.array([*world, 1.0])
-        i, j, k = np.round(ijk[:3]).astype(int)
-        _click(logic, scene, world)
-        assert scene.segment(scene.target)[k, j, i], f"axis {axis}"
-        assert scene.segment_value_at_world(scene.target, world)
+    _click(logic, scene, world)
+    (_, ras, _), = stub_engine.sessions[0].calls
+    np.testing.assert_allclose(
+        ras, (np.linalg.inv(scene.to_world) @ np.array([*world, 1.0]))[:3], atol=1e-6
+    )
+    assert scene.segment(scene.target)[k, j, i]
+    assert scene.segment_value_at_world(scene.target, world)
 
 
 def test_inference_runs_on_one_persistent_thread(scene, stub_engine):
