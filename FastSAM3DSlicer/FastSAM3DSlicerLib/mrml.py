@@ -249,8 +249,58 @@ class SegmentWriter:
         self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int]
     ) -> np.ndarray:
         """The segment as 0/1 uint8 [k, j, i] on the volume grid over ``extent``."""
+        fast = self._read_layer_in_place(segment_id, image_to_seg, extent)
+        if fast is not None:
+            return fast
         labelmap, label = self.snapshot_segment(segment_id)
         return read_labelmap(labelmap, label, image_to_seg, extent)
+
+    def _read_layer_in_place(
+        self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int]
+    ) -> np.ndarray | None:
+        """Fast path: slice the segment's (shared) layer image when it lies on our grid.
+
+        Avoids copying a whole-volume layer per segment and per click; None means "use the
+        general path" (layer on another grid, or a representation that is not a labelmap).
+        """
+        segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
+        if segment is None:
+            raise KeyError(
+                f"segment {segment_id!r} is not in {self.segmentation_node.GetName()!r} "
+                "(was it deleted?)"
+            )
+        name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        if self.segmentation_node.GetSegmentation().GetSourceRepresentationName() != name:
+            return None
+        layer = segment.GetRepresentation(name)
+        if layer is None or not layer.IsA("vtkOrientedImageData"):
+            return None
+        m = vtk.vtkMatrix4x4()
+        layer.GetImageToWorldMatrix(m)
+        if not np.allclose(matrix_to_numpy(m), image_to_seg, rtol=0, atol=1e-6):
+            return None
+        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        out = np.zeros(shape, np.uint8)
+        have = layer.GetExtent()
+        scalars = layer.GetPointData().GetScalars()
+        if scalars is None or extent_is_empty(have):
+            return out
+        if scalars.GetNumberOfComponents() != 1:
+            return None
+        lo = [max(extent[2 * a], have[2 * a]) for a in range(3)]
+        hi = [min(extent[2 * a + 1], have[2 * a + 1]) for a in range(3)]
+        if any(lo[a] > hi[a] for a in range(3)):
+            return out
+        values = numpy_support.vtk_to_numpy(scalars).reshape(
+            have[5] - have[4] + 1, have[3] - have[2] + 1, have[1] - have[0] + 1
+        )
+        src = values[lo[2] - have[4]: hi[2] - have[4] + 1,
+                     lo[1] - have[2]: hi[1] - have[2] + 1,
+                     lo[0] - have[0]: hi[0] - have[0] + 1]
+        out[lo[2] - extent[4]: hi[2] - extent[4] + 1,
+            lo[1] - extent[2]: hi[1] - extent[2] + 1,
+            lo[0] - extent[0]: hi[0] - extent[0] + 1] = src == segment.GetLabelValue()
+        return out
 
     def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
         """An independent copy of the segment's labelmap and the label value it uses there."""
