@@ -253,3 +253,34 @@ def test_source_checkout_puts_model_src_on_sys_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     origin = Path(proc.stdout.strip()).resolve()
     assert origin == (REPO / "model" / "src" / "fastsam3d" / "__init__.py").resolve()
+
+
+def test_widget_uses_only_names_the_lib_defines():
+    """The Widget cannot run here; at least every Lib name and logic method it uses must exist."""
+    import importlib
+
+    sys.path.insert(0, str(MODULE_DIR))
+    from FastSAM3DSlicerLib.logic import InteractiveLogic
+
+    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+            "FastSAM3DSlicerLib"
+        ):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(
+                    f"{node.module}.{alias.name}"
+                ), f"{node.module}.{alias.name}"
+    logic = InteractiveLogic.__new__(InteractiveLogic)
+    InteractiveLogic.__init__(logic, engine=None, worker=None)
+    used = {
+        n.attr for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+        and n.value.attr == "logic" and isinstance(n.value.value, ast.Name)
+        and n.value.value.id == "self"
+    }
+    assert used, "no self.logic.<name> found"
+    missing = {name for name in used if not hasattr(logic, name)}
+    logic.close()
+    assert not missing, f"the Widget uses InteractiveLogic.{missing}, which do not exist"
