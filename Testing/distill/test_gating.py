@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from fastsam3d_distill.gating import BackwardGate
 
 

@@ -9,15 +9,16 @@ import socket
 import subprocess
 import sys
 
-import fastsam3d
 import pytest
 import torch
-from conftest import (
+from distill_helpers import (
     TINY_STUDENT,
     TINY_TEACHER,
     distill_cli_args,
     subprocess_env,
 )
+
+import fastsam3d
 from fastsam3d.testing import fixture_model
 from fastsam3d_distill.data import TensorCropDataset
 from fastsam3d_distill.engine import TrainConfig, Trainer, load_training_checkpoint

@@ -36,7 +36,7 @@ def assemble_student(student_encoder: nn.Module, student_config: Any, base: nn.M
     return model.eval()
 
 
-def model_from_training_checkpoint(ckpt_path: str | Path, base_spec: str) -> nn.Module:
+def model_from_training_checkpoint(ckpt_path: str | Path, base_spec: str | nn.Module) -> nn.Module:
     """Rebuild a full model from a ``distill`` or ``finetune`` training checkpoint.
 
     ``base_spec`` supplies what the checkpoint does not hold: the teacher (for its prompt
@@ -46,7 +46,7 @@ def model_from_training_checkpoint(ckpt_path: str | Path, base_spec: str) -> nn.
     ckpt = load_training_checkpoint(ckpt_path)
     meta = json.loads(ckpt.get("meta", "{}"))
     sd = ckpt["model"]
-    base = load_spec(base_spec)
+    base = load_spec(base_spec) if isinstance(base_spec, str) else base_spec
     if ckpt["task"] == "distill":
         cfg = config_from_dict(meta["student_config"])
         import fastsam3d
