@@ -161,6 +161,7 @@ class InteractiveLogic:
     def _segment_session(self) -> tuple[tuple, _SegmentSession]:
         """The current segment's session, created (or rebuilt after the volume changed)."""
         key = self._key()
+        self._writer().image_to_segmentation()  # refuse non-linear volume->segmentation now
         signature = mrml.volume_signature(self.volume_node)
         entry = self._sessions.get(key)
         if entry is not None and entry.signature == signature:

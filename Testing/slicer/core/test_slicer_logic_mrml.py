@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+import vtk
 from slicer_scene import build_scene, slicer
 
 from FastSAM3DSlicerLib import geometry, mrml
@@ -282,3 +283,49 @@ def test_failed_prediction_is_reported_and_not_kept(scene, stub_engine):
     assert "out of memory" in str(failed.error)
     np.testing.assert_array_equal(scene.segment(scene.target), after_first)
     assert len(logic.prompts()) == 1
+
+
+def test_non_linear_transform_between_volume_and_segmentation_is_refused_up_front(
+    scene, stub_engine
+):
+    grid = slicer.vtkMRMLGridTransformNode()
+    scene.scene.AddNode(grid)
+    displacement = slicer.vtkOrientedGridTransform()
+    field = vtk.vtkImageData()
+    field.SetDimensions(4, 4, 4)
+    field.SetSpacing(50.0, 50.0, 50.0)
+    field.SetOrigin(-75.0, -75.0, -75.0)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    field.GetPointData().GetScalars().Fill(1.5)
+    displacement.SetDisplacementGridData(field)
+    grid.SetAndObserveTransformToParent(displacement)
+    scene.segmentation.SetAndObserveTransformNodeID(grid.GetID())
+    logic = _logic(scene, stub_engine)
+    with pytest.raises(mrml.GeometryError, match="non-linear"):
+        logic.add_point(scene.world_of_ijk((20, 18, 15)), True)
+    assert not logic.busy
+
+
+def test_points_go_through_a_non_linear_volume_transform(scene, stub_engine):
+    # Volume under (linear o grid) transforms, segmentation under the same: points must be
+    # mapped through the inverse of the non-linear chain; writing stays volume-aligned.
+    grid = slicer.vtkMRMLGridTransformNode()
+    scene.scene.AddNode(grid)
+    displacement = slicer.vtkOrientedGridTransform()
+    field = vtk.vtkImageData()
+    field.SetDimensions(5, 5, 5)
+    field.SetSpacing(60.0, 60.0, 60.0)
+    field.SetOrigin(-120.0, -120.0, -120.0)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    field.GetPointData().GetScalars().Fill(4.0)  # a 4 mm shift along every axis
+    displacement.SetDisplacementGridData(field)
+    grid.SetAndObserveTransformToParent(displacement)
+    scene.transform.SetAndObserveTransformNodeID(grid.GetID())
+    scene.segmentation.SetAndObserveTransformNodeID(scene.transform.GetID())
+    logic = _logic(scene, stub_engine)
+    ijk = (20, 18, 15)
+    world = scene.world_of_ijk(ijk) + 4.0  # the grid moves everything by +4 mm
+    _click(logic, scene, world)
+    (_, ras, _), = stub_engine.sessions[0].calls
+    np.testing.assert_allclose(ras, (scene.ijk_to_ras @ np.array([*ijk, 1.0]))[:3], atol=1e-3)
+    assert scene.segment(scene.target)[ijk[2], ijk[1], ijk[0]]
