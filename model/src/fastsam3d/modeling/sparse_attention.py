@@ -244,8 +244,14 @@ def _flex(
 
     aux = AuxRequest(lse=True) if lse else None
     if q.device.type == "cuda":
+        opts = None
+        tile = getattr(block_mask, "BLOCK_SIZE", (128, 128))
+        if tile[0] < 128:
+            # Hopper's default bf16 forward tile is 128 query rows, which must divide the
+            # BlockMask tile; smaller BlockMask tiles need a matching kernel tile.
+            opts = {"fwd_BLOCK_M": tile[0], "fwd_BLOCK_N": min(tile[1], 64)}
         res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                               scale=scale, return_aux=aux)
+                               scale=scale, return_aux=aux, kernel_options=opts)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without")
