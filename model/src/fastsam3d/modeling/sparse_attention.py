@@ -332,6 +332,7 @@ def sparse_attention(
     raise ValueError(f"unknown sparse impl {impl!r}")
 
 
+@torch.compiler.disable  # built once per shape, outside any compiled graph
 @functools.lru_cache(maxsize=32)
 def _mask_cached(branches: tuple, grid: Grid, device: torch.device) -> torch.Tensor:
     return SparsePattern(branches).mask(grid, device)
@@ -357,6 +358,7 @@ def _order(gid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return perm, torch.argsort(perm)
 
 
+@torch.compiler.disable  # built once per shape, outside any compiled graph
 @functools.lru_cache(maxsize=32)
 def _flex_plan(
     branches: tuple, block: int, grid: Grid, device: torch.device
@@ -418,6 +420,7 @@ def _sparse_flex(
     return _merge_lse(outs, lses)
 
 
+@torch.compiler.disable  # built once per shape, outside any compiled graph
 @functools.lru_cache(maxsize=32)
 def _flex_union_plan(branches: tuple, block: int, grid: Grid, device: torch.device) -> _FlexBranch:
     gid = SparsePattern(branches).group_ids(grid, device)
