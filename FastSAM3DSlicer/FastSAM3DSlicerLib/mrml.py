@@ -220,6 +220,7 @@ class SegmentWriter:
     ) -> None:
         self.segmentation_node = segmentation_node
         self.volume_node = volume_node
+        self.allow_in_place = True  # tests switch it off to compare with Slicer's own writes
         ensure_segmentation_converters()
         segmentation = segmentation_node.GetSegmentation()
         name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
@@ -255,22 +256,18 @@ class SegmentWriter:
         labelmap, label = self.snapshot_segment(segment_id)
         return read_labelmap(labelmap, label, image_to_seg, extent)
 
-    def _read_layer_in_place(
-        self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int]
-    ) -> np.ndarray | None:
-        """Fast path: slice the segment's (shared) layer image when it lies on our grid.
-
-        Avoids copying a whole-volume layer per segment and per click; None means "use the
-        general path" (layer on another grid, or a representation that is not a labelmap).
-        """
-        segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
+    def _layer_on_grid(self, segment_id: str, image_to_seg: np.ndarray) -> tuple | None:
+        """(segment, layer image, [k, j, i] numpy view of it, its extent) when the segment's
+        (possibly shared) labelmap layer lies exactly on our grid, else None."""
+        segmentation = self.segmentation_node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
         if segment is None:
             raise KeyError(
                 f"segment {segment_id!r} is not in {self.segmentation_node.GetName()!r} "
                 "(was it deleted?)"
             )
         name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-        if self.segmentation_node.GetSegmentation().GetSourceRepresentationName() != name:
+        if segmentation.GetSourceRepresentationName() != name:
             return None
         layer = segment.GetRepresentation(name)
         if layer is None or not layer.IsA("vtkOrientedImageData"):
@@ -279,28 +276,79 @@ class SegmentWriter:
         layer.GetImageToWorldMatrix(m)
         if not np.allclose(matrix_to_numpy(m), image_to_seg, rtol=0, atol=1e-6):
             return None
-        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-        out = np.zeros(shape, np.uint8)
-        have = layer.GetExtent()
+        have = tuple(layer.GetExtent())
         scalars = layer.GetPointData().GetScalars()
         if scalars is None or extent_is_empty(have):
-            return out
+            return segment, layer, None, have
         if scalars.GetNumberOfComponents() != 1:
             return None
+        view = numpy_support.vtk_to_numpy(scalars).reshape(
+            have[5] - have[4] + 1, have[3] - have[2] + 1, have[1] - have[0] + 1
+        )
+        return segment, layer, view, have
+
+    def _read_layer_in_place(
+        self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int]
+    ) -> np.ndarray | None:
+        """Fast path: slice the segment's layer when it lies on our grid (no whole-layer copy
+        per segment per click); None means "use the general, resampling path"."""
+        found = self._layer_on_grid(segment_id, image_to_seg)
+        if found is None:
+            return None
+        segment, _, view, have = found
+        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        out = np.zeros(shape, np.uint8)
+        if view is None:
+            return out
         lo = [max(extent[2 * a], have[2 * a]) for a in range(3)]
         hi = [min(extent[2 * a + 1], have[2 * a + 1]) for a in range(3)]
         if any(lo[a] > hi[a] for a in range(3)):
             return out
-        values = numpy_support.vtk_to_numpy(scalars).reshape(
-            have[5] - have[4] + 1, have[3] - have[2] + 1, have[1] - have[0] + 1
-        )
-        src = values[lo[2] - have[4]: hi[2] - have[4] + 1,
-                     lo[1] - have[2]: hi[1] - have[2] + 1,
-                     lo[0] - have[0]: hi[0] - have[0] + 1]
+        src = view[lo[2] - have[4]: hi[2] - have[4] + 1,
+                   lo[1] - have[2]: hi[1] - have[2] + 1,
+                   lo[0] - have[0]: hi[0] - have[0] + 1]
         out[lo[2] - extent[4]: hi[2] - extent[4] + 1,
             lo[1] - extent[2]: hi[1] - extent[2] + 1,
             lo[0] - extent[0]: hi[0] - extent[0] + 1] = src == segment.GetLabelValue()
         return out
+
+    def _write_in_place(
+        self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int], values: np.ndarray
+    ) -> bool:
+        """Write straight into the segment's layer when that is exact; False: not possible.
+
+        Possible when the layer lies on our grid, covers ``extent``, and no voxel to be set
+        belongs to another segment of the same shared layer (one voxel holds one label there;
+        overlap needs Slicer to split layers). Ten times faster than SetBinaryLabelmapToSegment
+        on CT-sized crops, which matters because every click writes a whole crop.
+        """
+        found = self._layer_on_grid(segment_id, image_to_seg)
+        if found is None:
+            return False
+        segment, layer, view, have = found
+        if view is None:
+            return False  # an empty layer: let Slicer allocate it
+        if any(extent[2 * a] < have[2 * a] or extent[2 * a + 1] > have[2 * a + 1]
+               for a in range(3)):
+            # Slicer keeps layers at the segments' bounding box; grow this one to cover the
+            # region (zeros outside the old extent), in the same object so sharing is kept.
+            view, have = self._grow_layer(layer, view, have, extent)
+        sub = view[extent[4] - have[4]: extent[5] - have[4] + 1,
+                   extent[2] - have[2]: extent[3] - have[2] + 1,
+                   extent[0] - have[0]: extent[1] - have[0] + 1]
+        label = segment.GetLabelValue()
+        if label <= 0 or label > np.iinfo(sub.dtype).max:
+            return False
+        ours = sub == label
+        if (values & (sub != 0) & ~ours).any():
+            return False  # would take voxels of another segment in this layer
+        sub[ours & ~values] = 0
+        sub[values & ~ours] = label
+        # vtkSegmentation observes its layers: Modified() invalidates derived representations
+        # (closed surface) and updates the display.
+        layer.GetPointData().GetScalars().Modified()
+        layer.Modified()
+        return True
 
     def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
         """An independent copy of the segment's labelmap and the label value it uses there."""
@@ -319,6 +367,31 @@ class SegmentWriter:
         copy.DeepCopy(labelmap)
         return copy, int(segment.GetLabelValue())
 
+    @staticmethod
+    def _grow_layer(
+        layer: slicer.vtkOrientedImageData, view: np.ndarray, have: Sequence[int],
+        extent: Sequence[int],
+    ) -> tuple[np.ndarray, tuple[int, ...]]:
+        union = tuple(
+            (min if b % 2 == 0 else max)(int(have[b]), int(extent[b])) for b in range(6)
+        )
+        grown = slicer.vtkOrientedImageData()
+        grown.SetExtent(*union)
+        m = vtk.vtkMatrix4x4()
+        layer.GetImageToWorldMatrix(m)
+        grown.SetImageToWorldMatrix(m)
+        grown.AllocateScalars(layer.GetScalarType(), 1)
+        new_view = numpy_support.vtk_to_numpy(grown.GetPointData().GetScalars()).reshape(
+            union[5] - union[4] + 1, union[3] - union[2] + 1, union[1] - union[0] + 1
+        )
+        new_view[:] = 0
+        new_view[have[4] - union[4]: have[5] - union[4] + 1,
+                 have[2] - union[2]: have[3] - union[2] + 1,
+                 have[0] - union[0]: have[1] - union[0] + 1] = view
+        layer.DeepCopy(grown)
+        scalars = layer.GetPointData().GetScalars()
+        return numpy_support.vtk_to_numpy(scalars).reshape(new_view.shape), union
+
     def _write_segment(
         self, segment_id: str, image_to_seg: np.ndarray, extent: Sequence[int], values: np.ndarray
     ) -> None:
@@ -331,6 +404,8 @@ class SegmentWriter:
         """
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         values = np.asarray(values, np.uint8) > 0
+        if self.allow_in_place and self._write_in_place(segment_id, image_to_seg, extent, values):
+            return
         current = self.read_segment(segment_id, image_to_seg, extent) > 0
         ext = tuple(int(e) for e in extent)
         steps = []

@@ -329,3 +329,62 @@ def test_points_go_through_a_non_linear_volume_transform(scene, stub_engine):
     (_, ras, _), = stub_engine.sessions[0].calls
     np.testing.assert_allclose(ras, (scene.ijk_to_ras @ np.array([*ijk, 1.0]))[:3], atol=1e-3)
     assert scene.segment(scene.target)[ijk[2], ijk[1], ijk[0]]
+
+
+@pytest.mark.parametrize("overwrite", ["OverwriteAllSegments", "OverwriteNone"])
+def test_in_place_writes_equal_slicers_own_writes(overwrite):
+    # The fast path writes into the layer directly; Slicer's SetBinaryLabelmapToSegment is the
+    # reference. The same random overlapping writes to both segments must end identical, and
+    # undoing them all must restore the start, in both modes.
+    rng = np.random.default_rng(1)
+    steps = [(rng.integers(0, 12, 3), rng.random((14, 14, 14)) < 0.5, n % 2) for n in range(6)]
+    settings = mrml.MaskingSettings(
+        overwrite_mode=getattr(slicer.vtkMRMLSegmentEditorNode, overwrite)
+    )
+    finals = []
+    for in_place in (True, False):
+        scene = build_scene(other_block=(slice(5, 25), slice(5, 25), slice(5, 25)))
+        start = (scene.segment(scene.target), scene.segment(scene.other))
+        writer = mrml.SegmentWriter(scene.segmentation, scene.volume)
+        writer.allow_in_place = in_place
+        fast_writes = []
+        original = writer._write_in_place
+
+        def counting(*args, original=original, fast_writes=fast_writes):
+            done = original(*args)
+            fast_writes.append(done)
+            return done
+
+        writer._write_in_place = counting
+        entries = []
+        for lo, mask, which in steps:
+            region = tuple(slice(int(a), int(a) + 14) for a in lo)
+            segment = (scene.target, scene.other)[which]
+            entries.append(writer.write(segment, region, mask, settings))
+        finals.append((scene.segment(scene.target), scene.segment(scene.other)))
+        assert any(fast_writes) == in_place  # the fast path really ran (or really did not)
+        for entry in reversed(entries):
+            writer.restore(entry)
+        for now, before in zip((scene.segment(scene.target), scene.segment(scene.other)), start):
+            np.testing.assert_array_equal(now, before)
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a, b)
+    assert finals[0][0].any() and finals[0][1].any()
+
+
+def test_in_place_write_notifies_the_segmentation(scene):
+    writer = mrml.SegmentWriter(scene.segmentation, scene.volume)
+    region = (slice(10, 20), slice(10, 20), slice(10, 20))
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:8, 2:8, 2:8] = True
+    writer.write(scene.target, region, mask)  # first write allocates the layer (Slicer path)
+    events = []
+    segmentation = scene.segmentation.GetSegmentation()
+    tag = segmentation.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified,
+                                   lambda caller, event: events.append(event))
+    mask[4, 4, 4] = False
+    assert writer._write_in_place(scene.target, writer.image_to_segmentation(),
+                                  (10, 19, 10, 19, 10, 19), mask)
+    segmentation.RemoveObserver(tag)
+    assert events, "display and derived representations would not update"
+    assert not scene.segment(scene.target)[14, 14, 14]
