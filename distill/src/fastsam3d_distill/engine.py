@@ -253,6 +253,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     timing: bool = False  # synchronise around phases to time them (costs some overlap)
+    max_micro_steps: int = 0  # stop after this many micro-batches (0 = no limit)
+    max_seconds: float = 0.0  # stop after this much wall time (benchmarks; 0 = no limit)
+    checkpoints: bool = True  # False: write no checkpoints at all (throughput benchmarks)
 
 
 class Task(nn.Module):
@@ -343,6 +346,8 @@ class Trainer:
         self.timing = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         self._writer = None
         self._jsonl = None
+        self._t_start = time.perf_counter()
+        self._out_of_time = False
 
     # -- checkpointing ---------------------------------------------------------------------
 
@@ -407,7 +412,9 @@ class Trainer:
     def _log(self, scalars: dict[str, float]) -> None:
         if not self.env.is_main:
             return
-        rec = {"step": self.opt_step, "micro_step": self.micro_step, **scalars}
+        self._sync()  # so that "time" marks finished GPU work
+        rec = {"step": self.opt_step, "micro_step": self.micro_step,
+               "time": time.perf_counter() - self._t_start, **scalars}
         self.history.append(rec)
         if self._jsonl is None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -487,7 +494,24 @@ class Trainer:
         self.window_unsynced = False
 
     def _done(self) -> bool:
-        return bool(self.cfg.max_steps) and self.opt_step >= self.cfg.max_steps
+        cfg = self.cfg
+        return (
+            (bool(cfg.max_steps) and self.opt_step >= cfg.max_steps)
+            or (bool(cfg.max_micro_steps) and self.micro_step >= cfg.max_micro_steps)
+            or self._out_of_time
+        )
+
+    def _check_time(self) -> None:
+        """Wall-time limit, decided on rank 0 and shared, so that every rank stops together."""
+        if not self.cfg.max_seconds:
+            return
+        over = torch.tensor(
+            [float(time.perf_counter() - self._t_start > self.cfg.max_seconds)],
+            device=self.env.device if self.env.device.type == "cuda" else "cpu",
+        )
+        if self.env.distributed:
+            dist.broadcast(over, 0)
+        self._out_of_time = bool(over.item())
 
     def fit(self) -> dict[str, Any]:
         """Train to the configured length, resuming from ``out_dir/last.pt`` when present."""
@@ -509,7 +533,7 @@ class Trainer:
         autocast = torch.autocast(
             self.env.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         samples_seen = 0
         timing = cfg.timing
         while self.epoch < cfg.epochs and not self._done():
@@ -566,7 +590,9 @@ class Trainer:
                         **self.gate.stats(),
                         **self.task.scalars(),
                     })
-                if self.window_backward == 0 and run_backward and (
+                if want_log:
+                    self._check_time()
+                if cfg.checkpoints and self.window_backward == 0 and run_backward and (
                     self.opt_step % cfg.ckpt_every == 0 or self._done()
                 ):
                     self.save()
@@ -579,8 +605,9 @@ class Trainer:
             break
         if self.window_backward:  # the end of training cut an accumulation window short
             self._step_optimizer()
-        self.save()
-        self.save(self.out / "final.pt")
+        if cfg.checkpoints:
+            self.save()
+            self.save(self.out / "final.pt")
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t_start

@@ -51,20 +51,25 @@ class BackwardGate:
         self.ema: dict[int, float] = {}
         self.decisions = 0  # all decisions, warm-up included
         self.warmup_would_skip = 0
+        self.warmup_eligible = 0  # warm-up decisions where every sample had a baseline
         self.post_decisions = 0  # decisions after warm-up
         self.post_backward = 0
         self.floor: float | None = None if min_backward == "auto" else float(min_backward)
 
     # -- decisions -------------------------------------------------------------------------
 
-    def _would_skip(self, ids: Sequence[int], losses: Sequence[float]) -> bool:
+    def _would_skip(self, ids: Sequence[int], losses: Sequence[float]) -> bool | None:
+        """None when undecidable: an unseen sample or a bad loss (those always train)."""
         ratios = []
-        for i, loss in zip(ids, losses):
+        # Sorted by id: the sum (and so the decision) does not depend on the rank order.
+        for i, loss in sorted(zip(ids, losses)):
             base = self.ema.get(int(i))
             if base is None or not math.isfinite(loss):
-                return False  # an unseen sample (or a bad loss) always trains
+                return None
             ratios.append(loss / max(base, 1e-12))
-        return bool(ratios) and sum(ratios) / len(ratios) <= 1.0 + self.threshold
+        if not ratios:
+            return None
+        return sum(ratios) / len(ratios) <= 1.0 + self.threshold
 
     def _update(self, ids: Sequence[int], losses: Sequence[float]) -> None:
         for i, loss in zip(ids, losses):
@@ -81,13 +86,15 @@ class BackwardGate:
         if not self.enabled:
             return True
         if self.decisions <= self.warmup:
-            self.warmup_would_skip += int(would_skip)
+            if would_skip is not None:
+                self.warmup_eligible += 1
+                self.warmup_would_skip += int(would_skip)
             if self.decisions == self.warmup:
                 self._fix_floor()
             return True
         if self.floor is None:
             self._fix_floor()
-        run = not would_skip
+        run = not would_skip  # None (undecidable) trains
         if not run:
             share_if_skipped = self.post_backward / (self.post_decisions + 1)
             if share_if_skipped < (self.floor or 0.0):
@@ -107,7 +114,8 @@ class BackwardGate:
 
     @property
     def natural_skip_rate(self) -> float:
-        n = min(self.decisions, self.warmup)
+        """How often warm-up would have skipped, over decisions that had baselines."""
+        n = self.warmup_eligible
         return self.warmup_would_skip / n if n else 0.0
 
     @property
@@ -135,6 +143,7 @@ class BackwardGate:
             "ema_values": list(self.ema.values()),
             "decisions": self.decisions,
             "warmup_would_skip": self.warmup_would_skip,
+            "warmup_eligible": self.warmup_eligible,
             "post_decisions": self.post_decisions,
             "post_backward": self.post_backward,
             "floor": self.floor,
@@ -144,6 +153,7 @@ class BackwardGate:
         self.ema = {int(i): float(v) for i, v in zip(state["ema_ids"], state["ema_values"])}
         self.decisions = int(state["decisions"])
         self.warmup_would_skip = int(state["warmup_would_skip"])
+        self.warmup_eligible = int(state["warmup_eligible"])
         self.post_decisions = int(state["post_decisions"])
         self.post_backward = int(state["post_backward"])
         self.floor = state["floor"]
