@@ -284,3 +284,72 @@ def test_set_attention_backend_round_trip(parity_input, fastsam3d_fixture, einsu
     assert rel_err(sparse, dense) > 1e-3
     assert rel_err(sparse_full, dense) < 1e-4
     assert rel_err(back, dense) < 1e-4
+
+
+# ----------------------------------------------------------------------------- CUDA (device run)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def on_cuda(*tensors):
+    return tuple(None if t is None else t.cuda() for t in tensors)
+
+
+@cuda
+@pytest.mark.parametrize("g", [8, 16])
+def test_cuda_compiled_flex_paths_match_reference(g):
+    grid = (g, g, g)
+    q, k, v, terms, scale = random_qkv(grid, b=1, heads=6, hd=128, seed=g)
+    q, k, v = on_cuda(q, k, v)
+    terms = on_cuda(*terms)
+    tol = 2e-3  # fp32 on CUDA: the Triton kernels may use TF32 dot products
+    with torch.no_grad():
+        dense = masked_einsum(q, k, v, terms, scale, None)
+        assert rel_err(sa.flex_dense(q, k, v, terms, scale, grid), dense) < tol
+        for kw in ({"impl": "flex"}, {"impl": "flex_union"}, {"impl": "flex", "flex_block": 64},
+                   {"impl": "auto"}):
+            pattern = sa.SparsePattern(**kw)
+            ref = masked_einsum(q, k, v, terms, scale, pattern.mask(grid, q.device))
+            out = sa.sparse_attention(q, k, v, terms, scale, grid, pattern)
+            assert rel_err(out, ref) < tol, kw
+            # bf16, as the fast path runs it
+            lo = sa.sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                     tuple(t.bfloat16() for t in terms), scale, grid, pattern)
+            assert rel_err(lo.float(), ref) < 3e-2, kw
+
+
+@cuda
+def test_cuda_sparse_flex_gradients_match_reference():
+    grid = (8, 8, 8)
+    q, k, v, _, scale = random_qkv(grid, b=1, heads=2, hd=64, rel_pos=False)
+    q, k, v = (t.cuda().requires_grad_(True) for t in (q, k, v))
+    tables = tuple((0.3 * torch.randn(15, 64, device="cuda")).requires_grad_(True)
+                   for _ in range(3))
+    pattern = sa.SparsePattern(impl="flex")
+    grads = []
+    for run in ("flex", "reference"):
+        for t in (q, k, v, *tables):
+            t.grad = None
+        terms = rel_pos_terms(q, tables, grid, grid)
+        if run == "flex":
+            out = sa.sparse_attention(q, k, v, terms, scale, grid, pattern)
+        else:
+            out = masked_einsum(q, k, v, terms, scale, pattern.mask(grid, q.device))
+        out.square().sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v, *tables)])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 5e-3
+
+
+@cuda
+@pytest.mark.skipif(not sa.flash_available(), reason="needs flash_attn")
+def test_cuda_flash_path_matches_reference():
+    grid = (16, 16, 16)
+    q, k, v, terms, scale = random_qkv(grid, b=1, heads=6, hd=128, seed=7)
+    q, k, v = on_cuda(q, k, v)
+    terms = on_cuda(*terms)
+    pattern = sa.SparsePattern(impl="flash")
+    ref = masked_einsum(q, k, v, terms, scale, pattern.mask(grid, q.device))
+    with torch.no_grad():
+        out = sa.sparse_attention(q, k, v, terms, scale, grid, pattern)
+    assert rel_err(out.float(), ref) < 3e-2  # flash runs bf16
