@@ -119,6 +119,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.setInterval(30)
         self.pollTimer.timeout.connect(self.onPoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
         self._updateButtons()
 
     def _segmentEditorNode(self):
@@ -150,6 +151,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.close()
         elif self.worker is not None:
             self.worker.shutdown()
+
+    def onSceneClosed(self, caller: Any = None, event: Any = None) -> None:
+        if self.parent.isEntered:
+            self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self._segmentEditorNode())
 
     def onSceneClose(self, caller: Any = None, event: Any = None) -> None:
         # Sessions hold copies of volumes of the closing scene: drop them.
@@ -517,12 +522,14 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def togglePolarity(self) -> None:
         self._setPolarity(not self.positive)
 
-    def onPointPlaced(self, caller: Any, event: Any) -> None:
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointPlaced(self, caller: Any, event: Any, callData: Any = None) -> None:
         if self._rebuilding:
             return
         node = caller
-        n = node.GetNumberOfControlPoints() - 1
-        if n < 0:
+        # The event names the point; the last one may be the placement preview instead.
+        n = int(callData) if callData is not None else node.GetNumberOfControlPoints() - 1
+        if n < 0 or node.GetNthControlPointPositionStatus(n) != node.PositionDefined:
             return
         node.SetNthControlPointSelected(n, self.positive)
         node.SetNthControlPointLocked(n, True)
