@@ -313,6 +313,9 @@ def sparse_attention(
     q, k, v: (B, heads, N, hd) in raster order of ``grid``; returns (B, heads, N, hd).
     """
     pattern = SparsePattern() if pattern is None else pattern
+    if not isinstance(pattern, SparsePattern):
+        raise TypeError(f"sparse attention needs a SparsePattern, got {type(pattern).__name__}; "
+                        "e.g. SparsePattern(((4, 1), (0, 2)))")
     _check_terms(terms, grid)
     if q.shape[2] != math.prod(grid):
         raise ValueError(f"{q.shape[2]} tokens do not fill grid {grid}")
