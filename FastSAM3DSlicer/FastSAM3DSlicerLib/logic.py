@@ -82,11 +82,16 @@ class PendingEdit:
 
 @dataclasses.dataclass
 class _SegmentSession:
-    session: SessionLike
+    ready: Future  # the session's construction on the worker (network warm-up, volume upload)
     signature: tuple
     array: np.ndarray
     baseline: tuple  # (vtkOrientedImageData copy, label value): the segment before the session
     history: list[EditRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def session(self) -> SessionLike:
+        """Only on the worker (or after ``ready``): tasks run in order, so it is built by then."""
+        return self.ready.result()
 
 
 def thicken_box(lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
@@ -108,9 +113,10 @@ def thicken_box(lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
     return lo, hi
 
 
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+def _timed(entry: _SegmentSession, method: str, *args: Any) -> tuple[Any, float]:
+    session = entry.session  # raises the construction error, if any, with its own message
     t0 = time.perf_counter()
-    out = fn(*args)
+    out = getattr(session, method)(*args)
     return out, time.perf_counter() - t0
 
 
@@ -178,8 +184,9 @@ class InteractiveLogic:
             session.set_volume(self.engine.make_volume(array, ijk_to_ras))
             return session
 
-        session = self.worker.call(build)
-        entry = _SegmentSession(session, signature, array, baseline)
+        # Built on the worker, not awaited: the first click's set-up (warm-up, upload) must not
+        # freeze Slicer; the click queued behind it runs once it is done.
+        entry = _SegmentSession(self.worker.submit(build), signature, array, baseline)
         self._sessions[key] = entry
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
@@ -197,7 +204,7 @@ class InteractiveLogic:
         geometry.check_inside(ijk_to_ras, entry.array.shape, vol_ras, what)
         prompt = Prompt("point", tuple(map(float, world_ras)), tuple(map(float, vol_ras)),
                         positive, tag)
-        future = self.worker.submit(_timed, entry.session.add_point, tuple(vol_ras), positive)
+        future = self.worker.submit(_timed, entry, "add_point", tuple(vol_ras), positive)
         return self._enqueue(key, prompt, future)
 
     def add_box(self, world_corners: np.ndarray, tag: Any = None) -> PendingEdit:
@@ -213,7 +220,7 @@ class InteractiveLogic:
         world = np.asarray(world_corners, float)
         prompt = Prompt("box", (tuple(world.min(axis=0)), tuple(world.max(axis=0))),
                         (tuple(lo), tuple(hi)), True, tag)
-        future = self.worker.submit(_timed, entry.session.add_box, tuple(lo), tuple(hi))
+        future = self.worker.submit(_timed, entry, "add_box", tuple(lo), tuple(hi))
         return self._enqueue(key, prompt, future)
 
     def add_roi(self, roi_node: slicer.vtkMRMLMarkupsROINode, tag: Any = None) -> PendingEdit:
@@ -250,8 +257,10 @@ class InteractiveLogic:
         return out
 
     def _apply(self, pending: PendingEdit) -> EditRecord:
-        result, inference_s = pending.future.result()
         entry = self._sessions.get(pending.key)
+        if entry is not None and entry.ready.done() and entry.ready.exception() is not None:
+            del self._sessions[pending.key]  # a failed set-up is retried at the next prompt
+        result, inference_s = pending.future.result()
         if entry is None:
             raise RuntimeError("the session of this prompt was closed before its result arrived")
         volume_id, segmentation_id, segment_id = pending.key
@@ -295,7 +304,7 @@ class InteractiveLogic:
         if entry is None or not entry.history:
             return None
         record = entry.history.pop()
-        self.worker.call(entry.session.undo)
+        self.worker.call(lambda: entry.session.undo())
         mrml.SegmentWriter(self.segmentation_node, self.volume_node).restore(record.undo)
         return record.prompt
 
@@ -307,7 +316,7 @@ class InteractiveLogic:
         entry = self._sessions.get(key)
         if entry is None:
             return []
-        self.worker.call(entry.session.reset)
+        self.worker.call(lambda: entry.session.reset())
         prompts = [r.prompt for r in entry.history]
         entry.history.clear()
         entry.baseline = self._writer().snapshot_segment(self.segment_id)

@@ -388,3 +388,41 @@ def test_in_place_write_notifies_the_segmentation(scene):
     segmentation.RemoveObserver(tag)
     assert events, "display and derived representations would not update"
     assert not scene.segment(scene.target)[14, 14, 14]
+
+
+def test_session_set_up_runs_on_the_worker_without_blocking_the_caller(scene, stub_engine):
+    release = threading.Event()
+    original = stub_engine.new_session
+
+    def slow_new_session():
+        assert release.wait(10), "add_point waited for the session set-up"
+        return original()
+
+    stub_engine.new_session = slow_new_session
+    logic = _logic(scene, stub_engine)
+    pending = logic.add_point(scene.world_of_ijk((20, 18, 15)), True)
+    assert not pending.future.done() and logic.busy  # returned while set-up is still running
+    release.set()
+    (record,) = logic.wait()
+    assert not isinstance(record, FailedEdit), record
+    assert scene.segment(scene.target).any()
+
+
+def test_failed_session_set_up_is_reported_and_retried(scene, stub_engine):
+    original = stub_engine.new_session
+    calls = []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("volume is constant (every voxel is 0): nothing to segment")
+        return original()
+
+    stub_engine.new_session = failing_once
+    logic = _logic(scene, stub_engine)
+    logic.add_point(scene.world_of_ijk((20, 18, 15)), True, tag="first")
+    (failed,) = logic.wait()
+    assert isinstance(failed, FailedEdit) and "constant" in str(failed.error)
+    assert not scene.segment(scene.target).any()
+    record = _click(logic, scene, scene.world_of_ijk((20, 18, 15)))
+    assert record.voxels > 0 and len(calls) == 2
