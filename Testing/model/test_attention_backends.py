@@ -186,6 +186,11 @@ def test_invalid_patterns_are_refused():
         sa.SparsePattern(())
     with pytest.raises(ValueError, match="impl"):
         sa.SparsePattern(impl="cuda")
+    with pytest.raises(ValueError, match="power of two"):
+        sa.SparsePattern(flex_block=96)
+    q, k, v, terms, scale = random_qkv((4, 4, 4))
+    with pytest.raises(TypeError, match="SparsePattern"):
+        sa.sparse_attention(q, k, v, terms, scale, (4, 4, 4), ((2, 1),))
 
 
 # ----------------------------------------------------------------------------- sparse impls
