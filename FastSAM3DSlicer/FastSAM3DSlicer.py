@@ -264,8 +264,18 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             kwargs["askConfirmation"] = False  # our own dialog already asked
         if "torchVersionRequirement" in params:
             kwargs["torchVersionRequirement"] = deps.TORCH_REQUIREMENT
-        with slicer.util.WaitCursor():
-            torch = logic.installTorch(**kwargs)
+        # The installer runs light-the-torch in a subprocess and pumps Qt events for each line
+        # it prints, so this dialog stays alive while it works (minutes, GBs for CUDA builds).
+        progress = slicer.util.createProgressDialog(
+            maximum=0, windowTitle=_("FastSAM3D setup"),
+            labelText=_("Installing PyTorch through the PyTorch extension; this can take "
+                        "several minutes. Details appear in the Python console."),
+        )
+        try:
+            with slicer.util.WaitCursor():
+                torch = logic.installTorch(**kwargs)
+        finally:
+            progress.close()
         if torch is None:
             raise RuntimeError("PyTorch was not installed (see the Python console for details)")
         return True
