@@ -24,14 +24,15 @@ def _rotation(angles: tuple[float, float, float]) -> np.ndarray:
 
 
 @st.composite
-def grids(draw: st.DrawFn, max_size: int = 24) -> tuple[np.ndarray, tuple[int, int, int]]:
+def grids(draw: st.DrawFn, max_size: int = 24, max_angle: float = 0.6
+          ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """An IJK->RAS matrix (axis permutation, flips, optional rotation, anisotropic spacing)
     and an array shape [k, j, i]."""
     perm = draw(st.permutations([0, 1, 2]))
     flips = [draw(st.sampled_from([-1.0, 1.0])) for _ in range(3)]
     base = np.eye(3)[:, perm] * flips
     if draw(st.booleans()):
-        ang = draw(st.tuples(*[st.floats(-0.6, 0.6) for _ in range(3)]))
+        ang = draw(st.tuples(*[st.floats(-max_angle, max_angle) for _ in range(3)]))
         base = _rotation(ang) @ base
     spacing = np.array(draw(st.tuples(*[st.floats(0.6, 3.5) for _ in range(3)])))
     m = np.eye(4)
@@ -71,20 +72,16 @@ def test_crop_values_are_the_lattice_ras_positions(grid) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(grids())
+@given(grids(max_angle=0.25))
 def test_crop_axes_run_along_r_a_s(grid) -> None:
+    """Within ~40 degrees of some axis order, lattice axes (dim0, dim1, dim2) ~ (R, A, S);
+    (for stronger obliques the assignment is nibabel's, tested above)."""
     m, shape = grid
     lat = geo.Lattice.for_volume(m, shape)
     a = lat.affine[:3, :3] / geo.SPACING
     assert np.allclose(np.linalg.norm(a, axis=0), 1)
-    # each lattice axis is the voxel axis closest to R, A, S and points the positive way
-    assert np.all(np.argmax(np.abs(a), axis=0) == [0, 1, 2]) or _has_tie(m)
-    assert np.all(np.diag(a) > 0) or _has_tie(m)
-
-
-def _has_tie(m: np.ndarray) -> bool:
-    d = np.abs(m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0))
-    return bool(np.any(np.abs(np.sort(d, axis=0)[-1] - np.sort(d, axis=0)[-2]) < 1e-6))
+    assert np.all(np.argmax(np.abs(a), axis=0) == [0, 1, 2])
+    assert np.all(np.diag(a) > 0)
 
 
 @settings(max_examples=40, deadline=None)

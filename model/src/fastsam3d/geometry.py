@@ -231,14 +231,17 @@ def sample_crop(volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray,
     lo = {q: int(min(i0.min(), i1.min())) for _, q, i0, i1, _, _ in plan}
     hi = {q: int(max(i0.max(), i1.max())) + 1 for _, q, i0, i1, _, _ in plan}
     x = x[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    plan.sort(key=lambda p: size / (hi[p[1]] - lo[p[1]]))
+    # outer axes first: gathering whole planes/rows is a memcpy; the innermost (strided)
+    # gather then runs on the smallest tensor
+    plan.sort(key=lambda p: p[1])
     for _, q, i0, i1, w, _ in plan:
         shape = [1, 1, 1]
         shape[q] = -1
         wt = torch.as_tensor(w, dtype=torch.float32, device=dev).view(shape)
-        x0 = x.index_select(q, torch.as_tensor(i0 - lo[q], device=dev))
-        x1 = x.index_select(q, torch.as_tensor(i1 - lo[q], device=dev))
-        x = x0 + (x1 - x0) * wt
+        sel: list = [slice(None)] * q
+        x0 = x[(*sel, torch.as_tensor(i0 - lo[q], device=dev))]
+        x1 = x[(*sel, torch.as_tensor(i1 - lo[q], device=dev))]
+        x = torch.lerp(x0, x1, wt)
     plan.sort(key=lambda p: p[0])
     out = x.permute(*[p[1] for p in plan])
     inside = [p[5] for p in plan]
@@ -334,25 +337,37 @@ def sample_field(field: torch.Tensor, field_start: Sequence[int], lattice: Latti
     if maps is None:
         return _sample_field_grid(field, field_start, lattice, ijk_to_ras, region, mode)
     x = field
-    order = sorted(range(3), key=lambda ax: len(maps[ax][1]) / field.shape[1 + ax])
-    for ax in order:
+    dev = field.device
+    # restrict to the part of the field the region reads (a view), then gather the outer axes
+    # first (plane/row copies), the innermost last, on the smallest tensor
+    plan = []
+    for ax in range(3):
         c = maps[ax][1] - field_start[ax]
         n = field.shape[1 + ax]
         if mode == "nearest":
             # exact half-voxel ties (common: 2 mm or 0.75 mm grids vs 1.5 mm) round up, as ITK
             # means to; snapping first keeps float noise from deciding them
-            idx = np.clip(np.floor(np.round(c, 6) + 0.5), 0, n - 1).astype(np.int64)
-            x = x.index_select(1 + ax, torch.as_tensor(idx, device=x.device))
+            i0 = np.clip(np.floor(np.round(c, 6) + 0.5), 0, n - 1).astype(np.int64)
+            i1, w = i0, None
         else:
             c = np.clip(c, 0, n - 1)
-            i0 = np.floor(c)
-            w = torch.as_tensor(c - i0, dtype=torch.float32, device=x.device)
-            shape = [1, 1, 1, 1]
-            shape[1 + ax] = -1
-            i0t = torch.as_tensor(i0.astype(np.int64), device=x.device)
-            i1t = torch.as_tensor(np.minimum(i0 + 1, n - 1).astype(np.int64), device=x.device)
-            x0 = x.index_select(1 + ax, i0t).float()
-            x = x0 + (x.index_select(1 + ax, i1t).float() - x0) * w.view(shape)
+            i0 = np.floor(c).astype(np.int64)
+            i1 = np.minimum(i0 + 1, n - 1)
+            w = c - i0
+        plan.append((ax, i0, i1, w))
+    lo = [int(min(p[1].min(), p[2].min())) for p in plan]
+    hi = [int(max(p[1].max(), p[2].max())) + 1 for p in plan]
+    x = x[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    for ax, i0, i1, w in plan:
+        sel: list = [slice(None)] * (1 + ax)
+        x0 = x[(*sel, torch.as_tensor(i0 - lo[ax], device=dev))]
+        if w is None:
+            x = x0
+            continue
+        shape = [1, 1, 1, 1]
+        shape[1 + ax] = -1
+        wt = torch.as_tensor(w, dtype=torch.float32, device=dev).view(shape)
+        x = torch.lerp(x0.float(), x[(*sel, torch.as_tensor(i1 - lo[ax], device=dev))].float(), wt)
     pos = [0, 0, 0]
     for ax in range(3):
         pos[maps[ax][0]] = ax

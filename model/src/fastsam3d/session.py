@@ -291,6 +291,7 @@ class Session:
         self._history.clear()
         self._state = _State()
         self._result = self._render(self._state)
+        self._last_region = None  # the caller clears with this result; later ones start afresh
         return self._result
 
     @property
@@ -517,7 +518,7 @@ class Session:
             mask = np.zeros(shape, dtype=bool)
         else:
             mask = self._paste(state, out_region).cpu().numpy()
-        self._last_region = out_region if mask.any() or region is not None else self._last_region
+        self._last_region = out_region
         ious = [t.iou for t in state.tiles.values() if t.iou is not None]
         return Result(out_region, mask, vol.shape, len(state.tiles),
                       float(np.mean(ious)) if ious else None)
