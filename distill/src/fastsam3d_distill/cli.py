@@ -246,7 +246,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_model, model_from_training_checkpoint
 
-    model = model_from_training_checkpoint(a.checkpoint, a.base)
+    base = load_spec(a.base, config=a.base_config, **parse_overrides(a.base_override))
+    model = model_from_training_checkpoint(a.checkpoint, base)
     paths = export_model(model, a.out, safetensors=a.safetensors)
     print(f"exported {', '.join(map(str, paths))}")
     return 0
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True,
                    help="after distill: the teacher (decoder source); after finetune: the "
                         "model it started from (encoder source)")
+    p.add_argument("--base-config", default=None, help="config name for a --base checkpoint")
+    p.add_argument("--base-override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for fixture:/random: bases (tests)")
     p.add_argument("--out", required=True, help="output .pth")
     p.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=True)
     p.set_defaults(func=cmd_export)

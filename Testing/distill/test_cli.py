@@ -1,0 +1,60 @@
+"""The console command end to end (in-process): synth -> cache -> distill --cache -> export,
+and the GPU benchmark's CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from distill_helpers import REPO, STUDENT_OVERRIDES, TEACHER, TEACHER_OVERRIDES, subprocess_env
+
+import fastsam3d
+from fastsam3d_distill.cli import main
+from fastsam3d_distill.engine import load_training_checkpoint
+from fastsam3d_distill.models import config_from_dict
+
+TINY = ["--teacher", TEACHER, "--teacher-override", *TEACHER_OVERRIDES,
+        "--student-override", *STUDENT_OVERRIDES]
+
+
+def test_cache_then_distill_from_cache_then_export(tmp_path):
+    data, feats, run = tmp_path / "data", tmp_path / "feats", tmp_path / "run"
+    assert main(["synth", "--out", str(data), "--cases", "2", "--shape", "32", "36", "40",
+                 "--oblique", "10"]) == 0
+    assert main(["cache", *TINY, "--data", str(data), "--min-voxels", "20", "--out", str(feats),
+                 "--device", "cpu", "--batch-size", "2"]) == 0
+    index = json.loads((feats / "index.json").read_text())
+    assert index["teacher_depth"] == 4 and index["n"] >= 4
+    assert main(["distill", *TINY, "--cache", str(feats), "--out", str(run), "--epochs", "1",
+                 "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
+                 "--no-progress", "--no-tensorboard"]) == 0
+    ckpt = load_training_checkpoint(run / "final.pt")
+    assert ckpt["task"] == "distill" and ckpt["progress"]["opt_step"] == index["n"] // 2
+    # The exported student (tiny, so its config is passed explicitly) holds the trained encoder.
+    cfg = config_from_dict(json.loads(ckpt["meta"])["student_config"])
+    student = fastsam3d.load_model(str(run / "student.pth"), config=cfg)
+    for k, v in ckpt["model"].items():
+        assert torch.equal(student.state_dict()["image_encoder." + k[len("student."):]], v)
+    out = tmp_path / "again.pth"
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--base", TEACHER,
+                 "--base-override", *TEACHER_OVERRIDES, "--out", str(out)]) == 0
+    again = fastsam3d.load_model(str(out.with_suffix(".safetensors")), config=cfg)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in student.state_dict().items())
+
+
+def test_gpu_benchmark_smoke_mode_runs_on_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "distill/benchmarks/gpu_distill.py"), "--smoke",
+         "--minutes", "0.1", "--out", str(tmp_path)],
+        env=subprocess_env(), capture_output=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    res = json.loads((tmp_path / "gpu_distill.json").read_text())
+    for phase in ("online", "cached"):
+        assert res[phase]["micro_steps"] > 0 and res[phase]["loss_curve"]
+    assert res["cache"]["volumes"] == 4
+    g = res["gating"]
+    assert g["baseline"]["micro_steps"] > 0 and g["gated"]["micro_steps"] > 0
+    assert (tmp_path / "gpu_distill.png").exists()
