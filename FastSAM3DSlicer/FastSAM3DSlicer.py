@@ -284,7 +284,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refreshWeights(self) -> None:
         if self._weightChoices:
-            self.onWeightsChanged()
+            self._showWeightsStatus()
             return
         from FastSAM3DSlicerLib import weights
 
@@ -297,13 +297,18 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for c in self._weightChoices:
             self.ui.weightsComboBox.addItem(c.label, c.key)
         self.ui.weightsComboBox.blockSignals(False)
-        self.onWeightsChanged()
+        self._showWeightsStatus()
 
     def _selectedWeights(self):
         index = self.ui.weightsComboBox.currentIndex
         return self._weightChoices[index] if 0 <= index < len(self._weightChoices) else None
 
     def onWeightsChanged(self, index: Any = None) -> None:
+        """Another network was chosen: the loaded one and its sessions no longer apply."""
+        self._showWeightsStatus()
+        self._dropEngine()
+
+    def _showWeightsStatus(self) -> None:
         from FastSAM3DSlicerLib import engine, weights
 
         choice = self._selectedWeights()
@@ -316,7 +321,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsStatusLabel.text = choice.description if local else (
             weights.status_text(choice.key)
         )
-        self._dropEngine()
         self._updateButtons()
 
     def onDownloadWeights(self) -> None:
@@ -363,7 +367,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Download failed: ") + str(task.error))
         elif task.cancelled:
             self.ui.statusLabel.text = _("Download cancelled; nothing was kept.")
-        self.onWeightsChanged()
+        self._showWeightsStatus()
 
     def onRemoveWeights(self) -> None:
         from FastSAM3DSlicerLib import weights
@@ -377,7 +381,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._dropEngine()
         weights.remove(choice.key)
-        self.onWeightsChanged()
+        self._showWeightsStatus()
 
     # -- model ----------------------------------------------------------------------------
 
