@@ -16,10 +16,11 @@ _LAZY = {
     "Volume": "volume",
     "Session": "session",
     "paste_result": "session",
+    "SparsePattern": "modeling.sparse_attention",
 }
 
 __all__ = [
-    "ModelConfig", "Session", "Volume", "__version__", "build_model", "get_config",
+    "ModelConfig", "Session", "SparsePattern", "Volume", "__version__", "build_model", "get_config",
     "list_models", "load_model", "paste_result", "set_attention_backend",
 ]
 
