@@ -5,13 +5,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .build import ModelConfig, build_model, get_config, list_models, set_attention_backend
-
 __version__ = "0.1.0"
 
-# Heavier parts import lazily so that `import fastsam3d` stays cheap (the Slicer module imports
-# it at first use, the CLI for `info`).
+# Everything imports lazily: `import fastsam3d` costs nothing, and the torch-free parts
+# (fastsam3d.hub: weights registry and downloads) work before torch is installed, which the
+# Slicer module needs on first start.
 _LAZY = {
+    "ModelConfig": "build",
+    "build_model": "build",
+    "get_config": "build",
+    "list_models": "build",
+    "set_attention_backend": "build",
     "load_model": "checkpoint",
     "Volume": "volume",
     "Session": "session",
@@ -19,13 +23,14 @@ _LAZY = {
     "SparsePattern": "modeling.sparse_attention",
 }
 
-__all__ = [
-    "ModelConfig", "Session", "SparsePattern", "Volume", "__version__", "build_model", "get_config",
-    "list_models", "load_model", "paste_result", "set_attention_backend",
-]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'fastsam3d' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
