@@ -10,7 +10,8 @@ Measures, on one GPU (or several under torchrun with --ddp):
 Writes ``gpu_distill.json`` (+ ``gpu_distill.png`` when matplotlib is present) to --out.
 
     python distill/benchmarks/gpu_distill.py --out $OUT --minutes 8
-    torchrun --nproc_per_node 2 distill/benchmarks/gpu_distill.py --ddp --out $OUT --minutes 8
+    torchrun --nproc_per_node 2 distill/benchmarks/gpu_distill.py --ddp --global-batch 16 \
+        --out $OUT --minutes 8          # issue 7: also with 1 and 4 processes, same global batch
     python distill/benchmarks/gpu_distill.py --smoke --out /tmp/smoke      # CPU, tiny, seconds
 
 Only torch, numpy, fastsam3d and fastsam3d_distill are needed (no MONAI, scipy, tensorboard):
@@ -115,14 +116,20 @@ def rebase(history: list[dict]) -> list[dict]:
     return [{**h, "time": h["time"] - t0} for h in history]
 
 
-def maybe_compile(module: torch.nn.Module, enabled: bool, name: str, notes: list[str]) -> None:
-    if not enabled:
-        return
-    try:
-        module.compile()
-        notes.append(f"{name}: torch.compile (in place)")
-    except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
-        notes.append(f"{name}: compile failed ({type(e).__name__}: {e}); eager")
+def maybe_compile(module: torch.nn.Module, enabled: bool, name: str, notes: list[str],
+                  probe) -> None:
+    """Compile in place and run ``probe(module)`` once (compilation is lazy: this is where it
+    happens, outside the measured runs). Any failure reverts to eager and is recorded."""
+    if enabled:
+        try:
+            module.compile()
+            probe(module)
+            notes.append(f"{name}: torch.compile (in place), probed")
+            return
+        except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
+            module._compiled_call_impl = None
+            notes.append(f"{name}: compile failed ({type(e).__name__}: {str(e)[:300]}); eager")
+    probe(module)  # warm-up (cuDNN/cuBLAS heuristics, allocator) outside the measured runs
 
 
 def run_phase(name: str, task: DistillTask, dataset, args, env, seconds: float,
@@ -148,6 +155,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--minutes", type=float, default=8.0, help="total wall budget (approx.)")
     ap.add_argument("--batch", type=int, default=16, help="per-process batch")
+    ap.add_argument("--global-batch", type=int, default=0,
+                    help="fix the global batch instead (per-process = global / processes), "
+                         "for scaling runs")
     ap.add_argument("--crops", type=int, default=64, help="distinct synthetic crops")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--gate-warmup", type=int, default=100, help="micro-batches")
@@ -162,6 +172,11 @@ def main() -> int:
         args.log_every, args.gate_warmup = 1, 8
         args.minutes = min(args.minutes, 0.5)
     env = init_distributed("cpu" if args.smoke else "cuda")
+    if args.global_batch:
+        if args.global_batch % env.world:
+            raise SystemExit(f"--global-batch {args.global_batch} is not divisible by "
+                             f"{env.world} processes")
+        args.batch = args.global_batch // env.world
     if args.ddp and env.world == 1 and env.is_main:
         print("[gpu_distill] --ddp given but WORLD_SIZE is 1: running single-process")
     dev = env.device
@@ -183,11 +198,26 @@ def main() -> int:
     student0 = student0.to(dev).train()
     images = make_crops(args.crops, dev, seed=1)
     batch_global = args.batch * env.world
-    maybe_compile(teacher, args.compile, "teacher", notes)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not args.smoke)
+    probe_x = images[: args.batch]
+
+    def probe_teacher(m: torch.nn.Module) -> None:
+        with torch.no_grad(), autocast:
+            m(probe_x, return_taps=True)
+
+    def probe_student(m: torch.nn.Module) -> None:
+        with autocast:
+            neck, taps = m(probe_x, return_taps=True)
+            loss = neck.float().pow(2).mean() + sum(t.float().pow(2).mean() for t in taps)
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    maybe_compile(teacher, args.compile, "teacher", notes, probe_teacher)
+    student_notes: list[str] = []
 
     def fresh_task(teacher_or_none, k_start: int = 1, k_every_steps: int = 0) -> DistillTask:
         st = copy.deepcopy(student0)
-        maybe_compile(st, args.compile, "student", [])
+        maybe_compile(st, args.compile, "student", student_notes, probe_student)
         return DistillTask(st, teacher_or_none, loss="paper", k_start=k_start,
                            k_every_steps=k_every_steps,
                            teacher_depth=len(teacher.blocks), student_config=s_cfg)
@@ -296,10 +326,11 @@ def main() -> int:
                   f"saved at equal loss: {'not reached' if saved is None else f'{saved:.1%}'}",
                   flush=True)
 
+    notes.extend(sorted(set(student_notes)))
     if dev.type == "cuda":
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if env.is_main:
-        path = out / ("gpu_distill_ddp.json" if env.world > 1 else "gpu_distill.json")
+        path = out / (f"gpu_distill_ddp{env.world}.json" if args.ddp else "gpu_distill.json")
         path.write_text(json.dumps(result, indent=1))
         plot(result, path.with_suffix(".png"))
         print(f"wrote {path}")

@@ -369,6 +369,7 @@ class Trainer:
                 "opt_step": self.opt_step,
                 "micro_step": self.micro_step,
                 "world": self.env.world,
+                "global_batch": self.cfg.batch_size * self.env.world,
             },
             "gate": self.gate.state_dict(),
             "rng": rngs,
@@ -397,6 +398,13 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         p = ckpt["progress"]
+        global_batch = self.cfg.batch_size * self.env.world
+        if p["global_batch"] != global_batch:
+            raise ValueError(
+                f"{path}: the run used a global batch of {p['global_batch']} (batch size x "
+                f"processes), this one {global_batch}; resume with the same global batch "
+                "(e.g. 2 processes x 4 = 1 process x 8) or start a new --out"
+            )
         self.epoch, self.batch_in_epoch = p["epoch"], p["batch_in_epoch"]
         self.opt_step, self.micro_step = p["opt_step"], p["micro_step"]
         self.gate.load_state_dict(ckpt["gate"])
@@ -404,8 +412,9 @@ class Trainer:
         if p["world"] == self.env.world:
             _set_rng_state(rngs[self.env.rank])
         elif self.env.is_main:
-            print(f"[distill] resuming a {p['world']}-process run on {self.env.world}: global "
-                  "RNG streams are re-seeded (sampling and augmentation stay exact)")
+            print(f"[distill] resuming a {p['world']}-process run on {self.env.world}: the "
+                  "global RNG streams restart (sampling, augmentation and clicks are seeded "
+                  "per sample and stay exact)")
 
     # -- logging ---------------------------------------------------------------------------
 
