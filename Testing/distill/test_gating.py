@@ -76,3 +76,10 @@ def test_state_round_trip_continues_identically():
 def test_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         BackwardGate(**bad)
+
+
+def test_warmup_shorter_than_an_epoch_is_reported():
+    gate = BackwardGate(warmup=2, min_backward="auto")
+    gate.decide([0], [1.0])
+    gate.decide([1], [1.0])  # every warm-up decision saw a new sample
+    assert gate.floor == 1.0 and "warm-up" in gate.note

@@ -67,6 +67,18 @@ def test_finetune_loss_falls(tmp_path, crops):
     assert any(k.startswith("mask_decoder.") for k in ckpt["model"])
 
 
+def test_box_prompt_training_trains_box_embeddings(tmp_path, crops):
+    torch.manual_seed(0)
+    model = fastsam3d.build_model("fastsam3d", num_point_embeddings=4, **TINY_STUDENT)
+    before = model.prompt_encoder.point_embeddings[2].weight.detach().clone()
+    task = FinetuneTask(model, n_clicks=1, box_prob=1.0)
+    images, labels = crops
+    Trainer(task, TensorCropDataset(images[:1], labels[:1]), _cfg(tmp_path, epochs=1)).fit()
+    assert not torch.equal(before, model.prompt_encoder.point_embeddings[2].weight)
+    with pytest.raises(ValueError, match="num_point_embeddings=4"):
+        FinetuneTask(fastsam3d.build_model("fastsam3d", **TINY_STUDENT), box_prob=0.5)
+
+
 def _student_params(run_dir) -> dict[str, torch.Tensor]:
     return load_training_checkpoint(run_dir / "final.pt")["model"]
 

@@ -570,6 +570,9 @@ class Trainer:
                     t1 = time.perf_counter()
                     self.timing["forward_s"] += t1 - t0
                     run_backward = self.gate.decide(all_ids, all_losses) if cfg.gate else True
+                    if self.gate.note and self.env.is_main:
+                        print(f"[distill] warning: {self.gate.note}")
+                        self.gate.note = ""
                     if run_backward:
                         (losses.float().mean() / cfg.accum).backward()
                         self.window_backward += 1

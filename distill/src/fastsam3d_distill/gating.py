@@ -55,6 +55,7 @@ class BackwardGate:
         self.post_decisions = 0  # decisions after warm-up
         self.post_backward = 0
         self.floor: float | None = None if min_backward == "auto" else float(min_backward)
+        self.note = ""  # a configuration problem worth telling the user about
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -104,6 +105,10 @@ class BackwardGate:
         return run
 
     def _fix_floor(self) -> None:
+        if self.min_backward_spec == "auto" and self.warmup_eligible == 0:
+            self.note = ("gate warm-up saw no sample twice, so the natural skip rate is unknown "
+                         "and the 'auto' floor is 1.0 (nothing is skipped): make --gate-warmup "
+                         "longer than one epoch or set --gate-min-backward")
         if self.min_backward_spec == "auto":
             r = self.natural_skip_rate
             self.floor = max(0.5, 1.0 - 0.5 * r)
