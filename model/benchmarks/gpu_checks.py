@@ -54,7 +54,6 @@ def big_masks(low: torch.Tensor) -> torch.Tensor:
     return F.interpolate(low.float().cpu(), size=128, mode="trilinear", align_corners=False) > 0
 
 
-@torch.inference_mode()
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parity", type=Path, default=Path(".parity/parity.npz"))
@@ -80,7 +79,8 @@ def main() -> int:
               rel(e32, g[f"{var}_embedding"]) < 1e-4, "< 1e-4")
         check(f"{var} fast embedding vs golden", rel(e16, g[f"{var}_embedding"]),
               rel(e16, g[f"{var}_embedding"]) < 2e-2, "< 2e-2")
-        eager16 = fast._encode_eager(x)[0]
+        with torch.inference_mode():
+            eager16 = fast._encode_eager(x)[0]
         check(f"{var} encoder graph replay vs eager", rel(e16, eager16),
               rel(e16, eager16) < 1e-3, "< 1e-3")
         for case, (pts, lab, mk, multi) in CASES.items():
@@ -97,7 +97,8 @@ def main() -> int:
             check(f"{var} {case} fast logits vs golden", r, r < 2e-2, "< 2e-2")
             d = min(dice(a, b) for a, b in zip(big_masks(lo)[0], big_masks(gold)[0]))
             check(f"{var} {case} fast 128^3 mask Dice vs golden", d, d >= 0.99, ">= 0.99")
-            lo_e, _ = fast._click_eager(e16, c, lab_t, mask, multi)
+            with torch.inference_mode():
+                lo_e, _ = fast._click_eager(e16, c, lab_t, mask, multi)
             check(f"{var} {case} click graph replay vs eager", rel(lo, lo_e),
                   rel(lo, lo_e) < 1e-4, "< 1e-4")
         if var == "fastsam3d":
@@ -114,7 +115,8 @@ def main() -> int:
             start = lat.crop_start(centre)
             region, plan = crop_footprint(lat, vol.ijk_to_ras, start, vol.shape, device=dev)
             low, _, m_graph = fast.click_and_paste(e16, c, lab_t, zeros, plan)
-            m_eager = paste_field(upsample(low), plan.axes, plan.mode, plan.tensors)
+            with torch.inference_mode():
+                m_eager = paste_field(upsample(low), plan.axes, plan.mode, plan.tensors)
             diff = int((m_graph != m_eager).sum())
             check("click+paste graph vs eager paste (voxels differing)", diff, diff == 0, "== 0")
             try:
@@ -130,7 +132,8 @@ def main() -> int:
                 cn = torch.rand(1, n, 3, device=dev) * 127
                 ln = torch.ones(1, n, dtype=torch.long, device=dev)
                 a, _ = fast.click(e16, cn, ln, zeros)
-                b, _ = fast._click_eager(e16, cn, ln, zeros)
+                with torch.inference_mode():
+                    b, _ = fast._click_eager(e16, cn, ln, zeros)
                 check(f"{n}-point click graph vs eager", rel(a, b), rel(a, b) < 1e-4, "< 1e-4")
         del model, exact, fast
         torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -61,7 +62,10 @@ GOAL_RATIOS = {"encoder/fastsam3d": 12.0, "click": 10.0}
 
 
 def git_commit(path: Path | None = None) -> str:
-    """Short commit of the checkout the code runs from ("unknown" outside git)."""
+    """Short commit of the checkout the code runs from (``FASTSAM3D_COMMIT`` when the code runs
+    from a copy without git, e.g. on a lent GPU machine; else "unknown")."""
+    if os.environ.get("FASTSAM3D_COMMIT"):
+        return os.environ["FASTSAM3D_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=path or Path(__file__).parent,

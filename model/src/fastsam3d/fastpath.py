@@ -31,7 +31,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,7 @@ from .modeling import Sam3D
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+CLICK_PRECISIONS = ("fp32", "tf32", "bf16")  # the click on the CUDA fast path
 
 Tensors = tuple[torch.Tensor | None, ...]
 
@@ -101,13 +102,18 @@ def capture_cuda_graph(fn: Callable[..., Sequence[torch.Tensor]], example: Tenso
     static = tuple(None if t is None else t.clone() for t in example)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = tuple(fn(*static))
+    cudnn = torch.backends.cudnn
+    # cuDNN benchmarks its convolution algorithms during the warm-up (the shapes are fixed, so
+    # the search is paid once); the graph then bakes the fastest one in.
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                     allow_tf32=cudnn.allow_tf32):
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = tuple(fn(*static))
     return Captured(graph.replay, static, out)
 
 
@@ -250,6 +256,18 @@ def upsample(low_res: torch.Tensor, size: int = 128) -> torch.Tensor:
                          align_corners=False)[0, 0]
 
 
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """TF32 for fp32 matmuls inside the block only (a captured graph keeps the kernels)."""
+    m = torch.backends.cuda.matmul
+    before = m.allow_tf32
+    m.allow_tf32 = True
+    try:
+        yield
+    finally:
+        m.allow_tf32 = before
+
+
 # --- the runner ---------------------------------------------------------------------------
 class Runner:
     """Encoder + click for one model on one device, with the precision policy applied.
@@ -270,9 +288,14 @@ class Runner:
         graphs: bool | None = None,
         max_graph_points: int = 8,
         compile: bool = False,
+        click_precision: str = "fp32",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if click_precision not in CLICK_PRECISIONS:
+            raise ValueError(f"click_precision must be one of {CLICK_PRECISIONS}, "
+                             f"got {click_precision!r}")
+        self.click_precision = click_precision
         self.device = resolve_device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
         if precision == "auto":
@@ -335,9 +358,16 @@ class Runner:
     def _click_eager(self, emb: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                      mask_input: torch.Tensor | None, multimask: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._exact():
+        with self._click_ctx():
             low_res, iou = self.model.predict(emb, coords, labels, mask_input, multimask)
         return low_res.float(), iou.float()
+
+    def _click_ctx(self) -> contextlib.AbstractContextManager:
+        if not self.cuda_fast or self.click_precision == "fp32":
+            return self._exact()
+        if self.click_precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return _tf32_matmuls()
 
     def _click_paste_eager(self, emb: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                            mask_input: torch.Tensor | None, *plan_and_flags: object
