@@ -6,8 +6,9 @@ Measures, on a synthetic 512 x 512 x 300 int16 CT (0.75 x 0.75 x 1.0 mm):
   first mask   = crop sampling + z-norm + encoder + decoder + paste-back (a click in a new crop)
   further click = prompt encoder + decoder + paste-back (a click in a cached crop)
 and the parts of each. Weights are the deterministic fixture (speed does not depend on values);
-their masks fill much of the crop, so paste-back here is close to its worst case (a ~190 mm
-object). Crop continuation is off so that each first mask is exactly one crop.
+their masks fill much of the crop, so paste-back inside "first mask" / "further click" is close
+to its worst case (a ~190 mm object); paste-back for objects of given sizes is timed separately.
+Crop continuation is off so that each first mask is exactly one crop.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def ct_volume(shape=(300, 512, 512), spacing=(0.75, 0.75, 1.0)) -> Volume:
     return Volume(arr, m)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> tuple[float, object]:
+    _sync()
     t = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t, out
 
 
@@ -65,12 +73,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--clicks", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", RuntimeWarning)
 
     vol = ct_volume()
-    session = Session(fixture_model("fastsam3d"), device="cpu", propagate=False)
+    session = Session(fixture_model("fastsam3d"), device=args.device, propagate=False)
     t_set, _ = timed(lambda: session.set_volume(vol))
     lat = session.lattice
     centre = vol.ijk_to_ras_points([256, 256, 150])
@@ -106,6 +115,23 @@ def main() -> int:
     parts["decoder"] = further_dec
 
     med = {k: statistics.median(v) * 1000 for k, v in parts.items()}
+    mins = {k: min(v) * 1000 for k, v in parts.items()}
+
+    # Paste-back cost depends on the object's size, not the network: time it for spheres of
+    # given diameters (logits injected into the current crop), as a further click would.
+    paste_by_size = {}
+    tile = next(iter(session._state.tiles.values()))
+    knots = torch.arange(geo.LOWRES, dtype=torch.float32) * 4 + 1.5
+    d2 = sum(g**2 for g in torch.meshgrid(*(knots - 64,) * 3, indexing="ij"))
+    for diameter_mm in (30, 60, 120, 190):
+        r = diameter_mm / 2 / geo.SPACING
+        fake = (r - d2.sqrt())[None, None].to(session.device)
+        state = type(session._state)(tiles={tile.start: type(tile)(tile.start, fake)})
+        session._last_region = None
+        times = [timed(lambda st=state: session._render(st))[0] for _ in range(5)]
+        res = session._render(state)
+        paste_by_size[f"{diameter_mm}mm"] = {"ms_median": round(statistics.median(times) * 1000, 1),
+                                             "region_voxels": int(np.prod(res.mask.shape))}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
@@ -113,6 +139,8 @@ def main() -> int:
         "host": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "device": str(session.device) + (f" ({torch.cuda.get_device_name()})"
+                                         if session.device.type == "cuda" else ""),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
         "volume": {"shape_kji": list(vol.shape), "dtype": str(vol.array.dtype),
@@ -120,11 +148,15 @@ def main() -> int:
         "model": "fastsam3d (fixture weights)",
         "set_volume_ms": round(t_set * 1000, 1),
         "first_mask_ms_median": round(statistics.median(first) * 1000, 1),
+        "first_mask_ms_min": round(min(first) * 1000, 1),
         "first_mask_ms_all": [round(x * 1000, 1) for x in first],
         "further_click_ms_median": round(statistics.median(further) * 1000, 1),
+        "further_click_ms_min": round(min(further) * 1000, 1),
         "further_click_ms_p90": round(float(np.percentile(further, 90)) * 1000, 1),
         "parts_ms_median": {k: round(v, 1) for k, v in med.items()},
-        "last_region_voxels": int(np.prod(res.mask.shape)),
+        "parts_ms_min": {k: round(v, 1) for k, v in mins.items()},
+        "first_mask_region_voxels": int(np.prod(res.mask.shape)),
+        "paste_ms_by_object_diameter": paste_by_size,
         "goals_ms": {"first_mask": 300, "further_click": 30},
     }
     print(json.dumps(result, indent=2))
