@@ -32,6 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# NVLink multicast stays off (on shared hosts a multicast user can take GPUs out of service).
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+               ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_k, _v)
+
 HERE = Path(__file__).resolve()
 for sub in ("model/src", "distill/src"):
     p = str(HERE.parents[2] / sub)
@@ -185,7 +190,23 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = args.minutes * 60.0
+    t_begin = time.perf_counter()
     notes: list[str] = []
+    # Phase weights (the gated run gets 1.5x the baseline's time, to reach its loss if slower).
+    weights = {"online": 1.0 if "online" in args.phases else 0.0,
+               "cached": 1.0 if "cached" in args.phases else 0.0,
+               "base": 1.0 if "gating" in args.phases else 0.0,
+               "gated": 1.5 if "gating" in args.phases else 0.0}
+
+    def seconds_for(phase: str) -> float:
+        """This phase's share of what is left of the budget (setup and compile included)."""
+        left = max(budget - (time.perf_counter() - t_begin), 5.0)
+        pending = [p for p in weights if weights[p] > 0]
+        total = sum(weights[p] for p in pending)
+        share = left * weights[phase] / total
+        weights[phase] = 0.0
+        return share
+
 
     t_over = TINY_T if args.smoke else {}
     s_over = TINY_S if args.smoke else {}
@@ -232,14 +253,13 @@ def main() -> int:
         "torch": torch.__version__, "compile": args.compile, "precision":
         "fp32" if args.smoke else "bf16 autocast", "notes": notes,
     }
-    per_phase = budget / (1 + 1 + 2.5)  # online, cached, gating (2 runs, the 2nd longer)
 
     # 1. online teacher ------------------------------------------------------------------
     if "online" in args.phases:
         ds = TensorCropDataset(images, device=dev)
         # Progressive schedule, one more matched block every 50 steps (a visible curve).
         task = fresh_task(teacher, k_every_steps=50)
-        r = run_phase("online", task, ds, args, env, per_phase)
+        r = run_phase("online", task, ds, args, env, seconds_for("online"))
         result["online"] = {
             **throughput(r["history"], batch_global),
             "micro_steps": r["micro_steps"], "wall_s": r["seconds"],
@@ -271,7 +291,7 @@ def main() -> int:
         }
     if "cached" in args.phases:
         task = fresh_task(None, k_every_steps=50)
-        r = run_phase("cached", task, cached_ds, args, env, per_phase)
+        r = run_phase("cached", task, cached_ds, args, env, seconds_for("cached"))
         result["cached"] = {
             **throughput(r["history"], batch_global),
             "micro_steps": r["micro_steps"], "wall_s": r["seconds"],
@@ -285,13 +305,13 @@ def main() -> int:
     # 3. gating at equal final loss (cached features, fixed objective k = depth) ------------
     if "gating" in args.phases:
         depth = s_cfg.depth
-        base_s = per_phase
         # Every micro-batch is logged (the gate syncs each step anyway), so the smoothed curve
         # averages over whole epochs of distinct crops.
-        base = run_phase("base", fresh_task(None, k_start=depth), cached_ds, args, env, base_s,
+        base_task, gated_task = fresh_task(None, k_start=depth), fresh_task(None, k_start=depth)
+        base = run_phase("base", base_task, cached_ds, args, env, seconds_for("base"),
                          log_every=1)
-        gated = run_phase("gated", fresh_task(None, k_start=depth), cached_ds, args, env,
-                          1.5 * base_s, gate=True, log_every=1)
+        gated = run_phase("gated", gated_task, cached_ds, args, env, seconds_for("gated"),
+                          gate=True, log_every=1)
         window = max(8, 4 * math.ceil(args.crops / batch_global))
         hb, hg = rebase(base["history"]), rebase(gated["history"])
         sb = smoothed([h["loss"] for h in hb], window)
@@ -327,6 +347,7 @@ def main() -> int:
                   flush=True)
 
     notes.extend(sorted(set(student_notes)))
+    result["total_wall_s"] = time.perf_counter() - t_begin
     if dev.type == "cuda":
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if env.is_main:

@@ -109,7 +109,10 @@ class FinetuneTask(Task):
         ids = batch["id"].tolist()
         dev = emb.device
         gens = [sample_generator(self.seed, self.epoch, i, salt=2) for i in ids]
-        history = [[(first_click(gt[b], gens[b]), 1)] for b in range(len(ids))]
+        # An empty target (a structure flipped or cropped away) gets a negative centre click.
+        centre = np.asarray(gt.shape[1:]) // 2
+        history = [[(first_click(gt[b], gens[b]), 1)] if gt[b].any() else [(centre, 0)]
+                   for b in range(len(ids))]
         boxes = None
         if self.box_prob > 0:
             g = sample_generator(self.seed, self.epoch, ids[0], salt=3)
