@@ -138,8 +138,8 @@ class ResumableDistributedSampler(DistributedSampler):
 
 def sample_generator(seed: int, epoch: int, sample_id: int, salt: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, epoch, sample, salt): resume- and rank-proof."""
-    mixed = (seed * 1_000_003 + epoch * 7_919 + sample_id * 104_729 + salt * 15_485_863) % (2**63)
-    return torch.Generator().manual_seed(mixed)
+    state = np.random.SeedSequence([seed, epoch, sample_id, salt]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) % (2**63))
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -148,6 +148,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: str | Path) 
         ax.plot(x, np.maximum.accumulate(d, axis=1).mean(0), ls="--",
                 label=f"{grid}: best over clicks 1..k")
     ax.set_xlabel("clicks")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("mean Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
