@@ -161,8 +161,8 @@ def test_pasted_sphere_lands_at_its_world_position(mode, grid) -> None:
     field = geo.upsample_logits(low)[None]
     region = tuple(slice(0, n) for n in shape)
     logits = geo.sample_field(field, start, lat, m, region, mode)[0].numpy()
-    inside_fp = geo.footprint(lat, m, region, [start], torch.device("cpu")).numpy()
-    mask = (logits > 0) & inside_fp
+    inside_fp = geo.footprint(lat, m, region, [start], torch.device("cpu"))
+    mask = logits > 0 if inside_fp is None else (logits > 0) & inside_fp.numpy()
     centre_ras = lat.index_to_ras(np.array(start) + centre_crop)
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     ras = np.stack([i, j, k], -1) @ m[:3, :3].T + m[:3, 3]

@@ -547,7 +547,9 @@ class Session:
             mask = geo.sample_field((field > 0)[None], start, lat, m, region, "nearest")[0]
         else:
             mask = geo.sample_field(field[None], start, lat, m, region, "linear")[0] > 0
-        mask = mask & geo.footprint(lat, m, region, [t.start for t in tiles], self.device)
+        inside = geo.footprint(lat, m, region, [t.start for t in tiles], self.device)
+        if inside is not None:
+            mask = mask & inside
         if state.box is not None:
             mask &= self._in_box(region, state.box)
         return mask
