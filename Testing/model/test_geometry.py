@@ -174,3 +174,32 @@ def test_pasted_sphere_lands_at_its_world_position(mode, grid) -> None:
     assert np.any(dist < r_mm - tol)
     assert np.all(mask[dist < r_mm - tol])
     assert not np.any(mask[dist > r_mm + tol])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grids(max_size=16), st.integers(0, 2**31 - 1))
+def test_corner_anchor_matches_pre_2025_torchio(grid, seed) -> None:
+    """anchor="corner": the grid older torchio's Resample(1.5) built (ceil voxels, outer corners
+    aligned), rebuilt here with SimpleITK, then ToCanonical."""
+    sitk = pytest.importorskip("SimpleITK")
+    from torchio.data.io import nib_to_sitk, sitk_to_nib
+
+    m, shape = grid
+    data = np.random.default_rng(seed).normal(5, 2, size=shape).astype(np.float32)
+    src = nib_to_sitk(torch.from_numpy(data.transpose(2, 1, 0).copy())[None], m)
+    old_sp, new_sp = np.array(src.GetSpacing()), np.full(3, 1.5)
+    size = np.ceil(np.array(src.GetSize()) * old_sp / new_sp).astype(int)
+    ref = sitk.Image(size.tolist(), src.GetPixelID())
+    ref.SetDirection(src.GetDirection())
+    ref.SetSpacing(new_sp.tolist())
+    first = (0.5 * (new_sp / old_sp - 1)).tolist()
+    ref.SetOrigin(src.TransformContinuousIndexToPhysicalPoint(first))
+    arr, aff = sitk_to_nib(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0))
+    can = torchio.ToCanonical()(torchio.ScalarImage(tensor=torch.as_tensor(arr), affine=aff))
+    lat = geo.Lattice.for_volume(m, shape, anchor="corner")
+    assert lat.shape == can.spatial_shape
+    np.testing.assert_allclose(lat.affine, can.affine, atol=1e-6)
+    crop = geo.sample_crop(torch.from_numpy(data)[None, None], lat, m, (0, 0, 0),
+                           size=max(lat.shape) + 1).numpy()
+    n0, n1, n2 = lat.shape
+    np.testing.assert_allclose(crop[:n0, :n1, :n2], can.data[0].numpy(), atol=1e-4)

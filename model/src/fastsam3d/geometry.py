@@ -91,19 +91,30 @@ class Lattice:
 
     @classmethod
     def for_volume(cls, ijk_to_ras: np.ndarray, shape_kji: Sequence[int],
-                   spacing: float = SPACING) -> Lattice:
+                   spacing: float = SPACING, anchor: str = "centre") -> Lattice:
+        """``anchor="centre"``: torchio since its "symmetric resampling" change (TorchIO PR
+        #1310, June 2025; the installed 1.2.1 does this): ``floor`` voxels per axis, grids
+        centred on each other. ``"corner"``: torchio before it, which SAM-Med3D / FastSAM3D
+        were trained with: ``ceil`` voxels per axis, the first voxel's outer corner on the
+        original first voxel's outer corner. They differ by less than one 1.5 mm voxel."""
         m = np.asarray(ijk_to_ras, dtype=np.float64)
         size = np.array(shape_kji[::-1], dtype=np.float64)  # (I, J, K)
         a = m[:3, :3]
         old_spacing = np.sqrt(np.sum(a * a, axis=0))
         direction = a / old_spacing
-        new_size = np.floor(size * old_spacing / spacing)
+        origin = m[:3, 3]
+        if anchor == "centre":
+            new_size = np.floor(size * old_spacing / spacing)
+            centre = (origin + (origin + a @ (size - 1))) / 2
+            new_origin = centre - direction @ ((new_size - 1) / 2 * spacing)
+        elif anchor == "corner":
+            new_size = np.ceil(size * old_spacing / spacing)
+            new_origin = origin + a @ (0.5 * (spacing / old_spacing - 1))
+        else:
+            raise ValueError(f"anchor must be 'centre' or 'corner', not {anchor!r}")
         if np.any(new_size < 1):
             raise ValueError(f"volume extent {size * old_spacing} mm is smaller than one "
                              f"{spacing} mm voxel along some axis")
-        origin = m[:3, 3]
-        centre = (origin + (origin + a @ (size - 1))) / 2
-        new_origin = centre - direction @ ((new_size - 1) / 2 * spacing)
         axis_of_world, sign_of_world = closest_orientation(direction)
         lat = np.eye(4)
         shape = []

@@ -164,11 +164,14 @@ class Session:
     ``paste_interpolation``: ``"nearest"`` maps the crop mask back exactly as the reference
     recipe does (its nearest resample); ``"linear"`` samples the logits trilinearly, which gives
     smoother edges on grids finer than 1.5 mm.
+    ``lattice_anchor``: ``"centre"`` (current torchio) or ``"corner"`` (torchio before 2025,
+    as at training time); see :meth:`fastsam3d.geometry.Lattice.for_volume`.
     """
 
     def __init__(self, model: Any = "fastsam3d", device: str | torch.device = "auto", *,
                  point_policy: str | None = None, max_crops: int = 8, propagate: bool = True,
-                 paste_interpolation: str = "nearest", warmup: bool = True) -> None:
+                 paste_interpolation: str = "nearest", lattice_anchor: str = "centre",
+                 warmup: bool = True) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             global _CPU_WARNED
@@ -191,6 +194,9 @@ class Session:
             raise ValueError("paste_interpolation must be 'nearest' or 'linear', not "
                              f"{paste_interpolation!r}")
         self.paste_interpolation = paste_interpolation
+        if lattice_anchor not in ("centre", "corner"):
+            raise ValueError(f"lattice_anchor must be 'centre' or 'corner', not {lattice_anchor!r}")
+        self.lattice_anchor = lattice_anchor
         with torch.inference_mode():
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         self._weights = geo.tile_weights(device=self.device)
@@ -208,7 +214,8 @@ class Session:
         lo, hi = a.min(), a.max()
         if lo == hi:
             raise VolumeError(f"volume is constant (every voxel is {lo}): nothing to segment")
-        lattice = geo.Lattice.for_volume(volume.ijk_to_ras, volume.shape)
+        lattice = geo.Lattice.for_volume(volume.ijk_to_ras, volume.shape,
+                                         anchor=self.lattice_anchor)
         t = torch.from_numpy(np.ascontiguousarray(a))
         t = t.to(device=self.device, dtype=torch.float32)
         self._clear_volume()
