@@ -169,6 +169,7 @@ def test_object_longer_than_two_crops_is_segmented_without_gaps() -> None:
     lm = limited.add_point(vol.ijk_to_ras_points([35, 33, 100])).full_mask()
     extent_mm = np.ptp(np.nonzero(lm.any(axis=(1, 2)))[0]) * 2.0
     assert 180 <= extent_mm <= 194
+    assert limited.result.at_crop_limit and not r.at_crop_limit
 
 
 def test_box_bounds_and_clips_the_result() -> None:
@@ -291,3 +292,18 @@ def test_same_physical_image_in_other_storage_orders_gives_the_same_mask() -> No
     assert masks["ras"].any() and not masks["ras"].all()
     for name in ("lps", "perm"):
         assert dice(masks[name], masks["ras"]) >= 0.95, name
+
+
+@pytest.mark.parametrize("dtype", [">f4", np.uint16, np.int16])
+def test_file_dtypes_are_accepted_without_changing_the_result(dtype) -> None:
+    """Big-endian (NIfTI via nibabel), unsigned and integer arrays segment like float32."""
+    vol, _ = _blob_volume()
+    ref = _session()
+    ref.set_volume(vol)
+    p = vol.ijk_to_ras_points([35, 30, 20])
+    expected = ref.add_point(p).full_mask()
+    arr = np.round(vol.array).astype(dtype)
+    arr.setflags(write=False)
+    s = _session()
+    s.set_volume(Volume(arr, vol.ijk_to_ras))
+    assert dice(s.add_point(p).full_mask(), expected) > 0.99

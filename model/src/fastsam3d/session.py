@@ -83,6 +83,7 @@ class Result:
     shape: tuple[int, int, int]  # the whole volume, [k, j, i]
     crops: int = 0
     iou: float | None = None
+    at_crop_limit: bool = False  # the mask reaches a crop face but max_crops stopped it
 
     def full_mask(self) -> np.ndarray:
         """Bool array of the whole volume."""
@@ -133,6 +134,7 @@ class _State:
     tiles: dict[tuple[int, int, int], _Tile] = field(default_factory=dict)
     clicks: tuple[_Click, ...] = ()
     box: tuple[np.ndarray, np.ndarray] | None = None  # RAS min, max
+    at_crop_limit: bool = False
 
 
 def _region_union(a: Region | None, b: Region | None) -> Region | None:
@@ -211,6 +213,11 @@ class Session:
         if not isinstance(volume, Volume):
             raise TypeError(f"set_volume needs a fastsam3d.Volume, not {type(volume).__name__}")
         a = volume.array
+        if a.dtype not in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16,
+                           np.int32, np.int64) or not a.dtype.isnative:
+            a = a.astype(np.float32)  # e.g. uint16/uint32 or big-endian data from files
+        elif not a.flags.writeable:
+            a = a.copy()  # torch cannot wrap read-only memory
         lo, hi = a.min(), a.max()
         if lo == hi:
             raise VolumeError(f"volume is constant (every voxel is {lo}): nothing to segment")
@@ -423,9 +430,11 @@ class Session:
             logits, iou = self._decode(s, self._points_for(state, None, s, click), prompt)
             tiles[s] = _Tile(s, logits, (), iou)
         changed = touched + new_starts
+        limited = False
         if self.propagate and state.box is None:
-            self._propagate(tiles, changed)
-        return _State(tiles=tiles, clicks=state.clicks + (click,), box=state.box)
+            limited = self._propagate(tiles, changed)
+        return _State(tiles=tiles, clicks=state.clicks + (click,), box=state.box,
+                      at_crop_limit=limited)
 
     def _mask_prompt_from(self, tiles: dict[tuple[int, int, int], _Tile],
                           start: Sequence[int]) -> torch.Tensor:
@@ -450,7 +459,8 @@ class Session:
         return torch.where(count > 0, total / count.clamp(min=1), total)
 
     def _propagate(self, tiles: dict[tuple[int, int, int], _Tile],
-                   queue: list[tuple[int, int, int]]) -> None:
+                   queue: list[tuple[int, int, int]]) -> bool:
+        """Add neighbour crops while the mask reaches crop faces; True if max_crops stopped it."""
         shape = self._lattice.shape
         queue = list(queue)
         while queue:
@@ -472,12 +482,13 @@ class Session:
                     if any(np.all(np.abs(np.subtract(o, nstart)) < _STEP // 2) for o in tiles):
                         continue
                     if len(tiles) >= self.max_crops:
-                        return
+                        return True
                     seed = self._seed_at_face(t, axis, direction)
                     prompt = self._mask_prompt_from(tiles, nstart)
                     logits, iou = self._decode(nstart, [seed], prompt)
                     tiles[nstart] = _Tile(nstart, logits, (seed,), iou)
                     queue.append(nstart)
+        return False
 
     def _seed_at_face(self, tile: _Tile, axis: int, direction: int) -> _Click:
         """A positive point where the mask crosses a face: the strongest logit in the last
@@ -528,7 +539,7 @@ class Session:
         self._last_region = out_region
         ious = [t.iou for t in state.tiles.values() if t.iou is not None]
         return Result(out_region, mask, vol.shape, len(state.tiles),
-                      float(np.mean(ious)) if ious else None)
+                      float(np.mean(ious)) if ious else None, state.at_crop_limit)
 
     @torch.inference_mode()
     def _paste(self, state: _State, region: Region) -> torch.Tensor:

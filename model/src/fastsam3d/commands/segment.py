@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
         vol.write(out, label)
         ml = result.voxels * float(np.prod(vol.spacing)) / 1000
         log(f"wrote {out}: {result.voxels} voxels ({ml:.1f} mL), {result.crops} crop(s)")
+        if result.at_crop_limit:
+            log(f"note: the mask reaches the edge of its last crop; the object may continue "
+                f"beyond the {args.max_crops}-crop limit (raise --max-crops to follow it)")
         if args.preview:
             from fastsam3d.preview import save_preview
 
