@@ -23,7 +23,12 @@ import torch  # noqa: E402
 import fastsam3d  # noqa: E402
 from fastsam3d_distill.data import CropDataset, discover, index_samples  # noqa: E402
 from fastsam3d_distill.engine import TrainConfig, Trainer  # noqa: E402
-from fastsam3d_distill.evaluate import evaluate_crops, summarise, write_report  # noqa: E402
+from fastsam3d_distill.evaluate import (  # noqa: E402
+    evaluate_crops,
+    evaluate_volumes,
+    summarise,
+    write_report,
+)
 from fastsam3d_distill.stage2 import FinetuneTask  # noqa: E402
 from fastsam3d_distill.synthetic import write_nnunet_dataset  # noqa: E402
 
@@ -54,15 +59,18 @@ def main() -> int:
     t0 = time.perf_counter()
     res = Trainer(task, tr, cfg).fit()
     after = evaluate_crops(model.eval(), ho, n_clicks=5, device=a.device)
-    write_report({"crop": after}, out / "eval_after")
+    after_orig = evaluate_volumes(model, ho_cases, ho.samples, n_clicks=5, device=a.device)
+    write_report({"crop": after, "original": after_orig}, out / "eval_after")
     report = {
         "steps": res["opt_steps"], "train_samples": len(tr), "heldout_samples": len(ho),
         "train_seconds": time.perf_counter() - t0,
         "before": summarise(before)["overall"], "after": summarise(after)["overall"],
+        "after_original_grid": summarise(after_orig)["overall"],
     }
     (out / "finetune_sanity.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("steps", "train_seconds")}))
-    print("before", report["before"]["final"], "after", report["after"]["final"])
+    print("before", report["before"]["final"], "after", report["after"]["final"],
+          "after (original grid)", report["after_original_grid"]["final"])
     return 0
 
 

@@ -42,6 +42,9 @@ def _add_data(p: argparse.ArgumentParser, augment_default: bool) -> None:
                    help="use N in-memory synthetic phantoms instead of --data (demos, tests)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=augment_default,
                    help="random flips + intensity jitter (MONAI)")
+    g.add_argument("--lattice-anchor", choices=["centre", "corner"], default="centre",
+                   help="1.5 mm lattice variant (fastsam3d.geometry.Lattice); match the "
+                        "session's lattice_anchor")
 
 
 def _add_train(p: argparse.ArgumentParser, lr: float) -> None:
@@ -119,7 +122,7 @@ def _dataset(a: argparse.Namespace, out: Path, labels: bool = True) -> Any:
     cases = [c for src in a.data for c in discover(src)]
     samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels,
                             cache=out / "sample_index.json")
-    return CropDataset(cases, samples, augment=a.augment, seed=a.seed)
+    return CropDataset(cases, samples, augment=a.augment, seed=a.seed, anchor=a.lattice_anchor)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -232,9 +235,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels)
     results: dict[str, list] = {}
     if "crop" in a.grids:
-        results["crop"] = evaluate_crops(model, CropDataset(cases, samples), a.clicks, device)
+        ds = CropDataset(cases, samples, anchor=a.lattice_anchor)
+        results["crop"] = evaluate_crops(model, ds, a.clicks, device)
     if "original" in a.grids:
-        results["original"] = evaluate_volumes(model, cases, samples, a.clicks, device)
+        results["original"] = evaluate_volumes(model, cases, samples, a.clicks, device,
+                                               lattice_anchor=a.lattice_anchor)
     path = write_report(results, a.out)
     for grid, recs in results.items():
         s = summarise(recs)["overall"]
@@ -318,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, nargs="*")
     p.add_argument("--min-voxels", type=int, default=100)
     p.add_argument("--clicks", type=int, default=10)
+    p.add_argument("--lattice-anchor", choices=["centre", "corner"], default="centre")
     p.add_argument("--grids", nargs="+", choices=["crop", "original"],
                    default=["crop", "original"])
     p.add_argument("--out", required=True)

@@ -158,7 +158,8 @@ def index_samples(
 
 
 def crop_sample(
-    volume: torch.Tensor, affine: np.ndarray, label: np.ndarray, value: int
+    volume: torch.Tensor, affine: np.ndarray, label: np.ndarray, value: int,
+    anchor: str = "centre",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image crop (1,128,128,128) z-normalised, binary target (1,128,128,128) float).
 
@@ -168,14 +169,16 @@ def crop_sample(
     as the session rounds a click (``Lattice.crop_start``). Lattice, sampling and
     normalisation are fastsam3d.geometry's. The target is the structure's mask sampled the same
     way and thresholded at 0.5 (fastsam3d samples trilinearly; torchio uses nearest for labels,
-    which differs only on boundary voxels).
+    which differs only on boundary voxels). ``anchor`` picks the lattice variant
+    (``Lattice.for_volume``); use the one the session will use (its ``lattice_anchor``).
     """
     from fastsam3d import geometry as geo
 
     mask = label == value
     if not mask.any():
         raise ValueError(f"label value {value} is absent")
-    lattice = geo.Lattice.for_volume(affine, label.shape)
+    lattice = (geo.Lattice.for_volume(affine, label.shape) if anchor == "centre"
+               else geo.Lattice.for_volume(affine, label.shape, anchor=anchor))
     kji = np.argwhere(mask)
     corners = np.stack([kji.min(0), kji.max(0)])[:, ::-1].astype(np.float64)  # (i, j, k)
     box = np.array([[a, b, c] for a in corners[:, 0] for b in corners[:, 1]
@@ -242,6 +245,7 @@ class CropDataset(Dataset):
         augment: bool = False,
         seed: int = 2023,
         cache_volumes: int = 2,
+        anchor: str = "centre",
     ) -> None:
         if not samples:
             raise ValueError("no samples: every label is empty or filtered out")
@@ -250,6 +254,7 @@ class CropDataset(Dataset):
         self.seed = seed
         self._lru: OrderedDict[int, tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
         self.cache_volumes = cache_volumes
+        self.anchor = anchor
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -274,7 +279,7 @@ class CropDataset(Dataset):
     def get(self, i: int, epoch: int = 0) -> dict[str, Any]:
         s = self.samples[i]
         img, aff, lab = self._volume(s.case)
-        image, label = crop_sample(img, aff, lab, s.value)
+        image, label = crop_sample(img, aff, lab, s.value, self.anchor)
         item = {"image": image, "label": label, "id": i}
         if self.augment is not None:
             item = apply_augment(self.augment, item, self.seed, epoch)

@@ -73,11 +73,13 @@ def evaluate_volumes(
     samples: list[Sample],
     n_clicks: int = 10,
     device: str | torch.device = "cpu",
+    lattice_anchor: str = "centre",
 ) -> list[dict[str, Any]]:
     """Per-sample Dice after each click on the original grid, through ``fastsam3d.Session``."""
     import fastsam3d
 
-    session = fastsam3d.Session(model, device=device, warmup=False)
+    kw = {} if lattice_anchor == "centre" else {"lattice_anchor": lattice_anchor}
+    session = fastsam3d.Session(model, device=device, warmup=False, **kw)
     records = []
     by_case: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
