@@ -146,7 +146,9 @@ def run_phase(name: str, task: DistillTask, dataset, args, env, seconds: float,
         log_every=log_every or args.log_every, device="cpu" if args.smoke else "cuda", resume=False,
         tensorboard=False, progress=False, checkpoints=False, max_seconds=seconds,
         max_micro_steps=max_micro, gate=gate, gate_warmup=args.gate_warmup,
-        gate_min_backward="auto",
+        gate_threshold=args.gate_threshold,
+        gate_min_backward=args.gate_min_backward if args.gate_min_backward == "auto"
+        else float(args.gate_min_backward),
     )
     trainer = Trainer(task, dataset, cfg, env)
     res = trainer.fit()
@@ -166,6 +168,9 @@ def main() -> int:
     ap.add_argument("--crops", type=int, default=64, help="distinct synthetic crops")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--gate-warmup", type=int, default=100, help="micro-batches")
+    ap.add_argument("--gate-threshold", type=float, default=0.0,
+                    help="skip when mean(loss/baseline) <= 1 + threshold")
+    ap.add_argument("--gate-min-backward", default="auto", help="'auto' or a share in [0, 1]")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ddp", action="store_true", help="launched by torchrun (multi-GPU)")
     ap.add_argument("--phases", nargs="+", default=["online", "cached", "gating"],
@@ -324,6 +329,8 @@ def main() -> int:
         at_base_time = [v for h, v in zip(hg, sg) if h["time"] <= t_base]
         result["gating"] = {
             "objective": f"paper loss, all {depth} block pairs + neck (fixed k)",
+            "gate_settings": {"warmup": args.gate_warmup, "threshold": args.gate_threshold,
+                              "min_backward": args.gate_min_backward},
             "times": "seconds since each run's first log record (excludes compile/warm-up)",
             "smoothing_window_records": window,
             "baseline": {"final_loss_smoothed": target, "wall_s": t_base,
@@ -378,7 +385,8 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_xlabel("micro-batch")
     axes[0].set_ylabel("distillation loss (progressive k)")
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    if axes[0].lines:
+        axes[0].legend(fontsize=8)
     if "gating" in result:
         g = result["gating"]
         b = np.array(g["baseline_curve"], dtype=float)
