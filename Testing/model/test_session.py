@@ -307,3 +307,26 @@ def test_file_dtypes_are_accepted_without_changing_the_result(dtype) -> None:
     s = _session()
     s.set_volume(Volume(arr, vol.ijk_to_ras))
     assert dice(s.add_point(p).full_mask(), expected) > 0.99
+
+
+def test_partial_upsample_gives_the_same_mask_as_the_full_one() -> None:
+    """Paste-back upsamples only around the positive logits; the mask must not change."""
+    from fastsam3d import geometry as geo
+
+    vol, _ = _blob_volume()
+    s = _session()
+    s.set_volume(vol)
+    s.add_point(vol.ijk_to_ras_points([35, 30, 20]))
+    tile = next(iter(s._state.tiles.values()))
+    torch.manual_seed(0)
+    for trial in range(4):
+        low = torch.nn.functional.avg_pool3d(torch.randn(1, 1, 32, 32, 32), 5, 1, 2) * 10 - 2.5
+        if trial == 3:
+            low[..., :20, :, :] = -5.0  # positives only in one corner
+        t = type(tile)(tile.start, low)
+        start, part = s._upsampled_part(t)
+        region = tuple(slice(0, n) for n in vol.shape)
+        full = geo.sample_field((geo.upsample_logits(low) > 0)[None], t.start, s.lattice,
+                                vol.ijk_to_ras, region)[0]
+        ours = geo.sample_field((part > 0)[None], start, s.lattice, vol.ijk_to_ras, region)[0]
+        assert torch.equal(full, ours), trial

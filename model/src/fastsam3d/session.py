@@ -547,8 +547,7 @@ class Session:
         tiles = list(state.tiles.values())
         nearest = self.paste_interpolation == "nearest"
         if len(tiles) == 1:
-            start = tiles[0].start
-            field = geo.upsample_logits(tiles[0].logits)
+            start, field = self._upsampled_part(tiles[0])
         else:
             lo = np.min([t.start for t in tiles], axis=0)
             hi = np.max([t.start for t in tiles], axis=0) + geo.CROP
@@ -571,6 +570,28 @@ class Session:
         if state.box is not None:
             mask &= self._in_box(region, state.box)
         return mask
+
+    @staticmethod
+    def _upsampled_part(tile: _Tile) -> tuple[tuple[int, int, int], torch.Tensor]:
+        """The 128^3 trilinear upsample, computed only over the positive knots + 2 on each side.
+
+        Inside that block the values equal the full upsample's; in its outer 2 voxels the block
+        clamps to its edge knots where the full upsample would blend two knots outside the
+        positive box: both are negative there, so the sign (all that is used) is the same, and
+        beyond the block the border values are negative too (or the crop's own edge).
+        """
+        pos = tile.logits[0, 0] > 0
+        if not bool(pos.any()):
+            return tile.start, geo.upsample_logits(tile.logits)
+        idx = torch.nonzero(pos)
+        lo = np.maximum(idx.min(0).values.cpu().numpy() - 2, 0)
+        hi = np.minimum(idx.max(0).values.cpu().numpy() + 2, geo.LOWRES - 1) + 1
+        part = tile.logits[0, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        sizes = tuple(int(n) * _KNOT for n in hi - lo)
+        up = F.interpolate(part[None, None].float(), size=sizes, mode="trilinear",
+                           align_corners=False)[0, 0]
+        start = tuple(int(s + _KNOT * a) for s, a in zip(tile.start, lo))
+        return start, up  # type: ignore[return-value]
 
     def _in_box(self, region: Region, box: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
         m = self.volume.ijk_to_ras
