@@ -142,8 +142,8 @@ def run_phase(name: str, task: DistillTask, dataset, args, env, seconds: float,
     out = Path(tempfile.mkdtemp(prefix=f"gpu_distill_{name}_"))
     cfg = TrainConfig(
         out_dir=str(out), epochs=10**6, batch_size=args.batch, accum=1, lr=8e-4,
-        weight_decay=0.1, precision="fp32" if args.smoke else "bf16", seed=2023,
-        log_every=log_every or args.log_every, device="cpu" if args.smoke else "cuda", resume=False,
+        weight_decay=0.1, precision="bf16" if args.bf16 else "fp32", seed=2023,
+        log_every=log_every or args.log_every, device=str(env.device), resume=False,
         tensorboard=False, progress=False, checkpoints=False, max_seconds=seconds,
         max_micro_steps=max_micro, gate=gate, gate_warmup=args.gate_warmup,
         gate_threshold=args.gate_threshold,
@@ -176,12 +176,18 @@ def main() -> int:
     ap.add_argument("--phases", nargs="+", default=["online", "cached", "gating"],
                     choices=["online", "cached", "gating"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few seconds")
+    ap.add_argument("--device", default="auto",
+                    help="auto: cuda (cpu with --smoke); 'cpu' runs the real sizes on the CPU")
     args = ap.parse_args()
     if args.smoke:
         args.batch, args.crops, args.compile = 2, 4, False
         args.log_every, args.gate_warmup = 1, 8
         args.minutes = min(args.minutes, 0.5)
-    env = init_distributed("cpu" if args.smoke else "cuda")
+    if args.device == "auto":
+        args.device = "cpu" if args.smoke else "cuda"
+    env = init_distributed(args.device)
+    # bf16 autocast on CUDA (the measured configuration); fp32 on CPU checks.
+    args.bf16 = env.device.type == "cuda"
     if args.global_batch:
         if args.global_batch % env.world:
             raise SystemExit(f"--global-batch {args.global_batch} is not divisible by "
@@ -224,7 +230,7 @@ def main() -> int:
     student0 = student0.to(dev).train()
     images = make_crops(args.crops, dev, seed=1)
     batch_global = args.batch * env.world
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not args.smoke)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
     probe_x = images[: args.batch]
 
     def probe_teacher(m: torch.nn.Module) -> None:
@@ -256,7 +262,7 @@ def main() -> int:
         "student": STUDENT + (" (tiny)" if args.smoke else ""),
         "weights": "teacher: fastsam3d.testing parity recipe; student: initialised from it",
         "torch": torch.__version__, "compile": args.compile, "precision":
-        "fp32" if args.smoke else "bf16 autocast", "notes": notes,
+        "bf16 autocast" if args.bf16 else "fp32", "notes": notes,
     }
 
     # 1. online teacher ------------------------------------------------------------------
@@ -285,7 +291,7 @@ def main() -> int:
         t0 = time.perf_counter()
         # Every process caches all crops into its own folder (a one-off; no shared disk assumed).
         cache_teacher_features(teacher, TensorCropDataset(images.cpu()), cache_dir, taps,
-                               device=dev, batch_size=args.batch, bf16=not args.smoke)
+                               device=dev, batch_size=args.batch, bf16=args.bf16)
         t_cache = time.perf_counter() - t0
         cached_ds = CachedFeatureDataset(cache_dir, preload=True, device=str(dev))
         per_vol = sum(v.numel() * v.element_size() for v in cached_ds.items[0].values())
