@@ -318,8 +318,11 @@ def bench_session(name: str, device: torch.device, modes: tuple[str, ...], repea
             s.set_volume(vol)
 
             def forget(s: Any = s) -> None:
-                s.reset()
-                s._embeddings.clear()  # a new crop: the encoder runs again
+                if isinstance(getattr(s, "_embeddings", None), dict):
+                    s.reset()
+                    s._embeddings.clear()  # a new crop: the encoder runs again
+                else:  # a session without that cache: a fresh volume forgets everything
+                    s.set_volume(vol)
 
             first[mode] = time_fn(lambda s=s: s.add_point(centre, True), device, repeats,
                                   warmup, setup=forget)
