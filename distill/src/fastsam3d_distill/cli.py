@@ -56,7 +56,10 @@ def _add_train(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--accum", type=int, default=1, help="backward passes per optimiser step")
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the global gradient norm (0 = off, as the released code); "
+                        "without it, lr 8e-4 at batch 16 in bf16 spiked by 10^4x on an H200")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     g.add_argument("--seed", type=int, default=2023)
     g.add_argument("--ckpt-every", type=int, default=100, help="optimiser steps")
@@ -83,6 +86,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         out_dir=a.out, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
         accum=a.accum, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+        grad_clip=a.grad_clip,
         precision=a.precision, seed=a.seed, ckpt_every=a.ckpt_every, log_every=a.log_every,
         num_workers=a.workers, device=a.device, resume=a.resume, gate=a.gate,
         gate_warmup=a.gate_warmup, gate_threshold=a.gate_threshold, gate_min_backward=mb,

@@ -237,6 +237,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0  # linear LR warm-up, then constant (the released code's LR is flat)
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off (the released code: off)
     precision: str = "auto"  # "bf16" | "fp32" | "auto" (bf16 on CUDA, fp32 on CPU)
     seed: int = 2023
     shuffle: bool = True
@@ -348,6 +349,7 @@ class Trainer:
         self._jsonl = None
         self._t_start = time.perf_counter()
         self._out_of_time = False
+        self.grad_norm: torch.Tensor | None = None
 
     # -- checkpointing ---------------------------------------------------------------------
 
@@ -495,6 +497,9 @@ class Trainer:
             for prm in self.task.parameters():
                 if prm.grad is not None:
                     prm.grad *= scale
+        if self.cfg.grad_clip > 0:
+            params = [p for p in self.task.parameters() if p.grad is not None]
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -601,6 +606,8 @@ class Trainer:
                         "epoch": self.epoch,
                         **self.gate.stats(),
                         **self.task.scalars(),
+                        **({"grad_norm": float(self.grad_norm)}
+                           if self.grad_norm is not None else {}),
                     })
                 if want_log:
                     self._check_time()
