@@ -22,6 +22,7 @@ instead of 2744, and no padded queries at all.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,10 +49,25 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
             mode="linear",
         )
         rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    if torch.compiler.is_compiling():  # traced: Inductor folds the index into constants
+        return rel_pos[_rel_index(q_size, k_size, rel_pos.device)]
+    return rel_pos[_cached_rel_index(q_size, k_size, rel_pos.device)]
+
+
+def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
     rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel_pos[rel.long()]
+    return rel.long()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """:func:`_rel_index` made once per shape and device (a constant: not five small kernels per
+    attention call). Always a normal tensor, even when first asked for under inference mode, so
+    training can index with it later."""
+    with torch.inference_mode(False):
+        return _rel_index(q_size, k_size, device)
 
 
 def rel_pos_terms(

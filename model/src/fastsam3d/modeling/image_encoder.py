@@ -86,9 +86,9 @@ class Block(nn.Module):
 class PatchEmbed3D(nn.Module):
     """16^3 patches -> tokens, laid out channels-last (B, D, H, W, C).
 
-    Under autocast (the fast paths) the stride-16 convolution runs as the equivalent GEMM over
-    non-overlapping patches: same math, but oneDNN's bf16 path for this kernel shape is ~20x
-    slower than a bf16 matmul on CPU, and on GPU the GEMM is as fast as cuDNN.
+    Under autocast or in bf16 (the fast paths) the stride-16 convolution runs as the equivalent
+    GEMM over non-overlapping patches: same math, but oneDNN's bf16 path for this kernel shape
+    is ~20x slower than a bf16 matmul on CPU, and on GPU the GEMM is as fast as cuDNN.
     """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
@@ -97,7 +97,8 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type) or using_reference_kernels():
+        plain_fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        if plain_fp32 or using_reference_kernels():
             return self.proj(x).permute(0, 2, 3, 4, 1)
         return patch_conv(x, self.proj).permute(0, 2, 3, 4, 1)
 

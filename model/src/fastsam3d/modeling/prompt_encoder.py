@@ -50,6 +50,9 @@ class PositionEmbeddingRandom3D(nn.Module):
         self, coords: torch.Tensor, image_size: tuple[int, int, int]
     ) -> torch.Tensor:
         """PE of points given in voxel units of an image of ``image_size``."""
+        if len(set(image_size)) == 1:
+            # Same division, but no host-to-device copy: CUDA-graph capture forbids one.
+            return self._pe_encoding(coords.float() / float(image_size[0]))
         norm = torch.tensor(image_size, dtype=torch.float32, device=coords.device)
         return self._pe_encoding(coords.float() / norm)
 
@@ -97,7 +100,8 @@ class PromptEncoder3D(nn.Module):
         version and device) instead of recomputing 196k sin/cos per click.
         """
         g = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (g.data_ptr(), g._version, g.device, g.dtype)
+        # Inference tensors (a model built under inference_mode) have no version counter.
+        key = (g.data_ptr(), -1 if g.is_inference() else g._version, g.device, g.dtype)
         if using_reference_kernels():
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         if getattr(self, "_dense_pe_key", None) != key or torch.is_grad_enabled():
