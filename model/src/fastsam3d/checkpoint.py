@@ -136,6 +136,7 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
     window = windows.pop() if windows else 0
     fields = dict(
         depth=depth, embed_dim=embed_dim, num_heads=num_heads, window_size=window,
+        out_chans=sd["image_encoder.neck.0.weight"].shape[0],
         global_attn_indexes=tuple(globals_) if window else (),
         num_attn_free_blocks=attn_free, num_point_embeddings=4 if pe is not None else 2,
     )
