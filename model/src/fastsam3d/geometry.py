@@ -42,6 +42,7 @@ __all__ = [
     "sample_field",
     "axis_maps",
     "footprint",
+    "footprint_box",
     "lattice_box_to_region",
 ]
 
@@ -366,7 +367,13 @@ def sample_field(field: torch.Tensor, field_start: Sequence[int], lattice: Latti
             i1 = np.minimum(i0 + 1, n - 1)
             w = c - i0
         plan.append((ax, i0, i1, w))
-    if mode == "nearest":  # plain gathers, outer axes first (fastest of the orders tried)
+    if mode == "nearest" and dev.type == "cpu":  # numpy's take is ~4x faster here
+        xn = x.numpy()
+        for ax, i0, _, _ in reversed(plan):  # innermost first: fastest order measured
+            xn = np.take(xn, i0, axis=1 + ax)
+        x = torch.from_numpy(xn)
+        plan = []
+    elif mode == "nearest":  # plain gathers, outer axes first (fastest on GPU)
         for ax, i0, _, _ in plan:
             x = x[(*[slice(None)] * (1 + ax), torch.as_tensor(i0, device=dev))]
         plan = []
@@ -435,6 +442,23 @@ def footprint(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, sli
             return None
         result |= parts[0] & parts[1] & parts[2]
     return result
+
+
+def footprint_box(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
+                  start: Sequence[int], size: int = CROP) -> tuple[slice, slice, slice] | None:
+    """One crop's footprint inside ``region`` as slices relative to the region (it is a box:
+    the lattice is parallel to the original axes); None if not aligned (use
+    :func:`footprint`). An empty slice on some axis means no overlap."""
+    maps = axis_maps(lattice, ijk_to_ras, region)
+    if maps is None:
+        return None
+    out: list[slice] = [slice(0, 0)] * 3
+    for ax in range(3):
+        q, c = maps[ax]
+        c = c - start[ax]
+        ok = np.nonzero((c >= -0.5) & (c < size - 0.5))[0]
+        out[q] = slice(int(ok[0]), int(ok[-1]) + 1) if len(ok) else slice(0, 0)
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _footprint_grid(lattice: Lattice, ijk_to_ras: np.ndarray,

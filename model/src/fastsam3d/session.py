@@ -564,9 +564,16 @@ class Session:
             mask = geo.sample_field((field > 0)[None], start, lat, m, region, "nearest")[0]
         else:
             mask = geo.sample_field(field[None], start, lat, m, region, "linear")[0] > 0
-        inside = geo.footprint(lat, m, region, [t.start for t in tiles], self.device)
-        if inside is not None:
-            mask = mask & inside
+        box = geo.footprint_box(lat, m, region, tiles[0].start) if len(tiles) == 1 else None
+        if box is not None:  # one crop: its footprint is a box; clear around it by slicing
+            if any(b.start > 0 or b.stop < n for b, n in zip(box, mask.shape)):
+                inner = mask[box].clone()
+                mask = torch.zeros_like(mask)
+                mask[box] = inner
+        else:
+            inside = geo.footprint(lat, m, region, [t.start for t in tiles], self.device)
+            if inside is not None:
+                mask = mask & inside
         if state.box is not None:
             mask &= self._in_box(region, state.box)
         return mask
