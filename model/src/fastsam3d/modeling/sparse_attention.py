@@ -259,8 +259,31 @@ def _flex(
                                  scale=scale, return_aux=aux)
     if lse:
         out, a = res
-        return out, a.lse
+        return out, a.lse * _lse_to_natural(q.device.type == "cuda", q.device)
     return res, None
+
+
+@functools.cache
+def _lse_to_natural(compiled: bool, device: torch.device) -> float:
+    """Factor turning the LSE that FlexAttention returns into a natural log.
+
+    Merging branches needs natural-log LSEs, but whether the compiled kernel's base-2
+    statistics are converted before they are returned has changed between torch releases.
+    So ask once: with all scores 0 over n keys the LSE is ln(n) exactly.
+    """
+    if not compiled:
+        return 1.0
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    n = 128
+    z = torch.zeros(1, 1, n, 16, device=device)
+    _, aux = _compiled_flex()(z, z, z, scale=1.0, return_aux=AuxRequest(lse=True))
+    ratio = float(aux.lse.float().mean()) / math.log(n)
+    for factor in (1.0, math.log(2.0), 1.0 / math.log(2.0)):
+        if abs(ratio * factor - 1.0) < 1e-3:
+            return factor
+    raise RuntimeError(f"FlexAttention returned an LSE {ratio:.4f}x ln(n) for uniform scores; "
+                       "cannot merge sparse branches on this torch version")
 
 
 # ----------------------------------------------------------------------------- dense flex
