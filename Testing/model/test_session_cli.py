@@ -98,3 +98,22 @@ def test_refuses_to_overwrite_the_input_and_reports_bad_clicks(image, tmp_path, 
     rc = main(["segment", str(path), "--point", "900,0,0", "--out", str(tmp_path / "m.nrrd"),
                "--fixture-weights"])
     assert rc == 1 and "outside the volume" in capsys.readouterr().err
+
+
+def test_checkpoint_path_gives_the_same_mask_as_the_model_it_holds(image, tmp_path) -> None:
+    """--checkpoint PATH (an official-format file) runs exactly the network saved in it."""
+    from fastsam3d.checkpoint import save_official
+    from fastsam3d.testing import fixture_model
+
+    path, vol = image
+    ckpt = tmp_path / "FastSAM3D.pth"
+    save_official(fixture_model("fastsam3d"), ckpt)
+    point = ",".join(map(str, vol.ijk_to_ras_points([12, 11, 10])))
+    outs = []
+    for extra in (["--checkpoint", str(ckpt)], ["--fixture-weights"]):
+        out = tmp_path / f"m{len(outs)}.nii.gz"
+        assert main(["segment", str(path), "--point", point, "--out", str(out), "-q",
+                     "--max-crops", "1", *extra]) == 0
+        outs.append(Volume.read(out).array)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert outs[0].any()
