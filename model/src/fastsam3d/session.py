@@ -19,7 +19,9 @@ neighbouring crop half a crop further (64 lattice voxels, 50 % overlap, same lat
 seeded with a positive point where the mask crosses the face and the overlapping half of the
 logits as its mask prompt, until the mask stops touching faces or ``max_crops`` is reached.
 Overlapping crops are blended with weights that fade towards each crop's faces, so the merged
-mask has no seam. A click outside every crop adds a crop centred on it.
+mask has no seam. A click outside every crop adds a crop centred on it. A later click is decoded
+in every crop that contains it (each with its own previous logits); crops that do not contain it
+keep their masks, so a leak that spread into a neighbouring crop is corrected by clicking there.
 
 Boxes: the released weights have no box embedding, so a box places (and for a large box tiles)
 the crops, seeds each with a positive point at the centre of its part of the box, and the result
@@ -432,7 +434,7 @@ class Session:
         changed = touched + new_starts
         limited = False
         if self.propagate and state.box is None:
-            limited = self._propagate(tiles, changed)
+            limited = self._propagate(tiles, changed, state.clicks + (click,))
         return _State(tiles=tiles, clicks=state.clicks + (click,), box=state.box,
                       at_crop_limit=limited)
 
@@ -459,7 +461,7 @@ class Session:
         return torch.where(count > 0, total / count.clamp(min=1), total)
 
     def _propagate(self, tiles: dict[tuple[int, int, int], _Tile],
-                   queue: list[tuple[int, int, int]]) -> bool:
+                   queue: list[tuple[int, int, int]], clicks: Sequence[_Click] = ()) -> bool:
         """Add neighbour crops while the mask reaches crop faces; True if max_crops stopped it."""
         shape = self._lattice.shape
         queue = list(queue)
@@ -485,7 +487,10 @@ class Session:
                         return True
                     seed = self._seed_at_face(t, axis, direction)
                     prompt = self._mask_prompt_from(tiles, nstart)
-                    logits, iou = self._decode(nstart, [seed], prompt)
+                    points = [seed]
+                    if self.point_policy == "accumulate":  # the user's clicks it contains too
+                        points += [c for c in clicks if self._inside_tile(nstart, c.index)]
+                    logits, iou = self._decode(nstart, points, prompt)
                     tiles[nstart] = _Tile(nstart, logits, (seed,), iou)
                     queue.append(nstart)
         return False
