@@ -330,3 +330,13 @@ def test_partial_upsample_gives_the_same_mask_as_the_full_one() -> None:
                                 vol.ijk_to_ras, region)[0]
         ours = geo.sample_field((part > 0)[None], start, s.lattice, vol.ijk_to_ras, region)[0]
         assert torch.equal(full, ours), trial
+
+
+def test_session_accepts_a_checkpoint_path(tmp_path) -> None:
+    from fastsam3d.checkpoint import save_official
+    from fastsam3d.testing import fixture_model
+
+    path = tmp_path / "FastSAM3D.pth"
+    save_official(fixture_model("fastsam3d"), path)
+    s = Session(str(path), device="cpu", warmup=False)
+    assert s.model.config.name == "fastsam3d" and s.point_policy == "newest"
