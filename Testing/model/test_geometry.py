@@ -50,7 +50,7 @@ def _ras_volumes(m: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(ras.transpose(3, 0, 1, 2).astype(np.float32))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grids())
 def test_crop_values_are_the_lattice_ras_positions(grid) -> None:
     m, shape = grid
@@ -84,7 +84,7 @@ def test_crop_axes_run_along_r_a_s(grid) -> None:
     assert np.all(np.diag(a) > 0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(grids())
 def test_orientation_rule_matches_nibabel(grid) -> None:
     m, _ = grid
@@ -96,7 +96,7 @@ def test_orientation_rule_matches_nibabel(grid) -> None:
         assert sign_of_world[w] == int(ornt[ax, 1])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grids(max_size=20), st.integers(0, 2**31 - 1))
 def test_lattice_and_values_match_torchio(grid, seed) -> None:
     """Resample(1.5) then ToCanonical on the whole volume == our lattice, sampled pointwise."""
@@ -143,7 +143,7 @@ def test_znormalize_matches_torchio_and_guards_constant_crops() -> None:
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grids(max_size=40))
 def test_pasted_sphere_lands_at_its_world_position(mode, grid) -> None:
     """A sphere of logits in crop space -> voxels within its world radius on any grid."""
@@ -176,7 +176,7 @@ def test_pasted_sphere_lands_at_its_world_position(mode, grid) -> None:
     assert not np.any(mask[dist > r_mm + tol])
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grids(max_size=16), st.integers(0, 2**31 - 1))
 def test_corner_anchor_matches_pre_2025_torchio(grid, seed) -> None:
     """anchor="corner": the grid older torchio's Resample(1.5) built (ceil voxels, outer corners
@@ -205,7 +205,7 @@ def test_corner_anchor_matches_pre_2025_torchio(grid, seed) -> None:
     np.testing.assert_allclose(crop[:n0, :n1, :n2], can.data[0].numpy(), atol=1e-4)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(grids(max_size=30), st.tuples(*[st.integers(-140, 20) for _ in range(3)]))
 def test_footprint_box_equals_the_pointwise_footprint(grid, start) -> None:
     m, shape = grid
