@@ -24,6 +24,8 @@ def _blob_volume(shape=(40, 60, 70), spacing=(1.0, 1.2, 2.0), centre=(35, 30, 20
 
 
 def _session(model=None, **kw) -> Session:
+    # The stubs count their own calls: run them exactly, not through a prepared bf16 copy.
+    kw.setdefault("precision", "fp32")
     return Session(model or ThresholdModel(), device="cpu", warmup=False, **kw)
 
 

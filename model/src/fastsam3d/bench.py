@@ -43,6 +43,7 @@ from .build import set_attention_backend
 from .fastpath import PastePlan, Runner, paste_field, paste_plan, resolve_device, upsample
 from .modeling import Sam3D
 from .modeling.common import reference_kernels
+from .session import Session
 from .testing import fixture_model
 
 MODES = ("reference", "exact", "fast")
@@ -193,33 +194,6 @@ def crop_footprint(lattice: geo.Lattice, ijk_to_ras: np.ndarray, start: tuple[in
     return region, paste_plan(maps, size, mode, device)
 
 
-def runner_session(runner: Runner, **kwargs: Any) -> Any:
-    """A :class:`fastsam3d.Session` whose network calls go through ``runner``: the encoder via
-    the model's ``image_encoder`` slot, the click via ``Session._run_decoder``. This is the
-    integration the session adopts for the fast path (see docs/benchmarks.md)."""
-    from torch import nn
-
-    from .session import Session
-
-    class _Encoder(nn.Module):
-        def __init__(self, r: Runner) -> None:
-            super().__init__()
-            self.img_size = r.model.image_encoder.img_size
-            self._r = (r,)  # not a submodule: the runner owns its weights
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self._r[0].encode(x)
-
-    class RunnerSession(Session):
-        def _run_decoder(self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor,
-                         mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return runner.click(emb, pts, labels, mask)
-
-    m = runner.model
-    proxy = Sam3D(_Encoder(runner), m.prompt_encoder, m.mask_decoder, config=m.config)
-    return RunnerSession(proxy, runner.device, warmup=False, **kwargs)
-
-
 def _median(res: dict) -> float:
     return res["median_ms"]
 
@@ -314,7 +288,7 @@ def bench_session(name: str, device: torch.device, modes: tuple[str, ...], repea
             runner.warmup()
         warm_s = time.perf_counter() - t0
         with _mode_context(mode):
-            s = runner_session(runner, propagate=False)
+            s = Session(runner, warmup=False, propagate=False)
             s.set_volume(vol)
 
             def forget(s: Any = s) -> None:

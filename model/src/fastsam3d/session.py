@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import geometry as geo
+from .fastpath import Runner, resolve_device
 from .volume import Volume, VolumeError
 
 __all__ = ["Session", "Result", "SessionError", "paste_result", "resolve_device"]
@@ -56,20 +57,6 @@ _CPU_WARNED = False
 
 class SessionError(ValueError):
     """A prompt or call the session cannot act on; the session's state is unchanged."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: CUDA, then Apple MPS, then CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -150,7 +137,7 @@ def _region_union(a: Region | None, b: Region | None) -> Region | None:
 
 def _load_model(model: Any, device: torch.device) -> nn.Module:
     if isinstance(model, nn.Module):
-        return model
+        return model.to(device)
     if isinstance(model, (str, os.PathLike)):
         from .checkpoint import load_model
 
@@ -162,7 +149,10 @@ def _load_model(model: Any, device: torch.device) -> nn.Module:
 class Session:
     """Interactive segmentation of one object in one volume (see the module docstring).
 
-    ``model``: a registry name, a checkpoint path or a model with the SAM-style parts.
+    ``model``: a registry name, a checkpoint path, a model with the SAM-style parts, or a
+    prepared :class:`fastsam3d.fastpath.Runner`. Every network call goes through that Runner:
+    ``precision="auto"`` is the fast path (bf16 encoder + CUDA graphs on CUDA, a bf16 encoder
+    on CPUs with native bf16), ``"fp32"`` the exact path.
     ``max_crops``: most crops one object may use (each new crop costs one encoder run).
     ``warmup``: run the network once now so the first real click is not slow.
     ``paste_interpolation``: ``"nearest"`` maps the crop mask back exactly as the reference
@@ -175,8 +165,13 @@ class Session:
     def __init__(self, model: Any = "fastsam3d", device: str | torch.device = "auto", *,
                  point_policy: str | None = None, max_crops: int = 8, propagate: bool = True,
                  paste_interpolation: str = "nearest", lattice_anchor: str = "centre",
-                 warmup: bool = True) -> None:
-        self.device = resolve_device(device)
+                 warmup: bool = True, precision: str = "auto") -> None:
+        if isinstance(model, Runner):
+            self.runner = model
+        else:
+            dev = resolve_device(device)
+            self.runner = Runner(_load_model(model, dev), dev, precision=precision)
+        self.device = self.runner.device
         if self.device.type == "cpu":
             global _CPU_WARNED
             if not _CPU_WARNED:
@@ -184,7 +179,7 @@ class Session:
                 warnings.warn("fastsam3d: running on the CPU; each new 128^3 crop costs one "
                               "encoder run (a fraction of a second to seconds). Use a CUDA or "
                               "MPS device for interactive speed.", RuntimeWarning, stacklevel=2)
-        self.model = _load_model(model, self.device).to(self.device).eval()
+        self.model = self.runner.model
         cfg = getattr(self.model, "config", None)
         policy = point_policy or getattr(cfg, "point_policy", None) or "accumulate"
         if policy not in ("newest", "accumulate"):
@@ -201,8 +196,6 @@ class Session:
         if lattice_anchor not in ("centre", "corner"):
             raise ValueError(f"lattice_anchor must be 'centre' or 'corner', not {lattice_anchor!r}")
         self.lattice_anchor = lattice_anchor
-        with torch.inference_mode():
-            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         self._weights = geo.tile_weights(device=self.device)
         self.volume: Volume | None = None
         self._clear_volume()
@@ -358,14 +351,8 @@ class Session:
         self._result = result
         return result
 
-    @torch.inference_mode()
     def _warmup(self) -> None:
-        x = torch.zeros(1, 1, geo.CROP, geo.CROP, geo.CROP, device=self.device)
-        emb = self.model.image_encoder(x)
-        pts = torch.full((1, 1, 3), float(_HALF), device=self.device)
-        self._run_decoder(emb, pts, torch.ones(1, 1, dtype=torch.long, device=self.device),
-                          torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES,
-                                      device=self.device))
+        self.runner.warmup()
 
     @torch.inference_mode()
     def _embedding(self, start: tuple[int, int, int]) -> torch.Tensor:
@@ -373,16 +360,13 @@ class Session:
         if emb is None:
             crop = geo.sample_crop(self._tensor, self._lattice, self.volume.ijk_to_ras, start)
             x = geo.znormalize(crop)[None, None]
-            emb = self.model.image_encoder(x)
+            emb = self.runner.encode(x)
             self._embeddings[start] = emb
         return emb
 
     def _run_decoder(self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor,
                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse, dense = self.model.prompt_encoder(points=(pts, labels), boxes=None, masks=mask)
-        return self.model.mask_decoder(image_embeddings=emb, image_pe=self._dense_pe,
-                                       sparse_prompt_embeddings=sparse,
-                                       dense_prompt_embeddings=dense, multimask_output=False)
+        return self.runner.click(emb, pts, labels, mask)
 
     @torch.inference_mode()
     def _decode(self, start: tuple[int, int, int], points: Sequence[_Click],
