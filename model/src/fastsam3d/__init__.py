@@ -19,7 +19,10 @@ _LAZY = {
     "load_model": "checkpoint",
     "Volume": "volume",
     "Session": "session",
+    "Result": "session",
+    "SessionError": "session",
     "paste_result": "session",
+    "VolumeError": "volume",
     "SparsePattern": "modeling.sparse_attention",
 }
 
