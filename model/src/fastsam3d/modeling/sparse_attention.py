@@ -400,17 +400,31 @@ def _flex_plan(
         perm, inv = _order(gid[i])
         gp = gid[:, perm]  # group ids of all branches, in this branch's order
 
-        def mask_mod(b, h, q_idx, kv_idx, gp=gp, i=i):  # noqa: ANN001, ANN202
-            keep = gp[i, q_idx] == gp[i, kv_idx]
-            for j in range(i):
-                keep = keep & (gp[j, q_idx] != gp[j, kv_idx])
-            return keep
-
+        mask_mod = _branch_mask_mod(gp[i].contiguous(), tuple(gp[j].contiguous() for j in range(i)))
         bm = _block_mask(mask_mod, n, device, block)
         if int(bm.kv_num_blocks.sum()) + int(_full_blocks(bm)) == 0:
             continue
         plan.append(_FlexBranch(perm, inv, tuple(c[perm] for c in coords), bm))
     return plan
+
+
+def _branch_mask_mod(own: torch.Tensor, earlier: tuple[torch.Tensor, ...]) -> Callable:
+    """mask_mod of one branch: same group in this branch (``own``: group id per token), in no
+    earlier branch's group (``earlier``).
+
+    Built by a factory so that the tensors are closure cells, which torch.compile lifts as
+    inputs. Function default arguments are not guarded: a ``def mask_mod(..., gp=gp, i=i)``
+    compiled for branch 0 was silently reused with branch 0's mask for every later branch on
+    CUDA. (No int in the closure either: dynamo would make it a data-dependent symbol.)
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 (traced by flex)
+        keep = own[q_idx] == own[kv_idx]
+        for g in earlier:
+            keep = keep & (g[q_idx] != g[kv_idx])
+        return keep
+
+    return mask_mod
 
 
 def _full_blocks(bm: object) -> int:
