@@ -29,47 +29,21 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fastsam3d.bench import git_commit, sample_times
 from fastsam3d.modeling import sparse_attention as sa
 from fastsam3d.modeling.attention import dense_bias, rel_pos_terms
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def timed(fn, runs: int, warmup: int, device: torch.device) -> list[float]:
-    """Per-call milliseconds (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(runs):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return times
+    """Per-call milliseconds: the benchmark timer shared with ``fastsam3d bench``."""
+    return sample_times(fn, device, runs, warmup)
 
 
 def make_inputs(g: int, heads: int, hd: int, dtype: torch.dtype, device: torch.device):

@@ -97,10 +97,17 @@ def environment(device: torch.device) -> dict:
 
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
             setup: Callable[[], object] | None = None) -> dict:
-    """Median / p90 in milliseconds of ``fn`` (CUDA events on GPU, perf_counter on CPU).
+    """Median / p90 / min in milliseconds of ``fn`` (see :func:`sample_times`)."""
+    times = sorted(sample_times(fn, device, repeats, warmup, setup))
+    return {"median_ms": statistics.median(times), "p90_ms": times[math.ceil(0.9 * len(times)) - 1],
+            "min_ms": times[0], "runs": repeats}
 
-    ``setup`` runs before every call, outside the timed span (e.g. forgetting a cached crop).
-    """
+
+def sample_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+                 setup: Callable[[], object] | None = None) -> list[float]:
+    """Per-call milliseconds of ``fn`` after warm-up: CUDA events on GPU (never host clocks
+    around async work), perf_counter on CPU. ``setup`` runs before every call, outside the
+    timed span (e.g. forgetting a cached crop)."""
     for _ in range(warmup):
         if setup is not None:
             setup()
@@ -123,9 +130,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[math.ceil(0.9 * len(times)) - 1],
-            "min_ms": times[0], "runs": repeats}
+    return times
 
 
 def _click_inputs(device: torch.device, points: int = 1) -> tuple[torch.Tensor, ...]:

@@ -75,20 +75,3 @@ def patch_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     out = F.linear(patches.reshape(b, *g, -1), conv.weight.reshape(conv.out_channels, -1),
                    conv.bias)
     return out.permute(0, 4, 1, 2, 3)
-
-
-def patch_conv_transpose(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
-    """A ConvTranspose3d with kernel == stride (each input voxel paints its own output block),
-    as one GEMM plus a voxel shuffle: exact, and much faster than the generic kernel on CPU."""
-    if _REFERENCE_KERNELS:
-        return conv(x)
-    k = conv.kernel_size
-    b, c, d, h, w = x.shape
-    co = conv.out_channels
-    weight = conv.weight.reshape(c, co * k[0] * k[1] * k[2])
-    out = x.permute(0, 2, 3, 4, 1).reshape(b, d * h * w, c) @ weight
-    out = out.reshape(b, d, h, w, co, k[0], k[1], k[2]).permute(0, 4, 1, 5, 2, 6, 3, 7)
-    out = out.reshape(b, co, d * k[0], h * k[1], w * k[2])
-    if conv.bias is not None:
-        out = out + conv.bias.reshape(1, co, 1, 1, 1)
-    return out

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm3d, patch_conv_transpose
+from .common import LayerNorm3d
 from .transformer import TwoWayTransformer3D
 
 
@@ -99,14 +99,15 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        up = self.output_upscaling
-        upscaled = src.transpose(1, 2).reshape(b, c, x, y, z)
-        upscaled = up[2](up[1](patch_conv_transpose(upscaled, up[0])))
-        upscaled = up[4](patch_conv_transpose(upscaled, up[3]))
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
         wanted = range(self.num_mask_tokens)[mask_slice]
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
         )
         b, c, x, y, z = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, x * y * z)).reshape(b, -1, x, y, z)
+        # The final logits in fp32 even under autocast (the fast paths): they are thresholded
+        # and fed back as the next click's mask prompt.
+        with torch.autocast(upscaled.device.type, enabled=False):
+            masks = hyper_in.float() @ upscaled.reshape(b, c, x * y * z).float()
+        masks = masks.reshape(b, -1, x, y, z)
         return masks, self.iou_prediction_head(iou_token_out)

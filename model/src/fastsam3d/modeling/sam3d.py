@@ -51,11 +51,25 @@ class Sam3D(nn.Module):
         multimask_output: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder pass: prompt encoder + mask decoder -> (low_res_logits, iou)."""
-        sparse, dense = self.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
-        return self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        return decode(self, image_embeddings, coords, labels, mask_input, multimask_output)
+
+
+def decode(
+    model: nn.Module,
+    image_embeddings: torch.Tensor,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    mask_input: torch.Tensor | None,
+    multimask_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder of any model with the SAM-style parts (``prompt_encoder``,
+    ``mask_decoder``): the one click implementation that Sam3D, the Runner and test stubs share."""
+    pe = model.prompt_encoder
+    sparse, dense = pe(points=(coords, labels), boxes=None, masks=mask_input)
+    return model.mask_decoder(
+        image_embeddings=image_embeddings,
+        image_pe=pe.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+    )
