@@ -256,16 +256,21 @@ class SegmentWriter:
         labelmap, label = self.snapshot_segment(segment_id)
         return read_labelmap(labelmap, label, image_to_seg, extent)
 
-    def _layer_on_grid(self, segment_id: str, image_to_seg: np.ndarray) -> tuple | None:
-        """(segment, layer image, [k, j, i] numpy view of it, its extent) when the segment's
-        (possibly shared) labelmap layer lies exactly on our grid, else None."""
-        segmentation = self.segmentation_node.GetSegmentation()
-        segment = segmentation.GetSegment(segment_id)
+    def _segment(self, segment_id: str) -> slicer.vtkSegment:
+        """The segment, or a KeyError that names it (the user may have deleted it)."""
+        segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
         if segment is None:
             raise KeyError(
                 f"segment {segment_id!r} is not in {self.segmentation_node.GetName()!r} "
                 "(was it deleted?)"
             )
+        return segment
+
+    def _layer_on_grid(self, segment_id: str, image_to_seg: np.ndarray) -> tuple | None:
+        """(segment, layer image, [k, j, i] numpy view of it, its extent) when the segment's
+        (possibly shared) labelmap layer lies exactly on our grid, else None."""
+        segmentation = self.segmentation_node.GetSegmentation()
+        segment = self._segment(segment_id)
         name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
         if segmentation.GetSourceRepresentationName() != name:
             return None
@@ -352,13 +357,7 @@ class SegmentWriter:
 
     def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
         """An independent copy of the segment's labelmap and the label value it uses there."""
-        segmentation = self.segmentation_node.GetSegmentation()
-        segment = segmentation.GetSegment(segment_id)
-        if segment is None:
-            raise KeyError(
-                f"segment {segment_id!r} is not in {self.segmentation_node.GetName()!r} "
-                "(was it deleted?)"
-            )
+        segment = self._segment(segment_id)
         labelmap = slicer.vtkOrientedImageData()
         slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
             self.segmentation_node, segment_id, labelmap
