@@ -114,6 +114,19 @@ def test_einsum_reference_backend_agrees_with_default(golden, models):
     assert rel_err(fast, ref.numpy()) < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["fastsam3d", "sammed3d"])
+def test_fold_backend_is_exact(variant, golden, models):
+    """The rel-pos bias folded into extra q/k dims (no additive mask) gives the same numbers."""
+    model = models[VARIANTS[variant]]
+    fastsam3d.set_attention_backend(model, "fold")
+    try:
+        with torch.no_grad():
+            emb = model.image_encoder(torch.from_numpy(golden["input"]))
+    finally:
+        fastsam3d.set_attention_backend(model, "sdpa")
+    assert rel_err(emb, golden[f"{variant}_embedding"]) < 1e-4
+
+
 def test_encoder_taps_expose_every_block(golden, models):
     model = models["fastsam3d"]
     with torch.no_grad():

@@ -7,6 +7,8 @@ Backends (all compute the same function of the weights):
   This is the reference the other backends are tested against.
 * ``"sdpa"`` (default): ``F.scaled_dot_product_attention`` with the rel-pos bias as an additive
   mask; padded windows use the closed form below, so only the 512 real queries are computed.
+* ``"fold"``: SDPA with *no* mask: the rel-pos bias folded into extra q/k dimensions (see
+  :func:`fold_rel_pos`), so the fused flash/cuDNN kernels without bias support apply.
 * ``"flex"``: FlexAttention with the rel-pos terms in a ``score_mod`` (see ``sparse_attention``).
 * ``"sparse"``: the 3D block-sparse pattern (local blocks + dilated strides) of
   ``sparse_attention``; a research option, the official weights were trained dense.
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("einsum", "sdpa", "flex", "sparse")
+BACKENDS = ("einsum", "sdpa", "fold", "flex", "sparse")
 DEFAULT_BACKEND = "sdpa"
 
 Grid = tuple[int, int, int]
@@ -140,6 +142,41 @@ def padded_key_bias(
     return out.flatten(2)
 
 
+@functools.lru_cache(maxsize=16)
+def _fold_keys(g: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot key features of :func:`fold_rel_pos`: (N, 2 g^2) = [onehot(kd,kw), onehot(kh,kw)]."""
+    with torch.inference_mode(False):
+        idx = torch.arange(g**3, device=device)
+        kd, kh, kw = idx // (g * g), (idx // g) % g, idx % g
+        eye = torch.eye(g * g, device=device, dtype=dtype)
+        return torch.cat([eye[kd * g + kw], eye[kh * g + kw]], dim=1)
+
+
+def fold_rel_pos(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float,
+) -> torch.Tensor:
+    """Exact attention with the official rel-pos bias and no additive mask (cubic grids).
+
+    Under the reference's broadcast (:func:`dense_bias`) the bias of a query for key
+    (kd, kh, kw) is ``A[kd, kw] + C[kh, kw]`` with ``A = t_d[.., kw] + t_h[.., kd, kw]`` and
+    ``C = t_w[.., kh, kw]``: a dot product of the query's 2 g^2 values [A, C] with the key's
+    one-hots [onehot(kd,kw), onehot(kh,kw)]. Appending those to q and k (and zeros to v) turns
+    the biased attention into a plain one that flash/cuDNN kernels run; 128 + 2*64 = 256 head
+    dims for FastSAM3D, within their limit.
+    """
+    t_d, t_h, t_w = terms
+    b, h, g = q.shape[0], q.shape[1], t_d.shape[2]
+    n, hd = q.shape[2], q.shape[3]
+    a = (t_d[:, :, :, :, :, None, :] + t_h[:, :, :, :, None, :, :]).reshape(b, h, n, g * g)
+    c = t_w[:, :, :, :, None, :, :].expand(b, h, g, g, g, g, g).reshape(b, h, n, g * g)
+    q2 = torch.cat([q * scale, a.to(q.dtype), c.to(q.dtype)], dim=-1)
+    keys = _fold_keys(g, q.device, q.dtype).expand(b, h, n, 2 * g * g)
+    k2 = torch.cat([k, keys], dim=-1)
+    v2 = torch.cat([v, v.new_zeros(b, h, n, 2 * g * g)], dim=-1)
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :hd]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a 3D token grid with decomposed relative positions.
 
@@ -186,7 +223,9 @@ class Attention(nn.Module):
             out = self._padded_window(q, k, v, grid, pad_to)
         elif self.backend == "einsum":
             out = self._einsum(q, k, v, grid)
-        elif self.backend == "sdpa":
+        elif self.backend == "fold" and self.use_rel_pos and len(set(grid)) == 1:
+            out = fold_rel_pos(q, k, v, rel_pos_terms(q, self._tables(), grid, grid), self.scale)
+        elif self.backend in ("sdpa", "fold"):  # "fold" needs rel-pos on a cubic grid
             bias = None
             if self.use_rel_pos:
                 bias = dense_bias(rel_pos_terms(q, self._tables(), grid, grid)).to(q.dtype)
