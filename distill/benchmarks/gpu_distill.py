@@ -293,21 +293,26 @@ def main() -> int:
                       "warmup_steps": args.warmup_steps, "grad_clip": args.grad_clip},
     }
 
-    # 1. online teacher ------------------------------------------------------------------
-    if "online" in args.phases:
-        ds = TensorCropDataset(images, device=dev)
-        # Progressive schedule, one more matched block every 50 steps (a visible curve).
-        task = fresh_task(teacher, k_every_steps=50)
-        r = run_phase("online", task, ds, args, env, seconds_for("online"))
-        result["online"] = {
+    def timed_phase(name: str, task: object, dataset: object) -> dict:
+        """Run one throughput phase; its volumes/s and loss curve (micro-step, s, loss, k)."""
+        r = run_phase(name, task, dataset, args, env, seconds_for(name))
+        res = {
             **throughput(r["history"], batch_global),
             "micro_steps": r["micro_steps"], "wall_s": r["seconds"],
             "loss_curve": [(h["micro_step"], h["time"], h["loss"], h["distill/k"])
                            for h in r["history"]],
         }
-        del task
         if env.is_main:
-            print(f"[online] {result['online']['volumes_per_s']:.1f} volumes/s", flush=True)
+            print(f"[{name}] {res['volumes_per_s']:.1f} volumes/s", flush=True)
+        return res
+
+    # 1. online teacher ------------------------------------------------------------------
+    if "online" in args.phases:
+        ds = TensorCropDataset(images, device=dev)
+        # Progressive schedule, one more matched block every 50 steps (a visible curve).
+        task = fresh_task(teacher, k_every_steps=50)
+        result["online"] = timed_phase("online", task, ds)
+        del task
 
     # 2. cached features ------------------------------------------------------------------
     cached_ds = None
@@ -330,16 +335,8 @@ def main() -> int:
         }
     if "cached" in args.phases:
         task = fresh_task(None, k_every_steps=50)
-        r = run_phase("cached", task, cached_ds, args, env, seconds_for("cached"))
-        result["cached"] = {
-            **throughput(r["history"], batch_global),
-            "micro_steps": r["micro_steps"], "wall_s": r["seconds"],
-            "loss_curve": [(h["micro_step"], h["time"], h["loss"], h["distill/k"])
-                           for h in r["history"]],
-        }
+        result["cached"] = timed_phase("cached", task, cached_ds)
         del task
-        if env.is_main:
-            print(f"[cached] {result['cached']['volumes_per_s']:.1f} volumes/s", flush=True)
 
     # 3. gating at equal final loss (cached features, fixed objective k = depth) ------------
     if "gating" in args.phases:
