@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -32,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from fastsam3d import geometry as geo  # noqa: E402
+from fastsam3d.bench import git_commit  # noqa: E402
 from fastsam3d.session import Session  # noqa: E402
 from fastsam3d.testing import fixture_model  # noqa: E402
 from fastsam3d.volume import Volume  # noqa: E402
@@ -134,8 +134,7 @@ def main() -> int:
                                              "region_voxels": int(np.prod(res.mask.shape))}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                     capture_output=True, text=True).stdout.strip(),
+        "git_commit": git_commit(HERE),
         "host": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,

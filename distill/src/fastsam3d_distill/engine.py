@@ -34,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from fastsam3d.atomic import atomic_path
+
 from .gating import BackwardGate
 
 CKPT_FORMAT = "fastsam3d-distill-train/1"
@@ -173,19 +175,9 @@ class _EpochDataset(Dataset):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary sibling, fsync, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+    """torch.save that never leaves a half-written checkpoint (fastsam3d's atomic write)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -16,17 +16,16 @@ Pickles are opened with ``torch.load(weights_only=True)`` and an allowlist that 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
 import pickle
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .build import MODEL_CONFIGS, ModelConfig, build_model, get_config
 from .modeling import Sam3D
 
@@ -38,23 +37,6 @@ _CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read safely or does not fit the network."""
-
-
-def _atomic_target(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-atomic_target = contextlib.contextmanager(_atomic_target)
-atomic_target.__doc__ = """Yield a temporary path beside ``path``; rename it over ``path`` only
-if the block succeeds, so a crash never leaves a half-written checkpoint where a good one was."""
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict:
@@ -268,7 +250,7 @@ def save_official(
         model_type="vit_b_ori", fastsam3d_config=cfg.name if cfg else None,
         block_style=cfg.block_style if cfg else None, **metadata,
     )
-    with atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save({"model_state_dict": _state_dict_of(model), "args": args}, tmp)
     return path
 
@@ -287,6 +269,6 @@ def save_safetensors(
     if cfg is not None:
         meta.setdefault("fastsam3d_config", cfg.name)
         meta.setdefault("block_style", cfg.block_style)
-    with atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(_state_dict_of(model), str(tmp), metadata=meta)
     return path

@@ -37,6 +37,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+from .atomic import atomic_path
+
 __all__ = [
     "ENV_CACHE",
     "HASHES_FILE",
@@ -280,17 +282,8 @@ def _records_lock(directory: Path) -> Iterator[None]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _set_record(directory: Path, filename: str, entry: dict | None) -> bool:
