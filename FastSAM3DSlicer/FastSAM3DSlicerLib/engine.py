@@ -60,12 +60,16 @@ class FastSAM3DEngine:
 
     def __init__(self, model: Any, device: Any, **session_options: Any) -> None:
         import fastsam3d
+        from fastsam3d.fastpath import Runner
 
         self._fastsam3d = fastsam3d
         self.model = model
         self.device_info = describe_device(device)
         self.device = self.device_info.name
         self._warmed = False
+        # One prepared runner (bf16 encoder copy, CUDA graphs) shared by every per-segment
+        # session, instead of each session preparing its own.
+        self.runner = Runner(model, device, precision=session_options.pop("precision", "auto"))
         self.session_options = session_options  # e.g. max_crops, propagate (fastsam3d.Session)
 
     @classmethod
@@ -75,7 +79,7 @@ class FastSAM3DEngine:
         ensure_fastsam3d_importable()
         import fastsam3d
         from fastsam3d import hub
-        from fastsam3d.session import resolve_device
+        from fastsam3d.fastpath import resolve_device
 
         dev = resolve_device(device)
         if weights == LOCAL_FILE:
@@ -97,14 +101,14 @@ class FastSAM3DEngine:
                    ) -> FastSAM3DEngine:
         """Wrap an already built network (tests use the fixture-weight network)."""
         ensure_fastsam3d_importable()
-        from fastsam3d.session import resolve_device
+        from fastsam3d.fastpath import resolve_device
 
         return cls(model, resolve_device(device), **session_options)
 
     def new_session(self) -> Any:
         # Warming up (cuDNN plans, allocator) once per network is enough; later sessions reuse it.
         session = self._fastsam3d.Session(
-            self.model, device=self.device, warmup=not self._warmed, **self.session_options
+            self.runner, warmup=not self._warmed, **self.session_options
         )
         self._warmed = True
         return session

@@ -45,6 +45,8 @@ def test_real_session_click_and_undo_on_transformed_oblique_volume(engine):
     assert not isinstance(record, FailedEdit), record
     session = logic._sessions[next(iter(logic._sessions))].session
     assert isinstance(session, fastsam3d.Session)
+    # Every segment's session runs on the engine's one prepared network (no copy per segment).
+    assert session.runner is engine.runner
     result = session.result
 
     # The session got the click in the volume's own RAS: its voxel is the clicked one.
