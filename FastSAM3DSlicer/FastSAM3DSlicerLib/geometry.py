@@ -25,24 +25,20 @@ def as_matrix(values: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
     return m
 
 
-def apply(matrix: np.ndarray, point: Sequence[float]) -> np.ndarray:
-    """Apply a 4x4 homogeneous matrix to one 3D point."""
-    p = np.ones(4)
-    p[:3] = np.asarray(point, dtype=np.float64)
-    q = matrix @ p
-    return q[:3] / q[3]
-
-
 def ras_to_ijk(ijk_to_ras: np.ndarray, ras: Sequence[float]) -> np.ndarray:
-    """Continuous voxel index (i, j, k) of a point given in the volume's own RAS."""
-    return apply(np.linalg.inv(ijk_to_ras), ras)
+    """Continuous voxel index (i, j, k) of a point given in the volume's own RAS (the engine's
+    rule, ``fastsam3d.volume.ras_to_index``: the refusal here must match the session's)."""
+    from fastsam3d.volume import ras_to_index
+
+    return ras_to_index(ijk_to_ras, ras)
 
 
 def inside_volume(ijk: Sequence[float], shape_kji: Sequence[int]) -> bool:
-    """True when a continuous index lies within the voxel footprint (half a voxel past centres)."""
-    dims_ijk = np.asarray(shape_kji[::-1], dtype=np.float64)
-    v = np.asarray(ijk, dtype=np.float64)
-    return bool(np.all(v >= -0.5) and np.all(v <= dims_ijk - 0.5))
+    """True when a continuous index lies within the voxel footprint, exactly as the session
+    decides (``fastsam3d.volume.index_inside``)."""
+    from fastsam3d.volume import index_inside
+
+    return index_inside(ijk, shape_kji)
 
 
 def check_inside(

@@ -19,6 +19,24 @@ __all__ = ["Volume", "VolumeError", "LPS_TO_RAS"]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def ras_to_index(ijk_to_ras: Any, ras: Any) -> np.ndarray:
+    """Continuous (i, j, k) indices of RAS points (..., 3) under a 4x4 IJK->RAS matrix.
+
+    Free functions (and numpy only) so that callers holding just an array and a matrix, such as
+    the Slicer module's UI thread, use the same rule as :class:`Volume`.
+    """
+    p = np.asarray(ras, dtype=np.float64)
+    inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
+    return p @ inv[:3, :3].T + inv[:3, 3]
+
+
+def index_inside(ijk: Any, shape_kji: Any) -> bool:
+    """Whether continuous (i, j, k) indices lie in the voxels' footprint: [-0.5, n - 0.5)."""
+    v = np.asarray(ijk, dtype=np.float64)
+    size = np.asarray(tuple(shape_kji)[::-1], dtype=np.float64)
+    return bool(np.all(v >= -0.5) and np.all(v < size - 0.5))
+
+
 class VolumeError(ValueError):
     """The image cannot be segmented as given (shape, values or geometry)."""
 
@@ -96,9 +114,7 @@ class Volume:
 
     def ras_to_ijk(self, ras: Any) -> np.ndarray:
         """Continuous (i, j, k) indices of RAS points (..., 3)."""
-        p = np.asarray(ras, dtype=np.float64)
-        inv = np.linalg.inv(self.ijk_to_ras)
-        return p @ inv[:3, :3].T + inv[:3, 3]
+        return ras_to_index(self.ijk_to_ras, ras)
 
     def ijk_to_ras_points(self, ijk: Any) -> np.ndarray:
         """RAS positions of continuous (i, j, k) indices (..., 3)."""
@@ -107,9 +123,7 @@ class Volume:
 
     def contains(self, ras: Any) -> bool:
         """Whether a RAS point lies inside the volume's voxels (centre +/- half a voxel)."""
-        ijk = self.ras_to_ijk(ras)
-        size = np.array(self.shape[::-1], dtype=np.float64)
-        return bool(np.all(ijk >= -0.5) and np.all(ijk < size - 0.5))
+        return index_inside(self.ras_to_ijk(ras), self.shape)
 
     def like(self, array: Any) -> Volume:
         """A volume with the same geometry and another array (e.g. a mask)."""
