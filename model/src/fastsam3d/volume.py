@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Volume", "VolumeError", "LPS_TO_RAS"]
+from .atomic import atomic_path
+from .nifti import NIFTI_SUFFIXES, is_nifti, read_nifti, write_nifti
+
+__all__ = ["Volume", "VolumeError", "LPS_TO_RAS", "MASK_SUFFIXES", "check_output"]
 
 # SimpleITK/ITK/DICOM are LPS; Slicer and the engine are RAS. The conversion happens only here.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -39,6 +42,44 @@ def index_inside(ijk: Any, shape_kji: Any) -> bool:
 
 class VolumeError(ValueError):
     """The image cannot be segmented as given (shape, values or geometry)."""
+
+
+# Formats that hold a 3D volume with its full geometry (origin, spacing, direction). PNG, TIFF,
+# VTK, JPEG ... lose the direction or a dimension, DICOM output would need a whole series.
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+MASK_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+
+def _itk_reason(err: BaseException) -> str:
+    """The useful part of a SimpleITK exception (no source location, object address or stale
+    errno text)."""
+    import re
+
+    lines = [ln.strip() for ln in str(err).strip().splitlines()[1:] or [str(err)]]
+    lines = [re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", ln) for ln in lines
+             if ln and not ln.startswith("Reason: ")]
+    return " ".join(lines) or str(err).strip()
+
+
+def is_orthogonal(ijk_to_ras: Any, tol: float = 1e-6) -> bool:
+    """Whether the matrix's voxel axes are perpendicular (no shear)."""
+    a = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    a = a / np.linalg.norm(a, axis=0)
+    return bool(np.allclose(a.T @ a, np.eye(3), atol=tol))
+
+
+def check_output(path: str | os.PathLike, ijk_to_ras: Any = None) -> None:
+    """VolumeError unless ``path``'s format keeps a 3D volume's geometry (``ijk_to_ras``'s, when
+    given: a sheared matrix fits only NIfTI). Cheap: call it before any work."""
+    name = Path(path).name.lower()
+    if not name.endswith(MASK_SUFFIXES):
+        raise VolumeError(f"cannot write a 3D mask to {Path(path).name!r}: use one of "
+                          f"{', '.join(MASK_SUFFIXES)} (formats such as .png, .tif, .vtk or "
+                          ".npy lose the geometry or a dimension)")
+    if ijk_to_ras is not None and not is_orthogonal(ijk_to_ras) and not is_nifti(path):
+        raise VolumeError(f"the image's voxel axes are sheared (not perpendicular); only NIfTI "
+                          f"keeps such a geometry exactly, not {Path(path).name!r}: write the "
+                          "mask as .nii or .nii.gz")
 
 
 def _check_affine(ijk_to_ras: Any) -> np.ndarray:
@@ -100,6 +141,8 @@ class Volume:
     def __init__(self, array: Any, ijk_to_ras: Any) -> None:
         self.array: np.ndarray = _check_array(array)
         self.ijk_to_ras: np.ndarray = _check_affine(ijk_to_ras)
+        # the source NIfTI header (qform/sform and codes), kept for masks written from it
+        self.nifti_header: Any = None
 
     # --- geometry -------------------------------------------------------------------------
     @property
@@ -127,7 +170,14 @@ class Volume:
 
     def like(self, array: Any) -> Volume:
         """A volume with the same geometry and another array (e.g. a mask)."""
-        return Volume(array, self.ijk_to_ras)
+        vol = Volume(array, self.ijk_to_ras)
+        vol.nifti_header = self.nifti_header
+        return vol
+
+    @property
+    def orthogonal(self) -> bool:
+        """Whether the voxel axes are perpendicular (no shear): only NIfTI keeps a shear."""
+        return is_orthogonal(self.ijk_to_ras)
 
     # --- SimpleITK ------------------------------------------------------------------------
     @classmethod
@@ -169,75 +219,90 @@ class Volume:
 
     # --- files ----------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: str | os.PathLike) -> Volume:
-        """NIfTI / NRRD / MHA / ... file, or a DICOM folder (through SimpleITK).
+    def read(cls, path: str | os.PathLike, series: str | None = None) -> Volume:
+        """A NIfTI / NRRD / MHA / ... file, or a folder holding a DICOM series.
 
-        Without SimpleITK, NIfTI files are read with nibabel.
+        NIfTI goes through nibabel (one geometry rule: the sform when set, else the qform; see
+        :mod:`fastsam3d.nifti`), everything else through SimpleITK; DICOM series are validated
+        first (:mod:`fastsam3d.dicom`; ``series`` picks one of several by UID or number).
+        Truncated or corrupt files raise VolumeError instead of being read with zeros.
         """
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"no such image file or folder: {p}")
+        if p.is_dir():
+            from .dicom import read_series
+
+            return cls.from_sitk(read_series(p, series))
+        if series is not None:
+            raise VolumeError(f"{p} is a file: a series can only be chosen in a DICOM folder")
+        if is_nifti(p):
+            array, affine, header = read_nifti(p)
+            vol = cls(array, affine)
+            vol.nifti_header = header
+            return vol
+        from .dicom import dicom_hint
+
+        hint = dicom_hint(p)
+        if p.name.upper() == "DICOMDIR":
+            raise VolumeError(hint)
         try:
             import SimpleITK as sitk
         except ImportError:
-            sitk = None
-        if sitk is None:
-            if p.name.endswith((".nii", ".nii.gz")):
-                return cls._read_nibabel(p)
-            raise ImportError(f"reading {p.name} needs SimpleITK: pip install SimpleITK")
-        if p.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(p))
-            if not series:
-                raise VolumeError(f"folder {p} holds no DICOM series")
-            files = max((reader.GetGDCMSeriesFileNames(str(p), s) for s in series), key=len)
-            if len(series) > 1:
-                import warnings
-
-                warnings.warn(f"{p} holds {len(series)} DICOM series; reading the largest "
-                              f"({len(files)} files)", stacklevel=2)
-            reader.SetFileNames(files)
-            return cls.from_sitk(reader.Execute())
+            raise ImportError(f"reading {p.name} needs SimpleITK: pip install SimpleITK") \
+                from None
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as err:
-            if p.name.endswith((".nii", ".nii.gz")):
-                return cls._read_nibabel(p)
-            raise VolumeError(f"SimpleITK cannot read {p}: {err}") from err
+            raise VolumeError(f"SimpleITK cannot read {p} (not an image, or truncated/corrupt): "
+                              f"{_itk_reason(err)}" + (f"\n{hint}" if hint else "")) from None
+        if hint and image.GetDimension() == 3 and image.GetSize()[2] == 1:
+            raise VolumeError(f"{p} holds a single slice. {hint}")
         return cls.from_sitk(image)
 
-    @classmethod
-    def _read_nibabel(cls, path: Path) -> Volume:
-        import nibabel as nib
-
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise VolumeError(f"{path} holds {data.ndim}D data with shape {data.shape}; "
-                              "a 3D scalar image is needed")
-        return cls(np.ascontiguousarray(data.transpose(2, 1, 0)), img.affine)
-
     def write(self, path: str | os.PathLike, array: Any = None) -> None:
-        """Write ``array`` (default: the volume's own) with this geometry (NIfTI, NRRD, ...)."""
-        p = Path(path)
-        try:
-            import SimpleITK as sitk
-        except ImportError:
-            sitk = None
-        if sitk is not None:
-            sitk.WriteImage(self.to_sitk(array), str(p), useCompression=True)
-            return
-        if not p.name.endswith((".nii", ".nii.gz")):
-            raise ImportError(f"writing {p.name} needs SimpleITK: pip install SimpleITK")
-        import nibabel as nib
+        """Write ``array`` (default: the volume's own) with exactly this geometry.
 
+        The file is written beside ``path`` and renamed into place only after it reads back
+        with the same voxels and geometry, so a full disk or a writer that drops part of the
+        geometry leaves the previous file (if any) untouched and raises OSError. The format
+        must hold a 3D geometry (:data:`MASK_SUFFIXES`, checked by :func:`check_output`).
+        """
+        check_output(path, self.ijk_to_ras)
         a = self.array if array is None else np.asarray(array)
+        if a.shape != self.array.shape:
+            raise VolumeError(f"array shape {a.shape} does not match the volume {self.shape}")
         if a.dtype == np.bool_:
             a = a.astype(np.uint8)
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(a.transpose(2, 1, 0)), self.ijk_to_ras),
-                 str(p))
+        with atomic_path(path) as tmp:
+            if is_nifti(tmp):
+                write_nifti(tmp, a, self.ijk_to_ras, self.nifti_header)
+            else:
+                import SimpleITK as sitk
+
+                try:
+                    sitk.WriteImage(self.to_sitk(a), str(tmp), useCompression=True)
+                except RuntimeError as err:
+                    raise OSError(f"cannot write {path}: {_itk_reason(err)}") from None
+            self._check_written(tmp, path, a)
+
+    def _check_written(self, tmp: Path, path: str | os.PathLike, array: np.ndarray) -> None:
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                back = Volume.read(tmp)
+        except (VolumeError, OSError) as err:
+            raise OSError(f"writing {path} failed (the disk may be full): the file written "
+                          f"does not read back ({err})") from None
+        if back.shape != self.shape or not np.array_equal(back.array, array):
+            raise OSError(f"writing {path} failed (the disk may be full): the voxels written "
+                          "differ from the mask")
+        if not np.allclose(back.ijk_to_ras, self.ijk_to_ras, rtol=1e-6, atol=1e-3):
+            raise OSError(f"writing {path} failed: the file's geometry differs from the image's "
+                          f"(written {np.round(back.ijk_to_ras, 4).tolist()}, expected "
+                          f"{np.round(self.ijk_to_ras, 4).tolist()})")
 
     def __repr__(self) -> str:
         sp = ", ".join(f"{s:.3g}" for s in self.spacing)

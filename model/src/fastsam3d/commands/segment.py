@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -17,10 +16,18 @@ import numpy as np
 EXIT_NO_WEIGHTS = 3
 
 _PROMPTS_HELP = """\
-prompts.json: {"space": "RAS" | "LPS" (default RAS),
-               "points": [{"ras": [R, A, S], "positive": true}, ...]   (or [[R, A, S, 1|0], ...]),
-               "box": {"min": [R, A, S], "max": [R, A, S]}}            (optional)
-A box is applied first, then the points in order."""
+prompts.json (strict: unknown keys, strings for numbers or booleans are errors):
+  {"space": "RAS" | "LPS"                  (optional, default RAS; for "position", lists, box)
+   "points": [{"ras": [R, A, S], "positive": true},    keyed "ras": RAS
+              {"lps": [L, P, S], "positive": false},   keyed "lps": LPS
+              [x, y, z, true|false|1|0], ...],         a list: in "space"
+   "box": {"min": [x, y, z], "max": [x, y, z]}}        (optional, in "space")
+A box is applied first, then the points in order. With the released weights a box has no
+embedding of its own: it places a positive click at its centre and the mask is clipped to it.
+
+Outputs: --out must be a format that keeps the 3D geometry (.nii, .nii.gz, .nrrd, .nhdr, .mha,
+.mhd; a sheared image: NIfTI only); files are written beside their destination and renamed into
+place when complete, never over an input. Refusals: docs/inputs.md."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     if hasattr(p, "_negative_number_matcher"):
         p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.add_argument("image", help="input image file or DICOM folder")
+    p.add_argument("--series", metavar="UID",
+                   help="the DICOM series to read when the folder holds several (its UID, or "
+                        "its number in the list the command prints)")
     p.add_argument("--point", action="append", default=[], metavar="R,A,S[:+|-]",
                    help="a click (repeatable); ':-' marks a negative click (default '+'); "
                         "e.g. --point -12.5,30,4 --point=-10,28,4:-")
@@ -58,11 +68,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="use deterministic untrained weights (offline pipeline check: the mask "
                         "is NOT a segmentation)")
     p.add_argument("--device", default="auto", help="auto (default), cuda, mps, cpu, cuda:1 ...")
-    p.add_argument("--max-crops", type=int, default=8,
+    p.add_argument("--max-crops", type=int, default=8, metavar="N",
                    help="most 128^3 crops one object may use (default 8)")
     p.add_argument("--point-policy", choices=("newest", "accumulate"),
                    help="override the model's click policy")
-    p.add_argument("--label", type=int, default=1, help="value written for the mask (default 1)")
+    p.add_argument("--label", type=int, default=1,
+                   help="value written for the mask, 1..65535 (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
     return p
@@ -83,7 +94,7 @@ def _triple(text: str, what: str) -> list[float]:
 
 
 def _flip(p: list[float], lps: bool) -> list[float]:
-    return [-p[0], -p[1], p[2]] if lps else p
+    return [-p[0] + 0.0, -p[1] + 0.0, p[2]] if lps else p  # + 0.0: no "-0.0" in the log
 
 
 def parse_point(text: str, lps: bool = False) -> tuple[list[float], bool]:
@@ -104,42 +115,16 @@ def parse_box(text: str, lps: bool = False) -> tuple[list[float], list[float]]:
 
 
 def read_prompts(path: str) -> tuple[list[tuple[list[float], bool]], tuple | None]:
-    """Points and box from a prompts JSON file (see the command's help)."""
+    """Points and box (RAS) from a prompts JSON file (schema: :mod:`fastsam3d.prompts`)."""
+    from fastsam3d.prompts import PromptError
+    from fastsam3d.prompts import read_prompts as read
+
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise _Usage(f"--prompts: no such file {path}") from None
-    except json.JSONDecodeError as e:
-        raise _Usage(f"--prompts {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise _Usage(f"--prompts {path}: expected a JSON object with 'points' and/or 'box'")
-    space = str(data.get("space", "RAS")).upper()
-    if space not in ("RAS", "LPS"):
-        raise _Usage(f"--prompts {path}: space must be RAS or LPS, not {space!r}")
-    lps = space == "LPS"
-    points = []
-    for n, item in enumerate(data.get("points", [])):
-        if isinstance(item, dict):
-            xyz = item.get("ras", item.get("lps", item.get("position")))
-            positive = bool(item.get("positive", True))
-        elif isinstance(item, (list, tuple)) and len(item) in (3, 4):
-            xyz, positive = item[:3], bool(item[3]) if len(item) == 4 else True
-        else:
-            raise _Usage(f"--prompts {path}: point {n} must be {{'ras': [R,A,S], "
-                         f"'positive': true}} or [R, A, S, 1|0]")
-        points.append((_flip(_triple(",".join(map(str, xyz or [])), f"point {n}"), lps),
-                       positive))
-    box = None
-    if data.get("box") is not None:
-        b = data["box"]
-        try:
-            lo = _flip(_triple(",".join(map(str, b["min"])), "box min"), lps)
-            hi = _flip(_triple(",".join(map(str, b["max"])), "box max"), lps)
-        except (KeyError, TypeError):
-            raise _Usage(f"--prompts {path}: box must be {{'min': [R,A,S], 'max': [R,A,S]}}")\
-                from None
-        box = (list(np.minimum(lo, hi)), list(np.maximum(lo, hi)))
-    return points, box
+        prompts = read(path)
+    except PromptError as e:
+        raise _Usage(f"--prompts {e}") from None
+    box = None if prompts.box is None else (list(prompts.box[0]), list(prompts.box[1]))
+    return [(list(p), positive) for p, positive in prompts.points], box
 
 
 def _no_weights_message(name: str, reason: str) -> str:
@@ -171,8 +156,6 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
         log(f"using FIXTURE weights for {args.model!r}: the output is NOT a segmentation")
         return fixture_model(args.model)
     if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise _Usage(f"--checkpoint: no such file {args.checkpoint}")
         log(f"loading {args.checkpoint}")
         return load_model(args.checkpoint)
     try:
@@ -195,7 +178,120 @@ class _NoWeights(RuntimeError):
     pass
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode (hard links, symlinks) or, for paths
+    that do not exist yet, the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _input_files(args: argparse.Namespace) -> list[Path]:
+    image = Path(args.image)
+    files = sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
+    return files + [Path(p) for p in (args.prompts, args.checkpoint) if p]
+
+
+def _check_output(path: Path, option: str, inputs: list[Path]) -> None:
+    for src in inputs:
+        if _same_file(path, src):
+            raise _Usage(f"{option} {path} is the input {src} (the same file): refusing to "
+                         "write over an input")
+    if path.is_dir():
+        raise _Usage(f"{option} {path} is a folder; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise _Usage(f"{option}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _Usage(f"{option}: folder {parent} is not writable")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without reading the image or loading the model."""
+    from fastsam3d.volume import VolumeError, check_output
+
+    if not 1 <= args.label <= 65535:
+        raise _Usage(f"--label {args.label}: must be 1..65535 (0 is the background)")
+    if args.max_crops < 1:
+        raise _Usage(f"--max-crops {args.max_crops}: must be at least 1")
+    if args.device != "auto":
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise _Usage(f"--device {args.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise _Usage(f"--device {args.device}: no CUDA device is available here")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise _Usage(f"--device {args.device}: no MPS device is available here")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise _Usage(f"--checkpoint: no such file {args.checkpoint}")
+    out = Path(args.out)
+    try:
+        check_output(out)
+    except VolumeError as e:
+        raise _Usage(f"--out: {e}") from None
+    inputs = _input_files(args)
+    _check_output(out, "--out", inputs)
+    if args.preview:
+        png = Path(args.preview)
+        if png.suffix.lower() != ".png":
+            raise _Usage(f"--preview {png}: the preview is a PNG image; name it *.png")
+        if _same_file(png, out):
+            raise _Usage("--preview and --out are the same file; give them different names")
+        _check_output(png, "--preview", inputs)
+
+
+def _extent(vol: Any) -> str:
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in vol.shape[::-1]],
+                                   indexing="ij")).reshape(3, -1).T
+    ras = vol.ijk_to_ras_points(corners)
+    lo, hi = ras.min(axis=0), ras.max(axis=0)
+    return ", ".join(f"{a} {x:.1f}..{y:.1f}" for a, x, y in zip("RAS", lo, hi))
+
+
+def _check_prompts_inside(vol: Any, points: list, box: Any, lps: bool) -> None:
+    """Clicks outside the image (and boxes missing it) refused before the model loads."""
+    from fastsam3d.volume import VolumeError
+
+    for n, (p, _) in enumerate(points):
+        if not vol.contains(p):
+            mirrored = [-p[0] + 0.0, -p[1] + 0.0, p[2]]
+            hint = ""
+            if vol.contains(mirrored):
+                hint = (" (with R and A negated it would be inside: were the coordinates "
+                        f"{'RAS' if lps else 'LPS'}? then {'drop' if lps else 'add'} --lps)")
+            raise VolumeError(f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside the "
+                              f"volume (extent RAS mm: {_extent(vol)}){hint}")
+    if box is not None:
+        corners = np.array(np.meshgrid(*zip(box[0], box[1]), indexing="ij")).reshape(3, -1).T
+        ijk = vol.ras_to_ijk(corners)
+        size = np.array(vol.shape[::-1]) - 0.5
+        if np.any(ijk.max(axis=0) < -0.5) or np.any(ijk.min(axis=0) >= size):
+            raise VolumeError(f"the box {np.round(box[0], 1).tolist()} .. "
+                              f"{np.round(box[1], 1).tolist()} does not overlap the volume "
+                              f"(extent RAS mm: {_extent(vol)})")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Validate everything cheap first (prompts, options, output paths), then read the image
+    and check the prompts and output format against it, and only then load the model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    print(f"fastsam3d segment: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -203,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     from fastsam3d.session import Session, SessionError
-    from fastsam3d.volume import Volume, VolumeError
+    from fastsam3d.volume import Volume, VolumeError, check_output
 
     try:
         points = [parse_point(p, args.lps) for p in args.point]
@@ -217,14 +313,19 @@ def run(args: argparse.Namespace) -> int:
                 box = fbox
         if not points and box is None:
             raise _Usage("no prompt: give at least one --point, a --box or --prompts")
+        if box is None and not any(positive for _, positive in points):
+            raise _Usage("only negative clicks: start with a positive click (or a box) on the "
+                         "object; negative clicks only remove parts of it")
+        check_args(args)
         out = Path(args.out)
-        if out.exists() and out.resolve() == Path(args.image).resolve():
-            raise _Usage("--out is the input image: refusing to overwrite it")
-        if not out.parent.exists():
-            raise _Usage(f"--out: folder {out.parent} does not exist")
         log(f"reading {args.image}")
-        vol = Volume.read(args.image)
-        log(f"{vol}")
+        vol = Volume.read(args.image, series=args.series)
+        log(f"{vol}; extent RAS mm: {_extent(vol)}")
+        try:
+            check_output(out, vol.ijk_to_ras)
+        except VolumeError as e:
+            raise _Usage(f"--out: {e}") from None
+        _check_prompts_inside(vol, points, box, args.lps)
         model = _load(args, log)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -244,11 +345,14 @@ def run(args: argparse.Namespace) -> int:
             result = session.add_point(p, positive=positive)
         assert result is not None
         mask = result.full_mask()
-        label = np.zeros(vol.shape, dtype=np.uint8 if 0 <= args.label < 256 else np.int16)
+        label = np.zeros(vol.shape, dtype=np.uint8 if args.label < 256 else np.uint16)
         label[mask] = args.label
         vol.write(out, label)
         ml = result.voxels * float(np.prod(vol.spacing)) / 1000
         log(f"wrote {out}: {result.voxels} voxels ({ml:.1f} mL), {result.crops} crop(s)")
+        if not result.voxels:
+            log("note: the mask is empty: try a click nearer the object's centre, or fewer "
+                "negative clicks")
         if result.at_crop_limit:
             log(f"note: the mask reaches the edge of its last crop; the object may continue "
                 f"beyond the {args.max_crops}-crop limit (raise --max-crops to follow it)")
@@ -258,7 +362,10 @@ def run(args: argparse.Namespace) -> int:
             title = f"{Path(args.image).name}: {result.voxels} voxels, {ml:.1f} mL"
             if args.fixture_weights:
                 title += "  [FIXTURE WEIGHTS - NOT A SEGMENTATION]"
-            save_preview(vol, mask, args.preview, points=points, box=box, title=title)
+            from fastsam3d.atomic import atomic_path
+
+            with atomic_path(args.preview) as tmp:
+                save_preview(vol, mask, tmp, points=points, box=box, title=title)
             log(f"wrote {args.preview}")
     except _Usage as e:
         print(f"fastsam3d segment: {e}", file=sys.stderr)
@@ -268,6 +375,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NO_WEIGHTS
     except (VolumeError, SessionError, FileNotFoundError) as e:
         print(f"fastsam3d segment: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing failed (full disk, permissions): the previous file is kept
+        print(f"fastsam3d segment: {e} (outputs are renamed into place only when complete: "
+              "no existing file was replaced by a partial one)", file=sys.stderr)
         return 1
     except Exception as e:  # checkpoint problems and the like: one clear line, no traceback
         if os.environ.get("FASTSAM3D_DEBUG"):
