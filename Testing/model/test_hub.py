@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -19,9 +20,20 @@ from fastsam3d.commands import download as download_cmd
 from fastsam3d.commands import info as info_cmd
 
 CHUNK = 4096  # small stream chunks so that a 40 KiB body spans several reads
-BODY = bytes((i * 7 + i // 251) % 256 for i in range(40_000))
+
+
+def checkpoint_bytes(payload: bytes) -> bytes:
+    """A valid safetensors file holding ``payload`` as one uint8 tensor (downloads are checked
+    to be checkpoints before they are kept)."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(payload)],
+                               "data_offsets": [0, len(payload)]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + payload
+
+
+BODY = checkpoint_bytes(bytes((i * 7 + i // 251) % 256 for i in range(40_000)))
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
-OTHER = b"another checkpoint" * 1000
+OTHER = checkpoint_bytes(b"another checkpoint" * 1000)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -38,7 +50,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", "text/html" if mode == "html" else
+                         "application/octet-stream")
         if mode == "chunked-drop":
             # Chunked body whose connection closes before the terminating zero-size chunk.
             self.send_header("Transfer-Encoding", "chunked")
@@ -115,8 +128,14 @@ def _leftovers(directory: Path) -> list[str]:
     if not directory.exists():
         return []
     return sorted(
-        p.name for p in directory.iterdir() if p.name not in ("hashes.json", ".hashes.lock")
+        p.name for p in directory.rglob("*")
+        if p.is_file() and p.name not in ("hashes.json", ".hashes.lock")
     )
+
+
+def url_dir(directory: Path, url: str) -> Path:
+    """Where a URL's download lives: its own folder, never a registry name's file."""
+    return directory / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _records(directory: Path) -> dict:
@@ -186,7 +205,8 @@ def test_url_download_and_progress_callback_totals(server, cache):
         progress=False,
         progress_callback=lambda done, total: seen.append((done, total)),
     )
-    assert path == cache / "model.pth" and path.read_bytes() == BODY
+    assert path == url_dir(cache, f"{server.url}/x/model.pth") / "model.pth"
+    assert path.read_bytes() == BODY
     assert seen[0] == (0, len(BODY)) and seen[-1] == (len(BODY), len(BODY))
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 3
 
@@ -196,7 +216,7 @@ def test_file_url_for_offline_installs(cache, tmp_path):
     src.parent.mkdir()
     src.write_bytes(BODY)
     path = hub.download(src.as_uri(), sha256=BODY_SHA, progress=False)
-    assert path == cache / "FastSAM3D.pth" and path.read_bytes() == BODY
+    assert path == url_dir(cache, src.as_uri()) / "FastSAM3D.pth" and path.read_bytes() == BODY
     assert src.read_bytes() == BODY  # the source is copied, never moved
 
 
@@ -321,7 +341,8 @@ def test_remove_deletes_file_and_record_only(server, cache, registry_url):
     os.utime(stale, (0, 0))
     assert hub.remove("fastsam3d") is True
     assert not (cache / "FastSAM3D.pth").exists() and not stale.exists()
-    assert set(_records(cache)) == {"other.pth"} and other.read_bytes() == OTHER
+    assert _records(cache) == {} and other.read_bytes() == OTHER
+    assert set(_records(other.parent)) == {"other.pth"}
     assert hub.cached_path("fastsam3d") is None
     assert hub.remove("fastsam3d") is False
 
@@ -352,13 +373,10 @@ def test_corrupt_record_is_never_overwritten(server, cache, registry_url):
 def test_same_file_name_from_another_url_is_not_mixed_up(server, cache):
     server.routes["/a/model.pth"] = ("ok", BODY)
     server.routes["/b/model.pth"] = ("ok", OTHER)
-    hub.download(f"{server.url}/a/model.pth", progress=False)
-    with pytest.raises(hub.HubError, match="downloaded from"):
-        hub.download(f"{server.url}/b/model.pth", progress=False)
-    assert (cache / "model.pth").read_bytes() == BODY
-    assert (
-        hub.download(f"{server.url}/b/model.pth", progress=False, force=True).read_bytes() == OTHER
-    )
+    a = hub.download(f"{server.url}/a/model.pth", progress=False)
+    b = hub.download(f"{server.url}/b/model.pth", progress=False)
+    assert a != b and a.read_bytes() == BODY and b.read_bytes() == OTHER
+    assert hub.cached_path(f"{server.url}/a/model.pth") == a
 
 
 def test_dest_dir_keeps_its_own_record(server, cache, registry_url, tmp_path):
@@ -412,7 +430,7 @@ def test_cli_download_errors(server, cache, tmp_path, capsys):
     assert _cli(["download", url, "-q", "--sha256", "f" * 64, "--cache-dir", str(target)]) == 1
     assert "pinned" in capsys.readouterr().err and _leftovers(target) == []
     assert _cli(["download", url, "-q", "--sha256", BODY_SHA, "--cache-dir", str(target)]) == 0
-    assert (target / "model.pth").read_bytes() == BODY
+    assert (url_dir(target, url) / "model.pth").read_bytes() == BODY
     assert _cli(["download", "no-such-weights"]) == 1
     assert "known names" in capsys.readouterr().err
     assert _cli(["download"]) == 2

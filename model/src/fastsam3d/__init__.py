@@ -24,6 +24,7 @@ _LAZY = {
     "paste_result": "session",
     "VolumeError": "volume",
     "SparsePattern": "modeling.sparse_attention",
+    "TORCH_REQUIREMENT": "_requirements",
 }
 
 __all__ = ["__version__", *_LAZY]

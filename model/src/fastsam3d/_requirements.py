@@ -19,7 +19,6 @@ checkpoints (``.pth``) and reads only safetensors, which involve no unpickler at
 from __future__ import annotations
 
 import re
-from typing import Optional, Tuple
 
 #: pip-style floor for torch (``deps.py`` / PyTorchUtils ``torchVersionRequirement`` format).
 TORCH_REQUIREMENT = ">=2.10"
@@ -28,7 +27,7 @@ TORCH_PICKLE_SAFE = (2, 10)
 TORCH_ADVISORY = "GHSA-63cw-57p8-fm3p (CVE-2026-24747), fixed in torch 2.10.0"
 
 
-def version_tuple(version: str) -> Tuple[int, ...]:
+def version_tuple(version: str) -> tuple[int, ...]:
     """``"2.10.0+cpu"`` -> ``(2, 10, 0)``; stops at the first non-numeric part (``"2.11.0a0"``
     -> ``(2, 11, 0)``)."""
     parts = []
@@ -42,7 +41,7 @@ def version_tuple(version: str) -> Tuple[int, ...]:
     return tuple(parts)
 
 
-def torch_loads_pickles_safely(version: Optional[str] = None) -> bool:
+def torch_loads_pickles_safely(version: str | None = None) -> bool:
     """Whether this torch (or ``version``) is at or above the floor for ``weights_only`` loads."""
     if version is None:
         import torch

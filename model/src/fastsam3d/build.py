@@ -68,6 +68,43 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 }
 
 
+#: Bounds on any config (above all one detected from a file): generous for ViT-B..H-sized
+#: encoders, tight enough that a crafted few-KB checkpoint cannot make the builder allocate
+#: gigabytes (a 100000-block or 65538-wide network).
+MAX_DEPTH = 64
+MAX_EMBED_DIM = 2048
+MAX_OUT_CHANS = 1024
+MAX_WINDOW = 32
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first field outside the supported bounds."""
+    problems = []
+    if not 1 <= cfg.depth <= MAX_DEPTH:
+        problems.append(f"depth {cfg.depth} (1..{MAX_DEPTH})")
+    if not 1 <= cfg.embed_dim <= MAX_EMBED_DIM:
+        problems.append(f"width {cfg.embed_dim} (1..{MAX_EMBED_DIM})")
+    if cfg.num_heads < 1 or cfg.embed_dim % cfg.num_heads:
+        problems.append(f"{cfg.num_heads} heads for width {cfg.embed_dim} (must divide it)")
+    if not 1 <= cfg.out_chans <= MAX_OUT_CHANS:
+        problems.append(f"out_chans {cfg.out_chans} (1..{MAX_OUT_CHANS})")
+    if not 0 <= cfg.window_size <= MAX_WINDOW:
+        problems.append(f"window {cfg.window_size} (0..{MAX_WINDOW})")
+    if not 0 <= cfg.num_attn_free_blocks <= cfg.depth:
+        problems.append(f"{cfg.num_attn_free_blocks} attention-free blocks of {cfg.depth}")
+    if any(not 0 <= i < cfg.depth for i in cfg.global_attn_indexes):
+        problems.append(f"global attention blocks {list(cfg.global_attn_indexes)}")
+    if not 0 < cfg.mlp_ratio <= 8:
+        problems.append(f"mlp_ratio {cfg.mlp_ratio} (0..8]")
+    if cfg.patch_size < 1 or cfg.img_size < 1 or cfg.img_size % cfg.patch_size \
+            or cfg.img_size > 512:
+        problems.append(f"img_size {cfg.img_size} / patch_size {cfg.patch_size}")
+    if not 1 <= cfg.num_point_embeddings <= 8:
+        problems.append(f"num_point_embeddings {cfg.num_point_embeddings} (1..8)")
+    if problems:
+        raise ValueError(f"config {cfg.name!r}: " + "; ".join(problems))
+
+
 def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
@@ -85,6 +122,7 @@ def get_config(name: str | ModelConfig, **overrides: object) -> ModelConfig:
 
 
 def _build(cfg: ModelConfig) -> Sam3D:
+    check_config(cfg)
     g = cfg.grid
     encoder = ImageEncoderViT3D(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,

@@ -10,7 +10,14 @@ Forms read (all without executing code):
 * safetensors.
 
 Pickles are opened with ``torch.load(weights_only=True)`` and an allowlist that admits
-``argparse.Namespace`` and nothing else, so a crafted file is refused before any of its code runs.
+``argparse.Namespace`` and nothing else, so a crafted file is refused before any of its code runs;
+only on a torch at or above :data:`fastsam3d._requirements.TORCH_REQUIREMENT` (older ones have
+known ``weights_only`` bypasses), and only after :func:`fastsam3d._sniff.sniff` has checked the
+bytes (zip or safetensors, nothing that inflates beyond the file). Before a network is built its
+config is bounded, keys and shapes are compared with a skeleton on the ``meta`` device (no
+memory), and non-floating or non-finite weights are refused with the tensor's name, so a small
+crafted file cannot exhaust memory or load silently broken weights. Every malformed file raises
+:class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ from pathlib import Path
 
 import torch
 
+from ._requirements import TORCH_ADVISORY, TORCH_REQUIREMENT, torch_loads_pickles_safely
+from ._sniff import CheckpointError, safetensors_header, sniff
 from .atomic import atomic_path
-from .build import MODEL_CONFIGS, ModelConfig, build_model, get_config
+from .build import MAX_WINDOW, MODEL_CONFIGS, ModelConfig, build_model, check_config, get_config
+from .build import _build as _build_skeleton
 from .modeling import Sam3D
 
 log = logging.getLogger(__name__)
@@ -34,36 +44,82 @@ log = logging.getLogger(__name__)
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 _CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read safely or does not fit the network."""
+__all__ = [
+    "CheckpointError", "detect_config", "extract_state_dict", "load_model",
+    "load_state_dict_file", "read_checkpoint", "read_state_dict", "save_official",
+    "save_safetensors",
+]
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict:
-    """Read a checkpoint file into a plain dict, never executing code from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    """Read a checkpoint file into a plain dict, never executing code from it.
 
-        with safe_open(str(path), framework="pt") as f:
-            out: dict = {k: f.get_tensor(k) for k in f.keys()}
-            out["__metadata__"] = dict(f.metadata() or {})
+    The format is decided by the bytes (:func:`fastsam3d._sniff.sniff`), not the suffix.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    if kind == "safetensors":
+        _, meta = safetensors_header(path)
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise CheckpointError(
+                f"{path} is a safetensors file; reading it needs the safetensors package "
+                "(pip install safetensors)"
+            ) from None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                out: dict = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # SafetensorError and friends: one error type for callers
+            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from None
+        out["__metadata__"] = dict(meta)
         return out
+    if not torch_loads_pickles_safely():
+        raise CheckpointError(
+            f"refused to unpickle {path}: torch {torch.__version__} is older than "
+            f"{TORCH_REQUIREMENT} and its weights_only loader can be bypassed "
+            f"({TORCH_ADVISORY}). Upgrade torch, or convert the file to safetensors on a "
+            "newer torch (`fastsam3d convert FILE.pth FILE.safetensors`) and load that"
+        )
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise CheckpointError(
             f"refused to load {path}: it holds pickled objects other than tensors and "
-            f"argparse.Namespace, which could run code when unpickled. ({exc})"
+            f"argparse.Namespace ({_unsafe_globals(path)}), which could run code when "
+            "unpickled; nothing from it was run"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from None
+    except Exception as exc:  # RuntimeError, EOFError, OSError, ValueError, ...
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {_reason(exc)}") \
+            from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's text, without terminal escape codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _unsafe_globals(path: Path) -> str:
+    """The globals torch would refuse, for the message (never the workaround torch suggests)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return "contents not listed"
+    names = [n for n in names if n != "argparse.Namespace"]
+    return "globals " + ", ".join(names[:5]) if names else "contents not listed"
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file with normalised keys (:func:`read_checkpoint` +
+    :func:`extract_state_dict`)."""
+    return extract_state_dict(read_checkpoint(path))
 
 
 def extract_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
@@ -76,6 +132,10 @@ def extract_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise CheckpointError("no tensors found (expected a state dict or 'model_state_dict')")
+    odd = [k for k in sd if not isinstance(k, str)]
+    if odd:
+        raise CheckpointError(f"tensor names must be strings; found {odd[0]!r} "
+                              f"({type(odd[0]).__name__}){' and more' if len(odd) > 1 else ''}")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if not any(k.startswith(PREFIXES) for k in sd) and "patch_embed.proj.weight" in sd:
@@ -83,42 +143,79 @@ def extract_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _tensor(sd: Mapping[str, torch.Tensor], key: str, ndim: int | None = None,
+            why: str = "") -> torch.Tensor:
+    t = sd.get(key)
+    if t is None:
+        raise CheckpointError(f"missing tensor {key!r}{why}; is this a FastSAM3D / SAM-Med3D "
+                              "checkpoint?")
+    if ndim is not None and (t.dim() < ndim or any(n == 0 for n in t.shape[:ndim])):
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}; expected at least "
+                              f"{ndim} non-empty dimension(s)")
+    return t
+
+
 def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
-    """Which network a state dict holds, from its keys and shapes.
+    """Which network a state dict holds, from its keys and shapes (a registered
+    :class:`ModelConfig`, or a ``custom(...)`` one within :func:`fastsam3d.build.check_config`'s
+    bounds; anything else raises CheckpointError before a network is built).
 
     Block style cannot be seen in weights: 12-block files are reported as ``sam-med3d-turbo``
     (pass ``config="sam-med3d-turbo-fastsam3d-block"`` to run them the FastSAM3D way).
     """
     pre = "image_encoder.blocks."
-    blocks = sorted({int(k[len(pre):].split(".")[0]) for k in sd if k.startswith(pre)})
+    blocks: set[int] = set()
+    for k in sd:
+        if not isinstance(k, str):
+            raise CheckpointError(f"tensor names must be strings; found {k!r}")
+        if k.startswith(pre):
+            head = k[len(pre):].split(".")[0]
+            if not head.isdigit():
+                raise CheckpointError(f"key {k!r}: {head!r} is not a block number")
+            blocks.add(int(head))
     if not blocks:
         raise CheckpointError("no image-encoder blocks in this file (is it a decoder-only file?)")
-    depth = blocks[-1] + 1
+    depth = max(blocks) + 1
+    gaps = sorted(set(range(depth)) - blocks)
+    if gaps:
+        raise CheckpointError(
+            f"the file has weights for encoder block {depth - 1} but none for blocks "
+            f"{gaps[:8]}{' ...' if len(gaps) > 8 else ''} ({len(gaps)} missing): a damaged or "
+            "crafted file; refused before building anything"
+        )
     attn_free = 0
     while attn_free < depth and f"{pre}{attn_free}.attn.qkv.weight" not in sd:
         attn_free += 1
-    embed_dim = sd[f"{pre}0.norm2.weight"].shape[0]
+    embed_dim = _tensor(sd, f"{pre}0.norm2.weight", 1, " (it gives the width)").shape[0]
     windows, globals_ = set(), []
     head_dim = None
+    grid = MODEL_CONFIGS["fastsam3d"].grid
     for b in range(attn_free, depth):
-        table = sd.get(f"{pre}{b}.attn.rel_pos_d")
-        if table is None:
+        key = f"{pre}{b}.attn.rel_pos_d"
+        if key not in sd:
             continue
+        table = _tensor(sd, key, 2)
+        rows = table.shape[0]
+        if rows % 2 == 0 or (rows + 1) // 2 > MAX_WINDOW:
+            raise CheckpointError(f"tensor {key!r} has {rows} rows; a relative-position table "
+                                  f"has 2*w-1 rows for a window w of at most {MAX_WINDOW}")
         head_dim = table.shape[1]
-        size = (table.shape[0] + 1) // 2
-        grid = MODEL_CONFIGS["fastsam3d"].grid
+        size = (rows + 1) // 2
         if size == grid:
             globals_.append(b)
         else:
             windows.add(size)
     if len(windows) > 1:
         raise CheckpointError(f"inconsistent window sizes in rel-pos tables: {sorted(windows)}")
+    if head_dim is not None and embed_dim % head_dim:
+        raise CheckpointError(f"width {embed_dim} is not a multiple of the head width {head_dim} "
+                              "given by the rel-pos tables")
     num_heads = embed_dim // head_dim if head_dim else MODEL_CONFIGS["fastsam3d"].num_heads
     pe = sd.get("prompt_encoder.point_embeddings.3.weight")
     window = windows.pop() if windows else 0
     fields = dict(
         depth=depth, embed_dim=embed_dim, num_heads=num_heads, window_size=window,
-        out_chans=sd["image_encoder.neck.0.weight"].shape[0],
+        out_chans=_tensor(sd, "image_encoder.neck.0.weight", 1).shape[0],
         global_attn_indexes=tuple(globals_) if window else (),
         num_attn_free_blocks=attn_free, num_point_embeddings=4 if pe is not None else 2,
     )
@@ -126,10 +223,22 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
         if all(getattr(cfg, k) == v for k, v in fields.items()):
             return cfg
     base = "fastsam3d" if attn_free else "sam-med3d-turbo"
-    return dataclasses.replace(MODEL_CONFIGS[base], name=f"custom({base}-like)", **fields)
+    cfg = dataclasses.replace(MODEL_CONFIGS[base], name=f"custom({base}-like)", **fields)
+    _bounded(cfg)
+    return cfg
+
+
+def _bounded(cfg: ModelConfig) -> None:
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"the file implies a network outside the supported bounds: {exc}; "
+                              "refused before building anything") from None
 
 
 def _shape_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Missing / unexpected keys, wrong shapes and non-floating weights, or None if all fit.
+    ``model`` may live on the ``meta`` device: only names, shapes and dtypes are read."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -138,7 +247,12 @@ def _shape_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str
         for k in set(own) & set(sd)
         if own[k].shape != sd[k].shape
     )
-    if not (missing or unexpected or wrong):
+    dtypes = sorted(
+        f"{k}: {sd[k].dtype} (the network needs floating-point weights)"
+        for k in set(own) & set(sd)
+        if own[k].is_floating_point() and (not sd[k].is_floating_point() or sd[k].is_complex())
+    )
+    if not (missing or unexpected or wrong or dtypes):
         return None
 
     def block(title: str, items: list[str]) -> str:
@@ -146,8 +260,22 @@ def _shape_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str
         return f"  {title} ({len(items)}):\n" + "\n".join(f"    {i}" for i in items[:20]) + more
 
     parts = [block(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("wrong shapes", wrong)) if i]
+                                      ("wrong shapes", wrong), ("wrong dtypes", dtypes)) if i]
     return "\n".join(parts)
+
+
+def _non_finite_report(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Tensors holding NaN or Inf (they give empty masks, silently), named with counts."""
+    bad = []
+    for k, t in sd.items():
+        if t.is_floating_point() and t.numel():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{k}: {n} of {t.numel()} values are NaN or Inf")
+    if not bad:
+        return None
+    more = f"\n    ... and {len(bad) - 10} more tensors" if len(bad) > 10 else ""
+    return "\n".join(f"    {b}" for b in bad[:10]) + more
 
 
 def recorded_block_style(obj: Mapping) -> str | None:
@@ -188,44 +316,78 @@ def load_model(
 ) -> Sam3D:
     """A ready (eval, on ``device``) model from a checkpoint path or a registered weights name.
 
-    ``config`` overrides detection (e.g. run SAM-Med3D weights with FastSAM3D's block);
-    ``decoder`` supplies the prompt encoder + decoder for an encoder-only file; ``sha256`` pins
-    the file's hash (registered names are always verified against the recorded hash).
+    A string that is a registered weights name (``fastsam3d``, ``sam-med3d-turbo``) always means
+    the verified cache entry, even when a file or folder of that name is in the working
+    directory; pass ``./fastsam3d`` or a ``Path`` for such a file. ``config`` overrides detection
+    (e.g. run SAM-Med3D weights with FastSAM3D's block); ``decoder`` supplies the prompt encoder +
+    decoder for an encoder-only file; ``sha256`` pins the file's hash (registered names are always
+    verified against the recorded hash).
     """
-    path = Path(path_or_name)
-    if not path.exists() and isinstance(path_or_name, str):
-        from . import hub
+    from . import hub
 
-        names = {w.name for w in hub.list_weights()}
-        if path_or_name in names:
-            path = hub.download(path_or_name, sha256=sha256)
-            sha256 = None  # verified by the hub
-            if config is None:
-                config = hub.get_weights_info(path_or_name).config
-        else:
+    registered = isinstance(path_or_name, str) and path_or_name in {
+        w.name for w in hub.list_weights()
+    }
+    if registered:
+        name = str(path_or_name)
+        path = hub.download(name, sha256=sha256)
+        sha256 = None  # verified by the hub
+        if config is None:
+            config = hub.get_weights_info(name).config
+        try:
+            return _load_file(path, device, config, decoder, attn_backend)
+        except CheckpointError as exc:
             raise CheckpointError(
-                f"{path_or_name!r} is neither a file nor a registered weights name "
-                f"({', '.join(sorted(names))})"
-            )
+                f"{exc}\nThe cached {name!r} weights are not usable: re-download them with "
+                f"`fastsam3d download {name} --force`"
+            ) from None
+    path = Path(path_or_name)
+    if not os.path.lexists(path) and isinstance(path_or_name, str) \
+            and not any(c in path_or_name for c in "/\\."):
+        names = ", ".join(sorted(w.name for w in hub.list_weights()))
+        raise CheckpointError(
+            f"{path_or_name!r} is neither a file nor a registered weights name ({names})"
+        )
     if sha256:
-        from . import hub
-
+        sniff(path)
         hub.verify_file(path, sha256)
+    return _load_file(path, device, config, decoder, attn_backend)
+
+
+def _load_file(
+    path: Path,
+    device: str | torch.device,
+    config: str | ModelConfig | None,
+    decoder: str | os.PathLike[str] | None,
+    attn_backend: str,
+) -> Sam3D:
     sd, style = load_state_dict_file(path, decoder)
-    cfg = get_config(config) if config is not None else detect_config(sd)
+    try:
+        cfg = get_config(config) if config is not None else detect_config(sd)
+    except ValueError as exc:  # an unknown config name
+        raise CheckpointError(str(exc)) from None
     if config is None and style and style != cfg.block_style:
         named = MODEL_CONFIGS.get(f"{cfg.name}-fastsam3d-block") if style == "fastsam3d" else None
         cfg = named or dataclasses.replace(cfg, block_style=style)
+    _bounded(cfg)
     has_parts = {p for p in PREFIXES if any(k.startswith(p) for k in sd)}
     if has_parts == {"image_encoder."}:
         raise CheckpointError(
             f"{path} holds only an image encoder ({cfg.summary()}); pass decoder=<file with the "
             "prompt encoder and mask decoder> (e.g. the SAM-Med3D-turbo or FastSAM3D checkpoint)"
         )
-    model = build_model(cfg, attn_backend=attn_backend)
-    report = _shape_report(model, sd)
+    # Keys, shapes and dtypes against a skeleton that allocates nothing, before the real build.
+    with torch.device("meta"):
+        skeleton = _build_skeleton(cfg)
+    report = _shape_report(skeleton, sd)
+    del skeleton
     if report:
         raise CheckpointError(f"{path} does not fit the {cfg.name} network:\n{report}")
+    bad = _non_finite_report(sd)
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (they would give empty "
+                              f"masks):\n{bad}")
+    model = build_model(cfg, attn_backend=attn_backend)
     model.load_state_dict(sd, strict=True)
     log.info("loaded %s as %s", path, cfg.summary())
     return model.to(device).eval()

@@ -15,6 +15,13 @@ byte count with Content-Length (checked against a loopback server sending 400 of
 It also has no way to cancel (the Slicer module's progress dialog needs one) and no socket
 timeout. The loop below keeps its good parts (urllib, temporary file in the destination
 directory, tqdm bar) and adds those three.
+
+A download is checked to be a checkpoint (:func:`fastsam3d._sniff.sniff`: a PyTorch zip or a
+safetensors file, nothing that inflates, no HTML page answered with status 200) before it is
+moved into place or recorded. Names and URLs never share a file: registry weights live in the
+cache directory under their registry file name, and a URL's download under
+``urls/<first 16 hex digits of the URL's SHA-256>/<file name>``, so no download can take over
+what a registry name resolves to; a registry file whose record names another URL is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Optional
 
+from ._sniff import CheckpointError, sniff
 from .atomic import atomic_path
 
 __all__ = [
@@ -66,8 +75,9 @@ _RECORD_FORMAT = 1
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
 _STALE_PART_S = 3600.0  # leftover .part files older than this belong to no live download
+_URL_DIR = "urls"  # URL downloads: <cache>/urls/<hash of the URL>/<file name>
 
-ProgressCallback = Callable[[int, int | None], bool | None]
+ProgressCallback = Callable[[int, Optional[int]], Optional[bool]]  # noqa: UP045 (Python 3.9)
 
 
 class HubError(RuntimeError):
@@ -169,8 +179,16 @@ def cache_dir(create: bool = True) -> Path:
         root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
         base = root / "fastsam3d"
     if create:
-        base.mkdir(parents=True, exist_ok=True)
+        _mkdir(base)
     return base
+
+
+def _mkdir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HubError(f"cannot use {d} as the weights cache ({e.strerror or e}); set "
+                       f"${ENV_CACHE} or --cache-dir to a writable directory") from None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -202,6 +220,13 @@ class _Target:
     filename: str
     expected: str | None  # pinned SHA-256
     from_registry: bool
+
+    @property
+    def subdir(self) -> Path:
+        """Where in a cache directory the file lives (URL downloads get their own folder)."""
+        if self.from_registry:
+            return Path()
+        return Path(_URL_DIR, hashlib.sha256(self.url.encode("utf-8")).hexdigest()[:16])
 
 
 def _is_url(value: str) -> bool:
@@ -243,13 +268,13 @@ def _resolve(name_or_url: str, sha256: str | None) -> _Target:
 def _read_records(directory: Path) -> dict[str, dict]:
     path = directory / HASHES_FILE
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
         return {}
-    try:
-        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         data, err = None, str(e)
+    except OSError as e:  # a directory in its place, no permission, ...
+        data, err = None, e.strerror or str(e)
     else:
         err = "unexpected layout"
     files = data.get("files") if isinstance(data, dict) else None
@@ -273,7 +298,12 @@ def _records_lock(directory: Path) -> Iterator[None]:
     except ImportError:  # Windows: os.replace keeps the file whole; a lost update is the risk
         yield
         return
-    with open(directory / ".hashes.lock", "a") as lock:
+    try:
+        lock = open(directory / ".hashes.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise HubError(f"cannot lock the hash record in {directory} ({e.strerror or e})") \
+            from None
+    with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -296,7 +326,11 @@ def _set_record(directory: Path, filename: str, entry: dict | None) -> bool:
             del files[filename]
         else:
             files[filename] = entry
-        _write_json_atomic(directory / HASHES_FILE, {"format": _RECORD_FORMAT, "files": files})
+        try:
+            _write_json_atomic(directory / HASHES_FILE, {"format": _RECORD_FORMAT, "files": files})
+        except OSError as e:
+            raise HubError(f"cannot write the hash record {directory / HASHES_FILE} "
+                           f"({e.strerror or e})") from None
     return True
 
 
@@ -309,12 +343,13 @@ def _new_record(target: _Target, digest: str, size: int, pinned: bool) -> dict:
 # cache queries
 
 
-def _directory(dest_dir: str | os.PathLike[str] | None, create: bool) -> Path:
-    if dest_dir is None:
-        return cache_dir(create=create)
-    d = Path(dest_dir).expanduser()
+def _directory(
+    dest_dir: str | os.PathLike[str] | None, create: bool, target: _Target | None = None
+) -> Path:
+    base = cache_dir(create=False) if dest_dir is None else Path(dest_dir).expanduser()
+    d = base / target.subdir if target is not None else base
     if create:
-        d.mkdir(parents=True, exist_ok=True)
+        _mkdir(d)
     return d
 
 
@@ -323,7 +358,13 @@ def _hint(target: _Target) -> str:
 
 
 def _check_existing(target: _Target, path: Path, record: dict | None) -> str:
-    """Verify an existing file against the pin, else its record; return its digest."""
+    """Verify an existing file against the pin, else its record, and that it is a checkpoint;
+    return its digest."""
+    if target.expected is None and record is not None and record.get("url") != target.url:
+        raise ChecksumError(
+            f"{path} was downloaded from {record.get('url')}, not from {target.url} (what "
+            f"{target.key!r} names); {_hint(target)}"
+        )
     if target.expected is None and record is None:
         raise ChecksumError(
             f"{path} has no recorded SHA-256 (it was not downloaded by fastsam3d, or "
@@ -344,7 +385,17 @@ def _check_existing(target: _Target, path: Path, record: dict | None) -> str:
             f"{path}: SHA-256 is {digest}, not {what} {expected}: the file was changed after it "
             f"was downloaded, or is a different file; {_hint(target)}"
         )
+    _require_checkpoint(path, target, ChecksumError)
     return digest
+
+
+def _require_checkpoint(path: Path, target: _Target, error: type[HubError],
+                        what: str = "") -> None:
+    try:
+        sniff(path, name=what or str(path))
+    except CheckpointError as e:
+        raise error(f"{e}; {_hint(target)}" if error is ChecksumError else
+                    f"{e}; nothing was kept") from None
 
 
 def cached_path(
@@ -360,7 +411,7 @@ def cached_path(
     (or a file with no record) raises ChecksumError: a present but untrusted file is not "absent".
     """
     target = _resolve(name, sha256)
-    directory = _directory(dest_dir, create=False)
+    directory = _directory(dest_dir, create=False, target=target)
     path = directory / target.filename
     if not path.is_file():
         return None
@@ -385,12 +436,16 @@ class CacheStatus:
 def cache_status(
     name: str, *, verify: bool = False, dest_dir: str | os.PathLike[str] | None = None
 ) -> CacheStatus:
-    """Cache state without raising; hashing (``verify``) is opt-in because it reads the file."""
+    """Cache state without raising for cache problems (an unknown name is still a ValueError);
+    hashing (``verify``) is opt-in because it reads the file."""
     target = _resolve(name, None)
-    directory = _directory(dest_dir, create=False)
+    directory = _directory(dest_dir, create=False, target=target)
     path = directory / target.filename
-    present = path.is_file()
-    size = path.stat().st_size if present else None
+    try:
+        present = path.is_file()
+        size = path.stat().st_size if present else None
+    except OSError as e:
+        return CacheStatus(name, path, False, None, None, None, f"cannot read the cache: {e}")
     try:
         record = _read_records(directory).get(target.filename)
     except HubError as e:
@@ -400,11 +455,15 @@ def cache_status(
     error = None
     if present and record is None and target.expected is None:
         verified, error = False, f"no recorded SHA-256 for {path.name}"
+    elif present and record is not None and target.expected is None \
+            and record.get("url") != target.url:
+        verified = False
+        error = f"downloaded from {record.get('url')}, not from {target.url}"
     elif present and verify:
         try:
             _check_existing(target, path, record)
             verified = True
-        except ChecksumError as e:
+        except (HubError, OSError) as e:
             verified, error = False, str(e)
     elif present and record is not None and record.get("size") not in (None, size):
         verified, error = False, f"size {size} differs from the recorded {record['size']} bytes"
@@ -445,9 +504,16 @@ def _fetch(
             raise DownloadCancelled(f"download of {url} cancelled after {done} bytes")
 
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(tmp, "xb") as f:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+            kind = response.headers.get_content_type()
+            if kind in ("text/html", "application/xhtml+xml"):
+                raise DownloadError(
+                    f"downloading {url} failed: the server answered with a web page "
+                    f"({kind}), not weights (a login, error or captive-portal page?); "
+                    "nothing was kept"
+                )
             total = _content_length(response)
-            with tqdm(
+            with open(tmp, "xb") as f, tqdm(
                 total=total,
                 disable=not progress,
                 unit="B",
@@ -463,8 +529,8 @@ def _fetch(
                     done += len(chunk)
                     bar.update(len(chunk))
                     notify()
-            f.flush()
-            os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
     except urllib.error.HTTPError as e:
         e.close()  # it holds the response's socket
         raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
@@ -500,25 +566,19 @@ def download(
     (DownloadCancelled).
     """
     target = _resolve(name_or_url, sha256)
-    directory = _directory(dest_dir, create=True)
+    directory = _directory(dest_dir, create=True, target=target)
     dest = directory / target.filename
     # Read the record first: an unreadable record must stop us before any network traffic.
     record = _read_records(directory).get(target.filename)
 
     if dest.exists() and not force:
-        other_url = record is not None and record.get("url") != target.url
-        if other_url and not target.from_registry and target.expected is None:
-            # Two URLs with the same file name would share one cache file: do not mix them up.
-            raise HubError(
-                f"{dest} was downloaded from {record.get('url')}, not {target.url}; use "
-                "--force (force=True) to replace it, or another --cache-dir (dest_dir)"
-            )
-        if target.expected is None:
+        if target.expected is None:  # also refuses a file recorded from another URL
             _check_existing(target, dest, record)
             return dest
         digest = sha256_file(dest)
         if digest == target.expected:
-            if record is None or record["sha256"] != digest:
+            _require_checkpoint(dest, target, ChecksumError)
+            if record is None or record["sha256"] != digest or record.get("url") != target.url:
                 entry = _new_record(target, digest, dest.stat().st_size, pinned=True)
                 _set_record(directory, target.filename, entry)
             return dest
@@ -532,6 +592,7 @@ def download(
                 f"downloaded {target.url}: SHA-256 is {digest}, not the pinned {target.expected}; "
                 "the file was discarded"
             )
+        _require_checkpoint(tmp, target, DownloadError, what=f"the download from {target.url}")
         upstream_changed = (
             target.expected is None
             and record is not None
@@ -546,9 +607,14 @@ def download(
                 "upstream file has changed. Recording the new hash.",
                 stacklevel=2,
             )
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise DownloadError(f"cannot move the download into {dest} ({e.strerror or e}); "
+                                "nothing was kept") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # EROFS, not ENOENT, on a read-only file system: never let cleanup hide the real error.
+        with contextlib.suppress(OSError):
             tmp.unlink()
     _set_record(
         directory, target.filename, _new_record(target, digest, size, target.expected is not None)
@@ -559,13 +625,16 @@ def download(
 def remove(name: str, *, dest_dir: str | os.PathLike[str] | None = None) -> bool:
     """Delete a cached file, its hash record and stale partial downloads; True if any existed."""
     target = _resolve(name, None)
-    directory = _directory(dest_dir, create=False)
+    directory = _directory(dest_dir, create=False, target=target)
     if not directory.is_dir():
         return False
     removed = False
     path = directory / target.filename
     if path.is_file():
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as e:
+            raise HubError(f"cannot delete {path} ({e.strerror or e})") from None
         removed = True
     # Leftovers of a killed process; a recent one may belong to a download still running.
     pattern = os.path.join(glob.escape(str(directory)), f".{glob.escape(target.filename)}.*.part")
