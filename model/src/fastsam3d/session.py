@@ -26,16 +26,29 @@ keep their masks, so a leak that spread into a neighbouring crop is corrected by
 Boxes: the released weights have no box embedding, so a box places (and for a large box tiles)
 the crops, seeds each with a positive point at the centre of its part of the box, and the result
 is clipped to the box. ``add_box`` starts a new object (undo brings the previous one back).
+
+Threads: every public method holds the session's lock, so calls from several threads run one
+after another (a click never interleaves with an undo or a ``set_volume``). Memory: the undo
+history keeps at most ``max_undo`` steps (each holds its crops' low-res logits, 128 KiB per
+crop) and at most ``max_embeddings`` crop embeddings are cached (768 KiB each). Data: the session
+works on its own copy of the volume made by ``set_volume``; each click and box compares a
+fingerprint of ``volume.array`` (all of it up to 4 MiB, a fixed sample of about a million voxels
+beyond) and, when the caller changed it in place, re-reads it and drops the cached embeddings
+with a RuntimeWarning. Call ``set_volume`` after editing the array to be certain.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +66,30 @@ _HALF = geo.CROP // 2
 _STEP = geo.CROP // 2  # neighbour crops overlap by half a crop
 _KNOT = geo.CROP // geo.LOWRES  # lattice voxels per low-res logit
 _CPU_WARNED = False
+_FULL_FINGERPRINT_BYTES = 4 << 20  # arrays up to this size are hashed whole on every prompt
+_SAMPLE_VOXELS = 1 << 20  # larger ones: a fixed strided sample of about this many voxels
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run ``method`` holding the session's lock (calls from other threads wait)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Session, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fingerprint(a: np.ndarray) -> tuple:
+    """Cheap identity of an array's contents: shape, dtype and a CRC of all of it (small arrays)
+    or of a fixed strided sample (large ones; an edit between sampled voxels can go unseen)."""
+    if a.nbytes > _FULL_FINGERPRINT_BYTES:
+        step = max(1, math.ceil((a.size / _SAMPLE_VOXELS) ** (1 / 3)))
+        a = a[::step, ::step, ::step]
+    crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
+    return a.shape, a.dtype.str, crc
 
 
 class SessionError(ValueError):
@@ -160,12 +197,18 @@ class Session:
     smoother edges on grids finer than 1.5 mm.
     ``lattice_anchor``: ``"centre"`` (current torchio) or ``"corner"`` (torchio before 2025,
     as at training time); see :meth:`fastsam3d.geometry.Lattice.for_volume`.
+    ``max_undo``: most undo steps kept (older ones are dropped; 0 disables undo).
+    ``max_embeddings``: most crop embeddings kept for reuse (least recently used dropped first;
+    default ``max(32, 2 * max_crops)``).
+    Every public method may be called from any thread; calls are serialised by a lock.
     """
 
     def __init__(self, model: Any = "fastsam3d", device: str | torch.device = "auto", *,
                  point_policy: str | None = None, max_crops: int = 8, propagate: bool = True,
                  paste_interpolation: str = "nearest", lattice_anchor: str = "centre",
-                 warmup: bool = True, precision: str = "auto") -> None:
+                 warmup: bool = True, precision: str = "auto", max_undo: int = 100,
+                 max_embeddings: int | None = None) -> None:
+        self._lock = threading.RLock()
         if isinstance(model, Runner):
             self.runner = model
         else:
@@ -188,6 +231,13 @@ class Session:
         if max_crops < 1:
             raise ValueError("max_crops must be at least 1")
         self.max_crops = int(max_crops)
+        if max_undo < 0:
+            raise ValueError("max_undo must be 0 or more")
+        self.max_undo = int(max_undo)
+        cap = max(32, 2 * self.max_crops) if max_embeddings is None else int(max_embeddings)
+        if cap < 1:
+            raise ValueError("max_embeddings must be at least 1")
+        self.max_embeddings = cap
         self.propagate = propagate
         if paste_interpolation not in ("nearest", "linear"):
             raise ValueError("paste_interpolation must be 'nearest' or 'linear', not "
@@ -203,32 +253,28 @@ class Session:
             self._warmup()
 
     # --- public API -----------------------------------------------------------------------
+    @_locked
     def set_volume(self, volume: Volume) -> None:
-        """Use ``volume`` (uploaded to the device once) and start a new object."""
+        """Use ``volume`` (copied to the device once) and start a new object."""
         if not isinstance(volume, Volume):
             raise TypeError(f"set_volume needs a fastsam3d.Volume, not {type(volume).__name__}")
-        a = volume.array
-        if a.dtype not in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16,
-                           np.int32, np.int64) or not a.dtype.isnative:
-            a = a.astype(np.float32)  # e.g. uint16/uint32 or big-endian data from files
-        elif not a.flags.writeable:
-            a = a.copy()  # torch cannot wrap read-only memory
-        lo, hi = a.min(), a.max()
-        if lo == hi:
-            raise VolumeError(f"volume is constant (every voxel is {lo}): nothing to segment")
         lattice = geo.Lattice.for_volume(volume.ijk_to_ras, volume.shape,
                                          anchor=self.lattice_anchor)
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        t = t.to(device=self.device, dtype=torch.float32)
+        t, fp = self._upload(volume.array)
         self._clear_volume()
         self.volume = volume
         self._lattice = lattice
-        self._tensor = t[None, None]
+        self._tensor = t
+        self._source = (volume.array, fp)
 
+    @_locked
     def add_point(self, ras: Sequence[float], positive: bool = True) -> Result:
         """Add a click at RAS position ``ras`` (mm); positive adds, negative removes."""
         vol = self._require_volume()
         p = self._as_point(ras, "click")
+        if not isinstance(positive, (bool, np.bool_)) and positive not in (0, 1):
+            raise SessionError(f"positive must be True or False, not {positive!r}")
+        self._sync_volume()
         if not vol.contains(p):
             ijk = vol.ras_to_ijk(p)
             raise SessionError(f"click at RAS {tuple(round(float(x), 2) for x in p)} lies "
@@ -241,6 +287,7 @@ class Session:
         new = self._apply_click(state, click)
         return self._commit(new)
 
+    @_locked
     def add_box(self, ras_min: Sequence[float], ras_max: Sequence[float]) -> Result:
         """Segment the object inside the RAS box [ras_min, ras_max]; starts a new object."""
         vol = self._require_volume()
@@ -272,6 +319,7 @@ class Session:
         if count > self.max_crops:
             raise SessionError(f"box needs {count} crops of 192 mm, more than max_crops="
                                f"{self.max_crops}; draw a smaller box or raise max_crops")
+        self._sync_volume()
         tiles: dict[tuple[int, int, int], _Tile] = {}
         zero = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
         for s0 in starts_per_axis[0]:
@@ -285,6 +333,7 @@ class Session:
                     tiles[start] = _Tile(start, logits, (seed,), iou)
         return self._commit(_State(tiles=tiles, clicks=(), box=(lo, hi)))
 
+    @_locked
     def undo(self) -> Result:
         """Go back one step (clicks and boxes); repeatable."""
         self._require_volume()
@@ -294,6 +343,7 @@ class Session:
         self._result = self._render(self._state)
         return self._result
 
+    @_locked
     def reset(self) -> Result:
         """Forget the object (undo history included); the result covers what to clear."""
         self._require_volume()
@@ -305,28 +355,33 @@ class Session:
 
     @property
     def result(self) -> Result | None:
-        return self._result
+        with self._lock:
+            return self._result
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._history)
+        with self._lock:
+            return bool(self._history)
 
     @property
     def crops(self) -> list[tuple[int, int, int]]:
         """Lattice starts of the crops the current object uses."""
-        return list(self._state.tiles)
+        with self._lock:
+            return list(self._state.tiles)
 
     @property
     def lattice(self) -> geo.Lattice:
-        self._require_volume()
-        return self._lattice
+        with self._lock:
+            self._require_volume()
+            return self._lattice
 
     # --- internals ------------------------------------------------------------------------
     def _clear_volume(self) -> None:
         self.volume = None
         self._tensor: torch.Tensor | None = None
         self._lattice: geo.Lattice = None  # type: ignore[assignment]
-        self._embeddings: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._embeddings: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
+        self._source: tuple[np.ndarray, tuple] | None = None
         self._state = _State()
         self._history: list[_State] = []
         self._result: Result | None = None
@@ -337,16 +392,69 @@ class Session:
             raise SessionError("no volume: call set_volume(volume) first")
         return self.volume
 
+    def _upload(self, array: np.ndarray) -> tuple[torch.Tensor, tuple]:
+        """(a float32 copy of ``array`` on the device, shaped (1, 1, k, j, i), its fingerprint);
+        VolumeError for a constant volume or values that are not finite in float32."""
+        a = array
+        fp = _fingerprint(a)
+        if a.dtype not in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16,
+                           np.int32, np.int64) or not a.dtype.isnative:
+            a = a.astype(np.float32)  # e.g. uint16/uint32 or big-endian data from files
+        elif not a.flags.writeable or (a.dtype == np.float32 and self.device.type == "cpu"):
+            # torch cannot wrap read-only memory, and the session must never share the
+            # caller's memory (an edit would reach crops not yet embedded but not cached ones)
+            a = a.copy()
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=torch.float32)
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            n = int((~finite).sum())
+            raise VolumeError(f"volume has {n} voxel(s) that are NaN or Inf as float32 (values "
+                              "beyond about 3.4e38 overflow); fix or clip them first")
+        lo, hi = t.min(), t.max()
+        if bool(lo == hi):
+            raise VolumeError(f"volume is constant (every voxel is {float(lo)}): nothing to "
+                              "segment")
+        return t[None, None], fp
+
+    def _sync_volume(self) -> None:
+        """Re-read the volume if the caller changed its array since ``set_volume`` (no stale
+        embeddings): same shape only, else SessionError."""
+        vol = self.volume
+        assert vol is not None and self._source is not None
+        array, fp = self._source
+        current = vol.array
+        if _fingerprint(current) == fp:
+            self._source = (current, fp)
+            return
+        if tuple(current.shape) != tuple(self._tensor.shape[2:]):
+            raise SessionError(f"the volume's array changed shape from {array.shape} to "
+                               f"{current.shape} since set_volume; call set_volume(volume)")
+        t, new_fp = self._upload(current)
+        warnings.warn("fastsam3d: the volume's voxels changed since set_volume; re-reading them "
+                      "and recomputing the crop embeddings (call set_volume after editing)",
+                      RuntimeWarning, stacklevel=3)
+        self._tensor = t
+        self._embeddings.clear()
+        self._source = (current, new_fp)
+
     @staticmethod
     def _as_point(p: Sequence[float], what: str) -> np.ndarray:
-        a = np.asarray(p, dtype=np.float64).reshape(-1)
+        try:
+            if isinstance(p, (str, bytes)):
+                raise TypeError
+            a = np.asarray(p, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise SessionError(f"{what} must be three finite RAS coordinates, got {p!r}") \
+                from None
         if a.shape != (3,) or not np.all(np.isfinite(a)):
             raise SessionError(f"{what} must be three finite RAS coordinates, got {p!r}")
         return a
 
     def _commit(self, new: _State) -> Result:
         result = self._render(new)
-        self._history.append(self._state)
+        if self.max_undo:
+            self._history.append(self._state)
+            del self._history[:-self.max_undo]
         self._state = new
         self._result = result
         return result
@@ -362,6 +470,10 @@ class Session:
             x = geo.znormalize(crop)[None, None]
             emb = self.runner.encode(x)
             self._embeddings[start] = emb
+            while len(self._embeddings) > self.max_embeddings:
+                self._embeddings.popitem(last=False)
+        else:
+            self._embeddings.move_to_end(start)
         return emb
 
     def _run_decoder(self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor,
@@ -378,6 +490,12 @@ class Session:
                                  dtype=torch.long, device=self.device)
         low_res, iou = self._run_decoder(emb, pts, labels, mask)
         low_res = low_res[:, :1].float()
+        if not bool(torch.isfinite(low_res).all()):
+            raise SessionError(
+                f"the network returned NaN/Inf logits for the crop at lattice {tuple(start)}: "
+                "the weights hold non-finite values or the image's intensities overflow the "
+                "normalisation; nothing was changed"
+            )
         iou_v = float(iou.reshape(-1)[0]) if iou is not None else None
         return low_res, iou_v
 
