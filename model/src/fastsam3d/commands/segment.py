@@ -239,11 +239,11 @@ def check_args(args: argparse.Namespace) -> None:
     _check_output(out, "--out", inputs)
     if args.preview:
         png = Path(args.preview)
-        if png.suffix.lower() != ".png":
-            raise _Usage(f"--preview {png}: the preview is a PNG image; name it *.png")
         if _same_file(png, out):
             raise _Usage("--preview and --out are the same file; give them different names")
         _check_output(png, "--preview", inputs)
+        if png.suffix.lower() != ".png":
+            raise _Usage(f"--preview {png}: the preview is a PNG image; name it *.png")
 
 
 def _extent(vol: Any) -> str:
