@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -15,25 +17,42 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "container for any other suffix.",
     )
     p.add_argument("checkpoint", help="checkpoint path or registered weights name")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", type=Path, help="file to write (.safetensors or .pth)")
     p.add_argument("--decoder", help="prompt encoder + decoder file for an encoder-only checkpoint")
     p.add_argument("--config", help="registry config (default: detected from the file)")
     p.set_defaults(func=run)
     return p
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Same path, symlink or hard link (same inode)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, load_model, save_official, save_safetensors
+    from ..hub import HubError
 
+    def fail(msg: object) -> int:
+        print(f"fastsam3d convert: {msg}", file=sys.stderr)
+        return 1
+
+    inputs = [Path(p) for p in (args.checkpoint, args.decoder) if p]
+    if any(_same_file(args.out, p) or args.out.resolve() == p.resolve() for p in inputs):
+        return fail("refusing to overwrite an input checkpoint; choose another output path")
+    if args.out.is_dir():
+        return fail(f"{args.out} is a directory; give the output file's name")
     try:
         model = load_model(args.checkpoint, config=args.config, decoder=args.decoder)
-    except CheckpointError as exc:
-        print(f"error: {exc}")
-        return 1
-    if args.out.resolve() == Path(args.checkpoint).resolve():
-        print("error: refusing to overwrite the input checkpoint; choose another output path")
-        return 1
+    except (CheckpointError, HubError, ValueError) as exc:
+        return fail(exc)
     writer = save_safetensors if args.out.suffix == ".safetensors" else save_official
-    writer(model, args.out)
+    try:
+        writer(model, args.out)
+    except OSError as exc:
+        return fail(f"cannot write {args.out} ({exc.strerror or exc}); nothing was changed")
     print(f"{model.config.summary()}\nwrote {args.out}")
     return 0
