@@ -506,3 +506,40 @@ def test_convert_refuses_bad_input_in_one_line(tmp_path, cache, monkeypatch, cap
     assert _convert([str(good), str(tmp_path / "alias.pth")]) == 1  # a hard link to the input
     assert "overwrite an input" in capsys.readouterr().err and good.read_bytes() == before
     assert not (tmp_path / "out.pth").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a broken cache gives HubError sentences, never raw OS errors; `info` never fails (#17)
+
+
+def _info(capsys) -> int:
+    from fastsam3d.commands import info as info_cmd
+
+    parser = argparse.ArgumentParser(prog="fastsam3d")
+    info_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["info"])
+    rc = args.func(args)
+    capsys.readouterr()
+    return rc
+
+
+@pytest.mark.parametrize("broken", ["cache-is-a-file", "record-is-a-directory",
+                                    "record-not-utf8"])
+def test_broken_cache_gives_hub_errors(tmp_path, monkeypatch, capsys, tiny, broken):
+    src = save_safetensors(tiny, tmp_path / "src" / "FastSAM3D.safetensors")
+    _registry(monkeypatch, src.as_uri())
+    cache = tmp_path / "cache"
+    if broken == "cache-is-a-file":
+        cache.write_bytes(b"not a folder")
+    elif broken == "record-is-a-directory":
+        (cache / hub.HASHES_FILE).mkdir(parents=True)
+    else:
+        cache.mkdir()
+        (cache / hub.HASHES_FILE).write_bytes(b"\xff\xfe\x00\x01binary")
+    monkeypatch.setenv(hub.ENV_CACHE, str(cache))
+    with pytest.raises(hub.HubError):
+        hub.download("fastsam3d", progress=False)
+    status = hub.cache_status("fastsam3d", verify=True)  # never raises
+    assert not status.present or status.verified is False
+    assert _info(capsys) == 0
+    assert not (cache / "FastSAM3D.pth").exists()  # nothing half-recorded
