@@ -193,3 +193,19 @@ def test_atomic_files_follow_the_umask(tmp_path):
     for name in names:
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
     assert Volume.read(tmp_path / "v.nhdr").shape == blob_volume().shape
+
+
+def test_preview_fills_a_mask_that_reaches_the_slice_edge(tmp_path):
+    """newcomer p1: only outlines were drawn, so a mask covering a slice showed nothing."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from fastsam3d.preview import save_preview
+
+    vol = blob_volume()
+    png = tmp_path / "p.png"
+    save_preview(vol, np.ones(vol.shape, bool), png, points=[(vol.ijk_to_ras_points([12, 11, 10]),
+                                                              True)])
+    rgb = imread(str(png))[..., :3]
+    reddish = (rgb[..., 0] > rgb[..., 1] + 0.25) & (rgb[..., 0] > rgb[..., 2] + 0.25)
+    assert reddish.mean() > 0.15, "the mask is not filled"
