@@ -32,7 +32,7 @@ after another (a click never interleaves with an undo or a ``set_volume``). Memo
 history keeps at most ``max_undo`` steps (each holds its crops' low-res logits, 128 KiB per
 crop) and at most ``max_embeddings`` crop embeddings are cached (768 KiB each). Data: the session
 works on its own copy of the volume made by ``set_volume``; each click and box compares a
-fingerprint of ``volume.array`` (all of it up to 4 MiB, a fixed sample of about a million voxels
+fingerprint of ``volume.array`` (all of it up to 1 MiB, a fixed sample of about 260 000 voxels
 beyond) and, when the caller changed it in place, re-reads it and drops the cached embeddings
 with a RuntimeWarning. Call ``set_volume`` after editing the array to be certain.
 """
@@ -66,8 +66,8 @@ _HALF = geo.CROP // 2
 _STEP = geo.CROP // 2  # neighbour crops overlap by half a crop
 _KNOT = geo.CROP // geo.LOWRES  # lattice voxels per low-res logit
 _CPU_WARNED = False
-_FULL_FINGERPRINT_BYTES = 4 << 20  # arrays up to this size are hashed whole on every prompt
-_SAMPLE_VOXELS = 1 << 20  # larger ones: a fixed strided sample of about this many voxels
+_FULL_FINGERPRINT_BYTES = 1 << 20  # arrays up to this size are hashed whole on every prompt
+_SAMPLE_VOXELS = 1 << 18  # larger ones: a fixed strided sample of about this many voxels
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
