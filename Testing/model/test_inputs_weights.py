@@ -122,7 +122,7 @@ def _cache_files(cache: Path) -> list[str]:
     if not cache.exists():
         return []
     return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
-                  if p.is_file() and p.name != ".hashes.lock")
+                  if p.name != ".hashes.lock")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -566,7 +566,26 @@ def download(
     (DownloadCancelled).
     """
     target = _resolve(name_or_url, sha256)
-    directory = _directory(dest_dir, create=True, target=target)
+    directory = _directory(dest_dir, create=False, target=target)
+    fresh = not target.from_registry and not directory.exists()
+    _mkdir(directory)
+    try:
+        return _download(target, directory, progress, force, progress_callback)
+    except BaseException:
+        if fresh:  # a failed URL download leaves not even its empty folder behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+                directory.parent.rmdir()  # urls/, when it holds nothing else
+        raise
+
+
+def _download(
+    target: _Target,
+    directory: Path,
+    progress: bool,
+    force: bool,
+    progress_callback: ProgressCallback | None,
+) -> Path:
     dest = directory / target.filename
     # Read the record first: an unreadable record must stop us before any network traffic.
     record = _read_records(directory).get(target.filename)
