@@ -543,3 +543,18 @@ def test_broken_cache_gives_hub_errors(tmp_path, monkeypatch, capsys, tiny, brok
     assert not status.present or status.verified is False
     assert _info(capsys) == 0
     assert not (cache / "FastSAM3D.pth").exists()  # nothing half-recorded
+
+
+def test_every_registered_config_is_usable_by_name(cache, tmp_path, monkeypatch):
+    """newcomer m3: the third config is listed but could not be used by name. Its registry entry
+    shares the sam-med3d-turbo file (one download, one record)."""
+    assert {w.config for w in hub.list_weights()} == set(fastsam3d.list_models())
+    teacher = _tiny("sam-med3d-turbo")
+    src = save_official(teacher, tmp_path / "src" / "sam_med3d_turbo.pth")
+    for name in ("sam-med3d-turbo", "sam-med3d-turbo-fastsam3d-block"):
+        _registry(monkeypatch, src.as_uri(), name)
+    path = hub.download("sam-med3d-turbo", progress=False)
+    assert hub.cached_path("sam-med3d-turbo-fastsam3d-block") == path
+    cfg = fastsam3d.get_config("sam-med3d-turbo-fastsam3d-block", **TINY)
+    model = load_model("sam-med3d-turbo-fastsam3d-block", config=cfg)
+    assert model.config.block_style == "fastsam3d"

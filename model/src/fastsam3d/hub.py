@@ -134,6 +134,20 @@ _REGISTRY: dict[str, WeightsInfo] = {
                 "that repository's terms before redistribution. Research use; not a medical device."
             ),
         ),
+        WeightsInfo(
+            # The same file as "sam-med3d-turbo" (one download, one record), run through
+            # FastSAM3D's block, as FastSAM3D's teacher and its Slicer plugin did.
+            name="sam-med3d-turbo-fastsam3d-block",
+            url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
+            filename="sam_med3d_turbo.pth",
+            config="sam-med3d-turbo-fastsam3d-block",
+            description="SAM-Med3D-turbo weights run with FastSAM3D's block (shares the "
+            "sam-med3d-turbo file: downloading or removing one is the other)",
+            license_note=(
+                "Published by the SAM-Med3D authors (github.com/uni-medical/SAM-Med3D); check "
+                "that repository's terms before redistribution. Research use; not a medical device."
+            ),
+        ),
     )
 }
 
