@@ -558,3 +558,21 @@ def test_every_registered_config_is_usable_by_name(cache, tmp_path, monkeypatch)
     cfg = fastsam3d.get_config("sam-med3d-turbo-fastsam3d-block", **TINY)
     model = load_model("sam-med3d-turbo-fastsam3d-block", config=cfg)
     assert model.config.block_style == "fastsam3d"
+
+
+def test_url_downloads_are_listed_and_removable(cache, tmp_path, capsys, tiny):
+    """newcomer m12: weights fetched by URL were invisible to `download --list` and could not
+    be removed; they are listed with their path and removed by URL."""
+    from fastsam3d.commands import download as download_cmd
+
+    src = save_safetensors(tiny, tmp_path / "src" / "my_weights.safetensors")
+    path = hub.download(src.as_uri(), progress=False)
+    parser = argparse.ArgumentParser(prog="fastsam3d")
+    download_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["download", "--list"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert src.as_uri() in out and str(path) in out
+    args = parser.parse_args(["download", "--remove", src.as_uri()])
+    assert args.func(args) == 0 and not path.exists()
+    assert hub.url_downloads() == []

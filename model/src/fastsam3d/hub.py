@@ -66,6 +66,7 @@ __all__ = [
     "normalize_sha256",
     "remove",
     "sha256_file",
+    "url_downloads",
     "verify_file",
 ]
 
@@ -653,6 +654,24 @@ def _download(
         directory, target.filename, _new_record(target, digest, size, target.expected is not None)
     )
     return dest
+
+
+def url_downloads(dest_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, Path]]:
+    """(URL, path) of every file downloaded by URL into the cache (``download --list`` shows
+    them; load them by path, remove them by URL). Unreadable records are skipped."""
+    base = cache_dir(create=False) if dest_dir is None else Path(dest_dir).expanduser()
+    found = []
+    for record_file in sorted(glob.glob(os.path.join(glob.escape(str(base)), _URL_DIR, "*",
+                                                     HASHES_FILE))):
+        directory = Path(record_file).parent
+        try:
+            records = _read_records(directory)
+        except HubError:
+            continue
+        for filename, record in sorted(records.items()):
+            if (directory / filename).is_file() and isinstance(record.get("url"), str):
+                found.append((record["url"], directory / filename))
+    return found
 
 
 def remove(name: str, *, dest_dir: str | os.PathLike[str] | None = None) -> bool:

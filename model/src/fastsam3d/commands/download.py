@@ -73,6 +73,12 @@ def _print_list(cache_dir: str | None, verify: bool) -> int:
             print(f"  sha256:  {st.recorded_sha256}")
         print(f"  url:     {info.url}")
         print(f"  licence: {info.license_note}")
+    extra = hub.url_downloads(cache_dir)
+    if extra:
+        print("\ndownloaded from URLs (load by path, e.g. `segment --checkpoint PATH`; "
+              "remove with `download --remove URL`):")
+        for url, path in extra:
+            print(f"  {url}\n    {path}")
     return 0
 
 
