@@ -576,3 +576,10 @@ def test_url_downloads_are_listed_and_removable(cache, tmp_path, capsys, tiny):
     args = parser.parse_args(["download", "--remove", src.as_uri()])
     assert args.func(args) == 0 and not path.exists()
     assert hub.url_downloads() == []
+
+
+@pytest.mark.parametrize("style", ["banana", "42"])
+def test_unknown_recorded_block_style_is_a_checkpoint_error(tmp_path, tiny, style):
+    path = save_safetensors(tiny, tmp_path / "odd.safetensors", metadata={"block_style": style})
+    with pytest.raises(CheckpointError, match="block style"):
+        load_model(path)

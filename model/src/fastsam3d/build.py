@@ -99,6 +99,10 @@ def check_config(cfg: ModelConfig) -> None:
     if cfg.patch_size < 1 or cfg.img_size < 1 or cfg.img_size % cfg.patch_size \
             or cfg.img_size > 512:
         problems.append(f"img_size {cfg.img_size} / patch_size {cfg.patch_size}")
+    if cfg.block_style not in ("fastsam3d", "standard"):
+        problems.append(f"block style {cfg.block_style!r} ('fastsam3d' or 'standard')")
+    if cfg.point_policy not in ("newest", "accumulate"):
+        problems.append(f"point policy {cfg.point_policy!r} ('newest' or 'accumulate')")
     if not 1 <= cfg.num_point_embeddings <= 8:
         problems.append(f"num_point_embeddings {cfg.num_point_embeddings} (1..8)")
     if problems:
