@@ -583,3 +583,42 @@ def test_unknown_recorded_block_style_is_a_checkpoint_error(tmp_path, tiny, styl
     path = save_safetensors(tiny, tmp_path / "odd.safetensors", metadata={"block_style": style})
     with pytest.raises(CheckpointError, match="block style"):
         load_model(path)
+
+
+def test_full_disk_and_read_only_cache_give_hub_errors(cache, tmp_path, monkeypatch, tiny):
+    """ENOSPC while writing hashes.json and EROFS on cleanup / remove (#17), simulated: the
+    user gets a HubError sentence (the CLI prints one line), never a raw OSError."""
+    import errno
+
+    src = save_safetensors(tiny, tmp_path / "src" / "FastSAM3D.safetensors")
+    _registry(monkeypatch, src.as_uri())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(hub, "_write_json_atomic", full)
+        with pytest.raises(hub.HubError, match="No space left"):
+            hub.download("fastsam3d", progress=False)
+    # The file without a record is refused on the next use, with the fix named.
+    with pytest.raises(hub.ChecksumError, match="--force"):
+        hub.cached_path("fastsam3d")
+    hub.download("fastsam3d", progress=False, force=True)
+    real_unlink = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == cache or self.parent.parent.parent == cache:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(hub.HubError, match="Read-only"):
+        hub.remove("fastsam3d")
+
+    def failed_transfer(*args, **kwargs):
+        raise hub.DownloadError("downloading failed: disk full")
+
+    monkeypatch.setattr(hub, "_fetch", failed_transfer)
+    # The EROFS of the cleanup never replaces the real error.
+    with pytest.raises(hub.DownloadError, match="disk full"):
+        hub.download(src.as_uri(), progress=False)
