@@ -30,9 +30,17 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
+# Submodules reachable as attributes after a plain `import fastsam3d` (fastsam3d.hub.download,
+# fastsam3d.checkpoint.save_official, fastsam3d.testing.fixture_model ...), imported on first use.
+_SUBMODULES = ("atomic", "bench", "build", "checkpoint", "dicom", "fastpath", "geometry", "hub",
+               "modeling", "nifti", "preview", "prompts", "session", "testing", "volume")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastsam3d' has no attribute {name!r}")
 
 
