@@ -524,7 +524,7 @@ def _info(capsys) -> int:
 
 
 @pytest.mark.parametrize("broken", ["cache-is-a-file", "record-is-a-directory",
-                                    "record-not-utf8"])
+                                    "record-not-utf8", "lock-is-a-directory"])
 def test_broken_cache_gives_hub_errors(tmp_path, monkeypatch, capsys, tiny, broken):
     src = save_safetensors(tiny, tmp_path / "src" / "FastSAM3D.safetensors")
     _registry(monkeypatch, src.as_uri())
@@ -533,6 +533,8 @@ def test_broken_cache_gives_hub_errors(tmp_path, monkeypatch, capsys, tiny, brok
         cache.write_bytes(b"not a folder")
     elif broken == "record-is-a-directory":
         (cache / hub.HASHES_FILE).mkdir(parents=True)
+    elif broken == "lock-is-a-directory":
+        (cache / ".hashes.lock").mkdir(parents=True)
     else:
         cache.mkdir()
         (cache / hub.HASHES_FILE).write_bytes(b"\xff\xfe\x00\x01binary")

@@ -604,6 +604,8 @@ def _download(
     dest = directory / target.filename
     # Read the record first: an unreadable record must stop us before any network traffic.
     record = _read_records(directory).get(target.filename)
+    with _records_lock(directory):  # and one we could not update must stop us too
+        pass
 
     if dest.exists() and not force:
         if target.expected is None:  # also refuses a file recorded from another URL
