@@ -245,3 +245,27 @@ def test_dicom_paths_that_are_not_a_series_folder_get_a_hint(tmp_path, kind):
         message = "DICOMDIR index"
     with pytest.raises(VolumeError, match=message):
         Volume.read(path)
+
+
+# --- images the engine cannot segment: VolumeError naming the problem -----------------------
+
+@pytest.mark.parametrize(
+    ("array", "affine", "message"),
+    [
+        (np.zeros((3, 3, 3), "m8[s]"), np.eye(4), "real numbers"),
+        (np.zeros((3, 3, 3)), np.diag([1e300, 1, 1, 1]), "not a plausible voxel size"),
+        (np.zeros((2, 2, 2)), np.diag([0.5, 0.5, 0.5, 1]), "too small an image"),
+        (np.zeros((10, 10, 10)), np.diag([1000.0, 1000.0, 1000.0, 1]),
+         "larger than the model's 192 mm crop"),
+    ],
+    ids=["timedelta", "spacing-1e300", "extent-1mm", "voxels-1000mm"],
+)
+def test_images_that_cannot_be_segmented_are_volume_errors(array, affine, message):
+    """reliability #24, #25: a timedelta array was accepted, 1e300 spacing called 'singular',
+    a tiny extent raised a plain ValueError from the lattice, 1000 mm voxels ran 8 crops to an
+    empty mask."""
+    from fastsam3d.geometry import Lattice
+
+    with pytest.raises(VolumeError, match=message):
+        vol = Volume(array, affine)
+        Lattice.for_volume(vol.ijk_to_ras, vol.shape)

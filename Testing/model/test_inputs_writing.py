@@ -209,3 +209,25 @@ def test_preview_fills_a_mask_that_reaches_the_slice_edge(tmp_path):
     rgb = imread(str(png))[..., :3]
     reddish = (rgb[..., 0] > rgb[..., 1] + 0.25) & (rgb[..., 0] > rgb[..., 2] + 0.25)
     assert reddish.mean() > 0.15, "the mask is not filled"
+
+
+@pytest.mark.usefixtures("no_model")
+def test_click_outside_the_box_is_refused_up_front(image, tmp_path, capsys):
+    """newcomer m8: the session's 'reset() or add a new box' reached CLI users (who have no
+    reset) after the model had loaded."""
+    path, vol = image
+    r, a, s = vol.ijk_to_ras_points([12, 11, 10])
+    rc = main(["segment", str(path), "--box", f"{r - 5},{a - 5},{s - 5},{r + 5},{a + 5},{s + 5}",
+               "--point", f"{r + 8},{a},{s}", "--out", str(tmp_path / "m.nii.gz")])
+    assert rc == 1
+    assert "outside the box" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_model")
+def test_a_path_given_to_model_points_to_checkpoint(image, tmp_path, capsys):
+    """newcomer m2: `--model ./FastSAM3D.pth` said 'unknown weights name' without a hint."""
+    path, vol = image
+    rc = main(["segment", str(path), "--point", centre_point(vol), "--out",
+               str(tmp_path / "m.nii.gz"), "--model", "./FastSAM3D.pth"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "use --checkpoint ./FastSAM3D.pth" in err and "reading" not in err

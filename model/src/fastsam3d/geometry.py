@@ -113,9 +113,16 @@ class Lattice:
             new_origin = origin + a @ (0.5 * (spacing / old_spacing - 1))
         else:
             raise ValueError(f"anchor must be 'centre' or 'corner', not {anchor!r}")
+        from .volume import VolumeError  # a ValueError: the image cannot be segmented
+
         if np.any(new_size < 1):
-            raise ValueError(f"volume extent {size * old_spacing} mm is smaller than one "
-                             f"{spacing} mm voxel along some axis")
+            raise VolumeError(f"volume extent {np.round(size * old_spacing, 4).tolist()} mm is "
+                              f"smaller than one {spacing} mm voxel of the model's grid along "
+                              "some axis: too small an image to segment")
+        if np.any(old_spacing > CROP * spacing):
+            raise VolumeError(f"voxels of {np.round(old_spacing, 1).tolist()} mm are larger than "
+                              f"the model's {CROP * spacing:g} mm crop: check the image's voxel "
+                              "size (spacing) in its header")
         axis_of_world, sign_of_world = closest_orientation(direction)
         lat = np.eye(4)
         shape = []

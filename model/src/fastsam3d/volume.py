@@ -82,6 +82,9 @@ def check_output(path: str | os.PathLike, ijk_to_ras: Any = None) -> None:
                           "mask as .nii or .nii.gz")
 
 
+_MAX_SPACING_MM = 1e6
+
+
 def _check_affine(ijk_to_ras: Any) -> np.ndarray:
     m = np.asarray(ijk_to_ras, dtype=np.float64)
     if m.shape != (4, 4):
@@ -91,7 +94,11 @@ def _check_affine(ijk_to_ras: Any) -> np.ndarray:
     if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]):
         raise VolumeError(f"ijk_to_ras last row must be [0, 0, 0, 1], got {m[3].tolist()}")
     a = m[:3, :3]
-    norms = np.linalg.norm(a, axis=0)
+    with np.errstate(over="ignore"):
+        norms = np.linalg.norm(a, axis=0)
+    if not np.all(np.isfinite(norms)) or np.any(norms > _MAX_SPACING_MM):
+        raise VolumeError(f"ijk_to_ras gives voxels of {norms.tolist()} mm: not a plausible "
+                          "voxel size (over 1 km); check the image's spacing")
     if np.any(norms <= 0):
         axes = [ax for ax, n in zip("ijk", norms) if n <= 0]
         raise VolumeError(f"ijk_to_ras is degenerate: zero spacing along axis {', '.join(axes)}")
@@ -105,7 +112,8 @@ def _check_affine(ijk_to_ras: Any) -> np.ndarray:
 
 def _check_array(array: Any) -> np.ndarray:
     a = np.asarray(array)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+    if a.dtype == object or a.dtype.kind in "mM" or not (np.issubdtype(a.dtype, np.number)
+                                                        or a.dtype == np.bool_):
         raise VolumeError(f"volume must hold real numbers, got dtype {a.dtype}")
     if np.issubdtype(a.dtype, np.complexfloating):
         raise VolumeError("volume must hold real numbers, got complex values")

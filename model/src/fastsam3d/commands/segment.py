@@ -160,7 +160,7 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
         return load_model(args.checkpoint)
     try:
         cached = hub.cached_path(args.model)
-    except ValueError as e:  # unknown name
+    except ValueError as e:  # unknown name (check_args has refused those already)
         raise _Usage(f"--model: {e}") from None
     if cached is None:
         log(f"weights {args.model!r} are not cached: downloading (once)")
@@ -230,6 +230,16 @@ def check_args(args: argparse.Namespace) -> None:
             raise _Usage(f"--device {args.device}: no MPS device is available here")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise _Usage(f"--checkpoint: no such file {args.checkpoint}")
+    if not args.checkpoint and not args.fixture_weights:
+        from fastsam3d import hub
+
+        try:
+            hub.get_weights_info(args.model)
+        except ValueError as e:
+            hint = ""
+            if Path(args.model).suffix or os.sep in args.model or Path(args.model).exists():
+                hint = f"; for a checkpoint file use --checkpoint {args.model}"
+            raise _Usage(f"--model: {e}{hint}") from None
     out = Path(args.out)
     try:
         check_output(out)
@@ -268,6 +278,12 @@ def _check_prompts_inside(vol: Any, points: list, box: Any, lps: bool) -> None:
             raise VolumeError(f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside the "
                               f"volume (extent RAS mm: {_extent(vol)}){hint}")
     if box is not None:
+        for n, (p, _) in enumerate(points):
+            if np.any(np.asarray(p) < box[0]) or np.any(np.asarray(p) > box[1]):
+                raise VolumeError(f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside "
+                                  f"the box {np.round(box[0], 1).tolist()} .. "
+                                  f"{np.round(box[1], 1).tolist()}: the mask is clipped to the "
+                                  "box, so clicks must be inside it")
         corners = np.array(np.meshgrid(*zip(box[0], box[1]), indexing="ij")).reshape(3, -1).T
         ijk = vol.ras_to_ijk(corners)
         size = np.array(vol.shape[::-1]) - 0.5
@@ -326,6 +342,9 @@ def _run(args: argparse.Namespace) -> int:
         except VolumeError as e:
             raise _Usage(f"--out: {e}") from None
         _check_prompts_inside(vol, points, box, args.lps)
+        from fastsam3d.geometry import Lattice
+
+        Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
         model = _load(args, log)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
