@@ -604,8 +604,10 @@ def _download(
     dest = directory / target.filename
     # Read the record first: an unreadable record must stop us before any network traffic.
     record = _read_records(directory).get(target.filename)
-    with _records_lock(directory):  # and one we could not update must stop us too
-        pass
+    lock = directory / ".hashes.lock"
+    if lock.exists() and not lock.is_file():  # nor one we could never update
+        raise HubError(f"cannot lock the hash record in {directory}: {lock} is not a file; "
+                       "delete it")
 
     if dest.exists() and not force:
         if target.expected is None:  # also refuses a file recorded from another URL
