@@ -64,6 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="override the model's click policy")
     p.add_argument("--label", type=int, default=1, help="value written for the mask (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--server", metavar="URL",
+                   help="segment on a `fastsam3d serve` server instead of here (no torch "
+                        "needed); the key from --api-key-file or $FASTSAM3D_API_KEY")
+    p.add_argument("--api-key-file", metavar="PATH", help="file holding the server's API key")
     p.set_defaults(func=run)
     return p
 
@@ -195,6 +199,25 @@ class _NoWeights(RuntimeError):
     pass
 
 
+def _remote_session(args: argparse.Namespace, log: Any) -> Any:
+    """A :class:`fastsam3d.RemoteSession` on ``--server`` (the same prompts, the server's model)."""
+    from fastsam3d.remote import RemoteSession
+
+    if args.fixture_weights or args.checkpoint or args.model != "fastsam3d":
+        raise _Usage("--server uses the server's model: drop --model/--checkpoint/"
+                     "--fixture-weights")
+    key = None
+    if args.api_key_file:
+        if not Path(args.api_key_file).is_file():
+            raise _Usage(f"--api-key-file: no such file {args.api_key_file}")
+        key = Path(args.api_key_file).read_text().strip()
+    log(f"connecting to {args.server}")
+    session = RemoteSession(args.server, api_key=key, point_policy=args.point_policy,
+                            max_crops=args.max_crops)
+    log(f"server session on {session.info['model']} ({session.info['device']})")
+    return session
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
@@ -202,8 +225,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    from fastsam3d.session import Session, SessionError
+    from fastsam3d.result import SessionError
     from fastsam3d.volume import Volume, VolumeError
+
+    if not args.server:
+        from fastsam3d.session import Session
 
     try:
         points = [parse_point(p, args.lps) for p in args.point]
@@ -225,12 +251,15 @@ def run(args: argparse.Namespace) -> int:
         log(f"reading {args.image}")
         vol = Volume.read(args.image)
         log(f"{vol}")
-        model = _load(args, log)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            session = Session(model, device=args.device, point_policy=args.point_policy,
-                              max_crops=args.max_crops, warmup=False)
-        if session.device.type == "cpu":
+        if args.server:
+            session = _remote_session(args, log)
+        else:
+            model = _load(args, log)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                session = Session(model, device=args.device, point_policy=args.point_policy,
+                                  max_crops=args.max_crops, warmup=False)
+        if not args.server and session.device.type == "cpu":
             log("running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
                 "a second to seconds")
         session.set_volume(vol)
@@ -243,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
                 f"RAS {np.round(p, 1).tolist()}")
             result = session.add_point(p, positive=positive)
         assert result is not None
+        if args.server:
+            session.close()  # frees the server's copy now rather than at its idle timeout
         mask = result.full_mask()
         label = np.zeros(vol.shape, dtype=np.uint8 if 0 <= args.label < 256 else np.int16)
         label[mask] = args.label
