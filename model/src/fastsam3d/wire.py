@@ -154,7 +154,7 @@ class VolumeAssembler:
         if self.nbytes > max_bytes:
             raise OverflowError(f"volume of {self.nbytes / 2**20:.1f} MB ({list(self.shape)} "
                                 f"{self.dtype}) exceeds the server's upload limit of "
-                                f"{max_bytes / 2**20:.0f} MB")
+                                f"{max_bytes / 2**20:g} MB")
         self.ijk_to_ras = header.get("ijk_to_ras")
         self.codec = codec
         self.chunk_bytes = chunk
