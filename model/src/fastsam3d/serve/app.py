@@ -159,7 +159,15 @@ async def _no_receive() -> dict:  # pragma: no cover - JSONResponse never reads
 def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
     """The ASGI app around one prepared :class:`fastsam3d.fastpath.Runner`."""
     config = config or ServerConfig()
-    jobs = InferenceQueue()
+    init = None
+    dev = getattr(runner, "device", None)
+    if dev is not None and dev.type == "cuda" and dev.index is not None:
+        import torch
+
+        # the CUDA device is per thread: the worker must use the runner's (cuda:1 ...)
+        def init() -> None:
+            torch.cuda.set_device(runner.device)
+    jobs = InferenceQueue(init=init)
     manager = SessionManager(runner, config, jobs)
     state: dict[str, Any] = {"ready": False, "draining": False}
 

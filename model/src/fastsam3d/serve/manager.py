@@ -59,7 +59,9 @@ class ServerConfig:
 class InferenceQueue:
     """One worker thread; jobs run in submission order (see the module docstring)."""
 
-    def __init__(self, name: str = "fastsam3d-infer") -> None:
+    def __init__(self, name: str = "fastsam3d-infer",
+                 init: Callable[[], object] | None = None) -> None:
+        self._init = init  # runs first on the worker (e.g. select its CUDA device)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.jobs = 0
@@ -89,6 +91,8 @@ class InferenceQueue:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        if self._init is not None:
+            self._init()
         while True:
             item = self._q.get()
             if item is None:
