@@ -79,6 +79,17 @@ def test_result_round_trip_and_checks() -> None:
         assert back.region == r.region and back.shape == r.shape
         assert (back.crops, back.iou, back.at_crop_limit) == (2, 0.75, True)
         np.testing.assert_array_equal(back.mask, mask)
+    # a Fortran-ordered mask (as the session's paste often returns) travels in its own order,
+    # without a transposing copy, and arrives equal (and Fortran-ordered again)
+    f = Result(r.region, np.asfortranarray(mask), r.shape)
+    d = wire.encode_result(f, "zlib")
+    assert d["mask"]["order"] == "F"
+    back = wire.decode_result(d)
+    np.testing.assert_array_equal(back.mask, mask)
+    assert back.mask.flags.f_contiguous
+    assert wire.encode_result(r, "zlib")["mask"]["order"] == "C"
+    with pytest.raises(wire.WireError, match="order"):
+        wire.decode_result({**d, "mask": {**d["mask"], "order": "K"}})
     empty = Result((slice(0, 0),) * 3, np.zeros((0, 0, 0), bool), (4, 4, 4))
     assert wire.decode_result(wire.encode_result(empty, "zlib")).mask.shape == (0, 0, 0)
     d = wire.encode_result(r, "zlib")

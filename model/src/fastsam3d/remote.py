@@ -70,6 +70,7 @@ class _Http:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._conn: http.client.HTTPConnection | None = None
         self._last = 0.0
+        self.last_headers: Any = None
         self.lock = threading.Lock()
 
     def _connect(self) -> http.client.HTTPConnection:
@@ -117,6 +118,7 @@ class _Http:
                     raise RemoteError(f"cannot reach the fastsam3d server at {self.url}: "
                                       f"{type(e).__name__}: {e}") from None
                 self._last = time.monotonic()
+                self.last_headers = resp.headers
                 if resp.getheader("Connection", "").lower() == "close":
                     self.close()
                 return resp.status, data
@@ -210,6 +212,8 @@ class RemoteSession:
         self._result: Result | None = None
         self._can_undo = False
         self._closed = False
+        # the server's account of the last prompt, ms: wait (lock + queue), infer, encode
+        self.last_timing: dict[str, float] = {}
 
     # --- Session's interface --------------------------------------------------------------
     def set_volume(self, volume: Volume) -> None:
@@ -291,7 +295,20 @@ class RemoteSession:
             raise RemoteError(f"malformed answer from the server: {e}") from None
         self._result = result
         self._can_undo = bool(data.get("can_undo", False))
+        self.last_timing = _server_timing(self._http.last_headers)
         return result
+
+
+def _server_timing(headers: Any) -> dict[str, float]:
+    """``Server-Timing: wait;dur=1.2, infer;dur=3.4`` -> {"wait": 1.2, "infer": 3.4}."""
+    out: dict[str, float] = {}
+    for part in (headers.get("Server-Timing", "") if headers is not None else "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        try:
+            out[name] = float(dur)
+        except ValueError:
+            continue
+    return out
 
 
 def _floats(p: Sequence[float]) -> list:

@@ -8,13 +8,15 @@ decompression is capped at the size it must have, so a bad or hostile payload fa
 clear error instead of exhausting memory.
 
 Results: only the region a prompt may have changed (``Result.region``) travels, as the mask's
-bits (``numpy.packbits``, C order) compressed with the same codecs, in a small JSON object.
+bits (``numpy.packbits``, in the array's memory order, C or F) compressed with the same codecs,
+in a small JSON object.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,6 +33,8 @@ try:  # optional: the server always has it (extra "serve"); a client falls back 
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - exercised where zstandard is absent
     _zstd = None
+
+_local = threading.local()  # zstd contexts are reused per thread (not thread-safe to share)
 
 CODECS = ("zstd", "zlib")
 CHUNK_BYTES = 16 * 2**20
@@ -63,7 +67,12 @@ def pick_codec(offered: Sequence[str] | None = None) -> str:
 def compress(data: bytes, codec: str, level: int = 1) -> bytes:
     """Compress ``data`` (level 1: the transfer is bound by the network, not the ratio)."""
     if codec == "zstd" and _zstd is not None:
-        return _zstd.ZstdCompressor(level=level, write_content_size=True).compress(data)
+        key = f"zstd{level}"
+        cctx = getattr(_local, key, None)
+        if cctx is None:
+            cctx = _zstd.ZstdCompressor(level=level, write_content_size=True)
+            setattr(_local, key, cctx)
+        return cctx.compress(data)
     if codec == "zlib":
         return zlib.compress(data, level)
     raise WireError(f"unknown or unavailable codec {codec!r} (have {available_codecs()})")
@@ -73,7 +82,10 @@ def decompress(data: bytes, codec: str, size: int) -> bytes:
     """Decompress ``data`` that must expand to exactly ``size`` bytes, never more."""
     try:
         if codec == "zstd" and _zstd is not None:
-            out = _zstd.ZstdDecompressor().decompress(data, max_output_size=size)
+            dctx = getattr(_local, "dzstd", None)
+            if dctx is None:
+                dctx = _local.dzstd = _zstd.ZstdDecompressor()
+            out = dctx.decompress(data, max_output_size=size)
         elif codec == "zlib":
             d = zlib.decompressobj()
             out = d.decompress(data, size)
@@ -192,15 +204,19 @@ class VolumeAssembler:
 # --- results -----------------------------------------------------------------------------
 def encode_result(result: Result, codec: str) -> dict[str, Any]:
     """A :class:`Result` as JSON-ready data: region, sizes and the region's mask bits."""
-    mask = np.ascontiguousarray(result.mask, dtype=bool)
-    bits = np.packbits(mask, axis=None).tobytes()
+    mask = np.asarray(result.mask, dtype=bool)
+    # Bits go in the array's own memory order: the session's masks are often Fortran-ordered
+    # (k fastest), and a C-order copy of a CT-sized region costs more than everything else.
+    order = "F" if mask.flags.f_contiguous and not mask.flags.c_contiguous else "C"
+    flat = mask.T if order == "F" else np.ascontiguousarray(mask)
+    bits = np.packbits(flat, axis=None).tobytes()
     return {
         "region": [[int(s.start), int(s.stop)] for s in result.region],
         "shape": [int(n) for n in result.shape],
         "crops": int(result.crops),
         "iou": None if result.iou is None else float(result.iou),
         "at_crop_limit": bool(result.at_crop_limit),
-        "mask": {"codec": codec, "voxels": int(np.count_nonzero(mask)),
+        "mask": {"codec": codec, "order": order, "voxels": int(np.count_nonzero(mask)),
                  "data": base64.b64encode(compress(bits, codec)).decode("ascii")},
     }
 
@@ -212,11 +228,14 @@ def decode_result(data: dict[str, Any]) -> Result:
         shape = tuple(int(n) for n in data["shape"])
         m = data["mask"]
         codec, voxels = str(m["codec"]), int(m["voxels"])
+        order = str(m.get("order", "C"))
         payload = base64.b64decode(m["data"], validate=True)
         crops, iou = int(data["crops"]), data["iou"]
         limit = bool(data["at_crop_limit"])
     except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"malformed result: {type(e).__name__}: {e}") from None
+    if order not in ("C", "F"):
+        raise WireError(f"malformed result: mask order must be 'C' or 'F', got {order!r}")
     if len(region) != 3 or len(shape) != 3:
         raise WireError(f"malformed result: region {data['region']} / shape {shape}")
     if any(s.start < 0 or s.stop < s.start or s.stop > n for s, n in zip(region, shape)):
@@ -224,7 +243,8 @@ def decode_result(data: dict[str, Any]) -> Result:
     size = tuple(s.stop - s.start for s in region)
     count = math.prod(size)
     bits = decompress(payload, codec, (count + 7) // 8)
-    mask = np.unpackbits(np.frombuffer(bits, np.uint8), count=count).astype(bool).reshape(size)
+    flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=count).view(bool)
+    mask = flat.reshape(size[::-1]).T if order == "F" else flat.reshape(size)
     if int(np.count_nonzero(mask)) != voxels:
         raise WireError(f"result mask holds {np.count_nonzero(mask)} voxels, header says "
                         f"{voxels}")

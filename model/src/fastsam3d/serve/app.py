@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import math
 import time
@@ -368,12 +369,21 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             s.lock.release()
 
     # --- prompts -------------------------------------------------------------------------
-    async def operate(sid: str, op: Callable[[Any], Result]) -> dict[str, Any]:
-        s = await locked(sid)
+    async def operate(sid: str, op: Callable[[Any], Result]) -> Response:
         t0 = time.perf_counter()
+        s = await locked(sid)
+        span: list[float] = []
+
+        def job(session: Any) -> Result:
+            span.append(time.perf_counter())
+            try:
+                return op(session)
+            finally:
+                span.append(time.perf_counter())
+
         try:
             try:
-                result = await manager.jobs.run(op, s.session)
+                result = await manager.jobs.run(job, s.session)
             except SessionError as e:
                 raise ApiError(422, "session_error", str(e)) from None
             except VolumeError as e:
@@ -382,27 +392,32 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             manager.clicks += 1
         finally:
             s.lock.release()
+        t1 = time.perf_counter()
         if math.prod(result.mask.shape) > INLINE_ENCODE_VOXELS:
             payload = await anyio.to_thread.run_sync(encode_result, result, s.codec)
         else:
             payload = encode_result(result, s.codec)
-        log.debug("session %s: %.1f ms", short(sid), (time.perf_counter() - t0) * 1e3)
-        return {"result": payload, "can_undo": can_undo}
+        body = json.dumps({"result": payload, "can_undo": can_undo}).encode()
+        t2 = time.perf_counter()
+        # where the time went, for clients and load tests (RemoteSession.last_timing)
+        timing = (f"wait;dur={(span[0] - t0) * 1e3:.2f}, infer;dur={(span[1] - span[0]) * 1e3:.2f}"
+                  f", encode;dur={(t2 - t1) * 1e3:.2f}")
+        return Response(body, media_type="application/json", headers={"Server-Timing": timing})
 
     @app.post("/v1/sessions/{sid}/points", dependencies=auth, tags=["prompts"])
-    async def add_point(sid: str, point: Point) -> dict[str, Any]:
+    async def add_point(sid: str, point: Point) -> Response:
         return await operate(sid, lambda sess: sess.add_point(point.ras, point.positive))
 
     @app.post("/v1/sessions/{sid}/box", dependencies=auth, tags=["prompts"])
-    async def add_box(sid: str, box: Box) -> dict[str, Any]:
+    async def add_box(sid: str, box: Box) -> Response:
         return await operate(sid, lambda sess: sess.add_box(box.ras_min, box.ras_max))
 
     @app.post("/v1/sessions/{sid}/undo", dependencies=auth, tags=["prompts"])
-    async def undo(sid: str) -> dict[str, Any]:
+    async def undo(sid: str) -> Response:
         return await operate(sid, lambda sess: sess.undo())
 
     @app.post("/v1/sessions/{sid}/reset", dependencies=auth, tags=["prompts"])
-    async def reset(sid: str) -> dict[str, Any]:
+    async def reset(sid: str) -> Response:
         return await operate(sid, lambda sess: sess.reset())
 
     @app.get("/v1/stats", dependencies=auth, tags=["health"])
