@@ -6,7 +6,9 @@ uploaded, then each makes 10 clicks and one undo, pausing a "think time" before 
 interactive protocol; ``--think-ms 0`` is the closed-loop saturation protocol). Every result is
 compared with a local :class:`fastsam3d.Session` that replayed the same prompts on the same
 device beforehand. Reports click round-trip latency (p50/p95/p99, client-side: request,
-queueing, network work, mask transfer and decoding), throughput, server memory (RSS and CUDA,
+queueing, network work, mask transfer and decoding), the server's own split of each prompt
+(``Server-Timing``: wait for the lock and queue, inference, result encoding), throughput,
+server memory (RSS and CUDA,
 sampled from ``/v1/stats``) and the machine's load average. Bounded: ``--time-limit`` seconds
 in all (levels not started by then are skipped), every request has a timeout, and the server
 is stopped (SIGTERM, graceful drain; killed if it hangs) whatever happens.
@@ -114,6 +116,7 @@ def run_level(url: str, n_users: int, cases: list[dict], think_ms: float, option
     errors: list[str] = []
     mismatches: list[dict] = []
     ends: list[float] = []
+    server: dict[str, list[float]] = {"wait": [], "infer": [], "encode": []}
     timeout = max(5.0, deadline - time.monotonic())
 
     def user(u: int) -> None:
@@ -136,6 +139,8 @@ def run_level(url: str, n_users: int, cases: list[dict], think_ms: float, option
                     ms = (time.perf_counter() - t) * 1e3
                     with lock:
                         (undos if k == len(ops) - 1 else first if k == 0 else clicks).append(ms)
+                        for key, v in s.last_timing.items():
+                            server.setdefault(key, []).append(v)
                         if not same(got, want):
                             mismatches.append({"user": u, "step": k, "dice": dice(got, want)})
                 with lock:
@@ -180,6 +185,7 @@ def run_level(url: str, n_users: int, cases: list[dict], think_ms: float, option
         "users": n_users, "think_ms": think_ms,
         "clicks": quantiles(clicks + first), "further_clicks": quantiles(clicks),
         "first_clicks": quantiles(first), "undo": quantiles(undos),
+        "server_timing": {k: quantiles(v) for k, v in server.items()},
         "upload_s": {"p50": round(float(np.median(uploads)), 3) if uploads else None,
                      "max": round(max(uploads), 3) if uploads else None},
         "ops": ops_done, "click_phase_s": round(span, 3),
