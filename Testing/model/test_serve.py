@@ -242,8 +242,9 @@ def test_malformed_payloads_unknown_sessions_and_keys(srv) -> None:
 
 
 def test_limits_give_clear_http_errors(runners) -> None:
-    with serving(runners.server, max_sessions=2, max_upload_mb=0.25) as srv:
+    with serving(runners.server, max_sessions=2, max_upload_mb=0.25, instance="gpu3") as srv:
         a, b = RemoteSession(srv.url), RemoteSession(srv.url)
+        assert a.id.startswith("gpu3.")  # a load balancer routes by this prefix
         with pytest.raises(RemoteError) as info:
             RemoteSession(srv.url)
         assert info.value.status == 503 and "maximum of 2 sessions" in str(info.value)
@@ -403,3 +404,29 @@ def test_segment_command_on_a_server(srv, runners, tmp_path) -> None:
     want = local.add_point([float(f"{x:.6f}") for x in c]).full_mask()
     np.testing.assert_array_equal(Volume.read(out).array > 0, want)
     assert srv.app.state.manager.stats()["sessions"] == 0  # the command closed its session
+
+
+def test_a_failing_job_is_a_clear_500_and_the_session_goes_on(srv, runners, monkeypatch) -> None:
+    vol = _volume()
+    c = vol.ijk_to_ras_points(np.array([28.0, 24.0, 20.0]))
+    with RemoteSession(srv.url, api_key=KEY) as remote:
+        remote.set_volume(vol)
+        first = remote.add_point(c)
+
+        def boom(self, *a, **kw):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(Session, "add_point", boom)
+        with pytest.raises(RemoteError) as info:
+            remote.add_point(c)
+        assert info.value.status == 500 and "CUDA out of memory" in str(info.value)
+        monkeypatch.undo()
+        _same(remote.undo(), _local_undo_of_one_click(runners, vol, c))
+        assert first.voxels > 0
+
+
+def _local_undo_of_one_click(runners, vol, c):
+    local = _local(runners)
+    local.set_volume(vol)
+    local.add_point(c)
+    return local.undo()

@@ -202,6 +202,14 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             log.warning("%s %s -> %d %s", request.method, _path(request), exc.status, exc.code)
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # e.g. CUDA out of memory: the session's state is unchanged (it commits on success)
+        log.error("%s %s -> 500 %s: %s", request.method, _path(request), type(exc).__name__,
+                  str(exc)[:200])
+        return JSONResponse({"error": "internal", "message": f"the server failed: "
+                             f"{type(exc).__name__}: {str(exc)[:300]}"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts, extra = [], False
@@ -305,7 +313,10 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
                     available_codecs())
             except OverflowError as e:
                 raise ApiError(413, "too_large", str(e)) from None
-            except (WireError, MemoryError) as e:
+            except MemoryError:
+                raise ApiError(503, "server_full", "the server has not enough memory for this "
+                                                   "volume now; retry later") from None
+            except WireError as e:
                 raise ApiError(422, "malformed", f"volume header: {e}") from None
             log.info("session %s: receiving a volume %s %s (%.1f MB, %d chunks)", short(sid),
                      s.upload.shape, s.upload.dtype, s.upload.nbytes / 2**20, s.upload.chunks)
