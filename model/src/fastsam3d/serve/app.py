@@ -223,7 +223,7 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
                     "cannot name them)")
         return JSONResponse({"error": "malformed", "message": msg}, status_code=422)
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: no thread-pool hop per request
         key = config.api_key
         if key is None:
             return
