@@ -176,7 +176,11 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jobs.start()
         if config.warmup:
-            secs = await jobs.run(runner.warmup)
+            # "accumulate" models (SAM-Med3D) send every click: prepare each point count's graph
+            cfg = getattr(runner.model, "config", None)
+            many = getattr(cfg, "point_policy", None) == "accumulate"
+            points = tuple(range(1, runner.max_graph_points + 1)) if many else (1,)
+            secs = await jobs.run(lambda: runner.warmup(points=points))
             log.info("model %s warm on %s in %.1f s", config.model_name, runner.device, secs)
         state["ready"] = True
         evictor = asyncio.create_task(_evict_loop(manager))
