@@ -19,7 +19,13 @@ import uvicorn
 from fastsam3d import cli
 from fastsam3d.bench import TINY
 from fastsam3d.fastpath import Runner
-from fastsam3d.remote import RemoteError, RemoteSession, SessionExpiredError, check_server
+from fastsam3d.remote import (
+    RemoteEngine,
+    RemoteError,
+    RemoteSession,
+    SessionExpiredError,
+    check_server,
+)
 from fastsam3d.result import SessionError
 from fastsam3d.serve import ServerConfig, create_app
 from fastsam3d.session import Session
@@ -430,3 +436,18 @@ def _local_undo_of_one_click(runners, vol, c):
     local.set_volume(vol)
     local.add_point(c)
     return local.undo()
+
+
+def test_remote_engine_is_the_slicer_engine_interface(srv) -> None:
+    with pytest.raises(RemoteError, match="API key"):
+        RemoteEngine(srv.url, api_key="wrong-key-0123456789")
+    engine = RemoteEngine(srv.url, api_key=KEY, max_crops=2)
+    assert engine.device == "cpu on 127.0.0.1"
+    vol = _volume()
+    sessions = [engine.new_session() for _ in range(2)]
+    for s in sessions:
+        s.set_volume(engine.make_volume(vol.array, vol.ijk_to_ras))
+        assert s.ping()["max_crops"] == 2
+    assert srv.app.state.manager.stats()["sessions"] == 2
+    engine.close()
+    assert srv.app.state.manager.stats()["sessions"] == 0

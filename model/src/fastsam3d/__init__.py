@@ -24,6 +24,7 @@ _LAZY = {
     "paste_result": "result",
     "RemoteSession": "remote",
     "RemoteError": "remote",
+    "RemoteEngine": "remote",
     "VolumeError": "volume",
     "SparsePattern": "modeling.sparse_attention",
 }

@@ -30,7 +30,8 @@ from . import wire
 from .result import Result, SessionError
 from .volume import Volume, VolumeError
 
-__all__ = ["RemoteSession", "RemoteError", "SessionExpiredError", "check_server"]
+__all__ = ["RemoteSession", "RemoteEngine", "RemoteError", "SessionExpiredError",
+           "check_server"]
 
 API_KEY_ENV = "FASTSAM3D_API_KEY"
 
@@ -314,3 +315,31 @@ def _server_timing(headers: Any) -> dict[str, float]:
 def _floats(p: Sequence[float]) -> list:
     """A point as JSON numbers (any length: the server's session names a wrong one)."""
     return [float(x) for x in np.asarray(p, dtype=np.float64).reshape(-1)]
+
+
+class RemoteEngine:
+    """The Slicer Lib's engine interface (``device``, ``new_session()``, ``make_volume()``) on a
+    server: a drop-in for its local engine, so the module's logic does not change.
+
+    Checks the server (and key) at construction; ``close()`` ends every session it made.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, **session_options: Any) -> None:
+        self.url, self.api_key = url, api_key
+        self.session_options = session_options
+        self.server = check_server(url, api_key)
+        self.device = f"{self.server.get('device', '?')} on {urlsplit(url).hostname}"
+        self._sessions: list[RemoteSession] = []
+
+    def new_session(self) -> RemoteSession:
+        s = RemoteSession(self.url, self.api_key, **self.session_options)
+        self._sessions = [x for x in self._sessions if not x._closed] + [s]
+        return s
+
+    def make_volume(self, array_kji: Any, ijk_to_ras: Any) -> Volume:
+        return Volume(array_kji, ijk_to_ras)
+
+    def close(self) -> None:
+        for s in self._sessions:
+            s.close()
+        self._sessions = []
