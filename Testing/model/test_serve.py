@@ -267,6 +267,13 @@ def test_limits_give_clear_http_errors(runners) -> None:
         st, body = _raw(srv, "POST", f"/v1/sessions/{a.id}/points", b"x" * 100_000, key=None,
                         headers={"Content-Type": "application/json"})
         assert (st, body["error"]) == (413, "too_large")
+        # the same without Content-Length (chunked transfer): counted as it arrives
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("POST", f"/v1/sessions/{a.id}/points", body=iter([b"x" * 50_000] * 2),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and json.loads(resp.read())["error"] == "too_large"
+        conn.close()
         b.close()
         RemoteSession(srv.url).close()  # room again
         a.close()

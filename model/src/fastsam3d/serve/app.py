@@ -90,14 +90,11 @@ class Box(_Body):
 
 
 # --- the body-size guard (before any route reads a byte) ---------------------------------
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """Refuse request bodies over the limit with 413, whether or not Content-Length is sent.
 
-    Chunk uploads may carry one compressed chunk; every other request is small JSON.
+    Chunk uploads may carry one compressed chunk; every other request is small JSON. A body
+    without Content-Length (chunked transfer) is read here up to the limit, then handed on.
     """
 
     def __init__(self, app: Any, chunk_limit: int) -> None:
@@ -111,40 +108,39 @@ class BodyLimit:
         chunk = scope["method"] == "PUT" and "/volume/chunks/" in scope["path"]
         limit = self.chunk_limit if chunk else JSON_BODY_LIMIT
         what = "a volume chunk" if chunk else "a request"
-        for k, v in scope.get("headers", ()):
-            if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    n = -1
-                if n < 0 or n > limit:
-                    await _send_error(send, 413, "too_large",
-                                      f"{what} of {v.decode(errors='replace')} bytes exceeds "
-                                      f"the limit of {limit} bytes")
-                    return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> dict:
-            nonlocal seen
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0 or n > limit:
+                await _send_error(send, 413, "too_large",
+                                  f"{what} of {length.decode(errors='replace')} bytes exceeds "
+                                  f"the limit of {limit} bytes")
+                return
+            await self.app(scope, receive, send)  # the HTTP layer enforces Content-Length
+            return
+        parts, total = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge
-            return msg
-
-        async def tracking_send(msg: dict) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if msg["type"] != "http.request":
+                return  # the client went away
+            body = msg.get("body", b"")
+            total += len(body)
+            if total > limit:
                 await _send_error(send, 413, "too_large",
                                   f"{what} exceeds the limit of {limit} bytes")
+                return
+            parts.append(body)
+            if not msg.get("more_body", False):
+                break
+        buffered = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
+
+        async def replay() -> dict:
+            return buffered.pop() if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _send_error(send: Callable, status: int, code: str, message: str) -> None:
