@@ -387,6 +387,16 @@ def test_logs_hold_no_image_data_or_usable_ids(srv, caplog) -> None:
     assert not any(KEY in t for t in text)
 
 
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.3.2.1", True),
+                                           ("::1", True), ("[::1]", True), ("localhost", True),
+                                           ("0.0.0.0", False), ("::", False),
+                                           ("10.1.2.3", False), ("gpu-host", False)])
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    from fastsam3d.commands.serve import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
 def test_serve_refuses_to_expose_itself_without_a_key(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("FASTSAM3D_API_KEY", raising=False)
     assert cli.main(["serve", "--host", "0.0.0.0", "--fixture-weights"]) == 2
