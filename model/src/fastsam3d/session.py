@@ -57,11 +57,11 @@ from torch import nn
 
 from . import geometry as geo
 from .fastpath import Runner, resolve_device
+from .result import Region, Result, SessionError, paste_result
 from .volume import Volume, VolumeError
 
 __all__ = ["Session", "Result", "SessionError", "paste_result", "resolve_device"]
 
-Region = tuple[slice, slice, slice]
 _HALF = geo.CROP // 2
 _STEP = geo.CROP // 2  # neighbour crops overlap by half a crop
 _KNOT = geo.CROP // geo.LOWRES  # lattice voxels per low-res logit
@@ -90,54 +90,6 @@ def _fingerprint(a: np.ndarray) -> tuple:
         a = a[::step, ::step, ::step]
     crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
     return a.shape, a.dtype.str, crc
-
-
-class SessionError(ValueError):
-    """A prompt or call the session cannot act on; the session's state is unchanged."""
-
-
-@dataclass(frozen=True)
-class Result:
-    """The object's current mask, as the part of the volume it may have changed.
-
-    ``region`` also covers what the previous result covered, so pasting it clears voxels a
-    correction removed.
-    """
-
-    region: Region
-    mask: np.ndarray  # bool, shape of the region
-    shape: tuple[int, int, int]  # the whole volume, [k, j, i]
-    crops: int = 0
-    iou: float | None = None
-    at_crop_limit: bool = False  # the mask reaches a crop face but max_crops stopped it
-
-    def full_mask(self) -> np.ndarray:
-        """Bool array of the whole volume."""
-        out = np.zeros(self.shape, dtype=bool)
-        out[self.region] = self.mask
-        return out
-
-    @property
-    def voxels(self) -> int:
-        return int(np.count_nonzero(self.mask))
-
-
-def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
-                 ) -> np.ndarray:
-    """Write ``result`` into a caller-owned ``labelmap`` ([k, j, i]) in place; returns it.
-
-    Only ``result.region`` is touched. Inside it the mask's voxels get ``value``; with ``erase``
-    voxels that hold ``value`` but are no longer in the mask are set to 0 (a correction that
-    shrank the object). Other labels are never erased.
-    """
-    if tuple(labelmap.shape) != tuple(result.shape):
-        raise ValueError(f"labelmap shape {labelmap.shape} does not match the volume "
-                         f"{result.shape}")
-    sub = labelmap[result.region]
-    if erase:
-        sub[(sub == value) & ~result.mask] = 0
-    sub[result.mask] = value
-    return labelmap
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--label", type=int, default=1,
                    help="value written for the mask, 1..65535 (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--server", metavar="URL",
+                   help="segment on a `fastsam3d serve` server instead of here (no torch "
+                        "needed); the key from --api-key-file or $FASTSAM3D_API_KEY")
+    p.add_argument("--api-key-file", metavar="PATH", help="file holding the server's API key")
     p.set_defaults(func=run)
     return p
 
@@ -293,6 +297,25 @@ def _check_prompts_inside(vol: Any, points: list, box: Any, lps: bool) -> None:
                               f"(extent RAS mm: {_extent(vol)})")
 
 
+def _remote_session(args: argparse.Namespace, log: Any) -> Any:
+    """A :class:`fastsam3d.RemoteSession` on ``--server`` (the same prompts, the server's model)."""
+    from fastsam3d.remote import RemoteSession
+
+    if args.fixture_weights or args.checkpoint or args.model != "fastsam3d":
+        raise _Usage("--server uses the server's model: drop --model/--checkpoint/"
+                     "--fixture-weights")
+    key = None
+    if args.api_key_file:
+        if not Path(args.api_key_file).is_file():
+            raise _Usage(f"--api-key-file: no such file {args.api_key_file}")
+        key = Path(args.api_key_file).read_text().strip()
+    log(f"connecting to {args.server}")
+    session = RemoteSession(args.server, api_key=key, point_policy=args.point_policy,
+                            max_crops=args.max_crops)
+    log(f"server session on {session.info['model']} ({session.info['device']})")
+    return session
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate everything cheap first (prompts, options, output paths), then read the image
     and check the prompts and output format against it, and only then load the model."""
@@ -314,8 +337,11 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    from fastsam3d.session import Session, SessionError
+    from fastsam3d.result import SessionError
     from fastsam3d.volume import Volume, VolumeError, check_output
+
+    if not args.server:
+        from fastsam3d.session import Session
 
     try:
         points = [parse_point(p, args.lps) for p in args.point]
@@ -342,15 +368,18 @@ def _run(args: argparse.Namespace) -> int:
         except VolumeError as e:
             raise _Usage(f"--out: {e}") from None
         _check_prompts_inside(vol, points, box, args.lps)
-        from fastsam3d.geometry import Lattice
+        if args.server:
+            session = _remote_session(args, log)
+        else:
+            from fastsam3d.geometry import Lattice
 
-        Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
-        model = _load(args, log)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            session = Session(model, device=args.device, point_policy=args.point_policy,
-                              max_crops=args.max_crops, warmup=False)
-        if session.device.type == "cpu":
+            Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
+            model = _load(args, log)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                session = Session(model, device=args.device, point_policy=args.point_policy,
+                                  max_crops=args.max_crops, warmup=False)
+        if not args.server and session.device.type == "cpu":
             log("running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
                 "a second to seconds")
         session.set_volume(vol)
@@ -363,6 +392,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"RAS {np.round(p, 1).tolist()}")
             result = session.add_point(p, positive=positive)
         assert result is not None
+        if args.server:
+            session.close()  # frees the server's copy now rather than at its idle timeout
         mask = result.full_mask()
         label = np.zeros(vol.shape, dtype=np.uint8 if args.label < 256 else np.uint16)
         label[mask] = args.label

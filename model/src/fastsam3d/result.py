@@ -1,0 +1,64 @@
+"""What a session returns, torch-free: :class:`Result`, :class:`SessionError`, :func:`paste_result`.
+
+Kept apart from :mod:`fastsam3d.session` so that a client without torch (the remote session
+in Slicer, the CLI's ``--server`` mode) returns and raises the very same types as a local
+session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Region", "Result", "SessionError", "paste_result"]
+
+Region = tuple[slice, slice, slice]
+
+
+class SessionError(ValueError):
+    """A prompt or call the session cannot act on; the session's state is unchanged."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """The object's current mask, as the part of the volume it may have changed.
+
+    ``region`` also covers what the previous result covered, so pasting it clears voxels a
+    correction removed.
+    """
+
+    region: Region
+    mask: np.ndarray  # bool, shape of the region
+    shape: tuple[int, int, int]  # the whole volume, [k, j, i]
+    crops: int = 0
+    iou: float | None = None
+    at_crop_limit: bool = False  # the mask reaches a crop face but max_crops stopped it
+
+    def full_mask(self) -> np.ndarray:
+        """Bool array of the whole volume."""
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.region] = self.mask
+        return out
+
+    @property
+    def voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
+                 ) -> np.ndarray:
+    """Write ``result`` into a caller-owned ``labelmap`` ([k, j, i]) in place; returns it.
+
+    Only ``result.region`` is touched. Inside it the mask's voxels get ``value``; with ``erase``
+    voxels that hold ``value`` but are no longer in the mask are set to 0 (a correction that
+    shrank the object). Other labels are never erased.
+    """
+    if tuple(labelmap.shape) != tuple(result.shape):
+        raise ValueError(f"labelmap shape {labelmap.shape} does not match the volume "
+                         f"{result.shape}")
+    sub = labelmap[result.region]
+    if erase:
+        sub[(sub == value) & ~result.mask] = 0
+    sub[result.mask] = value
+    return labelmap
