@@ -67,7 +67,7 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
 _STALE_PART_S = 3600.0  # leftover .part files older than this belong to no live download
 
-ProgressCallback = Callable[[int, int | None], bool | None]
+ProgressCallback = Callable[[int, "int | None"], "bool | None"]  # quoted: runs on Python 3.9
 
 
 class HubError(RuntimeError):
