@@ -10,9 +10,9 @@ Here every one of those network calls is answered locally, and nothing else may 
 - ``git clone <scm_url>`` is redirected (git ``insteadOf``) to a snapshot of this working tree
   committed on a ``main`` branch, so the checks read exactly what the checkout holds;
 - ``requests.get`` is routed to a loopback HTTP server that serves the vendored schema, the
-  topics the real repository must carry, and ``raw.githubusercontent.com/<owner>/<repo>/main/<path>``
-  from the snapshot (images as ``image/png``, as GitHub serves them; a missing file is a 404).
-  Any other URL fails the test.
+  topics the real repository must carry, and
+  ``raw.githubusercontent.com/<owner>/<repo>/main/<path>`` from the snapshot (images as
+  ``image/png``, as GitHub serves them; a missing file is a 404). Any other URL fails the test.
 
 What stays unverified until the real repository exists: that it has the ``3d-slicer-extension``
 topic and that GitHub really serves the icon and screenshot (docs/slicer.md lists it).
@@ -57,8 +57,11 @@ VENDORED_SHA256 = {  # the table in third_party/extensions_index/README.md
 # expression, in print_categories (the --print-categories option, which no check calls). The
 # Index CI runs Python 3.12; CI here may run 3.11, so only that line is rewritten, in memory,
 # into the same output. The file on disk stays byte-identical (test_vendored_files_unmodified).
-_PY312_LINE = """    print(f"[\\n{'\\n'.join(f'    "{category}",' for category in sorted(extensions_for_categories.keys()))}\\n]")"""
-_PY311_LINE = """    print("[\\n" + "\\n".join(f'    "{category}",' for category in sorted(extensions_for_categories.keys())) + "\\n]")"""
+_CATEGORIES = "for category in sorted(extensions_for_categories.keys())"
+_PY312_LINE = ("""    print(f"[\\n{'\\n'.join(f'    "{category}",' """ + _CATEGORIES
+               + """)}\\n]")""")
+_PY311_LINE = ("""    print("[\\n" + "\\n".join(f'    "{category}",' """ + _CATEGORIES
+               + """) + "\\n]")""")
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@localhost", "GIT_CONFIG_NOSYSTEM": "1"}
 
@@ -110,7 +113,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif parts[0] == "repos" and parts[-1] == "topics":
             body, ctype = json.dumps({"names": self.topics}).encode(), "application/json"
         elif parts[0] == "raw" and len(parts) > 4:
-            owner, repo, rev, rel = parts[1], parts[2], parts[3], "/".join(parts[4:])
+            rev, rel = parts[3], "/".join(parts[4:])
             shown = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=self.snapshot_dir,
                                    capture_output=True, timeout=30)
             if shown.returncode == 0:
@@ -143,8 +146,10 @@ def local_index(snapshot_dir: Path, topics: list[str]):
     routes = [
         (r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/([^/]+)",
          base + "/schema/{0}"),
-        (rf"https://api\.github\.com/repos/{owner}/{name}/topics", base + f"/repos/{owner}/{name}/topics"),
-        (rf"https://raw\.githubusercontent\.com/{owner}/{name}/(.+)", base + f"/raw/{owner}/{name}/{{0}}"),
+        (rf"https://api\.github\.com/repos/{owner}/{name}/topics",
+         base + f"/repos/{owner}/{name}/topics"),
+        (rf"https://raw\.githubusercontent\.com/{owner}/{name}/(.+)",
+         base + f"/raw/{owner}/{name}/{{0}}"),
     ]
     real_get = requests.get
     calls: list[str] = []
