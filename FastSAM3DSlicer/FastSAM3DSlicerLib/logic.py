@@ -2,8 +2,11 @@
 
 No Qt here. The Widget calls :meth:`InteractiveLogic.add_point` / ``add_box`` on the main
 thread, gets a :class:`PendingEdit` whose inference runs on the persistent worker thread, and
-calls :meth:`InteractiveLogic.poll` (from a timer) to write finished results into MRML on the
-main thread, in the order the prompts were given.
+calls :meth:`InteractiveLogic.poll` (from a timer, with ``pump=slicer.app.processEvents``) to
+write finished results into MRML on the main thread, in the order the prompts were given.
+``poll`` waits for the results in a GIL-releasing wait between event pumps (see
+:mod:`.waiting`): under Slicer, where the main thread holds the GIL except inside Python
+callbacks, that is what lets the worker run at full speed.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -19,6 +22,7 @@ import numpy as np
 import slicer
 
 from . import geometry, mrml
+from .waiting import POLL_WAIT_S, ResultQueue
 from .worker import InferenceWorker
 
 
@@ -132,7 +136,8 @@ class InteractiveLogic:
         self._sessions: collections.OrderedDict[tuple, _SegmentSession] = (
             collections.OrderedDict()
         )
-        self._pending: collections.deque[PendingEdit] = collections.deque()
+        self._queue = ResultQueue(self._apply, lambda p, e: FailedEdit(p.prompt, e))
+        self._pending: collections.deque[PendingEdit] = self._queue.items
         self.volume_node: slicer.vtkMRMLScalarVolumeNode | None = None
         self.segmentation_node: slicer.vtkMRMLSegmentationNode | None = None
         self.segment_id: str | None = None
@@ -227,9 +232,7 @@ class InteractiveLogic:
         return self.add_box(mrml.roi_corners_world(roi_node), tag)
 
     def _enqueue(self, key: tuple, prompt: Prompt, future: Future) -> PendingEdit:
-        pending = PendingEdit(key, prompt, future, time.perf_counter())
-        self._pending.append(pending)
-        return pending
+        return self._queue.append(PendingEdit(key, prompt, future, time.perf_counter()))
 
     @property
     def busy(self) -> bool:
@@ -237,24 +240,31 @@ class InteractiveLogic:
 
     # -- results ----------------------------------------------------------------------------
 
-    def poll(self) -> list[EditRecord | FailedEdit]:
-        """Write every finished prediction, oldest first; failures are returned, not raised."""
-        done: list[EditRecord | FailedEdit] = []
-        while self._pending and self._pending[0].future.done():
-            pending = self._pending.popleft()
-            try:
-                done.append(self._apply(pending))
-            except Exception as e:  # noqa: BLE001 - reported to the user by the Widget
-                done.append(FailedEdit(pending.prompt, e))
-        return done
+    def busy_seconds(self) -> float:
+        """Seconds since the oldest unwritten prompt was given (0 when idle): for the Widget to
+        show elapsed time on long predictions (a first click on a CPU, a cold GPU)."""
+        return self._queue.busy_seconds()
+
+    def poll(
+        self,
+        timeout: float = POLL_WAIT_S,
+        pump: Callable[[], Any] | None = None,
+        max_s: float | None = None,
+    ) -> list[EditRecord | FailedEdit]:
+        """Write every finished prediction, oldest first; failures are returned, not raised.
+
+        What the Widget's timer calls, as ``poll(pump=slicer.app.processEvents)``: it waits for
+        the oldest prediction in a GIL-releasing wait, writes what is finished, pumps the UI,
+        and repeats until nothing is pending, so the worker runs at full speed although
+        Slicer's event loop holds the GIL (see :class:`.waiting.ResultQueue`). Right after a
+        prompt, ``poll()`` without a pump (one wait of ``timeout``) writes a fast result before
+        the prompt's callback returns.
+        """
+        return self._queue.poll(timeout, pump, max_s)
 
     def wait(self) -> list[EditRecord | FailedEdit]:
         """Block until every queued prediction is written (headless use and tests)."""
-        out: list[EditRecord | FailedEdit] = []
-        while self._pending:
-            self._pending[0].future.exception()
-            out.extend(self.poll())
-        return out
+        return self._queue.wait()
 
     def _apply(self, pending: PendingEdit) -> EditRecord:
         entry = self._sessions.get(pending.key)
@@ -338,5 +348,5 @@ class InteractiveLogic:
     def close(self) -> None:
         """Drop all sessions (their cached embeddings) and stop the worker."""
         self._sessions.clear()
-        self._pending.clear()
+        self._queue.close()
         self.worker.shutdown(wait=False)
