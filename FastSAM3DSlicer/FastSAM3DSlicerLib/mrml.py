@@ -356,11 +356,16 @@ class SegmentWriter:
         return True
 
     def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
-        """An independent copy of the segment's labelmap and the label value it uses there."""
+        """An independent copy of the segment's labelmap and the label value it uses there.
+
+        In the segmentation node's own frame (``applyParentTransform=False``), the frame of
+        :meth:`image_to_segmentation`: the default would return it in world coordinates, and
+        reading that on our grid under a transformed segmentation shifts every voxel (M1).
+        """
         segment = self._segment(segment_id)
         labelmap = slicer.vtkOrientedImageData()
         slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            self.segmentation_node, segment_id, labelmap
+            self.segmentation_node, segment_id, labelmap, False
         )
         copy = slicer.vtkOrientedImageData()
         copy.DeepCopy(labelmap)
