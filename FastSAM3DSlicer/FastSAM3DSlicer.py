@@ -35,9 +35,25 @@ except ImportError:  # Slicer without the i18n helpers
 PENDING_INSTALL_KEY = "FastSAM3DSlicer/pendingInstall"
 PROMPTS_ATTRIBUTE = "FastSAM3DSlicer.Prompts"
 BOX_ATTRIBUTE = "FastSAM3DSlicer.Box"
-EDITOR_SINGLETON_TAG = "FastSAM3DSlicer"
 POSITIVE_COLOR = (0.15, 0.85, 0.25)
 NEGATIVE_COLOR = (0.95, 0.2, 0.2)
+OUTLINE_COLOR = (1.0, 0.85, 0.1)
+#: Seconds one poll may keep the UI in its pumped wait before the progress text is refreshed.
+PROGRESS_EVERY_S = 0.5
+
+#: Keys while the module is shown (docs/slicer.md). None is one of SlicerNNInteractive's
+#: permanent shortcuts (p b l s e r t v Delete Ctrl+Z: two QShortcuts on one key fire neither)
+#: or a key Slicer's slice views use (g t f b v r [ ] { } arrows).
+SHORTCUTS = (
+    ("A", "onPositive"),
+    ("X", "onNegative"),
+    ("Q", "togglePolarity"),
+    ("U", "onUndo"),
+    ("C", "onResetSegment"),
+    ("N", "onNewSegment"),
+    ("Shift+Delete", "onDeleteSegment"),
+    ("Esc", "onStopPrompting"),
+)
 
 
 class FastSAM3DSlicer(ScriptedLoadableModule):
@@ -65,6 +81,22 @@ class FastSAM3DSlicer(ScriptedLoadableModule):
             slicer.util.selectModule(self.moduleName)
 
 
+class _SliceViewFilter(qt.QObject):
+    """Hands one slice view's mouse events to the Widget (prompt capture and cursor)."""
+
+    def __init__(self, widget: Any, sliceWidget: Any) -> None:
+        qt.QObject.__init__(self)
+        self.widget = widget
+        self.sliceWidget = sliceWidget
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        try:
+            return bool(self.widget.onViewEvent(self.sliceWidget, obj, event))
+        except Exception:  # noqa: BLE001 - an exception must not escape into Qt's event loop
+            logging.exception("FastSAM3D: handling a view event failed")
+            return False
+
+
 class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent: Any = None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -73,26 +105,50 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.worker = None
         self.engineFuture = None
         self.download = None
-        self.positive = True
+        self.capture = None  # interaction.PromptCapture: click/drag decisions and polarity
+        self.preferences = None  # params.Preferences (QSettings)
         self.shortcuts = []
+        self.viewFilters = []  # (widget, _SliceViewFilter) while the module is shown
+        self.outline = None  # live box outline: (view, renderer, actor, points)
+        self.cursors = {}
+        self.deferred = []  # prompts given before the model was loaded: (prompt, tag)
+        self.inFlight = 0  # prompts submitted and not yet written
         self.promptNode = None
         self.boxNode = None
-        self._rebuilding = False
+        self.editorNode = None  # the Segment Editor module's singleton parameter node
+        self.maskingSegmentation = None
+        self._areaChoices = []
+        self._polling = False
+        self._promptOnEnter = False
         self._weightChoices = []
 
     # -- set-up ---------------------------------------------------------------------------
 
     def setup(self) -> None:
+        from FastSAM3DSlicerLib import interaction, params
+        from FastSAM3DSlicerLib.waiting import POLL_INTERVAL_MS
+
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FastSAM3DSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.capture = interaction.PromptCapture()
+        self.preferences = params.Preferences.load(qt.QSettings())
+        self.capture.positive = self.preferences.positive
 
-        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self._segmentEditorNode())
-        for name in ("auto", "cuda", "cpu", "mps"):
+        editor = self.ui.segmentEditorWidget
+        editor.setMRMLScene(slicer.mrmlScene)
+        # Masking has its own, always visible section below (the editor's appears only while
+        # one of its effects is active); both edit the same Segment Editor parameter node.
+        if hasattr(editor, "setMaskingSectionVisible"):
+            editor.setMaskingSectionVisible(False)
+        self._selectEditorNode()
+        for name in params.DEVICES:
             self.ui.deviceComboBox.addItem(name)
+        self.ui.deviceComboBox.setCurrentIndex(params.DEVICES.index(self.preferences.device))
+        for label, _mode in params.OVERWRITE_MODES:
+            self.ui.overwriteModeComboBox.addItem(label)
         for w in (self.ui.downloadProgressBar, self.ui.cancelDownloadButton,
                   self.ui.cpuWarningLabel, self.ui.localWeightsPathLineEdit,
                   self.ui.localWeightsLabel):
@@ -104,47 +160,102 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelDownloadButton.clicked.connect(self.onCancelDownload)
         self.ui.removeWeightsButton.clicked.connect(self.onRemoveWeights)
         self.ui.loadModelButton.clicked.connect(self.onLoadModel)
-        self.ui.deviceComboBox.currentIndexChanged.connect(self._dropEngine)
-        self.ui.positivePointButton.toggled.connect(lambda on: self._placePoints(on, True))
-        self.ui.negativePointButton.toggled.connect(lambda on: self._placePoints(on, False))
-        self.ui.boxButton.toggled.connect(self.onBoxToggled)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
+        self.ui.positivePointButton.toggled.connect(lambda on: self._onPolarityButton(on, True))
+        self.ui.negativePointButton.toggled.connect(lambda on: self._onPolarityButton(on, False))
         self.ui.applyBoxButton.clicked.connect(self.onApplyBox)
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.resetSegmentButton.clicked.connect(self.onResetSegment)
         self.ui.clearButton.clicked.connect(self.onClear)
-        self.ui.segmentEditorWidget.connect(
-            "currentSegmentIDChanged(QString)", self.onSegmentChanged
-        )
+        self.ui.newSegmentButton.clicked.connect(self.onNewSegment)
+        self.ui.editableAreaComboBox.connect("activated(int)", self.onEditableAreaChosen)
+        self.ui.overwriteModeComboBox.connect("activated(int)", self.onOverwriteChosen)
+        self.ui.intensityMaskCheckBox.toggled.connect(self.onIntensityMaskChanged)
+        self.ui.intensityRangeWidget.connect("valuesChanged(double,double)",
+                                             self.onIntensityMaskChanged)
+        editor.connect("currentSegmentIDChanged(QString)", self.onSegmentChanged)
 
         self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(30)
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.timeout.connect(self.onPoll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        self.addObserver(interactionNode, interactionNode.InteractionModeChangedEvent,
+                         self.onInteractionModeChanged)
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        self._showPolarity()
         self._updateButtons()
 
-    def _segmentEditorNode(self):
-        node = slicer.mrmlScene.GetSingletonNode(EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
-        if node is None:
-            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
-            node.UnRegister(None)
-            node.SetSingletonTag(EDITOR_SINGLETON_TAG)
-            node = slicer.mrmlScene.AddNode(node)
-        return node
+    def _selectEditorNode(self) -> None:
+        """Use the Segment Editor module's parameter node: masking is shared with it."""
+        from FastSAM3DSlicerLib import params
+
+        node = params.segment_editor_node(slicer.mrmlScene)
+        if node is not self.editorNode:
+            if self.editorNode is not None:
+                self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent,
+                                    self.onEditorNodeModified)
+            self.editorNode = node
+            self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(node)
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
+        self.onEditorNodeModified()
 
     def enter(self) -> None:
+        """Called each time the user opens this module: keys and view capture start here."""
+        self._selectEditorNode()
+        self.ui.segmentEditorWidget.updateWidgetFromMRML()
         self._installShortcuts()
+        self._installViewFilters()
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            layoutManager.connect("layoutChanged(int)", self._installViewFilters)
         self._refreshDependencies()
         if qt.QSettings().value(PENDING_INSTALL_KEY):
             self.onInstallDependencies(resuming=True)
+        if self._promptOnEnter:
+            self._setPrompting(True)
 
     def exit(self) -> None:
+        """Called when the user leaves: nothing of this module keeps acting on the views."""
+        self._promptOnEnter = bool(self.capture and self.capture.active)
+        self._stopViews()
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)  # a Paint/Draw effect would keep taking view clicks
+        editor.removeViewObservations()
         self._removeShortcuts()
-        self._stopPlacing()
+
+    def _stopViews(self) -> None:
+        """Stop prompting, restore the views' cursors and take the event filters off."""
+        if self.capture is not None:
+            self._setPrompting(False)
+        self._removeViewFilters()
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            try:
+                layoutManager.disconnect("layoutChanged(int)", self._installViewFilters)
+            except (TypeError, ValueError, RuntimeError):
+                pass  # was not connected
 
     def cleanup(self) -> None:
+        """Called when the application closes the module: stop everything this module runs."""
+        self._stopViews()
         self._removeShortcuts()
         self.removeObservers()
         self.pollTimer.stop()
+        try:
+            slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        self._shutdownWork()
+
+    def onAboutToQuit(self) -> None:
+        """Slicer is quitting (cleanup may come too late): no prediction or download holds it."""
+        self._stopViews()
+        self._shutdownWork()
+
+    def _shutdownWork(self) -> None:
+        self.deferred = []
         if self.download is not None:
             self.download.cancel()
         if self.logic is not None:
@@ -152,34 +263,126 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif self.worker is not None:
             self.worker.shutdown()
 
-    def onSceneClosed(self, caller: Any = None, event: Any = None) -> None:
-        if self.parent.isEntered:
-            self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self._segmentEditorNode())
-
     def onSceneClose(self, caller: Any = None, event: Any = None) -> None:
-        # Sessions hold copies of volumes of the closing scene: drop them.
+        """The scene closes: its nodes, prompts and sessions go; the network stays loaded."""
+        if self.capture is not None:
+            self.capture.cancel()
+        self._hideOutline()
+        for tag in [tag for _prompt, tag in self.deferred]:
+            self._removeMarker(tag)
+        self.deferred = []
         self._dropEngine(keepEngine=True)
         self.promptNode = None
         self.boxNode = None
+        self._observeMaskingSegmentation(None)
+        if self.editorNode is not None:
+            self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent,
+                                self.onEditorNodeModified)
+            self.editorNode = None
+
+    def onSceneClosed(self, caller: Any = None, event: Any = None) -> None:
+        if self.parent.isEntered:
+            self._selectEditorNode()
+
+    # -- masking: the Segment Editor's parameter node ---------------------------------------
+
+    def onEditorNodeModified(self, caller: Any = None, event: Any = None) -> None:
+        node = self.editorNode
+        if node is None:
+            return
+        if node.GetActiveEffectName() and self.capture is not None and self.capture.active:
+            # An editor effect (Paint, Draw...) takes left clicks in the views from now on.
+            self._setPrompting(False, message=_(
+                "Prompting paused while a Segment Editor effect is active; press A or X to "
+                "prompt again."))
+        self._observeMaskingSegmentation(node.GetSegmentationNode())
+        self._updateMaskingWidgets()
+
+    def _observeMaskingSegmentation(self, segmentation: Any) -> None:
+        """Keep the "Inside <segment>" choices in step with the segments (added, renamed)."""
+        if segmentation is self.maskingSegmentation:
+            return
+        events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                  slicer.vtkSegmentation.SegmentModified)
+        if self.maskingSegmentation is not None:
+            for e in events:
+                self.removeObserver(self.maskingSegmentation, e, self._onSegmentsChanged)
+        self.maskingSegmentation = segmentation
+        if segmentation is not None:
+            for e in events:
+                self.addObserver(segmentation, e, self._onSegmentsChanged)
+
+    def _onSegmentsChanged(self, caller: Any = None, event: Any = None) -> None:
+        self._updateMaskingWidgets()
+
+    def _updateMaskingWidgets(self) -> None:
+        from FastSAM3DSlicerLib import params
+
+        node = self.editorNode
+        if node is None:
+            return
+        self._areaChoices = params.editable_area_choices(node.GetSegmentationNode())
+        area = self.ui.editableAreaComboBox
+        area.blockSignals(True)
+        area.clear()
+        for choice in self._areaChoices:
+            area.addItem(choice.label)
+        area.setCurrentIndex(params.current_area_index(self._areaChoices, node))
+        area.blockSignals(False)
+        overwrite = self.ui.overwriteModeComboBox
+        overwrite.blockSignals(True)
+        overwrite.setCurrentIndex(params.overwrite_index(node))
+        overwrite.blockSignals(False)
+        enabled = bool(node.GetSourceVolumeIntensityMask())
+        rangeWidget = self.ui.intensityRangeWidget
+        for w in (self.ui.intensityMaskCheckBox, rangeWidget):
+            w.blockSignals(True)
+        self.ui.intensityMaskCheckBox.setChecked(enabled)
+        volume = node.GetSourceVolumeNode()
+        if volume is not None and volume.GetImageData() is not None:
+            low, high = volume.GetImageData().GetScalarRange()
+            rangeWidget.setRange(low, high)
+        low, high = node.GetSourceVolumeIntensityMaskRange()
+        if low < high:
+            rangeWidget.setValues(low, high)
+        rangeWidget.enabled = enabled
+        for w in (self.ui.intensityMaskCheckBox, rangeWidget):
+            w.blockSignals(False)
+
+    def onEditableAreaChosen(self, index: int) -> None:
+        from FastSAM3DSlicerLib import params
+
+        if self.editorNode is not None and 0 <= index < len(self._areaChoices):
+            params.set_editable_area(self.editorNode, self._areaChoices[index])
+
+    def onOverwriteChosen(self, index: int) -> None:
+        from FastSAM3DSlicerLib import params
+
+        if self.editorNode is not None and index >= 0:
+            params.set_overwrite_index(self.editorNode, index)
+
+    def onIntensityMaskChanged(self, *args: Any) -> None:
+        from FastSAM3DSlicerLib import params
+
+        if self.editorNode is None:
+            return
+        w = self.ui.intensityRangeWidget
+        try:
+            params.set_intensity_mask(self.editorNode, self.ui.intensityMaskCheckBox.checked,
+                                      w.minimumValue, w.maximumValue)
+        except ValueError as e:
+            self._status(str(e))
 
     # -- shortcuts ------------------------------------------------------------------------
 
     def _installShortcuts(self) -> None:
         if self.shortcuts:
             return
-        bindings = {
-            "P": lambda: self.ui.positivePointButton.setChecked(True),
-            "N": lambda: self.ui.negativePointButton.setChecked(True),
-            "T": self.togglePolarity,
-            "B": lambda: self.ui.boxButton.setChecked(True),
-            "Ctrl+Z": self.onUndo,
-            "Esc": self._stopPlacing,
-        }
         # Application-wide (clicks happen in the views, not in this panel), but only while the
-        # module is shown: created in enter(), deleted in exit().
-        for key, callback in bindings.items():
+        # module is shown: created in enter(), deleted in exit(). Text fields keep their keys.
+        for key, method in SHORTCUTS:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
-            shortcut.connect("activated()", callback)
+            shortcut.connect("activated()", getattr(self, method))
             self.shortcuts.append(shortcut)
 
     def _removeShortcuts(self) -> None:
@@ -296,6 +499,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsComboBox.blockSignals(True)
         for c in self._weightChoices:
             self.ui.weightsComboBox.addItem(c.label, c.key)
+        keys = [c.key for c in self._weightChoices]
+        if self.preferences is not None and self.preferences.weights in keys:
+            self.ui.weightsComboBox.setCurrentIndex(keys.index(self.preferences.weights))
         self.ui.weightsComboBox.blockSignals(False)
         self._showWeightsStatus()
 
@@ -306,6 +512,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onWeightsChanged(self, index: Any = None) -> None:
         """Another network was chosen: the loaded one and its sessions no longer apply."""
         self._showWeightsStatus()
+        self._savePreferences()
+        self._dropEngine()
+
+    def onDeviceChanged(self, index: Any = None) -> None:
+        self._savePreferences()
         self._dropEngine()
 
     def _showWeightsStatus(self) -> None:
@@ -364,9 +575,13 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadProgressBar.setVisible(False)
         self.ui.cancelDownloadButton.setVisible(False)
         if task.error is not None:
+            self._dropDeferred("")
             slicer.util.errorDisplay(_("Download failed: ") + str(task.error))
         elif task.cancelled:
+            self._dropDeferred("")
             self.ui.statusLabel.text = _("Download cancelled; nothing was kept.")
+        elif self.deferred:
+            self.onLoadModel()  # prompts are waiting for this model
         self._showWeightsStatus()
 
     def onRemoveWeights(self) -> None:
@@ -389,6 +604,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Forget the loaded network (new weights or device) and every session."""
         if self.logic is not None and self.logic.busy:
             return
+        if self.promptNode is not None and self.promptNode.GetScene() is not None:
+            self.promptNode.RemoveAllControlPoints()  # their sessions (and undo) are gone
         if self.logic is not None and not keepEngine:
             self.logic = None
             self.ui.deviceLabel.text = _("model not loaded")
@@ -413,6 +630,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onDownloadWeights()
             self.ui.statusLabel.text = _("Load the model again once the download has finished.")
             return
+        if self.logic is not None:
+            self._dropEngine()  # sessions of the old network end here, with their markers
         if self.worker is None:
             self.worker = InferenceWorker()
         device = self.ui.deviceComboBox.currentText
@@ -428,9 +647,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _pollEngine(self) -> None:
         from FastSAM3DSlicerLib.logic import InteractiveLogic
+        from FastSAM3DSlicerLib.waiting import POLL_WAIT_S, wait_once
 
         future = self.engineFuture
-        if not future.done():
+        if not wait_once(future, POLL_WAIT_S):  # a GIL-free wait: the worker loads meanwhile
             return
         self.engineFuture = None
         qt.QApplication.restoreOverrideCursor()
@@ -439,6 +659,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as e:
             logging.exception("FastSAM3D model loading failed")
             self.ui.deviceLabel.text = _("model not loaded")
+            self._dropDeferred("")
             slicer.util.errorDisplay(_("Loading the model failed: ") + str(e))
             self._updateButtons()
             return
@@ -446,243 +667,571 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceLabel.text = f"{eng.device_info.description} [{eng.device}]"
         self.ui.cpuWarningLabel.setVisible(eng.device_info.is_cpu)
         self._updateButtons()
+        self._runDeferred()
 
-    # -- prompts --------------------------------------------------------------------------
+    # -- prompts: capture in the slice views ----------------------------------------------
 
-    def _target(self):
-        editor = self.ui.segmentEditorWidget
-        volume = editor.sourceVolumeNode() if hasattr(editor, "sourceVolumeNode") else (
-            editor.masterVolumeNode()
+    def _sliceWidgets(self) -> list:
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return []
+        widgets = (layoutManager.sliceWidget(name) for name in layoutManager.sliceViewNames())
+        return [w for w in widgets if w is not None]
+
+    def _installViewFilters(self, *args: Any) -> None:
+        """Watch every slice view's mouse (the view widget and the VTK widgets inside it)."""
+        for sliceWidget in self._sliceWidgets():
+            view = sliceWidget.sliceView()
+            for target in [view] + list(view.findChildren(qt.QWidget)):
+                if any(target is t for t, _f in self.viewFilters):
+                    continue
+                eventFilter = _SliceViewFilter(self, sliceWidget)
+                target.installEventFilter(eventFilter)
+                self.viewFilters.append((target, eventFilter))
+        self._applyCursors()
+
+    def _removeViewFilters(self) -> None:
+        for target, eventFilter in self.viewFilters:
+            try:
+                target.removeEventFilter(eventFilter)
+                target.unsetCursor()
+            except (RuntimeError, ValueError, AttributeError):
+                pass  # the view was deleted with its layout
+        self.viewFilters = []
+
+    def onViewEvent(self, sliceWidget: Any, obj: Any, event: Any) -> bool:
+        """A slice view's mouse event; True swallows it (only the left button, only prompting).
+
+        Right-drag zoom, middle-drag pan, the wheel and modified clicks stay Slicer's.
+        """
+        capture = self.capture
+        kind = event.type()
+        if not capture.active:
+            return False
+        if kind in (qt.QEvent.Enter, qt.QEvent.MouseMove):
+            obj.setCursor(self._cursor(capture.positive))  # Slicer resets it on hover
+        left = qt.Qt.LeftButton
+        view = sliceWidget.sliceView()
+        key = sliceWidget.mrmlSliceNode().GetID()
+        if kind == qt.QEvent.MouseButtonPress:
+            modifiers = (qt.Qt.ShiftModifier | qt.Qt.ControlModifier | qt.Qt.AltModifier
+                         | qt.Qt.MetaModifier)
+            if event.button() != left or (event.modifiers() & modifiers):
+                return False  # Shift/Ctrl-clicks keep Slicer's meaning (crosshair...)
+            xy, ratio = self._displayXY(view, obj, event)
+            return capture.press(key, xy, ratio)
+        if kind == qt.QEvent.MouseMove:
+            if not capture.pressing:
+                return False
+            rect = capture.move(key, self._displayXY(view, obj, event)[0])
+            if rect is not None:
+                self._showOutline(view, rect)
+            return True
+        if kind == qt.QEvent.MouseButtonRelease and event.button() == left:
+            if not capture.pressing:
+                return False
+            prompt = None
+            try:
+                prompt = capture.release(key, self._displayXY(view, obj, event)[0],
+                                         sliceWidget.mrmlSliceNode())
+            except ValueError as e:  # a box with no area
+                self._status(str(e))
+            self._hideOutline()
+            if prompt is not None:
+                composite = sliceWidget.mrmlSliceCompositeNode()
+                viewVolumeID = composite.GetBackgroundVolumeID() if composite else None
+                # Out of the event handler first: what follows may load a model or ask.
+                qt.QTimer.singleShot(0, lambda: self._onPrompt(prompt, viewVolumeID))
+            return True
+        return kind == qt.QEvent.MouseButtonDblClick and event.button() == left
+
+    def _displayXY(self, view: Any, obj: Any, event: Any) -> tuple:
+        from FastSAM3DSlicerLib import interaction
+
+        pos = event.pos()
+        if obj is not view:
+            pos = obj.mapTo(view, pos)
+        ratio = view.devicePixelRatioF() if hasattr(view, "devicePixelRatioF") else 1.0
+        return interaction.display_xy(pos.x(), pos.y(), view.height, ratio), ratio
+
+    def _cursor(self, positive: bool) -> Any:
+        """A crosshair in the polarity's colour with a +/- sign: what the next click adds."""
+        if positive not in self.cursors:
+            size, c = 32, 15
+            pixmap = qt.QPixmap(size, size)
+            pixmap.fill(qt.QColor(0, 0, 0, 0))
+            painter = qt.QPainter(pixmap)
+            color = qt.QColor.fromRgbF(*(POSITIVE_COLOR if positive else NEGATIVE_COLOR))
+            pen = qt.QPen(color)
+            pen.setWidth(2)
+            painter.setPen(pen)
+            for x0, y0, x1, y1 in ((c, 0, c, c - 4), (c, c + 4, c, 22), (0, c, c - 4, c),
+                                   (c + 4, c, 22, c)):
+                painter.drawLine(x0, y0, x1, y1)
+            painter.drawLine(22, 27, 31, 27)  # the sign, bottom right
+            if positive:
+                painter.drawLine(26, 23, 26, 31)
+            painter.end()
+            self.cursors[positive] = qt.QCursor(pixmap, c, c)
+        return self.cursors[positive]
+
+    def _applyCursors(self) -> None:
+        active = self.capture is not None and self.capture.active
+        for target, _f in self.viewFilters:
+            try:
+                if active:
+                    target.setCursor(self._cursor(self.capture.positive))
+                else:
+                    target.unsetCursor()
+            except (RuntimeError, ValueError, AttributeError):
+                pass
+
+    def _showOutline(self, view: Any, rect: tuple) -> None:
+        """The box being dragged, drawn in the view's display pixels until the release."""
+        if self.outline is not None and self.outline[0] is not view:
+            self._hideOutline()
+        if self.outline is None:
+            points = vtk.vtkPoints()
+            points.SetNumberOfPoints(5)
+            lines = vtk.vtkCellArray()
+            lines.InsertNextCell(5)
+            for n in range(5):
+                lines.InsertCellPoint(n)
+            poly = vtk.vtkPolyData()
+            poly.SetPoints(points)
+            poly.SetLines(lines)
+            mapper = vtk.vtkPolyDataMapper2D()
+            mapper.SetInputData(poly)
+            actor = vtk.vtkActor2D()
+            actor.SetMapper(mapper)
+            actor.GetProperty().SetColor(*OUTLINE_COLOR)
+            actor.GetProperty().SetLineWidth(2)
+            renderer = view.renderWindow().GetRenderers().GetFirstRenderer()
+            renderer.AddActor2D(actor)
+            self.outline = (view, renderer, actor, points)
+        (x0, y0), (x1, y1) = rect
+        points = self.outline[3]
+        for n, (x, y) in enumerate(((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))):
+            points.SetPoint(n, x, y, 0.0)
+        points.Modified()
+        view.scheduleRender()
+
+    def _hideOutline(self) -> None:
+        if self.outline is None:
+            return
+        view, renderer, actor, _points = self.outline
+        self.outline = None
+        renderer.RemoveActor2D(actor)
+        view.scheduleRender()
+
+    # -- prompts: polarity and prompting state ------------------------------------------
+
+    def _setPrompting(self, active: bool, positive: Any = None, message: str = "") -> None:
+        """Start or stop taking the views' left clicks as prompts."""
+        if active:
+            # An editor effect or a markups placement would get the same clicks.
+            self.ui.segmentEditorWidget.setActiveEffect(None)
+            interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+            interactionNode.SetCurrentInteractionMode(interactionNode.ViewTransform)
+            self.capture.start(positive)
+            self._savePreferences()
+        else:
+            self.capture.stop()
+            self._hideOutline()
+        self._showPolarity()
+        self._applyCursors()
+        if message:
+            self._status(message)
+
+    def _showPolarity(self) -> None:
+        active, positive = self.capture.active, self.capture.positive
+        for button, state in ((self.ui.positivePointButton, active and positive),
+                              (self.ui.negativePointButton, active and not positive)):
+            button.blockSignals(True)
+            button.setChecked(state)
+            button.blockSignals(False)
+        sign = _("positive (green)") if positive else _("negative (red)")
+        self.ui.polarityLabel.text = (
+            _("Prompting: click = {sign} point, drag = box").format(sign=sign) if active
+            else _("Not prompting (A or X to start); next point: {sign}").format(sign=sign)
         )
-        return volume, editor.segmentationNode(), editor.currentSegmentID()
 
-    def _ensureLogicTarget(self) -> bool:
-        if self.logic is None:
+    def _onPolarityButton(self, on: bool, positive: bool) -> None:
+        if on:
+            self._setPrompting(True, positive)
+        elif self.capture.active and self.capture.positive == positive:
+            self._setPrompting(False)
+
+    def onPositive(self) -> None:
+        self._setPrompting(True, True)
+
+    def onNegative(self) -> None:
+        self._setPrompting(True, False)
+
+    def onStopPrompting(self) -> None:
+        self._setPrompting(False)
+
+    def togglePolarity(self) -> None:
+        self.capture.toggle_polarity()
+        self._savePreferences()
+        self._showPolarity()
+        self._applyCursors()
+
+    def onInteractionModeChanged(self, caller: Any = None, event: Any = None) -> None:
+        """Another tool (markups placement) took the views: let it have the clicks."""
+        if caller.GetCurrentInteractionMode() != caller.ViewTransform and self.capture.active:
+            self._setPrompting(False, message=_(
+                "Prompting paused while another tool places markups; press A or X to prompt "
+                "again."))
+
+    def _savePreferences(self) -> None:
+        from FastSAM3DSlicerLib import params
+
+        choice = self._selectedWeights()
+        device = self.ui.deviceComboBox.currentText
+        self.preferences = params.Preferences(
+            choice.key if choice is not None else self.preferences.weights,
+            device if device in params.DEVICES else self.preferences.device,
+            self.capture.positive,
+        )
+        self.preferences.save(qt.QSettings())
+
+    # -- prompts: target, markers, submission -------------------------------------------
+
+    def _sourceVolume(self) -> Any:
+        editor = self.ui.segmentEditorWidget
+        return (editor.sourceVolumeNode() if hasattr(editor, "sourceVolumeNode")
+                else editor.masterVolumeNode())
+
+    def _firstViewVolumeID(self) -> Any:
+        for sliceWidget in self._sliceWidgets():
+            composite = sliceWidget.mrmlSliceCompositeNode()
+            if composite is not None and composite.GetBackgroundVolumeID():
+                return composite.GetBackgroundVolumeID()
+        return None
+
+    def _ensureTarget(self, segmentID: Any, viewVolumeID: Any) -> Any:
+        """The target of the next prompt, creating a segmentation/segment if none is chosen."""
+        from FastSAM3DSlicerLib import interaction
+
+        editor = self.ui.segmentEditorWidget
+        volume = self._sourceVolume()
+        viewVolume = slicer.mrmlScene.GetNodeByID(viewVolumeID) if viewVolumeID else None
+        target = interaction.ensure_target(slicer.mrmlScene, volume, editor.segmentationNode(),
+                                           segmentID, viewVolume)
+        if "segmentation" in target.created:
+            editor.setSegmentationNode(target.segmentation)
+        if volume is None:
+            editor.setSourceVolumeNode(target.volume)
+        if editor.currentSegmentID() != target.segment_id:
+            editor.setCurrentSegmentID(target.segment_id)
+        if target.created:
+            self._status(_("Created a new {what} for the prompts.").format(
+                what=_(" and ").join(target.created)))
+        return target
+
+    def _onPrompt(self, prompt: Any, viewVolumeID: Any) -> None:
+        """A finished click or drag (called from the event loop, not from the view event)."""
+        from FastSAM3DSlicerLib import interaction
+
+        with slicer.util.tryWithErrorDisplay(_("FastSAM3D could not use this prompt."),
+                                             waitCursor=False):
+            reason = interaction.refusal(self.inFlight + len(self.deferred))
+            if reason:
+                self._status(reason)
+                return
+            try:
+                self._ensureTarget(self.ui.segmentEditorWidget.currentSegmentID(),
+                                   viewVolumeID)
+            except interaction.NoVolumeError as e:
+                self._status(str(e))
+                return
+            tag = self._addMarker(prompt)
+            if self.logic is not None:
+                self._submitPrompt(prompt, tag)
+                return
+            # No model yet: keep the prompt (and its marker) and start loading; it runs once
+            # the model is ready.
+            self.deferred.append((prompt, tag))
             if self.engineFuture is None:
                 self.onLoadModel()
-            self.ui.statusLabel.text = _("Loading the model; place the prompt again when ready.")
-            return False
-        volume, segmentation, segmentID = self._target()
-        self.logic.set_target(volume, segmentation, segmentID,
-                              self.ui.segmentEditorWidget.mrmlSegmentEditorNode())
-        return True
+            if self.engineFuture is None and self.download is None:
+                self._dropDeferred(_("The model is not loaded; the prompt was removed."))
+            else:
+                self._status(_("Loading the model; your prompt runs as soon as it is ready."))
 
-    def _ensurePromptNode(self):
+    def _dropDeferred(self, message: str) -> None:
+        for _prompt, tag in self.deferred:
+            self._removeMarker(tag)
+        self.deferred = []
+        if message:
+            self._status(message)
+
+    def _runDeferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for prompt, tag in deferred:
+            self._submitPrompt(prompt, tag)
+
+    def _addMarker(self, prompt: Any) -> Any:
+        from FastSAM3DSlicerLib import interaction
+
+        if isinstance(prompt, interaction.BoxPrompt):
+            node = self._ensureBoxNode()
+            interaction.set_roi_from_box(node, prompt.box)
+            return "box"
+        node = self._ensurePromptNode()
+        n = node.AddControlPointWorld(vtk.vtkVector3d(*prompt.world))
+        node.SetNthControlPointSelected(n, prompt.positive)  # selected = positive = green
+        node.SetNthControlPointLocked(n, True)
+        return node.GetNthControlPointID(n)
+
+    def _submitPrompt(self, prompt: Any, tag: Any) -> None:
+        from FastSAM3DSlicerLib import interaction
+
+        if isinstance(prompt, interaction.BoxPrompt):
+            corners = prompt.box.corners()
+            self._submit(lambda: self.logic.add_box(corners, tag=tag), tag)
+        else:
+            self._submit(lambda: self.logic.add_point(prompt.world, prompt.positive, tag=tag),
+                         tag)
+
+    def _ensurePromptNode(self) -> Any:
         node = self.promptNode
         if node is None or node.GetScene() is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
                                                       "FastSAM3D prompts")
             node.SetAttribute(PROMPTS_ATTRIBUTE, "1")
-            node.SetMarkupLabelFormat("")
+            node.SetControlPointLabelFormat("")
             node.CreateDefaultDisplayNodes()
             display = node.GetDisplayNode()
             display.SetSelectedColor(*POSITIVE_COLOR)  # selected flag = positive point
             display.SetColor(*NEGATIVE_COLOR)
             display.SetPointLabelsVisibility(False)
             node.SetSaveWithScene(False)
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                             self.onPointPlaced)
             self.promptNode = node
         return node
 
-    def _ensureBoxNode(self):
+    def _ensureBoxNode(self) -> Any:
         node = self.boxNode
         if node is None or node.GetScene() is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "FastSAM3D box")
             node.SetAttribute(BOX_ATTRIBUTE, "1")
             node.CreateDefaultDisplayNodes()
             node.SetSaveWithScene(False)
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                             self.onBoxPlaced)
             self.boxNode = node
         return node
 
-    def _placeMode(self, node: Any, persistent: bool = True) -> None:
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
-        selection.SetActivePlaceNodeID(node.GetID())
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
-        interaction.SetPlaceModePersistence(1 if persistent else 0)
-        interaction.SetCurrentInteractionMode(interaction.Place)
-
-    def _stopPlacing(self) -> None:
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
-        interaction.SetCurrentInteractionMode(interaction.ViewTransform)
-        for button in (self.ui.positivePointButton, self.ui.negativePointButton,
-                       self.ui.boxButton):
-            button.blockSignals(True)
-            button.setChecked(False)
-            button.blockSignals(False)
-
-    def _placePoints(self, on: bool, positive: bool) -> None:
-        if not on:
-            if not (self.ui.positivePointButton.checked or self.ui.negativePointButton.checked):
-                self._stopPlacing()
-            return
-        self._setPolarity(positive)
-        self.ui.boxButton.setChecked(False)
-        self._placeMode(self._ensurePromptNode())
-
-    def _setPolarity(self, positive: bool) -> None:
-        self.positive = positive
-        for button, state in ((self.ui.positivePointButton, positive),
-                              (self.ui.negativePointButton, not positive)):
-            button.blockSignals(True)
-            button.setChecked(state)
-            button.blockSignals(False)
-        self.ui.polarityLabel.text = (_("Next point: positive (green)") if positive
-                                      else _("Next point: negative (red)"))
-
-    def togglePolarity(self) -> None:
-        self._setPolarity(not self.positive)
-
-    @vtk.calldata_type(vtk.VTK_INT)
-    def onPointPlaced(self, caller: Any, event: Any, callData: Any = None) -> None:
-        if self._rebuilding:
-            return
-        node = caller
-        # The event names the point; the last one may be the placement preview instead.
-        n = int(callData) if callData is not None else node.GetNumberOfControlPoints() - 1
-        if n < 0 or node.GetNthControlPointPositionStatus(n) != node.PositionDefined:
-            return
-        node.SetNthControlPointSelected(n, self.positive)
-        node.SetNthControlPointLocked(n, True)
-        pointID = node.GetNthControlPointID(n)
-        world = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(n, world)
-        if not self._ensureLogicTarget():
-            self._removeMarker(pointID)
-            return
-        self._submit(lambda: self.logic.add_point(world, self.positive, tag=pointID), pointID)
-
-    def onBoxToggled(self, on: bool) -> None:
-        if not on:
-            self._stopPlacing()
-            return
-        for button in (self.ui.positivePointButton, self.ui.negativePointButton):
-            button.blockSignals(True)
-            button.setChecked(False)
-            button.blockSignals(False)
-        node = self._ensureBoxNode()
-        node.RemoveAllControlPoints()
-        self._placeMode(node, persistent=False)  # one box, then back to normal interaction
-
-    def onBoxPlaced(self, caller: Any, event: Any) -> None:
-        if self._rebuilding or not caller.GetControlPointPlacementComplete():
-            return
-        self.ui.boxButton.setChecked(False)
-        self.onApplyBox()
-
     def onApplyBox(self) -> None:
+        """Segment again with the box as it is now (after moving its handles)."""
+        from FastSAM3DSlicerLib import mrml
+
         node = self.boxNode
-        if node is None or node.GetNumberOfDefinedControlPoints() == 0:
-            self.ui.statusLabel.text = _("Draw a box first (B).")
+        if node is None or node.GetScene() is None or node.GetNumberOfDefinedControlPoints() == 0:
+            self._status(_("Draw a box first: drag on a slice while prompting."))
             return
-        if not self._ensureLogicTarget():
+        if self.logic is None:
+            self._status(_("Load the model first (or draw the box again)."))
             return
-        self._submit(lambda: self.logic.add_roi(node, tag="box"), None)
+        if self._refuseWhileBusy():
+            return
+        corners = mrml.roi_corners_world(node)
+        self._submit(lambda: self.logic.add_box(corners, tag="box"), "box")
 
-    def _submit(self, call: Callable[[], Any], pointID: str | None) -> None:
-        from FastSAM3DSlicerLib import geometry, logic, mrml
+    def _setLogicTarget(self) -> bool:
+        editor = self.ui.segmentEditorWidget
+        self.logic.set_target(self._sourceVolume(), editor.segmentationNode(),
+                              editor.currentSegmentID(), self.editorNode)
+        return True
 
+    def _submit(self, call: Callable[[], Any], tag: Any) -> None:
+        """Queue a prompt on the Lib; refusals (outside the volume...) become a status line."""
+        from FastSAM3DSlicerLib import logic
+
+        self._setLogicTarget()
         try:
             call()
-        except (geometry.PromptOutsideVolumeError, logic.NoTargetError, mrml.GeometryError,
-                ValueError, KeyError) as e:
-            if pointID is not None:
-                self._removeMarker(pointID)
-            self.ui.statusLabel.text = str(e)
-            slicer.util.showStatusMessage(str(e), 5000)
+        except (ValueError, KeyError, logic.NoTargetError, RuntimeError) as e:
+            if not isinstance(e, (ValueError, logic.NoTargetError)):
+                logging.warning("FastSAM3D refused a prompt: %s", e)
+            self._removeMarker(tag)
+            self._status(str(e))
             return
-        self.ui.statusLabel.text = _("Segmenting...")
-        if not qt.QApplication.overrideCursor():
-            qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
+        self.inFlight += 1
+        self._status(_("Predicting..."))
         self.pollTimer.start()
         self._updateButtons()
+        self.onPoll()  # a fast result is written before this returns
 
-    def _removeMarker(self, pointID: Any) -> None:
+    def _removeMarker(self, tag: Any) -> None:
         node = self.promptNode
-        if node is None or pointID is None or pointID == "box":
+        if node is None or tag is None or tag == "box" or node.GetScene() is None:
             return
-        index = node.GetNthControlPointIndexByID(pointID)
+        index = node.GetNthControlPointIndexByID(tag)
         if index >= 0:
             node.RemoveNthControlPoint(index)
 
-    def onPoll(self) -> None:
-        if self.download is not None:
-            self._pollDownload()
-        if self.engineFuture is not None:
-            self._pollEngine()
-        if self.logic is not None and self.logic.busy:
-            from FastSAM3DSlicerLib.logic import FailedEdit
+    def _status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        if text:
+            slicer.util.showStatusMessage(text, 5000)
 
-            for item in self.logic.poll():
-                if isinstance(item, FailedEdit):
-                    self._removeMarker(item.prompt.tag)
-                    self.ui.statusLabel.text = _("Segmentation failed: ") + str(item.error)
-                    logging.error("FastSAM3D prediction failed: %s", item.error)
-                else:
-                    self.ui.latencyLabel.text = _(
-                        "Last click: {total:.0f} ms (network {net:.0f} ms), {voxels} voxels"
-                    ).format(total=1000 * item.total_s, net=1000 * item.inference_s,
-                             voxels=item.voxels)
-                    self.ui.statusLabel.text = ""
-            if not self.logic.busy:
-                qt.QApplication.restoreOverrideCursor()
-        idle = (self.download is None and self.engineFuture is None
-                and (self.logic is None or not self.logic.busy))
-        if idle:
-            self.pollTimer.stop()
-        self._updateButtons()
+    # -- results --------------------------------------------------------------------------
+
+    def onPoll(self) -> None:
+        """The timer's tick: a thin call into the Lib, which waits for results GIL-free."""
+        if self._polling:
+            return  # the Lib's pumped wait below runs the event loop, and so this timer
+        self._polling = True
+        try:
+            if self.download is not None:
+                self._pollDownload()
+            if self.engineFuture is not None:
+                self._pollEngine()
+            if self.logic is not None and self.logic.busy:
+                self._showResults(self.logic.poll(pump=slicer.app.processEvents,
+                                                  max_s=PROGRESS_EVERY_S))
+            idle = (self.download is None and self.engineFuture is None
+                    and (self.logic is None or not self.logic.busy))
+            if idle:
+                self.pollTimer.stop()
+            self._updateButtons()
+        finally:
+            self._polling = False
+
+    def _showResults(self, results: list) -> None:
+        from FastSAM3DSlicerLib import interaction
+        from FastSAM3DSlicerLib.logic import FailedEdit
+
+        failed = False
+        for item in results:
+            self.inFlight = max(0, self.inFlight - 1)
+            if isinstance(item, FailedEdit):
+                failed = True
+                self._removeMarker(item.prompt.tag)
+                self._status(_("Segmentation failed: ") + str(item.error))
+                logging.error("FastSAM3D prediction failed: %s", item.error)
+            else:
+                self.ui.latencyLabel.text = _(
+                    "Last prompt: {total:.0f} ms (network {net:.0f} ms), {voxels} voxels"
+                ).format(total=1000 * item.total_s, net=1000 * item.inference_s,
+                         voxels=item.voxels)
+        if self.logic.busy:
+            self.ui.statusLabel.text = interaction.progress_text(
+                max(self.inFlight, 1), self.logic.busy_seconds())
+        else:
+            self.inFlight = 0
+            if not failed:
+                self.ui.statusLabel.text = ""
+
+    def _refuseWhileBusy(self) -> bool:
+        if self.logic is not None and self.logic.busy:
+            self._status(_("Wait for the running prediction ({s} s) to finish.").format(
+                s=int(self.logic.busy_seconds())))
+            return True
+        return False
+
+    def _readyForEdits(self) -> bool:
+        if self.logic is None:
+            self._status(_("No prompts yet for this segment."))
+            return False
+        if self._refuseWhileBusy():
+            return False
+        return self._setLogicTarget()
 
     def onUndo(self) -> None:
-        if self.logic is None or self.logic.busy or not self._ensureLogicTarget():
+        if not self._readyForEdits():
             return
         with slicer.util.WaitCursor():
             prompt = self.logic.undo()
         if prompt is None:
-            self.ui.statusLabel.text = _("Nothing to undo for this segment.")
+            self._status(_("Nothing to undo for this segment."))
         else:
             self._removeMarker(prompt.tag)
         self._updateButtons()
 
+    def onResetSegment(self) -> None:
+        """Undo every prompt of this segment: it holds again what it held before them."""
+        if not self._readyForEdits():
+            return
+        steps = 0
+        with slicer.util.WaitCursor():
+            while True:
+                prompt = self.logic.undo()
+                if prompt is None:
+                    break
+                steps += 1
+                self._removeMarker(prompt.tag)
+        if self.boxNode is not None and self.boxNode.GetScene() is not None:
+            self.boxNode.RemoveAllControlPoints()
+        self._status(_("Segment reset: {n} prompts undone.").format(n=steps))
+        self._updateButtons()
+
     def onClear(self) -> None:
-        if self.logic is None or self.logic.busy or not self._ensureLogicTarget():
+        """Forget this segment's prompts; the segment keeps what it holds now."""
+        if not self._readyForEdits():
             return
         for prompt in self.logic.clear():
             self._removeMarker(prompt.tag)
-        if self.boxNode is not None:
+        if self.boxNode is not None and self.boxNode.GetScene() is not None:
             self.boxNode.RemoveAllControlPoints()
         self._updateButtons()
 
+    def onNewSegment(self) -> None:
+        from FastSAM3DSlicerLib import interaction
+
+        try:
+            self._ensureTarget("", self._firstViewVolumeID())
+        except interaction.NoVolumeError as e:
+            self._status(str(e))
+
+    def onDeleteSegment(self) -> None:
+        editor = self.ui.segmentEditorWidget
+        segmentation, segmentID = editor.segmentationNode(), editor.currentSegmentID()
+        segment = segmentation.GetSegmentation().GetSegment(segmentID) if (
+            segmentation is not None and segmentID) else None
+        if segment is None:
+            self._status(_("No segment is selected."))
+            return
+        if self._refuseWhileBusy():
+            return
+        name = segment.GetName()
+        if not slicer.app.testingEnabled() and not slicer.util.confirmYesNoDisplay(
+            _("Delete the segment '{name}' and everything it holds?").format(name=name),
+            windowTitle=_("Delete segment"),
+        ):
+            return
+        segmentation.GetSegmentation().RemoveSegment(segmentID)
+        self._status(_("Deleted the segment '{name}'.").format(name=name))
+
     def onSegmentChanged(self, segmentID: Any = None) -> None:
         """Each segment has its own session: show only its prompts."""
-        if self.promptNode is None:
+        if self.promptNode is None or self.promptNode.GetScene() is None:
             return
-        self._rebuilding = True
-        try:
-            self.promptNode.RemoveAllControlPoints()
-            if self.logic is None or not self._ensureLogicTarget():
-                return
-            for prompt in self.logic.prompts():
-                if prompt.kind != "point":
-                    continue
-                n = self.promptNode.AddControlPointWorld(vtk.vtkVector3d(*prompt.world))
-                self.promptNode.SetNthControlPointSelected(n, prompt.positive)
-                self.promptNode.SetNthControlPointLocked(n, True)
-                prompt.tag = self.promptNode.GetNthControlPointID(n)
-        finally:
-            self._rebuilding = False
+        self.promptNode.RemoveAllControlPoints()
+        if self.logic is None:
+            return
+        self._setLogicTarget()
+        for prompt in self.logic.prompts():
+            if prompt.kind != "point":
+                continue
+            n = self.promptNode.AddControlPointWorld(vtk.vtkVector3d(*prompt.world))
+            self.promptNode.SetNthControlPointSelected(n, prompt.positive)
+            self.promptNode.SetNthControlPointLocked(n, True)
+            prompt.tag = self.promptNode.GetNthControlPointID(n)
 
     def _updateButtons(self) -> None:
+        """m1: nothing that replaces the network is possible while it predicts or loads."""
         busy = self.logic is not None and self.logic.busy
         loading = self.engineFuture is not None
         downloading = self.download is not None
         self.ui.downloadWeightsButton.enabled = bool(self._weightChoices) and not downloading
-        self.ui.removeWeightsButton.enabled = bool(self._weightChoices) and not downloading
-        self.ui.loadModelButton.enabled = not loading and not downloading
-        self.ui.undoButton.enabled = self.logic is not None and not busy
-        self.ui.clearButton.enabled = self.logic is not None and not busy
+        self.ui.removeWeightsButton.enabled = (bool(self._weightChoices) and not downloading
+                                               and not busy and not loading)
+        self.ui.loadModelButton.enabled = not (loading or downloading or busy)
+        self.ui.weightsComboBox.enabled = not (loading or downloading or busy)
+        self.ui.deviceComboBox.enabled = not (loading or busy)
+        for button in (self.ui.undoButton, self.ui.resetSegmentButton, self.ui.clearButton):
+            button.enabled = self.logic is not None and not busy
 
 
 class FastSAM3DSlicerLogic(ScriptedLoadableModuleLogic):

@@ -157,6 +157,11 @@ class PromptCapture:
         return self.positive
 
     @property
+    def pressing(self) -> bool:
+        """A left button went down on a view while prompting and is not released yet."""
+        return self._press is not None
+
+    @property
     def dragging(self) -> bool:
         return self._press is not None and self._press.dragging
 
