@@ -125,7 +125,8 @@ def test_leaving_the_module_stops_effects_views_and_prompting():
     methods = widget_methods()
     exit_calls = calls_in(methods["exit"])
     effect = [c for c in exit_calls if getattr(c.func, "attr", "") == "setActiveEffect"]
-    assert effect and isinstance(effect[0].args[0], ast.Constant) and effect[0].args[0].value is None
+    assert effect and isinstance(effect[0].args[0], ast.Constant)
+    assert effect[0].args[0].value is None
     assert {"removeViewObservations", "_stopViews", "_removeShortcuts"} <= called_names(
         methods["exit"])
     assert {"_setPrompting", "_removeViewFilters"} <= called_names(methods["_stopViews"])
