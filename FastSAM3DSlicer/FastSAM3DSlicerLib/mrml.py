@@ -175,6 +175,7 @@ class UndoEntry:
     extent: tuple[int, ...]
     image_to_segmentation: np.ndarray
     previous: dict[str, np.ndarray]  # segment id -> uint8 [k, j, i] over the extent
+    after: np.ndarray | None = None  # the edited segment right after the write (bool, extent)
 
     @property
     def empty(self) -> bool:
@@ -255,6 +256,10 @@ class SegmentWriter:
             return fast
         labelmap, label = self.snapshot_segment(segment_id)
         return read_labelmap(labelmap, label, image_to_seg, extent)
+
+    def check_segment(self, segment_id: str) -> None:
+        """Raise a KeyError naming the segment when it is not (or no longer) there."""
+        self._segment(segment_id)
 
     def _segment(self, segment_id: str) -> slicer.vtkSegment:
         """The segment, or a KeyError that names it (the user may have deleted it)."""
@@ -495,8 +500,9 @@ class SegmentWriter:
     ) -> UndoEntry:
         """Make ``segment_id`` equal ``mask | keep`` inside ``region`` where editing is allowed.
 
-        ``mask`` is the result (bool over the region); ``keep`` the voxels the segment held
-        before its session started (kept, so a session never deletes earlier work).
+        ``mask`` is the result (bool over the region); ``keep`` the voxels the user owns (held
+        before the session started or edited in outside FastSAM3D: a session never deletes
+        them).
         ``region_voxels`` (the volume's intensities over the region) is needed only for the
         intensity-range mask.
         """
@@ -536,7 +542,7 @@ class SegmentWriter:
                     changed[other] = before[other]
         finally:
             node.EndModify(was_modifying)
-        return UndoEntry(node.GetID(), extent, image_to_seg, changed)
+        return UndoEntry(node.GetID(), extent, image_to_seg, changed, new)
 
     def restore(self, entry: UndoEntry) -> None:
         """Put back the contents an earlier :meth:`write` replaced (newest entry first)."""

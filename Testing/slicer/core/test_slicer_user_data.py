@@ -102,3 +102,69 @@ def test_m1_painted_voxels_under_transformed_segmentation_survive_a_click(stub_e
     assert (painted & inside).sum() > 100  # the write covered most of the painted voxels
     assert _count_kept(scene, scene.target, painted) == 216
     assert _local_value(scene, scene.target, (27, 19, 17))  # and the click itself landed
+
+
+def _logic(scene, engine):
+    logic = InteractiveLogic(engine)
+    logic.set_target(scene.volume, scene.segmentation, scene.target)
+    return logic
+
+
+def _click_ijk(logic, scene, ijk, positive=True):
+    logic.add_point(scene.world_of_ijk(ijk), positive)
+    (record,) = _wait_ok(logic)
+    return record
+
+
+def test_m2_voxels_painted_between_clicks_are_kept(scene, stub_engine):
+    # Old code: the second click wrote mask | keep(session start) over its region and erased
+    # the painted voxels (all of them here).
+    logic = _logic(scene, stub_engine)
+    _click_ijk(logic, scene, (20, 18, 15))
+    before_paint = scene.segment(scene.target)
+    painted = _paint(scene, scene.target, (slice(15, 18), slice(19, 22), slice(24, 27)))
+    assert not (painted & before_paint).any()  # all 27 are new voxels
+    record = _click_ijk(logic, scene, (22, 19, 16))
+    inside = np.zeros(scene.shape, bool)
+    inside[record.region] = True
+    assert (painted & inside).sum() == 27  # the second write covered them all
+    assert record.outside_edits >= 27
+    assert scene.segment(scene.target)[painted].all()
+    # A third click far off (a new region that does not cover them) leaves them too.
+    _click_ijk(logic, scene, (21, 17, 15))
+    assert scene.segment(scene.target)[painted].all()
+
+
+def test_m2_voxels_erased_between_clicks_stay_erased_and_negative_clicks_still_work(
+        scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    _click_ijk(logic, scene, (20, 18, 15))
+    before = scene.segment(scene.target)
+    erased_block = (slice(14, 17), slice(17, 20), slice(19, 22))  # part of the first sphere
+    _paint(scene, scene.target, erased_block, value=False)
+    erased = before & ~scene.segment(scene.target)
+    assert erased.sum() > 5
+    painted = _paint(scene, scene.target, (slice(15, 18), slice(14, 16), slice(15, 18)))
+    painted &= ~before
+    _click_ijk(logic, scene, (20, 19, 15))  # its sphere covers the erased voxels again
+    after = scene.segment(scene.target)
+    assert not after[erased].any()  # the user's erasure is kept
+    assert after[painted].all()
+    # A negative click removes predicted voxels but never the user's painted ones.
+    _click_ijk(logic, scene, (16, 15, 16), positive=False)
+    after = scene.segment(scene.target)
+    assert after[painted].all()
+    assert not after[15, 15, 16] or painted[15, 15, 16]
+
+
+def test_m2_undo_keeps_edits_made_after_the_undone_click(scene, stub_engine):
+    logic = _logic(scene, stub_engine)
+    _click_ijk(logic, scene, (20, 18, 15))
+    clicked = scene.segment(scene.target)
+    painted = _paint(scene, scene.target, (slice(15, 18), slice(19, 22), slice(22, 25)))
+    painted &= ~clicked  # voxels the paint changed (painting over the click changes nothing)
+    assert painted.sum() > 10
+    assert logic.undo() is not None
+    after = scene.segment(scene.target)
+    assert after[painted].all()  # undo took back the click, not the paint
+    assert after.sum() == painted.sum()
