@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import re
+import sys
+from pathlib import Path
 
 # torch comes from the PyTorch extension (light-the-torch picks the CUDA build that matches the
-# driver); a plain pip install would fetch a CPU-only or mismatched wheel.
+# driver); a plain pip install would fetch a CPU-only or mismatched wheel. The module's one
+# torch floor: it must equal model/pyproject.toml's (a test compares them).
 TORCH_REQUIREMENT = ">=2.4"
-# Everything else fastsam3d needs at run time that Slicer does not bundle (numpy and SimpleITK
-# ship with Slicer). Floors only: pins would fight other extensions.
-PIP_REQUIREMENTS = ("tqdm>=4.60",)
+# Everything else fastsam3d imports on the Slicer paths that Slicer does not bundle (numpy and
+# SimpleITK ship with Slicer): tqdm (download progress), safetensors (.safetensors checkpoints,
+# offered by the file dialog). A test scans those imports. Floors only: pins would fight
+# other extensions.
+PIP_REQUIREMENTS = ("tqdm>=4.60", "safetensors>=0.4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +100,40 @@ def plan_text(reqs: list[Requirement]) -> str:
               "minutes. Slicer may need to restart afterwards; the installation then resumes "
               "when you open this module again."]
     return "\n".join(lines)
+
+
+def bundled_fastsam3d_dir() -> Path | None:
+    """The directory holding the fastsam3d package this module was built with.
+
+    The packaged extension installs it next to this module's own package (the scripted-module
+    directory); in a source checkout it is ``<repo>/model/src``.
+    """
+    module_dir = Path(__file__).resolve().parents[1]
+    for candidate in (module_dir, module_dir.parent / "model" / "src"):
+        if (candidate / "fastsam3d" / "__init__.py").is_file():
+            return candidate
+    return None
+
+
+def prefer_bundled_fastsam3d() -> str | None:
+    """Make ``import fastsam3d`` find the bundled package, not a pip-installed one (m13).
+
+    Slicer appends scripted-module directories to ``sys.path``, after site-packages, so a
+    ``pip install fastsam3d`` in Slicer's Python would otherwise win. Puts the bundled
+    directory first. Returns a warning for the user when another fastsam3d was already
+    imported in this session (it cannot be swapped safely; a restart fixes it), else None.
+    """
+    bundled = bundled_fastsam3d_dir()
+    if bundled is None:
+        return None
+    path = str(bundled)
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
+    importlib.invalidate_caches()
+    loaded = sys.modules.get("fastsam3d")
+    origin = getattr(loaded, "__file__", None)
+    if loaded is not None and origin and not Path(origin).resolve().is_relative_to(bundled):
+        return (f"Another fastsam3d package ({origin}) was imported before FastSAM3D's own "
+                f"({bundled / 'fastsam3d'}); restart Slicer so that the module uses its own.")
+    return None
