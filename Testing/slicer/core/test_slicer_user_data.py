@@ -6,13 +6,15 @@ Each test fails on the code before its fix (said per test).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import vtk
 from slicer_scene import _oriented, build_scene, slicer
 
 from FastSAM3DSlicerLib import mrml
-from FastSAM3DSlicerLib.logic import FailedEdit, InteractiveLogic
+from FastSAM3DSlicerLib.logic import EditRecord, FailedEdit, InteractiveLogic, StaleResultError
 
 
 def _wait_ok(logic):
@@ -168,3 +170,104 @@ def test_m2_undo_keeps_edits_made_after_the_undone_click(scene, stub_engine):
     after = scene.segment(scene.target)
     assert after[painted].all()  # undo took back the click, not the paint
     assert after.sum() == painted.sum()
+
+
+def _hold_worker(logic) -> threading.Event:
+    gate = threading.Event()
+    logic.worker.submit(gate.wait)
+    return gate
+
+
+def test_m3_prompts_while_pending_never_raise_new_segment_and_changed_volume(scene, stub_engine):
+    # Old code: the first prompt of another segment (or after the volume changed) while one
+    # was pending raised RuntimeError("cannot rebuild a session while predictions are pending").
+    logic = _logic(scene, stub_engine)
+    gate = _hold_worker(logic)
+    logic.add_point(scene.world_of_ijk((20, 18, 15)))
+    logic.set_target(scene.volume, scene.segmentation, scene.other)
+    logic.add_point(scene.world_of_ijk((30, 30, 25)))  # a new segment's session, queued
+    scene.volume.GetImageData().Modified()  # the volume changed: the session is rebuilt
+    logic.add_point(scene.world_of_ijk((31, 30, 25)))
+    assert logic.pending_count() == 3
+    gate.set()
+    records = _wait_ok(logic)
+    assert [type(r) for r in records] == [EditRecord] * 3
+    assert scene.segment(scene.target)[15, 18, 20] and scene.segment(scene.other)[25, 30, 30]
+    assert len(stub_engine.sessions) == 3
+
+
+def _closed_and_rebuilt(scene):
+    """Close the scene (as File > Close Scene does) and load similar data: same node IDs."""
+    scene.scene.Clear(0)
+    new = build_scene(mrml_scene=scene.scene)
+    assert new.volume.GetID() == scene.volume.GetID()
+    assert new.segmentation.GetID() == scene.segmentation.GetID() and new.target == scene.target
+    return new
+
+
+@pytest.mark.parametrize("widget_forgets", [True, False], ids=["forget_sessions", "nodes-only"])
+def test_m8_result_for_a_closed_scene_is_dropped_not_written_into_the_new_one(
+        scene, stub_engine, widget_forgets):
+    # Old code: forget_sessions raised while busy (the Widget then kept the sessions) and the
+    # stale result was written into the new scene's nodes that reuse the old IDs.
+    logic = _logic(scene, stub_engine)
+    gate = _hold_worker(logic)
+    logic.add_point(scene.world_of_ijk((20, 18, 15)))
+    new = _closed_and_rebuilt(scene)
+    if widget_forgets:
+        logic.forget_sessions()  # the Widget's onSceneClose; must not raise while busy
+    logic.set_target(new.volume, new.segmentation, new.target)
+    logic.add_point(new.world_of_ijk((10, 30, 25)))  # a click in the new scene meanwhile
+    gate.set()
+    stale, fresh = logic.wait()
+    assert isinstance(stale, FailedEdit) and isinstance(stale.error, StaleResultError)
+    assert "nothing was written" in str(stale.error)
+    assert isinstance(fresh, EditRecord)
+    seg = new.segment(new.target)
+    assert not seg[15, 18, 20] and seg[25, 30, 10]
+    assert len(stub_engine.sessions) == 2  # the new scene got its own session
+
+
+def test_m1_engine_change_while_busy_waits_for_the_work_in_flight(scene, stub_engine):
+    from slicer_scene import StubEngine
+
+    logic = _logic(scene, stub_engine)
+    _click_ijk(logic, scene, (20, 18, 15))
+    gate = _hold_worker(logic)
+    logic.add_point(scene.world_of_ijk((21, 18, 15)))
+    new_engine = StubEngine()
+    assert logic.set_engine(new_engine) is False and logic.engine_change_pending
+    assert logic.engine is stub_engine
+    gate.set()
+    (record,) = _wait_ok(logic)  # the in-flight prompt finished on the old network
+    assert isinstance(record, EditRecord) and logic.engine is new_engine
+    assert not logic.engine_change_pending
+    assert any("model changed" in n for n in logic.notices())
+    _click_ijk(logic, scene, (22, 18, 15))
+    assert len(new_engine.sessions) == 1 and len(stub_engine.sessions) == 1
+
+
+def test_m8_sessions_are_evicted_by_memory_idle_without_history_first_and_reported(
+        scene, stub_engine):
+    # Old code: the 5th segment silently dropped the least recently used session with its
+    # undo history. Now the bound is memory (here: room for two volume copies).
+    per_session = int(np.prod(scene.shape)) * 4
+    logic = InteractiveLogic(stub_engine, memory_budget=2 * per_session)
+    seg = scene.segmentation.GetSegmentation()
+    third, fourth = seg.AddEmptySegment("third", "third"), seg.AddEmptySegment("fourth", "fourth")
+
+    def click(segment_id, ijk):
+        logic.set_target(scene.volume, scene.segmentation, segment_id)
+        _click_ijk(logic, scene, ijk)
+
+    click(scene.target, (20, 18, 15))
+    click(scene.other, (30, 30, 25))
+    logic.undo()  # 'other' keeps a session but no history
+    click(third, (10, 30, 25))  # over the limit: 'other' goes (no history), not 'target'
+    assert logic.notices() == []
+    logic.set_target(scene.volume, scene.segmentation, scene.target)
+    assert logic.can_undo()
+    click(fourth, (12, 30, 25))  # now one with history must go: the oldest, reported
+    (notice,) = logic.notices()
+    assert repr(scene.target) in notice and "dropped" in notice
+    assert len(logic._sessions) == 2
