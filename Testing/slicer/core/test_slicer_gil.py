@@ -115,3 +115,33 @@ def test_click_under_slicer_like_gil_loop_within_2x_of_free_main_thread():
         assert np.any(scene.segment(scene.target))
     finally:
         logic.close()
+
+
+def test_worker_never_delays_app_exit_and_runs_in_order():
+    # Old code: a ThreadPoolExecutor thread, joined at interpreter exit: quitting Slicer
+    # waited for the prediction in flight (review m10).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lib = Path(__file__).resolve().parents[3] / "FastSAM3DSlicer"
+    code = (f"import sys, time; sys.path.insert(0, {str(lib)!r})\n"
+            "from FastSAM3DSlicerLib.worker import InferenceWorker\n"
+            "w = InferenceWorker(); w.submit(time.sleep, 60); time.sleep(0.2)\n")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert time.perf_counter() - t0 < 20
+    from FastSAM3DSlicerLib.worker import InferenceWorker
+
+    w = InferenceWorker()
+    order = []
+    futures = [w.submit(order.append, n) for n in range(5)]
+    assert [f.result(timeout=5) for f in futures] == [None] * 5 and order == list(range(5))
+    gate = threading.Event()
+    w.submit(gate.wait)
+    queued = w.submit(order.append, 99)
+    w.shutdown()
+    assert queued.cancelled()
+    gate.set()
+    with pytest.raises(RuntimeError, match="shut down"):
+        w.submit(order.append, 1)

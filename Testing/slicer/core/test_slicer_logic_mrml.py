@@ -157,6 +157,7 @@ def test_prompt_outside_volume_is_refused_without_touching_anything(scene, stub_
     with pytest.raises(geometry.PromptOutsideVolumeError, match="outside the volume"):
         logic.add_point(outside, True)
     assert not logic.busy
+    logic.worker.call(lambda: None)  # the session is built on the worker: let it finish
     assert stub_engine.sessions[0].calls == []
     far = np.array([scene.world_of_ijk((200, 200, 200))] * 8) + np.arange(8)[:, None]
     with pytest.raises(geometry.PromptOutsideVolumeError, match="box"):
