@@ -112,7 +112,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.outline = None  # live box outline: (view, renderer, actor, points)
         self.cursors = {}
         self.deferred = []  # prompts given before the model was loaded: (prompt, tag)
-        self.inFlight = 0  # prompts submitted and not yet written
         self.promptNode = None
         self.boxNode = None
         self.editorNode = None  # the Segment Editor module's singleton parameter node
@@ -271,7 +270,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for tag in [tag for _prompt, tag in self.deferred]:
             self._removeMarker(tag)
         self.deferred = []
-        self._dropEngine(keepEngine=True)
+        if self.logic is not None:
+            # Even while predicting: results of the closed scene come back as stale and are
+            # dropped, never written into a new scene's nodes that reuse the old IDs (M8).
+            self.logic.forget_sessions()
         self.promptNode = None
         self.boxNode = None
         self._observeMaskingSegmentation(None)
@@ -663,7 +665,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Loading the model failed: ") + str(e))
             self._updateButtons()
             return
-        self.logic = InteractiveLogic(eng, self.worker)
+        if self.logic is None:
+            self.logic = InteractiveLogic(eng, self.worker)
+        elif not self.logic.set_engine(eng):  # m1: predictions in flight finish first
+            self._status(_("The new model is used once the running predictions are written."))
         self.ui.deviceLabel.text = f"{eng.device_info.description} [{eng.device}]"
         self.ui.cpuWarningLabel.setVisible(eng.device_info.is_cpu)
         self._updateButtons()
@@ -936,7 +941,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         with slicer.util.tryWithErrorDisplay(_("FastSAM3D could not use this prompt."),
                                              waitCursor=False):
-            reason = interaction.refusal(self.inFlight + len(self.deferred))
+            reason = interaction.refusal(self._pendingCount() + len(self.deferred))
             if reason:
                 self._status(reason)
                 return
@@ -1056,7 +1061,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._removeMarker(tag)
             self._status(str(e))
             return
-        self.inFlight += 1
         self._status(_("Predicting..."))
         self.pollTimer.start()
         self._updateButtons()
@@ -1100,28 +1104,35 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResults(self, results: list) -> None:
         from FastSAM3DSlicerLib import interaction
-        from FastSAM3DSlicerLib.logic import FailedEdit
+        from FastSAM3DSlicerLib.logic import FailedEdit, StaleResultError
 
         failed = False
         for item in results:
-            self.inFlight = max(0, self.inFlight - 1)
+            if isinstance(item, FailedEdit) and isinstance(item.error, StaleResultError):
+                continue  # a result of a closed scene: dropped, its marker went with the scene
             if isinstance(item, FailedEdit):
                 failed = True
                 self._removeMarker(item.prompt.tag)
                 self._status(_("Segmentation failed: ") + str(item.error))
                 logging.error("FastSAM3D prediction failed: %s", item.error)
-            else:
-                self.ui.latencyLabel.text = _(
-                    "Last prompt: {total:.0f} ms (network {net:.0f} ms), {voxels} voxels"
-                ).format(total=1000 * item.total_s, net=1000 * item.inference_s,
-                         voxels=item.voxels)
+                continue
+            text = _("Last prompt: {total:.0f} ms (network {net:.0f} ms), {voxels} voxels").format(
+                total=1000 * item.total_s, net=1000 * item.inference_s, voxels=item.voxels)
+            kept = getattr(item, "outside_edits", 0)
+            if kept:
+                text += _("; kept {n} voxels edited outside FastSAM3D").format(n=kept)
+            self.ui.latencyLabel.text = text
+        notices = self.logic.notices()
+        for notice in notices:
+            self._status(notice)
         if self.logic.busy:
             self.ui.statusLabel.text = interaction.progress_text(
-                max(self.inFlight, 1), self.logic.busy_seconds())
-        else:
-            self.inFlight = 0
-            if not failed:
-                self.ui.statusLabel.text = ""
+                self._pendingCount(), self.logic.busy_seconds())
+        elif not failed and not notices:
+            self.ui.statusLabel.text = ""
+
+    def _pendingCount(self) -> int:
+        return self.logic.pending_count() if self.logic is not None else 0
 
     def _refuseWhileBusy(self) -> bool:
         if self.logic is not None and self.logic.busy:

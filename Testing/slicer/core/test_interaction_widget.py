@@ -243,7 +243,7 @@ def env(monkeypatch, scene, stub_engine):
     w.capture = interaction.PromptCapture()
     w.preferences = params.Preferences()
     w.pollTimer = FakeTimer()
-    w.editorNode = params.segment_editor_node(scene.scene)
+    w._selectEditorNode()
     w.logic = InteractiveLogic(stub_engine)
     slice_node = scene.scene.AddNewNodeByClass("vtkMRMLSliceNode")
     slice_node.SetDimensions(400, 300, 1)
@@ -380,9 +380,9 @@ def test_prompt_refused_visibly_when_the_model_cannot_load(env, monkeypatch):
     assert "not loaded" in env.messages[-1]
 
 
-def test_prompts_beyond_the_queue_limit_are_refused_with_a_message(env):
+def test_prompts_beyond_the_queue_limit_are_refused_with_a_message(env, monkeypatch):
     w = env.widget
-    w.inFlight = interaction.MAX_QUEUED_PROMPTS
+    monkeypatch.setattr(w.logic, "pending_count", lambda: interaction.MAX_QUEUED_PROMPTS)
     w.onPositive()
     send(env, QE.MouseButtonPress)
     send(env, QE.MouseButtonRelease)
@@ -440,6 +440,24 @@ def test_masking_controls_show_and_write_the_shared_node(env):
     assert w.editorNode.GetMaskSegmentID() == scene.other
     w.onOverwriteChosen(2)
     assert w.editorNode.GetOverwriteMode() == w.editorNode.OverwriteNone
+
+
+def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
+    """Review M8/m10: the old scene's result is never written; nothing keeps its nodes."""
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (scene.volume, scene.segmentation,
+                                                          scene.target)
+    w.onPositive()
+    w._addMarker(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True, tag="x")
+    w.onSceneClose()
+    assert w.promptNode is None and w.editorNode is None and w.maskingSegmentation is None
+    w.logic.wait()
+    w.onPoll()
+    assert not scene.segment(scene.target).any()
+    assert "failed" not in w.ui.statusLabel.text
 
 
 def test_polarity_is_a_remembered_preference(env):
