@@ -162,11 +162,12 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.positivePointButton.toggled.connect(lambda on: self._onPolarityButton(on, True))
         self.ui.negativePointButton.toggled.connect(lambda on: self._onPolarityButton(on, False))
-        self.ui.applyBoxButton.clicked.connect(self.onApplyBox)
-        self.ui.undoButton.clicked.connect(self.onUndo)
-        self.ui.resetSegmentButton.clicked.connect(self.onResetSegment)
-        self.ui.clearButton.clicked.connect(self.onClear)
-        self.ui.newSegmentButton.clicked.connect(self.onNewSegment)
+        for button, action in ((self.ui.applyBoxButton, self.onApplyBox),
+                               (self.ui.undoButton, self.onUndo),
+                               (self.ui.resetSegmentButton, self.onResetSegment),
+                               (self.ui.clearButton, self.onClear),
+                               (self.ui.newSegmentButton, self.onNewSegment)):
+            button.clicked.connect(self._guarded(action))
         self.ui.editableAreaComboBox.connect("activated(int)", self.onEditableAreaChosen)
         self.ui.overwriteModeComboBox.connect("activated(int)", self.onOverwriteChosen)
         self.ui.intensityMaskCheckBox.toggled.connect(self.onIntensityMaskChanged)
@@ -384,8 +385,18 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # module is shown: created in enter(), deleted in exit(). Text fields keep their keys.
         for key, method in SHORTCUTS:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
-            shortcut.connect("activated()", getattr(self, method))
+            shortcut.connect("activated()", self._guarded(getattr(self, method)))
             self.shortcuts.append(shortcut)
+
+    def _guarded(self, action: Callable[[], Any]) -> Callable[..., None]:
+        """A slot that shows an unexpected error in Slicer's error display, not only the log."""
+
+        def run(*args: Any) -> None:
+            with slicer.util.tryWithErrorDisplay(_("FastSAM3D: this action failed."),
+                                                 waitCursor=False):
+                action()
+
+        return run
 
     def _removeShortcuts(self) -> None:
         for shortcut in self.shortcuts:
@@ -715,6 +726,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         if kind in (qt.QEvent.Enter, qt.QEvent.MouseMove):
             obj.setCursor(self._cursor(capture.positive))  # Slicer resets it on hover
+        if kind not in (qt.QEvent.MouseButtonPress, qt.QEvent.MouseMove,
+                        qt.QEvent.MouseButtonRelease, qt.QEvent.MouseButtonDblClick):
+            return False  # paint, wheel, keys...: the view's own
         left = qt.Qt.LeftButton
         view = sliceWidget.sliceView()
         key = sliceWidget.mrmlSliceNode().GetID()
