@@ -142,12 +142,12 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # one of its effects is active); both edit the same Segment Editor parameter node.
         if hasattr(editor, "setMaskingSectionVisible"):
             editor.setMaskingSectionVisible(False)
+        for label, _mode in params.OVERWRITE_MODES:
+            self.ui.overwriteModeComboBox.addItem(label)
         self._selectEditorNode()
         for name in params.DEVICES:
             self.ui.deviceComboBox.addItem(name)
         self.ui.deviceComboBox.setCurrentIndex(params.DEVICES.index(self.preferences.device))
-        for label, _mode in params.OVERWRITE_MODES:
-            self.ui.overwriteModeComboBox.addItem(label)
         for w in (self.ui.downloadProgressBar, self.ui.cancelDownloadButton,
                   self.ui.cpuWarningLabel, self.ui.localWeightsPathLineEdit,
                   self.ui.localWeightsLabel):
@@ -256,6 +256,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _shutdownWork(self) -> None:
         self.deferred = []
+        if self.engineFuture is not None:
+            self.engineFuture = None
+            qt.QApplication.restoreOverrideCursor()  # set while the model was loading
         if self.download is not None:
             self.download.cancel()
         if self.logic is not None:
