@@ -52,6 +52,7 @@ SHORTCUTS = (
     ("C", "onResetSegment"),
     ("N", "onNewSegment"),
     ("Shift+Delete", "onDeleteSegment"),
+    ("H", "onToggleSegmentVisibility"),
     ("Esc", "onStopPrompting"),
 )
 
@@ -1230,6 +1231,16 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         segmentation.GetSegmentation().RemoveSegment(segmentID)
         self._status(_("Deleted the segment '{name}'.").format(name=name))
+
+    def onToggleSegmentVisibility(self) -> None:
+        """Hide or show the segment being prompted (to see the image under it)."""
+        editor = self.ui.segmentEditorWidget
+        segmentation, segmentID = editor.segmentationNode(), editor.currentSegmentID()
+        display = segmentation.GetDisplayNode() if segmentation is not None else None
+        if display is None or not segmentID:
+            self._status(_("No segment is selected."))
+            return
+        display.SetSegmentVisibility(segmentID, not display.GetSegmentVisibility(segmentID))
 
     def onSegmentChanged(self, segmentID: Any = None) -> None:
         """Each segment has its own session: show only its prompts."""

@@ -460,6 +460,25 @@ def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
     assert "failed" not in w.ui.statusLabel.text
 
 
+def test_new_segment_visibility_and_delete_keys(env):
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (scene.volume, scene.segmentation,
+                                                          scene.target)
+    segmentation = scene.segmentation.GetSegmentation()
+    n = segmentation.GetNumberOfSegments()
+    w.onNewSegment()  # N
+    assert segmentation.GetNumberOfSegments() == n + 1 and editor.segment != scene.target
+    new = editor.segment
+    display = scene.segmentation.GetDisplayNode()
+    w.onToggleSegmentVisibility()  # H
+    assert not display.GetSegmentVisibility(new)
+    w.onToggleSegmentVisibility()
+    assert display.GetSegmentVisibility(new)
+    w.onDeleteSegment()  # Shift+Delete (no question under --testing)
+    assert segmentation.GetSegment(new) is None and segmentation.GetNumberOfSegments() == n
+
+
 def test_polarity_is_a_remembered_preference(env):
     w = env.widget
     w.onNegative()
