@@ -281,6 +281,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.forget_sessions()
         self.promptNode = None
         self.boxNode = None
+        editor = self.ui.segmentEditorWidget  # as the Segment Editor module does
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
         self._observeMaskingSegmentation(None)
         if self.editorNode is not None:
             self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent,
