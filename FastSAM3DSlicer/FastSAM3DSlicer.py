@@ -185,6 +185,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(interactionNode, interactionNode.InteractionModeChangedEvent,
                          self.onInteractionModeChanged)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:  # new slice views appear with a new layout
+            layoutManager.connect("layoutChanged(int)", self.onLayoutChanged)
         self._showPolarity()
         self._updateButtons()
 
@@ -208,9 +211,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.updateWidgetFromMRML()
         self._installShortcuts()
         self._installViewFilters()
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            layoutManager.connect("layoutChanged(int)", self._installViewFilters)
         self._refreshDependencies()
         if qt.QSettings().value(PENDING_INSTALL_KEY):
             self.onInstallDependencies(resuming=True)
@@ -231,12 +231,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.capture is not None:
             self._setPrompting(False)
         self._removeViewFilters()
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            try:
-                layoutManager.disconnect("layoutChanged(int)", self._installViewFilters)
-            except (TypeError, ValueError, RuntimeError):
-                pass  # was not connected
 
     def cleanup(self) -> None:
         """Called when the application closes the module: stop everything this module runs."""
@@ -246,6 +240,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pollTimer.stop()
         try:
             slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+            layoutManager = slicer.app.layoutManager()
+            if layoutManager is not None:
+                layoutManager.disconnect("layoutChanged(int)", self.onLayoutChanged)
         except (TypeError, ValueError, RuntimeError):
             pass
         self._shutdownWork()
@@ -701,7 +698,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         widgets = (layoutManager.sliceWidget(name) for name in layoutManager.sliceViewNames())
         return [w for w in widgets if w is not None]
 
-    def _installViewFilters(self, *args: Any) -> None:
+    def onLayoutChanged(self, layout: Any = None) -> None:
+        if self.parent.isEntered:
+            self._installViewFilters()
+
+    def _installViewFilters(self) -> None:
         """Watch every slice view's mouse (the view widget and the VTK widgets inside it)."""
         for sliceWidget in self._sliceWidgets():
             view = sliceWidget.sliceView()
