@@ -479,6 +479,25 @@ def test_new_segment_visibility_and_delete_keys(env):
     assert segmentation.GetSegment(new) is None and segmentation.GetNumberOfSegments() == n
 
 
+def test_model_controls_are_disabled_while_predicting_or_loading(env):
+    """Review m1: no way to swap the network under a running prediction."""
+    w, scene = env.widget, env.scene
+    ui = w.ui
+    w._updateButtons()
+    assert ui.loadModelButton.enabled and ui.weightsComboBox.enabled and ui.deviceComboBox.enabled
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    w._updateButtons()
+    for control in (ui.loadModelButton, ui.weightsComboBox, ui.deviceComboBox, ui.undoButton,
+                    ui.resetSegmentButton, ui.clearButton, ui.removeWeightsButton):
+        assert not control.enabled
+    w.logic.wait()
+    w.engineFuture = object()  # a model loading
+    w._updateButtons()
+    assert not ui.loadModelButton.enabled and not ui.deviceComboBox.enabled
+    w.engineFuture = None
+
+
 def test_polarity_is_a_remembered_preference(env):
     w = env.widget
     w.onNegative()
