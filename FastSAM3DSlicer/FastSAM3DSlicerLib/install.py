@@ -139,9 +139,9 @@ class PendingInstall:
 # -- torch through the PyTorch extension ----------------------------------------------------
 
 
-def torch_install_arguments(pytorch_utils: Any, requirement: str = deps.TORCH_REQUIREMENT
-                            ) -> list[str]:
+def torch_install_arguments(pytorch_utils: Any, requirement: str | None = None) -> list[str]:
     """light-the-torch's arguments, as ``PyTorchUtilsLogic.installTorch`` builds them."""
+    requirement = deps.torch_spec() if requirement is None else requirement
     logic = getattr(pytorch_utils, "PyTorchUtilsLogic", None)
     build = getattr(logic, "_getPipInstallArguments", None)
     if build is not None:
@@ -158,7 +158,7 @@ def python_executable() -> str:
 
 
 def torch_commands(pytorch_utils: Any, python: str | None = None,
-                   requirement: str = deps.TORCH_REQUIREMENT) -> list[list[str]]:
+                   requirement: str | None = None) -> list[list[str]]:
     """The commands the background install runs: light-the-torch if missing, then torch."""
     python = python or python_executable()
     commands = []

@@ -268,7 +268,7 @@ def test_light_the_torch_gets_pytorchutils_arguments():
             return args
 
     utils = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)
-    want = ["install", f"torch{deps.TORCH_REQUIREMENT}", "torchvision"]
+    want = ["install", f"torch{deps.torch_spec()}", "torchvision"]
     assert install.torch_install_arguments(utils) == want
     assert install.torch_install_arguments(types.SimpleNamespace()) == want
     commands = install.torch_commands(utils, python="/opt/Slicer/bin/PythonSlicer")
@@ -331,11 +331,22 @@ def test_every_package_the_module_imports_is_installed_by_the_dependency_step():
 
 
 def test_torch_floor_matches_the_package():
+    """m14: the floor asked of PyTorchUtils is fastsam3d's own, the one pyproject states."""
     import tomllib
 
     project = tomllib.loads((REPO / "model" / "pyproject.toml").read_text())["project"]
     floors = [d for d in project["dependencies"] if deps.parse(d)[0] == "torch"]
-    assert floors == [f"torch{deps.TORCH_REQUIREMENT}"], (floors, deps.TORCH_REQUIREMENT)
+    package = deps.package_torch_requirement()
+    assert floors == [f"torch{package}"], (floors, package)
+    assert deps.torch_spec((3, 12)) == package and deps.python39_note((3, 12)) is None
+
+
+def test_python39_asks_for_a_torch_that_exists_and_says_what_it_cannot_do(have):
+    """Slicer 5.8: no torch at fastsam3d's floor exists for Python 3.9; the module asks for
+    the oldest torch its code runs on and says that only .safetensors checkpoints load."""
+    assert deps.torch_spec((3, 9)) == deps.PY39_TORCH_REQUIREMENT
+    note = deps.python39_note((3, 9))
+    assert note and ".safetensors" in note and "Slicer 5.10" in note
 
 
 # -- the bundled fastsam3d wins (m13) -------------------------------------------------------
