@@ -1088,8 +1088,13 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onPoll()  # a fast result is written before this returns
 
     def _removeMarker(self, tag: Any) -> None:
+        """Take a prompt's marker away (undone, refused or failed); a box hides the ROI."""
+        if tag == "box":
+            if self.boxNode is not None and self.boxNode.GetScene() is not None:
+                self.boxNode.RemoveAllControlPoints()
+            return
         node = self.promptNode
-        if node is None or tag is None or tag == "box" or node.GetScene() is None:
+        if node is None or tag is None or node.GetScene() is None:
             return
         index = node.GetNthControlPointIndexByID(tag)
         if index >= 0:

@@ -334,8 +334,11 @@ def test_drag_shows_an_outline_and_segments_the_box(env, monkeypatch):
     size = w.boxNode.GetSize()
     np.testing.assert_allclose(size, (10.0, 8.0, 10.0), atol=1e-6)  # 50 x 40 px at 0.2 mm
     w.logic.wait()
+    w.onPoll()
     calls = [c[0] for s in w.logic.engine.sessions for c in s.calls]
     assert calls[0] == "box"  # (the stub session then segments the box's centre)
+    w.onUndo()  # the box's result is undone: its ROI goes too
+    assert w.boxNode.GetNumberOfControlPoints() == 0
 
 
 def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, monkeypatch):
