@@ -1061,7 +1061,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._refuseWhileBusy():
             return
         corners = mrml.roi_corners_world(node)
-        self._submit(lambda: self.logic.add_box(corners, tag="box"), "box")
+        # A refusal keeps the ROI the user adjusted (tag None); undo still hides it ("box").
+        self._submit(lambda: self.logic.add_box(corners, tag="box"), None)
 
     def _setLogicTarget(self) -> bool:
         editor = self.ui.segmentEditorWidget
