@@ -51,6 +51,9 @@ CANCELLED = "cancelled"
 FAILED = "failed"
 RESTART_PENDING = "restart-pending"  # the user chose "Later"
 RESTARTING = "restarting"  # the user chose "Restart now"
+BUSY = "busy"  # an installation is already running (the UI stays live while it runs)
+
+_running = False
 
 
 def _version_tuple(text: str) -> tuple:
@@ -381,10 +384,25 @@ def install_dependencies(host: InstallHost, resuming: bool = False,
                          torch_commands_override: list[list[str]] | None = None) -> str:
     """The one first-use flow (the Widget's "Install..." button and the resume after restart).
 
-    Returns DONE, CANCELLED, FAILED, RESTART_PENDING or RESTARTING. Every outcome but DONE and
-    RESTARTING has told the user why. The pending record is set before anything that may
-    restart Slicer and cleared on every outcome that does not wait for a restart.
+    Returns DONE, CANCELLED, FAILED, RESTART_PENDING, RESTARTING or BUSY. Every outcome but
+    DONE and RESTARTING has told the user why. The pending record is set before anything that
+    may restart Slicer and cleared on every outcome that does not wait for a restart. The UI
+    runs while torch installs, so a second request (the button again, the module re-entered)
+    is answered BUSY instead of starting a second installer.
     """
+    global _running
+    if _running:
+        host.info("FastSAM3D's dependencies are being installed; wait for it to finish.")
+        return BUSY
+    _running = True
+    try:
+        return _install(host, resuming, torch_commands_override)
+    finally:
+        _running = False
+
+
+def _install(host: InstallHost, resuming: bool,
+             torch_commands_override: list[list[str]] | None) -> str:
     pending = PendingInstall(host.store)
     problem = version_problem(host.slicer_version)
     if problem:

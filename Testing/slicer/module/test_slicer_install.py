@@ -225,6 +225,22 @@ def test_torch_installs_in_the_background_while_the_ui_is_pumped(have, tmp_path,
     assert not install.PendingInstall(host.store).active
 
 
+def test_a_second_request_while_installing_is_refused(have, monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    slow = _child("import time\ntime.sleep(0.5)\n")
+    nested = []
+    host = Host(utils=types.SimpleNamespace())
+    inner = Host(utils=types.SimpleNamespace())
+
+    def pump():  # the user presses Install again while the UI is live
+        if not nested:
+            nested.append(install.install_dependencies(inner, torch_commands_override=[slow]))
+
+    host.pump = pump
+    install.install_dependencies(host, torch_commands_override=[slow])
+    assert nested == [install.BUSY] and inner.kinds() == ["info"]
+
+
 def test_cancel_stops_the_installer(have, tmp_path):
     forever = _child("import time\nprint('downloading', flush=True)\ntime.sleep(60)\n")
     host = Host(utils=types.SimpleNamespace(), cancel_after=3)
