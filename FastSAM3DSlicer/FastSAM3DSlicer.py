@@ -268,9 +268,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.capture is not None:
             self.capture.cancel()
         self._hideOutline()
-        for tag in [tag for _prompt, tag in self.deferred]:
-            self._removeMarker(tag)
-        self.deferred = []
+        self.deferred = []  # their markers go with the scene
         if self.logic is not None:
             # Even while predicting: results of the closed scene come back as stale and are
             # dropped, never written into a new scene's nodes that reuse the old IDs (M8).
@@ -967,8 +965,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._status(reason)
                 return
             try:
-                self._ensureTarget(self.ui.segmentEditorWidget.currentSegmentID(),
-                                   viewVolumeID)
+                target = self._ensureTarget(self.ui.segmentEditorWidget.currentSegmentID(),
+                                            viewVolumeID)
             except interaction.NoVolumeError as e:
                 self._status(str(e))
                 return
@@ -976,9 +974,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.logic is not None:
                 self._submitPrompt(prompt, tag)
                 return
-            # No model yet: keep the prompt (and its marker) and start loading; it runs once
-            # the model is ready.
-            self.deferred.append((prompt, tag))
+            # No model yet: keep the prompt (its marker, its target) and start loading; it
+            # runs once the model is ready, on the segment it was given for.
+            self.deferred.append((prompt, tag, target))
             if self.engineFuture is None:
                 self.onLoadModel()
             if self.engineFuture is None and self.download is None:
@@ -987,7 +985,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._status(_("Loading the model; your prompt runs as soon as it is ready."))
 
     def _dropDeferred(self, message: str) -> None:
-        for _prompt, tag in self.deferred:
+        for _prompt, tag, _target in self.deferred:
             self._removeMarker(tag)
         self.deferred = []
         if message:
@@ -995,8 +993,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _runDeferred(self) -> None:
         deferred, self.deferred = self.deferred, []
-        for prompt, tag in deferred:
-            self._submitPrompt(prompt, tag)
+        for prompt, tag, target in deferred:
+            self._submitPrompt(prompt, tag, target)
 
     def _addMarker(self, prompt: Any) -> Any:
         from FastSAM3DSlicerLib import interaction
@@ -1011,15 +1009,15 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetNthControlPointLocked(n, True)
         return node.GetNthControlPointID(n)
 
-    def _submitPrompt(self, prompt: Any, tag: Any) -> None:
+    def _submitPrompt(self, prompt: Any, tag: Any, target: Any = None) -> None:
         from FastSAM3DSlicerLib import interaction
 
         if isinstance(prompt, interaction.BoxPrompt):
             corners = prompt.box.corners()
-            self._submit(lambda: self.logic.add_box(corners, tag=tag), tag)
+            self._submit(lambda: self.logic.add_box(corners, tag=tag), tag, target)
         else:
             self._submit(lambda: self.logic.add_point(prompt.world, prompt.positive, tag=tag),
-                         tag)
+                         tag, target)
 
     def _ensurePromptNode(self) -> Any:
         node = self.promptNode
@@ -1064,17 +1062,22 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # A refusal keeps the ROI the user adjusted (tag None); undo still hides it ("box").
         self._submit(lambda: self.logic.add_box(corners, tag="box"), None)
 
-    def _setLogicTarget(self) -> bool:
+    def _setLogicTarget(self, target: Any = None) -> bool:
+        """Point the Lib at ``target`` (an interaction.Target) or the editor's selection."""
+        if target is not None:
+            self.logic.set_target(target.volume, target.segmentation, target.segment_id,
+                                  self.editorNode)
+            return True
         editor = self.ui.segmentEditorWidget
         self.logic.set_target(self._sourceVolume(), editor.segmentationNode(),
                               editor.currentSegmentID(), self.editorNode)
         return True
 
-    def _submit(self, call: Callable[[], Any], tag: Any) -> None:
+    def _submit(self, call: Callable[[], Any], tag: Any, target: Any = None) -> None:
         """Queue a prompt on the Lib; refusals (outside the volume...) become a status line."""
         from FastSAM3DSlicerLib import logic
 
-        self._setLogicTarget()
+        self._setLogicTarget(target)
         try:
             call()
         except (ValueError, KeyError, logic.NoTargetError, RuntimeError) as e:

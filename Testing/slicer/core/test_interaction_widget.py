@@ -359,16 +359,18 @@ def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, mon
     run_event_loop()
     assert loads == [1] and len(w.deferred) == 1 and marker_count(env) == 1
     assert "Loading the model" in w.ui.statusLabel.text
+    given_for = w.ui.segmentEditorWidget.segment
+    w.onNewSegment()  # the user moves on while the model loads
+    assert w.ui.segmentEditorWidget.segment != given_for
     w.engineFuture, w.logic = None, InteractiveLogic(engine)
     w._runDeferred()
     w.logic.wait()
     w.onPoll()
-    assert w.deferred == [] and marker_count(env) == 1
-    assert w.ui.latencyLabel.text.startswith("Last prompt")
-    editor = w.ui.segmentEditorWidget
+    assert w.deferred == [] and w.ui.latencyLabel.text.startswith("Last prompt")
+    # It ran on the segment it was given for, not on the one selected since.
+    assert w.logic.segment_id == given_for
     world = interaction.xy_to_ras(env.view.node, interaction.display_xy(200, 150, 300))
     assert w.logic.prompts()[0].world == tuple(world)
-    assert editor.segmentation.GetSegmentation().GetSegment(editor.segment) is not None
 
 
 def test_prompt_refused_visibly_when_the_model_cannot_load(env, monkeypatch):
