@@ -7,7 +7,6 @@ inside methods, at first use.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +30,6 @@ except ImportError:  # Slicer without the i18n helpers
         return text
 
 
-PENDING_INSTALL_KEY = "FastSAM3DSlicer/pendingInstall"
 PROMPTS_ATTRIBUTE = "FastSAM3DSlicer.Prompts"
 BOX_ATTRIBUTE = "FastSAM3DSlicer.Box"
 POSITIVE_COLOR = (0.15, 0.85, 0.25)
@@ -73,12 +71,91 @@ class FastSAM3DSlicer(ScriptedLoadableModule):
             "FastSAM3D (Shen et al., MICCAI 2024) and SAM-Med3D (Wang et al.) networks; weights "
             "are downloaded from their authors' releases and keep their own terms."
         )
-        # An install that needed a restart resumes when Slicer is back.
+        from FastSAM3DSlicerLib import install
+
+        problem = install.version_problem(f"{slicer.app.majorVersion}.{slicer.app.minorVersion}")
+        if problem:  # shown again in the Setup section and refused by the install step
+            logging.error(problem)
+            self.parent.helpText = problem + "\n\n" + self.parent.helpText
+        # An install that needed a restart resumes when Slicer is back (bounded: no loop).
         slicer.app.connect("startupCompleted()", self._resumePendingInstall)
 
     def _resumePendingInstall(self) -> None:
-        if qt.QSettings().value(PENDING_INSTALL_KEY):
+        from FastSAM3DSlicerLib import install
+
+        if install.resume_at_startup(qt.QSettings()):
             slicer.util.selectModule(self.moduleName)
+
+
+class SlicerInstallHost:
+    """FastSAM3DSlicerLib.install's view of Slicer (its InstallHost): dialogs, the extensions
+    manager, Slicer's pip helpers, the event pump. The install flow itself is in the Lib."""
+
+    def __init__(self) -> None:
+        self.testing = slicer.app.testingEnabled()
+        self.slicer_version = f"{slicer.app.majorVersion}.{slicer.app.minorVersion}"
+        self.store = qt.QSettings()
+        self._dialog = None
+
+    def confirm(self, text: str) -> bool:
+        return slicer.util.confirmOkCancelDisplay(text, windowTitle=_("FastSAM3D setup"))
+
+    def ask_restart(self, text: str) -> bool:
+        return slicer.util.confirmYesNoDisplay(text, windowTitle=_("FastSAM3D setup"))
+
+    def restart(self) -> None:
+        slicer.util.restart()
+
+    def error(self, text: str) -> None:
+        logging.error(text)
+        slicer.util.errorDisplay(text, windowTitle=_("FastSAM3D setup"))
+
+    def info(self, text: str) -> None:
+        slicer.util.infoDisplay(text, windowTitle=_("FastSAM3D setup"))
+
+    def pytorch_utils(self) -> Any:
+        try:
+            import PyTorchUtils
+        except ImportError:  # the PyTorch extension is missing, or installed but not loaded
+            return None
+        return PyTorchUtils
+
+    def _manager(self) -> Any:
+        return slicer.app.extensionsManagerModel() if hasattr(
+            slicer.app, "extensionsManagerModel") else None
+
+    def extension_installed(self, name: str) -> Any:
+        manager = self._manager()
+        if manager is None or not hasattr(manager, "isExtensionInstalled"):
+            return None
+        return bool(manager.isExtensionInstalled(name))
+
+    def install_extension(self, name: str) -> bool:
+        manager = self._manager()
+        if manager is None or not hasattr(manager, "installExtensionFromServer"):
+            return False
+        return bool(manager.installExtensionFromServer(name, False))  # we ask for the restart
+
+    def pip_install(self, requirements: list) -> None:
+        from FastSAM3DSlicerLib import install
+
+        with slicer.util.WaitCursor():
+            install.pip_installer(slicer.util.pip_install)(requirements)
+
+    def progress(self, text: str) -> bool:
+        if self._dialog is None:
+            self._dialog = slicer.util.createProgressDialog(
+                maximum=0, windowTitle=_("FastSAM3D setup"), labelText=text)
+        self._dialog.labelText = text
+        return bool(self._dialog.wasCanceled)
+
+    def pump(self) -> None:
+        slicer.app.processEvents()
+
+    def done_waiting(self) -> None:
+        if self._dialog is not None:
+            self._dialog.close()
+            self._dialog = None
 
 
 class _SliceViewFilter(qt.QObject):
@@ -120,6 +197,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._polling = False
         self._promptOnEnter = False
         self._weightChoices = []
+        self._probingSize = False  # the weights size request is in flight (m9)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -210,8 +288,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.updateWidgetFromMRML()
         self._installShortcuts()
         self._installViewFilters()
+        from FastSAM3DSlicerLib import install
+
         self._refreshDependencies()
-        if qt.QSettings().value(PENDING_INSTALL_KEY):
+        if install.PendingInstall(qt.QSettings()).active:
             self.onInstallDependencies(resuming=True)
         if self._promptOnEnter:
             self._setPrompting(True)
@@ -409,93 +489,36 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- dependencies ---------------------------------------------------------------------
 
     def _refreshDependencies(self) -> bool:
-        from FastSAM3DSlicerLib import deps
+        from FastSAM3DSlicerLib import deps, install
 
+        problem = install.version_problem(f"{slicer.app.majorVersion}.{slicer.app.minorVersion}")
+        if problem:  # a Slicer too old to run the module: say so, offer nothing
+            self.ui.dependenciesStatusLabel.text = problem
+            self.ui.installDependenciesButton.setVisible(False)
+            self.ui.loadModelButton.enabled = False
+            return False
         missing = deps.missing()
         if missing:
-            self.ui.dependenciesStatusLabel.text = _("missing: ") + ", ".join(
-                r.text for r in missing
-            )
+            text = _("missing: ") + ", ".join(r.text for r in missing)
             self.ui.installDependenciesButton.setVisible(True)
         else:
-            self.ui.dependenciesStatusLabel.text = _("installed")
+            text = _("installed")
             self.ui.installDependenciesButton.setVisible(False)
             self._refreshWeights()
+        note = deps.python39_note()  # Slicer 5.8: only .safetensors checkpoints load
+        self.ui.dependenciesStatusLabel.text = text + ("\n" + note if note else "")
         self._updateButtons()
         return not missing
 
     def onInstallDependencies(self, resuming: bool = False) -> bool:
-        """The single first-use dialog; torch via PyTorchUtils, the rest via Slicer's pip."""
-        from FastSAM3DSlicerLib import deps
+        """The first-use install (FastSAM3DSlicerLib.install): one dialog; torch through the
+        PyTorch extension in a background process, the UI live; a restart asked for, never
+        silent; the rest through Slicer's pip helpers."""
+        from FastSAM3DSlicerLib import install
 
-        missing = deps.missing()
-        if not missing:
-            qt.QSettings().remove(PENDING_INSTALL_KEY)
-            return self._refreshDependencies()
-        if not resuming and not slicer.app.testingEnabled():
-            if not slicer.util.confirmOkCancelDisplay(deps.plan_text(missing),
-                                                      windowTitle=_("FastSAM3D setup")):
-                return False
-        qt.QSettings().setValue(PENDING_INSTALL_KEY, "1")  # before anything may restart
-        try:
-            if any(r.name == "torch" for r in missing) and not self._installTorch():
-                return False  # a restart is pending; the install resumes after it
-            pip_reqs = [r.text for r in deps.missing() if r.name != "torch"]
-            if pip_reqs:
-                packaging = getattr(slicer, "packaging", None)
-                if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.11
-                    packaging.pip_ensure(pip_reqs, requester="FastSAM3D", prompt_install=False)
-                else:
-                    slicer.util.pip_install(" ".join(pip_reqs))
-        except Exception as e:
-            qt.QSettings().remove(PENDING_INSTALL_KEY)  # do not retry at every start-up
-            logging.exception("FastSAM3D dependency installation failed")
-            slicer.util.errorDisplay(_("Installing dependencies failed: ") + str(e))
-            return False
+        outcome = install.install_dependencies(SlicerInstallHost(), resuming=bool(resuming))
         ok = self._refreshDependencies()
-        if ok:
-            qt.QSettings().remove(PENDING_INSTALL_KEY)
-        return ok
-
-    def _installTorch(self) -> bool:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            # The PyTorch extension is a dependency of ours; it can be missing when this module
-            # was loaded from source. Install it from the Extensions server, then restart.
-            manager = slicer.app.extensionsManagerModel()
-            if hasattr(manager, "installExtensionFromServer"):
-                if not manager.installExtensionFromServer("PyTorch", True):
-                    raise RuntimeError("could not install the PyTorch extension") from None
-                return False
-            raise RuntimeError(
-                "the PyTorch extension is required: install 'PyTorch' from the Extensions "
-                "Manager, restart Slicer and open FastSAM3D again"
-            ) from None
-        from FastSAM3DSlicerLib import deps
-
-        logic = PyTorchUtils.PyTorchUtilsLogic()
-        kwargs = {}
-        params = inspect.signature(logic.installTorch).parameters
-        if "askConfirmation" in params:
-            kwargs["askConfirmation"] = False  # our own dialog already asked
-        if "torchVersionRequirement" in params:
-            kwargs["torchVersionRequirement"] = deps.TORCH_REQUIREMENT
-        # The installer runs light-the-torch in a subprocess and pumps Qt events for each line
-        # it prints, so this dialog stays alive while it works (minutes, GBs for CUDA builds).
-        progress = slicer.util.createProgressDialog(
-            maximum=0, windowTitle=_("FastSAM3D setup"),
-            labelText=_("Installing PyTorch through the PyTorch extension; this can take "
-                        "several minutes. Details appear in the Python console."),
-        )
-        try:
-            with slicer.util.WaitCursor():
-                torch = logic.installTorch(**kwargs)
-        finally:
-            progress.close()
-        if torch is None:
-            raise RuntimeError("PyTorch was not installed (see the Python console for details)")
-        return True
+        return outcome == install.DONE and ok
 
     # -- weights --------------------------------------------------------------------------
 
@@ -507,7 +530,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         try:
             self._weightChoices = weights.choices()
-        except ImportError as e:
+        except Exception as e:  # noqa: BLE001 - e.g. a broken fastsam3d: say it, do not raise
+            logging.exception("FastSAM3D: listing the weights failed")
             self.ui.weightsStatusLabel.text = str(e)
             return
         self.ui.weightsComboBox.blockSignals(True)
@@ -549,13 +573,23 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onDownloadWeights(self) -> None:
-        from FastSAM3DSlicerLib import weights
+        from FastSAM3DSlicerLib import waiting, weights
 
         choice = self._selectedWeights()
-        if choice is None or self.download is not None:
+        if choice is None or self.download is not None or self._probingSize:
             return
-        with slicer.util.WaitCursor():
-            size = weights.remote_size(choice.key)
+        # The size comes from a HEAD request on a thread; waiting for it GIL-free with the UI
+        # pumped keeps Slicer responsive, and a slow DNS lookup cannot freeze it (m9).
+        self._probingSize = True
+        self.ui.downloadWeightsButton.enabled = False
+        try:
+            probe = weights.SizeProbe(choice.key).start()
+            waiting.wait_pumping(probe, slicer.app.processEvents,
+                                 timeout=weights.SIZE_TIMEOUT_S)
+            size = probe.size
+        finally:
+            self._probingSize = False
+            self._updateButtons()
         if not slicer.app.testingEnabled() and not slicer.util.confirmOkCancelDisplay(
             _("Download {label} ({size}) into your user cache?\n\n{license}").format(
                 label=choice.label, size=weights.human_size(size), license=choice.license_note
@@ -575,9 +609,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.download.cancel()
 
     def _pollDownload(self) -> None:
-        from FastSAM3DSlicerLib import weights
+        from FastSAM3DSlicerLib import waiting, weights
 
         task = self.download
+        waiting.wait_once(task, waiting.POLL_WAIT_S)  # GIL-free: the download thread reads now
         if task.total:
             self.ui.downloadProgressBar.setValue(int(100 * task.done / task.total))
             self.ui.downloadProgressBar.setFormat(
