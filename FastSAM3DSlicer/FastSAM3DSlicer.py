@@ -37,6 +37,8 @@ NEGATIVE_COLOR = (0.95, 0.2, 0.2)
 OUTLINE_COLOR = (1.0, 0.85, 0.1)
 #: Seconds one poll may keep the UI in its pumped wait before the progress text is refreshed.
 PROGRESS_EVERY_S = 0.5
+#: A prediction running this long also shows its elapsed time in Slicer's status bar.
+LONG_PREDICTION_S = 2.0
 
 #: Keys while the module is shown (docs/slicer.md). None is one of SlicerNNInteractive's
 #: permanent shortcuts (p b l s e r t v Delete Ctrl+Z: two QShortcuts on one key fire neither)
@@ -1194,8 +1196,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for notice in notices:
             self._status(notice)
         if self.logic.busy:
-            self.ui.statusLabel.text = interaction.progress_text(
-                self._pendingCount(), self.logic.busy_seconds())
+            seconds = self.logic.busy_seconds()
+            text = interaction.progress_text(self._pendingCount(), seconds)
+            self.ui.statusLabel.text = text
+            if seconds >= LONG_PREDICTION_S:  # also where the user is looking: the status bar
+                slicer.util.showStatusMessage(text, 1000)
         elif not failed and not notices:
             self.ui.statusLabel.text = ""
 

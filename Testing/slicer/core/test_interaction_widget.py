@@ -407,6 +407,18 @@ def test_undo_while_predicting_is_refused_with_a_message(env):
     w.logic.wait()
 
 
+def test_long_prediction_shows_elapsed_seconds(env, monkeypatch):
+    w, scene = env.widget, env.scene
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    w.logic.add_point(scene.world_of_ijk((20, 20, 18)), True)
+    monkeypatch.setattr(w.logic, "busy_seconds", lambda: 3.4)
+    w._showResults([])
+    assert w.ui.statusLabel.text == "Predicting... 3 s (1 more queued)"
+    assert env.messages[-1] == w.ui.statusLabel.text
+    w.logic.wait()
+
+
 def test_another_tool_or_an_editor_effect_stops_prompting(env):
     w = env.widget
     w.onPositive()
