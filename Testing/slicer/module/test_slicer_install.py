@@ -422,3 +422,75 @@ def test_size_probe_lets_the_ui_run():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# -- the Widget's glue (SlicerInstallHost) with Qt and the app stood in ----------------------
+
+
+class _Manager:
+    """qSlicerExtensionsManagerModel's two calls the host makes."""
+
+    def __init__(self, installed: bool) -> None:
+        self.installed, self.calls = installed, []
+
+    def isExtensionInstalled(self, name):  # noqa: N802
+        return self.installed
+
+    def installExtensionFromServer(self, name, restart=True):  # noqa: N802
+        self.calls.append((name, restart))
+        self.installed = True
+        return True
+
+
+def _widget_env(monkeypatch, *, version=(5, 12), manager=None, restart_answer=False):
+    import widget_harness
+    from slicer_scene import slicer
+
+    dialogs = []
+    util = {
+        "confirmOkCancelDisplay": lambda text, **k: dialogs.append(("confirm", text)) or True,
+        "confirmYesNoDisplay": lambda text, **k: dialogs.append(("restart?", text))
+        or restart_answer,
+        "infoDisplay": lambda text, **k: dialogs.append(("info", text)),
+        "errorDisplay": lambda text, **k: dialogs.append(("error", text)),
+        "restart": lambda: dialogs.append(("restart",)),
+    }
+    app = {"majorVersion": version[0], "minorVersion": version[1],
+           "testingEnabled": lambda: False, "extensionsManagerModel": lambda: manager}
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the extension is not loaded
+    env = widget_harness.load_widget(monkeypatch, slicer.vtkMRMLScene(), app=app, util=util)
+    env.dialogs = dialogs
+    return env
+
+
+def test_widget_says_the_pytorch_extension_needs_a_restart(have, monkeypatch):
+    """M7: installed but not loaded -> an explicit restart question, then a message; the
+    panel still says what is missing; the next start-up resumes, but not forever."""
+    manager = _Manager(installed=True)
+    env = _widget_env(monkeypatch, manager=manager)
+    assert env.widget.onInstallDependencies() is False
+    kinds = [d[0] for d in env.dialogs]
+    assert kinds == ["confirm", "restart?", "info"], env.dialogs
+    assert "has not loaded it yet" in env.dialogs[1][1]
+    assert "torch" in env.widget.ui.dependenciesStatusLabel.text
+    module = env.module.FastSAM3DSlicer.__new__(env.module.FastSAM3DSlicer)
+    module.moduleName = "FastSAM3DSlicer"
+    for _ in range(5):  # five Slicer start-ups
+        module._resumePendingInstall()
+    assert env.calls.count(("selectModule", "FastSAM3DSlicer")) == install.MAX_RESUMES
+
+
+def test_widget_installs_the_extension_without_an_automatic_restart(have, monkeypatch):
+    manager = _Manager(installed=False)
+    env = _widget_env(monkeypatch, manager=manager, restart_answer=True)
+    env.widget.onInstallDependencies()
+    assert manager.calls == [("PyTorch", False)]  # we ask for the restart ourselves
+    assert [d[0] for d in env.dialogs] == ["confirm", "restart?", "restart"]
+
+
+def test_widget_names_a_slicer_too_old(have, monkeypatch):
+    env = _widget_env(monkeypatch, version=(5, 6))
+    assert env.widget._refreshDependencies() is False
+    assert "5.8 or newer" in env.widget.ui.dependenciesStatusLabel.text
+    assert env.widget.onInstallDependencies() is False
+    assert env.dialogs[-1][0] == "error" and "5.8 or newer" in env.dialogs[-1][1]

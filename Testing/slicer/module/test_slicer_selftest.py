@@ -11,10 +11,7 @@ produces those prompts only a real Slicer window can show (docs/slicer.md).
 from __future__ import annotations
 
 import ast
-import contextlib
-import importlib.util
 import sys
-import types
 import unittest
 from pathlib import Path
 
@@ -114,106 +111,18 @@ def test_the_module_test_class_runs_the_selftest():
 # -- the self-test itself, through the real Widget code with Qt and the app stood in ---------
 
 
-class _UI(types.SimpleNamespace):
-    """The Widget's ``self.ui``: named widgets given, any other one a permissive stand-in."""
-
-    def __getattr__(self, name):
-        from test_interaction_widget import Widget
-
-        return self.__dict__.setdefault(name, Widget())
-
-
-class _Button:
-    def __init__(self, slot) -> None:
-        self.slot, self.enabled = slot, True
-
-    def click(self) -> None:
-        if self.enabled:
-            self.slot()
-
-
 @pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU")
 def test_selftest_drives_the_widget_with_qt_stood_in(monkeypatch):
-    """run_widget_prompt_test as Slicer runs it, except that Qt and the app are the stand-ins
-    of core/test_interaction_widget.py: mouse events reach the Widget's own onViewEvent,
-    singleShot callbacks run when the self-test pumps events, the scene, slice node,
-    segmentation and Lib are real. Real Qt event delivery and pixels stay for real Slicer."""
-    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "core"))
-    import test_interaction_widget as harness
-
-    from FastSAM3DSlicerLib import interaction, params
+    """run_widget_prompt_test as Slicer runs it, except that Qt and the app are stand-ins
+    (widget_harness): mouse events reach the Widget's own onViewEvent, singleShot callbacks
+    run when the self-test pumps events; scene, slice node, segmentation and Lib are real.
+    Real Qt event delivery and pixels stay for real Slicer."""
+    import widget_harness
 
     monkeypatch.delenv("FASTSAM3D_TEST_CHECKPOINT", raising=False)
     monkeypatch.setattr(weights, "is_downloaded", lambda name: False)
     mrml.ensure_segmentation_converters()
-    scene = slicer.vtkMRMLScene()
-    qt = harness.fake_qt()
-    harness.FakeTimer.pending = []
-    harness.FakeSettings.data = {}
-    views = {}
-
-    def send_event(view, event):
-        return widget.onViewEvent(views[id(view)], view, event)
-
-    qt.QPointF = lambda x, y: types.SimpleNamespace(x=lambda: x, y=lambda: y)
-    qt.QMouseEvent = lambda kind, pos, button, buttons, modifiers: harness.Event(
-        kind, button, buttons, modifiers, (pos.x(), pos.y()))
-    qt.QApplication = types.SimpleNamespace(sendEvent=send_event,
-                                            restoreOverrideCursor=lambda: None,
-                                            setOverrideCursor=lambda *a: None,
-                                            overrideCursor=lambda: None)
-    qt.QEvent.MouseButtonRelease = 3
-    qt.Qt.NoButton = 0
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
-                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
-        setattr(slm, name, type(name, (), {"__init__": lambda self, *a: None}))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-
-    def process_events():
-        while harness.FakeTimer.pending:
-            harness.FakeTimer.pending.pop(0)()
-
-    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-    slice_node.SetDimensions(400, 300, 1)
-    slice_node.SetFieldOfView(160.0, 120.0, 1.0)  # 0.4 mm per pixel, axial
-    red = harness.SliceWidget(slice_node, None)
-    views[id(red.view)] = red
-    layout = types.SimpleNamespace(sliceWidget=lambda name: red if name == "Red" else None)
-    interaction_node = scene.AddNewNodeByClass("vtkMRMLInteractionNode")
-    app = types.SimpleNamespace(
-        processEvents=process_events, testingEnabled=lambda: True, layoutManager=lambda: layout,
-        applicationLogic=lambda: types.SimpleNamespace(GetInteractionNode=lambda: interaction_node),
-        connect=lambda *a: None, disconnect=lambda *a: None)
-    monkeypatch.setattr(slicer, "app", app, raising=False)
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    for name, value in (("showStatusMessage", lambda *a: None), ("selectModule", lambda m: None),
-                        ("setSliceViewerLayers", lambda **k: None),
-                        ("tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext()),
-                        ("WaitCursor", contextlib.nullcontext), ("mainWindow", lambda: None)):
-        monkeypatch.setattr(slicer.util, name, value, raising=False)
-    spec = importlib.util.spec_from_file_location(
-        "FastSAM3DSlicer_selftest_run", MODULE_DIR / "FastSAM3DSlicer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    widget = module.FastSAM3DSlicerWidget(None)
-    editor = harness.Editor()
-    editor.owner = widget
-    widget.ui = _UI(segmentEditorWidget=editor, statusLabel=harness.Widget(text=""),
-                    latencyLabel=harness.Widget(text=""),
-                    deviceComboBox=harness.Widget(currentText="auto"),
-                    weightsComboBox=harness.Widget(currentIndex=-1),
-                    undoButton=_Button(widget.onUndo))
-    widget.capture = interaction.PromptCapture()
-    widget.preferences = params.Preferences()
-    widget.pollTimer = harness.FakeTimer()
-    widget._selectEditorNode()
-    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
-        fastsam3dslicer=types.SimpleNamespace(
-            widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: widget))),
-        raising=False)
+    env = widget_harness.load_widget(monkeypatch, slicer.vtkMRMLScene())
 
     class Case(unittest.TestCase):
         messages: list = []
@@ -231,7 +140,7 @@ def test_selftest_drives_the_widget_with_qt_stood_in(monkeypatch):
         assert not result.errors and not result.failures and not result.skipped, (
             result.errors or result.failures or result.skipped)
         assert case.messages[-1] == "Test passed"
-        assert [p.kind for p in widget.logic.prompts()] == []  # two undos: nothing left
+        assert env.widget.logic.prompts() == []  # two undos: nothing left
     finally:
-        if widget.logic is not None:
-            widget.logic.close()
+        if env.widget.logic is not None:
+            env.widget.logic.close()
