@@ -457,6 +457,9 @@ def test_masking_controls_show_and_write_the_shared_node(env):
     assert w.editorNode.GetMaskSegmentID() == scene.other
     w.onOverwriteChosen(2)
     assert w.editorNode.GetOverwriteMode() == w.editorNode.OverwriteNone
+    # A segment added (or renamed) anywhere shows up in the editable-area choices at once.
+    scene.segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+    assert w.ui.editableAreaComboBox.items[-1] == "Inside liver"
 
 
 def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
