@@ -1188,7 +1188,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 continue
             text = _("Last prompt: {total:.0f} ms (network {net:.0f} ms), {voxels} voxels").format(
                 total=1000 * item.total_s, net=1000 * item.inference_s, voxels=item.voxels)
-            kept = getattr(item, "outside_edits", 0)
+            kept = item.outside_edits
             if kept:
                 text += _("; kept {n} voxels edited outside FastSAM3D").format(n=kept)
             self.ui.latencyLabel.text = text
