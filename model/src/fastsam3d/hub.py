@@ -36,6 +36,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Optional
 
 from .atomic import atomic_path
 
@@ -67,7 +68,7 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
 _STALE_PART_S = 3600.0  # leftover .part files older than this belong to no live download
 
-ProgressCallback = Callable[[int, "int | None"], "bool | None"]  # quoted: runs on Python 3.9
+ProgressCallback = Callable[[int, Optional[int]], Optional[bool]]  # noqa: UP045 (Python 3.9)
 
 
 class HubError(RuntimeError):
