@@ -11,8 +11,6 @@ for a real Slicer (docs/slicer.md).
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import sys
 import types
 
@@ -175,6 +173,9 @@ class Event:
 class View(Anything):
     height = 300
 
+    def findChildren(self, cls) -> list:  # noqa: N802
+        return []
+
     def devicePixelRatioF(self) -> float:  # noqa: N802
         return 1.0
 
@@ -197,54 +198,14 @@ class SliceWidget:
 
 @pytest.fixture
 def env(monkeypatch, scene, stub_engine):
-    """The module imported against the stand-ins, a Widget on the test scene, and a view."""
-    qt = fake_qt()
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
-                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
-        setattr(slm, name, type(name, (), {"__init__": lambda self, *a: None}))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    interaction_node = scene.scene.AddNewNodeByClass("vtkMRMLInteractionNode")
-    app = types.SimpleNamespace(
-        processEvents=lambda: None, testingEnabled=lambda: True, layoutManager=lambda: None,
-        applicationLogic=lambda: types.SimpleNamespace(GetInteractionNode=lambda: interaction_node),
-        connect=lambda *a: None, disconnect=lambda *a: None,
-    )
-    monkeypatch.setattr(slicer, "app", app, raising=False)
-    monkeypatch.setattr(slicer, "mrmlScene", scene.scene, raising=False)
-    messages = []
-    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda m, d=0: messages.append(m))
-    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay",
-                        lambda *a, **k: contextlib.nullcontext(), raising=False)
-    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
-    monkeypatch.setattr(slicer.util, "mainWindow", lambda: None, raising=False)
-    FakeTimer.pending = []
-    FakeSettings.data = {}
-    spec = importlib.util.spec_from_file_location(
-        "FastSAM3DSlicer_under_test", REPO / "FastSAM3DSlicer" / "FastSAM3DSlicer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The module imported against the stand-ins, a Widget on the test scene, and a view.
 
-    w = module.FastSAM3DSlicerWidget(None)
-    editor = Editor()
-    editor.owner = w
-    w.ui = types.SimpleNamespace(
-        segmentEditorWidget=editor, statusLabel=Widget(text=""), latencyLabel=Widget(text=""),
-        polarityLabel=Widget(text=""), positivePointButton=Widget(),
-        negativePointButton=Widget(), deviceComboBox=Widget(currentText="auto"),
-        weightsComboBox=Widget(currentIndex=-1),
-        editableAreaComboBox=Widget(), overwriteModeComboBox=Widget(),
-        intensityMaskCheckBox=Widget(), intensityRangeWidget=Widget(),
-        **{name: Widget() for name in ("downloadWeightsButton", "removeWeightsButton",
-                                       "loadModelButton", "undoButton",
-                                       "resetSegmentButton", "clearButton")},
-    )
-    w.capture = interaction.PromptCapture()
-    w.preferences = params.Preferences()
-    w.pollTimer = FakeTimer()
-    w._selectEditorNode()
-    w.logic = InteractiveLogic(stub_engine)
+    The loader is the one the install and self-test tests use (module/widget_harness.py,
+    built on the stand-ins above); here the Red view looks at the test volume.
+    """
+    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "module"))
+    import widget_harness
+
     slice_node = scene.scene.AddNewNodeByClass("vtkMRMLSliceNode")
     slice_node.SetDimensions(400, 300, 1)
     slice_node.SetFieldOfView(80.0, 60.0, 1.0)  # 0.2 mm per pixel
@@ -254,8 +215,20 @@ def env(monkeypatch, scene, stub_engine):
         m.SetElement(r, 3, float(center[r]))
     slice_node.UpdateMatrices()
     view = SliceWidget(slice_node, scene.volume.GetID())
-    yield types.SimpleNamespace(module=module, widget=w, view=view, scene=scene,
-                                messages=messages, qt=qt, interaction_node=interaction_node)
+    layout = types.SimpleNamespace(sliceViewNames=lambda: ["Red"],
+                                   sliceWidget=lambda name: view if name == "Red" else None)
+    messages = []
+    loaded = widget_harness.load_widget(
+        monkeypatch, scene.scene,
+        app={"layoutManager": lambda: layout, "processEvents": lambda: None},
+        util={"showStatusMessage": lambda m, d=0: messages.append(m)},
+    )
+    w = loaded.widget
+    w.logic = InteractiveLogic(stub_engine)
+    interaction_node = slicer.app.applicationLogic().GetInteractionNode()
+    yield types.SimpleNamespace(module=loaded.module, widget=w, view=view, scene=scene,
+                                messages=messages, qt=loaded.qt,
+                                interaction_node=interaction_node)
     if w.logic is not None:
         w.logic.close()
 
