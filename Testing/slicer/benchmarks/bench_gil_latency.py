@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -208,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         **bench.environment(dev),
         "machine": platform.node() and platform.platform(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+        else None,
         "device_description": engine.device_info.description,
         "backend": backend,
         "volume_kji": list(SHAPE),
