@@ -322,6 +322,7 @@ OPTIONAL = {
     "flash_attn": "an optional accelerator, probed with flash_available()",
     "nibabel": "file reading when SimpleITK is absent (Slicer bundles SimpleITK)",
     "light_the_torch": "installed by the install flow itself",
+    "onnxruntime": "fastsam3d.onnx's CPU backend, used only where it is installed (available())",
 }
 
 
