@@ -163,17 +163,130 @@ class SlicerInstallHost:
 class _SliceViewFilter(qt.QObject):
     """Hands one slice view's mouse events to the Widget (prompt capture and cursor)."""
 
-    def __init__(self, widget: Any, sliceWidget: Any) -> None:
+    def __init__(self, onEvent: Callable[[Any, Any, Any], bool], sliceWidget: Any) -> None:
         qt.QObject.__init__(self)
-        self.widget = widget
+        self.onEvent = onEvent
         self.sliceWidget = sliceWidget
 
     def eventFilter(self, obj: Any, event: Any) -> bool:
         try:
-            return bool(self.widget.onViewEvent(self.sliceWidget, obj, event))
+            return bool(self.onEvent(self.sliceWidget, obj, event))
         except Exception:  # noqa: BLE001 - an exception must not escape into Qt's event loop
             logging.exception("FastSAM3D: handling a view event failed")
             return False
+
+
+def _sliceWidgets() -> list:
+    """The slice views of the current layout."""
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is None:
+        return []
+    widgets = (layoutManager.sliceWidget(name) for name in layoutManager.sliceViewNames())
+    return [w for w in widgets if w is not None]
+
+
+class _SliceViews:
+    """The slice views' side of prompting: event filters, the polarity cursor, the box outline.
+
+    Qt/VTK plumbing only; what an event means is the Widget's ``onViewEvent`` (and the Lib's
+    PromptCapture behind it).
+    """
+
+    def __init__(self, onEvent: Callable[[Any, Any, Any], bool]) -> None:
+        self.onEvent = onEvent
+        self.filters = []  # (widget, _SliceViewFilter) while the module is shown
+        self.outline = None  # live box outline: (view, renderer, actor, points)
+        self.cursors = {}
+
+    def install(self) -> None:
+        """Watch every slice view's mouse (the view widget and the VTK widgets inside it)."""
+        for sliceWidget in _sliceWidgets():
+            view = sliceWidget.sliceView()
+            for target in [view] + list(view.findChildren(qt.QWidget)):
+                if any(target is t for t, _f in self.filters):
+                    continue
+                eventFilter = _SliceViewFilter(self.onEvent, sliceWidget)
+                target.installEventFilter(eventFilter)
+                self.filters.append((target, eventFilter))
+
+    def remove(self) -> None:
+        for target, eventFilter in self.filters:
+            try:
+                target.removeEventFilter(eventFilter)
+                target.unsetCursor()
+            except (RuntimeError, ValueError, AttributeError):
+                pass  # the view was deleted with its layout
+        self.filters = []
+
+    def setCursor(self, positive: Any) -> None:
+        """The polarity cursor on every watched view, or (None) the views' own back."""
+        for target, _f in self.filters:
+            try:
+                if positive is None:
+                    target.unsetCursor()
+                else:
+                    target.setCursor(self.cursor(positive))
+            except (RuntimeError, ValueError, AttributeError):
+                pass
+
+    def cursor(self, positive: bool) -> Any:
+        """A crosshair in the polarity's colour with a +/- sign: what the next click adds."""
+        if positive not in self.cursors:
+            size, c = 32, 15
+            pixmap = qt.QPixmap(size, size)
+            pixmap.fill(qt.QColor(0, 0, 0, 0))
+            painter = qt.QPainter(pixmap)
+            color = qt.QColor.fromRgbF(*(POSITIVE_COLOR if positive else NEGATIVE_COLOR))
+            pen = qt.QPen(color)
+            pen.setWidth(2)
+            painter.setPen(pen)
+            for x0, y0, x1, y1 in ((c, 0, c, c - 4), (c, c + 4, c, 22), (0, c, c - 4, c),
+                                   (c + 4, c, 22, c)):
+                painter.drawLine(x0, y0, x1, y1)
+            painter.drawLine(22, 27, 31, 27)  # the sign, bottom right
+            if positive:
+                painter.drawLine(26, 23, 26, 31)
+            painter.end()
+            self.cursors[positive] = qt.QCursor(pixmap, c, c)
+        return self.cursors[positive]
+
+    def showOutline(self, view: Any, rect: tuple) -> None:
+        """The box being dragged, drawn in the view's display pixels until the release."""
+        if self.outline is not None and self.outline[0] is not view:
+            self.hideOutline()
+        if self.outline is None:
+            points = vtk.vtkPoints()
+            points.SetNumberOfPoints(5)
+            lines = vtk.vtkCellArray()
+            lines.InsertNextCell(5)
+            for n in range(5):
+                lines.InsertCellPoint(n)
+            poly = vtk.vtkPolyData()
+            poly.SetPoints(points)
+            poly.SetLines(lines)
+            mapper = vtk.vtkPolyDataMapper2D()
+            mapper.SetInputData(poly)
+            actor = vtk.vtkActor2D()
+            actor.SetMapper(mapper)
+            actor.GetProperty().SetColor(*OUTLINE_COLOR)
+            actor.GetProperty().SetLineWidth(2)
+            renderer = view.renderWindow().GetRenderers().GetFirstRenderer()
+            renderer.AddActor2D(actor)
+            self.outline = (view, renderer, actor, points)
+        (x0, y0), (x1, y1) = rect
+        points = self.outline[3]
+        for n, (x, y) in enumerate(((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))):
+            points.SetPoint(n, x, y, 0.0)
+        points.Modified()
+        view.scheduleRender()
+
+    def hideOutline(self) -> None:
+        if self.outline is None:
+            return
+        view, renderer, actor, _points = self.outline
+        self.outline = None
+        renderer.RemoveActor2D(actor)
+        view.scheduleRender()
 
 
 class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -187,9 +300,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.capture = None  # interaction.PromptCapture: click/drag decisions and polarity
         self.preferences = None  # params.Preferences (QSettings)
         self.shortcuts = []
-        self.viewFilters = []  # (widget, _SliceViewFilter) while the module is shown
-        self.outline = None  # live box outline: (view, renderer, actor, points)
-        self.cursors = {}
+        self.views = _SliceViews(self.onViewEvent)  # filters, cursor, outline
         self.deferred = []  # prompts given before the model was loaded: (prompt, tag)
         self.promptNode = None
         self.boxNode = None
@@ -728,37 +839,23 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- prompts: capture in the slice views ----------------------------------------------
 
-    def _sliceWidgets(self) -> list:
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is None:
-            return []
-        widgets = (layoutManager.sliceWidget(name) for name in layoutManager.sliceViewNames())
-        return [w for w in widgets if w is not None]
-
     def onLayoutChanged(self, layout: Any = None) -> None:
         if self.parent.isEntered:
             self._installViewFilters()
 
     def _installViewFilters(self) -> None:
-        """Watch every slice view's mouse (the view widget and the VTK widgets inside it)."""
-        for sliceWidget in self._sliceWidgets():
-            view = sliceWidget.sliceView()
-            for target in [view] + list(view.findChildren(qt.QWidget)):
-                if any(target is t for t, _f in self.viewFilters):
-                    continue
-                eventFilter = _SliceViewFilter(self, sliceWidget)
-                target.installEventFilter(eventFilter)
-                self.viewFilters.append((target, eventFilter))
+        self.views.install()
         self._applyCursors()
 
     def _removeViewFilters(self) -> None:
-        for target, eventFilter in self.viewFilters:
-            try:
-                target.removeEventFilter(eventFilter)
-                target.unsetCursor()
-            except (RuntimeError, ValueError, AttributeError):
-                pass  # the view was deleted with its layout
-        self.viewFilters = []
+        self.views.remove()
+
+    def _applyCursors(self) -> None:
+        active = self.capture is not None and self.capture.active
+        self.views.setCursor(self.capture.positive if active else None)
+
+    def _hideOutline(self) -> None:
+        self.views.hideOutline()
 
     def onViewEvent(self, sliceWidget: Any, obj: Any, event: Any) -> bool:
         """A slice view's mouse event; True swallows it (only the left button, only prompting).
@@ -770,7 +867,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not capture.active:
             return False
         if kind in (qt.QEvent.Enter, qt.QEvent.MouseMove):
-            obj.setCursor(self._cursor(capture.positive))  # Slicer resets it on hover
+            obj.setCursor(self.views.cursor(capture.positive))  # Slicer resets it on hover
         if kind not in (qt.QEvent.MouseButtonPress, qt.QEvent.MouseMove,
                         qt.QEvent.MouseButtonRelease, qt.QEvent.MouseButtonDblClick):
             return False  # paint, wheel, keys...: the view's own
@@ -789,7 +886,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return False
             rect = capture.move(key, self._displayXY(view, obj, event)[0])
             if rect is not None:
-                self._showOutline(view, rect)
+                self.views.showOutline(view, rect)
             return True
         if kind == qt.QEvent.MouseButtonRelease and event.button() == left:
             if not capture.pressing:
@@ -817,76 +914,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pos = obj.mapTo(view, pos)
         ratio = view.devicePixelRatioF() if hasattr(view, "devicePixelRatioF") else 1.0
         return interaction.display_xy(pos.x(), pos.y(), view.height, ratio), ratio
-
-    def _cursor(self, positive: bool) -> Any:
-        """A crosshair in the polarity's colour with a +/- sign: what the next click adds."""
-        if positive not in self.cursors:
-            size, c = 32, 15
-            pixmap = qt.QPixmap(size, size)
-            pixmap.fill(qt.QColor(0, 0, 0, 0))
-            painter = qt.QPainter(pixmap)
-            color = qt.QColor.fromRgbF(*(POSITIVE_COLOR if positive else NEGATIVE_COLOR))
-            pen = qt.QPen(color)
-            pen.setWidth(2)
-            painter.setPen(pen)
-            for x0, y0, x1, y1 in ((c, 0, c, c - 4), (c, c + 4, c, 22), (0, c, c - 4, c),
-                                   (c + 4, c, 22, c)):
-                painter.drawLine(x0, y0, x1, y1)
-            painter.drawLine(22, 27, 31, 27)  # the sign, bottom right
-            if positive:
-                painter.drawLine(26, 23, 26, 31)
-            painter.end()
-            self.cursors[positive] = qt.QCursor(pixmap, c, c)
-        return self.cursors[positive]
-
-    def _applyCursors(self) -> None:
-        active = self.capture is not None and self.capture.active
-        for target, _f in self.viewFilters:
-            try:
-                if active:
-                    target.setCursor(self._cursor(self.capture.positive))
-                else:
-                    target.unsetCursor()
-            except (RuntimeError, ValueError, AttributeError):
-                pass
-
-    def _showOutline(self, view: Any, rect: tuple) -> None:
-        """The box being dragged, drawn in the view's display pixels until the release."""
-        if self.outline is not None and self.outline[0] is not view:
-            self._hideOutline()
-        if self.outline is None:
-            points = vtk.vtkPoints()
-            points.SetNumberOfPoints(5)
-            lines = vtk.vtkCellArray()
-            lines.InsertNextCell(5)
-            for n in range(5):
-                lines.InsertCellPoint(n)
-            poly = vtk.vtkPolyData()
-            poly.SetPoints(points)
-            poly.SetLines(lines)
-            mapper = vtk.vtkPolyDataMapper2D()
-            mapper.SetInputData(poly)
-            actor = vtk.vtkActor2D()
-            actor.SetMapper(mapper)
-            actor.GetProperty().SetColor(*OUTLINE_COLOR)
-            actor.GetProperty().SetLineWidth(2)
-            renderer = view.renderWindow().GetRenderers().GetFirstRenderer()
-            renderer.AddActor2D(actor)
-            self.outline = (view, renderer, actor, points)
-        (x0, y0), (x1, y1) = rect
-        points = self.outline[3]
-        for n, (x, y) in enumerate(((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0))):
-            points.SetPoint(n, x, y, 0.0)
-        points.Modified()
-        view.scheduleRender()
-
-    def _hideOutline(self) -> None:
-        if self.outline is None:
-            return
-        view, renderer, actor, _points = self.outline
-        self.outline = None
-        renderer.RemoveActor2D(actor)
-        view.scheduleRender()
 
     # -- prompts: polarity and prompting state ------------------------------------------
 
@@ -968,7 +995,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else editor.masterVolumeNode())
 
     def _firstViewVolumeID(self) -> Any:
-        for sliceWidget in self._sliceWidgets():
+        for sliceWidget in _sliceWidgets():
             composite = sliceWidget.mrmlSliceCompositeNode()
             if composite is not None and composite.GetBackgroundVolumeID():
                 return composite.GetBackgroundVolumeID()

@@ -289,8 +289,8 @@ def test_click_places_a_point_marker_and_the_segment_updates(env):
 def test_drag_shows_an_outline_and_segments_the_box(env, monkeypatch):
     w, scene = env.widget, env.scene
     outlines = []
-    monkeypatch.setattr(w, "_showOutline", lambda view, rect: outlines.append(rect))
-    monkeypatch.setattr(w, "_hideOutline", lambda: outlines.append(None))
+    monkeypatch.setattr(w.views, "showOutline", lambda view, rect: outlines.append(rect))
+    monkeypatch.setattr(w.views, "hideOutline", lambda: outlines.append(None))
     w.onPositive()
     send(env, QE.MouseButtonPress, pos=(180, 130))
     assert send(env, QE.MouseMove, buttons=1, pos=(182, 131)) and outlines == []
@@ -414,7 +414,7 @@ def test_leaving_the_module_stops_prompting_effects_and_shortcuts(env):
     assert not w.capture.active and not w.capture.pressing
     assert ("setActiveEffect", None) in w.ui.segmentEditorWidget.calls
     assert ("removeViewObservations",) in w.ui.segmentEditorWidget.calls
-    assert w.shortcuts == [] and w.viewFilters == []
+    assert w.shortcuts == [] and w.views.filters == []
     assert not send(env, QE.MouseButtonPress)
 
 
