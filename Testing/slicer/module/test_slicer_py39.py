@@ -21,9 +21,11 @@ REPO = Path(__file__).resolve().parents[3]
 MODEL_SRC = REPO / "model" / "src"
 MODULE_DIR = REPO / "FastSAM3DSlicer"
 CHECK = Path(__file__).resolve().parent / "py39_import_check.py"
-# Entry points of the command line and the benchmarks: the Slicer module never imports them
-# (test_slicer_code_never_imports_the_cli_only_modules), so they may use Python 3.10.
-CLI_ONLY = ("fastsam3d.cli", "fastsam3d.commands", "fastsam3d.bench", "fastsam3d.preview")
+# Entry points of the command line, the benchmarks and the inference server: the Slicer module
+# never imports them (test_slicer_code_never_imports_the_cli_only_modules), so they may use
+# Python 3.10 and server-only packages. The client side (fastsam3d.remote) is checked.
+CLI_ONLY = ("fastsam3d.cli", "fastsam3d.commands", "fastsam3d.bench", "fastsam3d.preview",
+            "fastsam3d.serve")
 
 
 def _python39() -> str | None:
