@@ -315,7 +315,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- set-up ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from FastSAM3DSlicerLib import deps, interaction, params
+        from FastSAM3DSlicerLib import interaction, params
         from FastSAM3DSlicerLib.waiting import POLL_INTERVAL_MS
 
         ScriptedLoadableModuleWidget.setup(self)
@@ -343,9 +343,6 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   self.ui.cpuWarningLabel, self.ui.localWeightsPathLineEdit,
                   self.ui.localWeightsLabel):
             w.setVisible(False)
-        note = deps.python39_note()  # Slicer 5.8: only .safetensors checkpoints load
-        self.ui.slicerNoteLabel.text = note or ""
-        self.ui.slicerNoteLabel.setVisible(bool(note))
 
         self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
         self.ui.weightsComboBox.currentIndexChanged.connect(self.onWeightsChanged)
