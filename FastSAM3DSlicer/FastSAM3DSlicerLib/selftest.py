@@ -223,8 +223,11 @@ def run_widget_prompt_test(test: Any) -> None:
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("phantom")
 
-    slicer.util.selectModule("FastSAM3DSlicer")  # enter(): view filters, shortcuts
     widget = slicer.modules.fastsam3dslicer.widgetRepresentation().self()
+    if slicer.util.selectedModule() == "FastSAM3DSlicer":
+        widget.enter()  # already shown (Reload and Test): make sure its view capture is on
+    else:
+        slicer.util.selectModule("FastSAM3DSlicer")  # enter(): view filters, shortcuts
     editor = widget.ui.segmentEditorWidget
     editor.setSegmentationNode(segmentation)
     editor.setSourceVolumeNode(volume)

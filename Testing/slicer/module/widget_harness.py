@@ -81,7 +81,8 @@ def load_widget(monkeypatch: Any, scene: Any, *, app: dict | None = None,
     slice_node.SetFieldOfView(160.0, 120.0, 1.0)  # 0.4 mm per pixel, axial
     red = harness.SliceWidget(slice_node, None)
     views[id(red.view)] = red
-    layout = types.SimpleNamespace(sliceWidget=lambda name: red if name == "Red" else None)
+    layout = types.SimpleNamespace(sliceWidget=lambda name: red if name == "Red" else None,
+                                   sliceViewNames=lambda: ["Red"])
     interaction_node = scene.AddNewNodeByClass("vtkMRMLInteractionNode")
     app_attrs = dict(
         processEvents=process_events, testingEnabled=lambda: True, layoutManager=lambda: layout,
@@ -94,6 +95,7 @@ def load_widget(monkeypatch: Any, scene: Any, *, app: dict | None = None,
     util_attrs = {
         "showStatusMessage": lambda *a: None, "setSliceViewerLayers": lambda **k: None,
         "selectModule": lambda m: calls.append(("selectModule", m)),
+        "selectedModule": lambda: "FastSAM3DSlicer",  # shown: the self-test calls enter()
         "tryWithErrorDisplay": lambda *a, **k: contextlib.nullcontext(),
         "WaitCursor": contextlib.nullcontext, "mainWindow": lambda: None,
     }
