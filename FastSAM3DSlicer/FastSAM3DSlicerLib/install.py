@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import importlib
 import importlib.util
+import inspect
 import json
 import re
 import shutil
@@ -275,8 +276,14 @@ def pip_installer(fallback_pip_install: Callable[[str], Any]) -> Callable[[list[
         packaging = None
     ensure = getattr(packaging, "pip_ensure", None)
     if ensure is not None:
-        return lambda reqs: ensure(list(reqs), requester="FastSAM3D", prompt_install=False,
-                                   skip_in_testing=False)
+        wanted = {"requester": "FastSAM3D", "prompt_install": False, "skip_in_testing": False}
+        try:  # pass only what this Slicer's pip_ensure takes (its options grew over releases)
+            params = inspect.signature(ensure).parameters
+            if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                wanted = {k: v for k, v in wanted.items() if k in params}
+        except (TypeError, ValueError):
+            pass
+        return lambda reqs: ensure(list(reqs), **wanted)
     return lambda reqs: fallback_pip_install(" ".join(reqs))
 
 

@@ -308,6 +308,19 @@ def test_pip_ensure_is_found_without_import_slicer_loading_it(monkeypatch):
                                       "skip_in_testing": False})]
 
 
+def test_pip_ensure_gets_only_the_options_it_has(monkeypatch):
+    seen = []
+    fake = types.ModuleType("slicer.packaging")
+
+    def pip_ensure(requirements, prompt_install=True, requester=None):  # an older signature
+        seen.append((requirements, prompt_install, requester))
+
+    fake.pip_ensure = pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.packaging", fake)
+    install.pip_installer(lambda text: pytest.fail("fell back"))(["safetensors>=0.4"])
+    assert seen == [(["safetensors>=0.4"], False, "FastSAM3D")]
+
+
 def test_pip_install_is_the_fallback(monkeypatch):
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # import raises ImportError
     seen = []
