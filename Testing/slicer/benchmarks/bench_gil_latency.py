@@ -34,7 +34,7 @@ for p in (HERE.parent / "core", REPO / "FastSAM3DSlicer", REPO / "model" / "src"
     sys.path.insert(0, str(p))
 
 import numpy as np  # noqa: E402
-from gil_loop import GAP_S, PUMP_S, click_to_written  # noqa: E402
+from gil_loop import GAP_S, PUMP_S, click_to_written, future_done  # noqa: E402
 
 from FastSAM3DSlicerLib.engine import FastSAM3DEngine  # noqa: E402
 from FastSAM3DSlicerLib.waiting import POLL_WAIT_S, ResultQueue  # noqa: E402
@@ -141,6 +141,17 @@ class QueueTarget:
         self.worker.shutdown()
 
 
+def _load_engine(device: str) -> Any:
+    """What 'Load model' does on the worker, with the fixture network: build the network,
+    prepare the engine, warm one session (CUDA graphs, cuDNN plans)."""
+    import fastsam3d.testing
+
+    engine = FastSAM3DEngine.from_model(fastsam3d.testing.fixture_model("fastsam3d", device),
+                                        device=device, propagate=False)
+    engine.new_session()
+    return engine
+
+
 def one(target: Any, mode: str, offset: tuple, positive: bool, limit_s: float) -> dict:
     out, ticks = click_to_written(lambda: target.submit(offset, positive), target.poller, mode,
                                   limit_s=limit_s)
@@ -171,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--first", type=int, default=2, help="first clicks (new object) per mode")
     ap.add_argument("--legacy", type=int, default=1, help="legacy refinement clicks")
     ap.add_argument("--legacy-limit", type=float, default=20.0)
+    ap.add_argument("--loads", type=int, default=1,
+                    help="model loads (build + engine + warm session) per waiting mode")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -204,6 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
             target.new_object()
             rows["first"].append(one(target, mode, (0, 0, 0), True, 600))
     target.close()
+    rows["load"] = []
+    worker = InferenceWorker()
+    modes = ["free", "tick", "pumped"]
+    for n in range(args.loads):  # model loading on the worker, waited for as the Widget may
+        for mode in modes[n % 3:] + modes[:n % 3]:  # rotate the order: same load for each
+            future = worker.submit(_load_engine, args.device)
+            s, ticks = future_done(future, mode)
+            rows["load"].append({"mode": mode, "ms": 1000 * s, "ticks": ticks})
+    worker.shutdown()
     first = [r for r in rows["first"] if not r.get("warmup")]
     dev = torch.device(engine.device)
     out = {
@@ -221,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "refine": {m: summary(rows["refine"], m) for m in ("free", "slicer")},
         "first_click": {m: summary(first, m) for m in ("free", "slicer")},
         "legacy_refine": summary(rows["legacy"], "legacy"),
+        "model_load": {m: summary(rows["load"], m) for m in ("free", "tick", "pumped")},
         "rows": rows,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
@@ -228,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = r["slicer"]["median_ms"] / r["free"]["median_ms"]
     out["refine_ratio_slicer_over_free"] = round(ratio, 3)
     print(json.dumps({k: out[k] for k in ("device_description", "backend", "refine",
-                                          "first_click", "legacy_refine",
+                                          "first_click", "legacy_refine", "model_load",
                                           "refine_ratio_slicer_over_free")}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -65,3 +65,35 @@ def click_to_written(
         else:
             raise ValueError(f"unknown mode {mode!r}")
     return out, ticks
+
+
+def future_done(future: Any, mode: str, gap_s: float = GAP_S, pump_s: float = PUMP_S,
+                tick_s: float = 0.5, limit_s: float = 600.0) -> tuple[float, int]:
+    """Wait for a worker ``future`` (model loading, a download) with the main loop of ``mode``.
+
+    ``free``: a blocking wait. ``tick``: each timer tick is one ``waiting.wait_once`` of
+    POLL_WAIT_S after ``gap_s`` of GIL-holding C++. ``pumped``: each tick is
+    ``waiting.wait_pumping(..., timeout=tick_s)`` pumping every POLL_WAIT_S. ``legacy``: each
+    tick only checks ``done()``. Returns (seconds until done was seen, ticks).
+    """
+    from FastSAM3DSlicerLib.waiting import POLL_WAIT_S, wait_once, wait_pumping
+
+    t0 = time.perf_counter()
+    ticks = 0
+    if mode == "free":
+        future.exception()
+        return time.perf_counter() - t0, 0
+    while time.perf_counter() - t0 < limit_s:
+        hold_gil(gap_s)
+        ticks += 1
+        if mode == "tick":
+            done = wait_once(future, POLL_WAIT_S)
+        elif mode == "pumped":
+            done = wait_pumping(future, lambda: hold_gil(pump_s), timeout=tick_s)
+        elif mode == "legacy":
+            done = future.done()
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        if done:
+            break
+    return time.perf_counter() - t0, ticks
