@@ -8,30 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 LOCAL_FILE = "local-file"
 
 
-def ensure_fastsam3d_importable() -> None:
-    """In a source checkout, put <repo>/model/src on sys.path when fastsam3d is not installed.
+def ensure_fastsam3d_importable() -> str | None:
+    """Make ``import fastsam3d`` find the package this module was built with.
 
-    The built extension installs the package beside this module (one source of truth in
-    model/src; nothing is copied into the module's sources).
+    The built extension installs it beside this module, a source checkout has it in
+    <repo>/model/src (one source of truth; nothing is copied into the module's sources). That
+    directory goes first on ``sys.path``: Slicer appends scripted-module directories after
+    site-packages, so a pip-installed ``fastsam3d`` would otherwise shadow ours (review m13).
+    Returns a warning for the user when another ``fastsam3d`` was already imported (a restart
+    fixes it), else None.
     """
-    if importlib.util.find_spec("fastsam3d") is not None:
-        return
-    src = Path(__file__).resolve().parents[2] / "model" / "src"
-    if (src / "fastsam3d" / "__init__.py").is_file():
-        sys.path.insert(0, str(src))
-        importlib.invalidate_caches()
+    from .deps import prefer_bundled_fastsam3d
+
+    warning = prefer_bundled_fastsam3d()
     if importlib.util.find_spec("fastsam3d") is None:
         raise ImportError(
             "the fastsam3d package is missing: reinstall the FastSAM3DSlicer extension, or in a "
             "source checkout keep FastSAM3DSlicer/ next to model/src/fastsam3d"
         )
+    return warning
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 No Qt here. The Widget calls :meth:`InteractiveLogic.add_point` / ``add_box`` on the main
 thread, gets a :class:`PendingEdit` whose inference runs on the persistent worker thread, and
-calls :meth:`InteractiveLogic.poll` (from a timer) to write finished results into MRML on the
-main thread, in the order the prompts were given.
+calls :meth:`InteractiveLogic.poll` (from a timer, with ``pump=slicer.app.processEvents``) to
+write finished results into MRML on the main thread, in the order the prompts were given.
+``poll`` waits for the results in a GIL-releasing wait between event pumps (see
+:mod:`.waiting`): under Slicer, where the main thread holds the GIL except inside Python
+callbacks, that is what lets the worker run at full speed.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -19,6 +23,7 @@ import numpy as np
 import slicer
 
 from . import geometry, mrml
+from .waiting import POLL_WAIT_S, ResultQueue
 from .worker import InferenceWorker
 
 
@@ -45,6 +50,15 @@ class NoTargetError(RuntimeError):
     """A prompt arrived before a volume, a segmentation and a segment were chosen."""
 
 
+class StaleResultError(RuntimeError):
+    """A result arrived for a scene that was closed (or nodes that were replaced) meanwhile:
+    it is dropped, nothing is written."""
+
+
+class BusyError(RuntimeError):
+    """An action that must wait for the predictions in flight (undo, clear)."""
+
+
 @dataclasses.dataclass
 class Prompt:
     kind: str  # "point" or "box"
@@ -62,14 +76,50 @@ class EditRecord:
     inference_s: float
     total_s: float
     voxels: int  # voxels of the result inside its region
+    outside_edits: int = 0  # voxels changed outside FastSAM3D since our last write, kept
 
 
 @dataclasses.dataclass
 class FailedEdit:
-    """A prompt whose prediction or write failed; the session did not keep it."""
+    """A prompt whose prediction or write failed (or was dropped: StaleResultError); the
+    session did not keep it."""
 
     prompt: Prompt
     error: BaseException
+
+
+@dataclasses.dataclass
+class _UserEdit:
+    """Voxels of the segment changed outside FastSAM3D (Paint, Erase, another module), found
+    over ``extent`` before one of our writes; later writes keep them."""
+
+    extent: tuple
+    added: np.ndarray  # bool [k, j, i] over extent
+    erased: np.ndarray
+
+
+@dataclasses.dataclass
+class _SegmentSession:
+    ready: Future  # the session's construction on the worker (network warm-up, volume upload)
+    signature: tuple
+    array: np.ndarray
+    volume_node: Any  # the nodes themselves: IDs are reused after a scene is cleared (M8)
+    segmentation_node: Any
+    segment_id: str
+    epoch: int  # InteractiveLogic's scene epoch when the session was made
+    # (vtkOrientedImageData copy, label value): the segment just before the session's first
+    # write (taken then, after every earlier result was written: M3)
+    baseline: tuple | None = None
+    history: list[EditRecord] = dataclasses.field(default_factory=list)
+    # our writes (EditRecord) and outside edits (_UserEdit), oldest first: what the segment
+    # should hold if nobody else touched it, and which voxels the user owns (M2)
+    timeline: list = dataclasses.field(default_factory=list)
+    unwritten: int = 0  # prompts queued for this session and not yet written
+
+    @property
+    def session(self) -> SessionLike:
+        """Only on the worker (or after ``ready``): tasks run in order, so it is built by then."""
+        return self.ready.result()
 
 
 @dataclasses.dataclass
@@ -78,28 +128,16 @@ class PendingEdit:
     prompt: Prompt
     future: Future
     submitted: float
-
-
-@dataclasses.dataclass
-class _SegmentSession:
-    ready: Future  # the session's construction on the worker (network warm-up, volume upload)
-    signature: tuple
-    array: np.ndarray
-    baseline: tuple  # (vtkOrientedImageData copy, label value): the segment before the session
-    history: list[EditRecord] = dataclasses.field(default_factory=list)
-
-    @property
-    def session(self) -> SessionLike:
-        """Only on the worker (or after ``ready``): tasks run in order, so it is built by then."""
-        return self.ready.result()
+    entry: _SegmentSession | None = None  # the session that computes it (not looked up again)
 
 
 def thicken_box(lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Give a flat box (an ROI drawn on one slice) depth: thin sides grow to the largest side.
+    """Give a flat box depth: sides thinner than ``ratio`` x the largest grow to the largest.
 
     The session clips its result to the box, so a box one slice thick would give a one-slice
-    result; a structure outlined on a slice usually extends about as far through-plane.
+    result. :meth:`InteractiveLogic.add_box` uses it only for degenerate boxes (a side under
+    1/1000 of the largest): the Widget's drag and Slicer's ROI already give boxes depth.
     """
     lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
     size = hi - lo
@@ -120,19 +158,52 @@ def _timed(entry: _SegmentSession, method: str, *args: Any) -> tuple[Any, float]
     return out, time.perf_counter() - t0
 
 
+def _overlap(a: Sequence[int], b: Sequence[int]) -> tuple | None:
+    """Index slices ([k, j, i] arrays) of the overlap of extents ``a`` and ``b`` in each."""
+    lo = [max(a[2 * n], b[2 * n]) for n in range(3)]
+    hi = [min(a[2 * n + 1], b[2 * n + 1]) for n in range(3)]
+    if any(lo[n] > hi[n] for n in range(3)):
+        return None
+
+    def sl(e: Sequence[int]) -> tuple:
+        return tuple(slice(lo[n] - e[2 * n], hi[n] - e[2 * n] + 1) for n in (2, 1, 0))
+
+    return sl(a), sl(b)
+
+
+#: Sessions kept at most, whatever the memory budget (each holds a device copy of the volume).
+MAX_SESSIONS = 32
+#: Device memory the kept sessions may use for their volume copies (float32 each).
+SESSION_MEMORY_BUDGET = 8 * 2**30
+
+
 class InteractiveLogic:
-    """Keeps one session per (volume, segmentation, segment) and applies results with undo."""
+    """Keeps one session per (volume, segmentation, segment) and applies results with undo.
+
+    What the user has is never lost: voxels painted before a session, and edits made outside
+    FastSAM3D between prompts (Paint, Erase, other modules), are detected before each write and
+    kept (:meth:`_apply`); a result for a closed scene is dropped (:meth:`forget_sessions`);
+    sessions with undo history are evicted last, and an eviction is reported (:meth:`notices`).
+    """
 
     def __init__(
-        self, engine: Engine, worker: InferenceWorker | None = None, max_sessions: int = 4
+        self, engine: Engine, worker: InferenceWorker | None = None,
+        max_sessions: int = MAX_SESSIONS, memory_budget: int = SESSION_MEMORY_BUDGET,
     ) -> None:
         self.engine = engine
         self.worker = worker or InferenceWorker()
         self.max_sessions = max_sessions
+        self.memory_budget = memory_budget
         self._sessions: collections.OrderedDict[tuple, _SegmentSession] = (
             collections.OrderedDict()
         )
-        self._pending: collections.deque[PendingEdit] = collections.deque()
+        # One private volume copy per volume state, shared by its segments' sessions.
+        self._arrays: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._queue = ResultQueue(self._apply, self._failed)
+        self._pending: collections.deque[PendingEdit] = self._queue.items
+        self._epoch = 0
+        self._next_engine: Engine | None = None
+        self._notices: list[str] = []
         self.volume_node: slicer.vtkMRMLScalarVolumeNode | None = None
         self.segmentation_node: slicer.vtkMRMLSegmentationNode | None = None
         self.segment_id: str | None = None
@@ -164,39 +235,86 @@ class InteractiveLogic:
     def _writer(self) -> mrml.SegmentWriter:
         return mrml.SegmentWriter(self.segmentation_node, self.volume_node)
 
-    def _segment_session(self) -> tuple[tuple, _SegmentSession]:
-        """The current segment's session, created (or rebuilt after the volume changed)."""
-        key = self._key()
-        self._writer().image_to_segmentation()  # refuse non-linear volume->segmentation now
-        signature = mrml.volume_signature(self.volume_node)
+    def _current(self, key: tuple) -> _SegmentSession | None:
+        """The target's session if it is still valid for the target's nodes and this scene."""
         entry = self._sessions.get(key)
+        if (entry is None or entry.epoch != self._epoch
+                or entry.volume_node is not self.volume_node
+                or entry.segmentation_node is not self.segmentation_node):
+            return None
+        return entry
+
+    def _segment_session(self) -> tuple[tuple, _SegmentSession]:
+        """The current segment's session, created (or rebuilt after the volume changed).
+
+        Never refuses because predictions are pending (M3): a rebuilt session's results and
+        the old one's each carry their own session, and the baseline of what the segment
+        held is taken at the session's first write, after every earlier result is written.
+        """
+        key = self._key()
+        writer = self._writer()
+        writer.image_to_segmentation()  # refuse non-linear volume->segmentation now
+        writer.check_segment(self.segment_id)  # a deleted segment: KeyError naming it
+        signature = mrml.volume_signature(self.volume_node)
+        entry = self._current(key)
         if entry is not None and entry.signature == signature:
             self._sessions.move_to_end(key)
             return key, entry
-        if self._pending:
-            raise RuntimeError("cannot rebuild a session while predictions are pending")
-        array = mrml.volume_array(self.volume_node)
+        array = self._arrays.get(signature)
+        if array is None:
+            array = mrml.volume_array(self.volume_node)
+            self._arrays[signature] = array
         ijk_to_ras = mrml.volume_ijk_to_ras(self.volume_node)
-        baseline = self._writer().snapshot_segment(self.segment_id)
+        engine = self.engine
 
         def build() -> SessionLike:
-            session = self.engine.new_session()
-            session.set_volume(self.engine.make_volume(array, ijk_to_ras))
+            session = engine.new_session()
+            session.set_volume(engine.make_volume(array, ijk_to_ras))
             return session
 
         # Built on the worker, not awaited: the first click's set-up (warm-up, upload) must not
         # freeze Slicer; the click queued behind it runs once it is done.
-        entry = _SegmentSession(self.worker.submit(build), signature, array, baseline)
+        entry = _SegmentSession(self.worker.submit(build), signature, array, self.volume_node,
+                                self.segmentation_node, self.segment_id, self._epoch)
+        self._sessions.pop(key, None)
         self._sessions[key] = entry
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+        self._evict(keep=entry)
         return key, entry
+
+    def _session_limit(self) -> int:
+        per = max((e.array.size * 4 for e in self._sessions.values()), default=1)
+        return max(2, min(self.max_sessions, self.memory_budget // max(per, 1)))
+
+    def _evict(self, keep: _SegmentSession) -> None:
+        """Over the limit, drop the least recently used idle session, one without undo history
+        first; dropping one with history is reported (m8: never silently)."""
+        while len(self._sessions) > self._session_limit():
+            idle = [(k, e) for k, e in self._sessions.items()
+                    if e is not keep and e.unwritten == 0]
+            if not idle:
+                return
+            key, entry = next(((k, e) for k, e in idle if not e.history), idle[0])
+            del self._sessions[key]
+            if entry.history:
+                self._notices.append(
+                    f"Too many segments in use: the FastSAM3D prompts and undo history of "
+                    f"segment {entry.segment_id!r} were dropped to free memory (its voxels are "
+                    "kept; new prompts start a new session)."
+                )
+
+    def notices(self) -> list[str]:
+        """Messages for the user since the last call (e.g. a session dropped to free memory)."""
+        out, self._notices = self._notices, []
+        return out
 
     # -- prompts ----------------------------------------------------------------------------
 
     def add_point(self, world_ras: Sequence[float], positive: bool = True,
                   tag: Any = None) -> PendingEdit:
-        """Queue a click given in world RAS; refused (ValueError) when outside the volume."""
+        """Queue a click given in world RAS; refused (ValueError) when outside the volume.
+
+        Prompts queue behind the ones in flight: they never fail because one is pending.
+        """
         key, entry = self._segment_session()
         vol_ras = mrml.world_to_volume_ras(self.volume_node, world_ras)
         ijk_to_ras = mrml.volume_ijk_to_ras(self.volume_node)
@@ -205,13 +323,17 @@ class InteractiveLogic:
         prompt = Prompt("point", tuple(map(float, world_ras)), tuple(map(float, vol_ras)),
                         positive, tag)
         future = self.worker.submit(_timed, entry, "add_point", tuple(vol_ras), positive)
-        return self._enqueue(key, prompt, future)
+        return self._enqueue(key, entry, prompt, future)
 
     def add_box(self, world_corners: np.ndarray, tag: Any = None) -> PendingEdit:
-        """Queue a box given by its corners in world RAS (e.g. a rotated ROI's eight corners)."""
+        """Queue a box given by its corners in world RAS (e.g. a rotated ROI's eight corners).
+
+        The box is used as given (the Widget decides the depth of a box drawn on a slice);
+        only a degenerate, flat box is given depth by :func:`thicken_box`.
+        """
         key, entry = self._segment_session()
         corners = np.array([mrml.world_to_volume_ras(self.volume_node, c) for c in world_corners])
-        lo, hi = thicken_box(corners.min(axis=0), corners.max(axis=0))
+        lo, hi = thicken_box(corners.min(axis=0), corners.max(axis=0), ratio=1e-3)
         ijk_to_ras = mrml.volume_ijk_to_ras(self.volume_node)
         if not geometry.box_corners_inside(ijk_to_ras, entry.array.shape, lo, hi):
             raise geometry.PromptOutsideVolumeError(
@@ -221,122 +343,241 @@ class InteractiveLogic:
         prompt = Prompt("box", (tuple(world.min(axis=0)), tuple(world.max(axis=0))),
                         (tuple(lo), tuple(hi)), True, tag)
         future = self.worker.submit(_timed, entry, "add_box", tuple(lo), tuple(hi))
-        return self._enqueue(key, prompt, future)
+        return self._enqueue(key, entry, prompt, future)
 
     def add_roi(self, roi_node: slicer.vtkMRMLMarkupsROINode, tag: Any = None) -> PendingEdit:
         return self.add_box(mrml.roi_corners_world(roi_node), tag)
 
-    def _enqueue(self, key: tuple, prompt: Prompt, future: Future) -> PendingEdit:
-        pending = PendingEdit(key, prompt, future, time.perf_counter())
-        self._pending.append(pending)
-        return pending
+    def _enqueue(self, key: tuple, entry: _SegmentSession, prompt: Prompt,
+                 future: Future) -> PendingEdit:
+        entry.unwritten += 1
+        return self._queue.append(PendingEdit(key, prompt, future, time.perf_counter(), entry))
 
     @property
     def busy(self) -> bool:
         return bool(self._pending)
 
+    def pending_count(self) -> int:
+        """Prompts given and not yet written (the one running included)."""
+        return len(self._pending)
+
     # -- results ----------------------------------------------------------------------------
 
-    def poll(self) -> list[EditRecord | FailedEdit]:
-        """Write every finished prediction, oldest first; failures are returned, not raised."""
-        done: list[EditRecord | FailedEdit] = []
-        while self._pending and self._pending[0].future.done():
-            pending = self._pending.popleft()
-            try:
-                done.append(self._apply(pending))
-            except Exception as e:  # noqa: BLE001 - reported to the user by the Widget
-                done.append(FailedEdit(pending.prompt, e))
-        return done
+    def busy_seconds(self) -> float:
+        """Seconds since the oldest unwritten prompt was given (0 when idle): for the Widget to
+        show elapsed time on long predictions (a first click on a CPU, a cold GPU)."""
+        return self._queue.busy_seconds()
+
+    def poll(
+        self,
+        timeout: float = POLL_WAIT_S,
+        pump: Callable[[], Any] | None = None,
+        max_s: float | None = None,
+    ) -> list[EditRecord | FailedEdit]:
+        """Write every finished prediction, oldest first; failures are returned, not raised.
+
+        What the Widget's timer calls, as ``poll(pump=slicer.app.processEvents)``: it waits for
+        the oldest prediction in a GIL-releasing wait, writes what is finished, pumps the UI,
+        and repeats until nothing is pending, so the worker runs at full speed although
+        Slicer's event loop holds the GIL (see :class:`.waiting.ResultQueue`). Right after a
+        prompt, ``poll()`` without a pump (one wait of ``timeout``) writes a fast result before
+        the prompt's callback returns. An engine change asked for while busy
+        (:meth:`set_engine`) takes effect here once nothing is pending.
+        """
+        out = self._queue.poll(timeout, pump, max_s)
+        self._switch_engine_when_idle()
+        return out
 
     def wait(self) -> list[EditRecord | FailedEdit]:
         """Block until every queued prediction is written (headless use and tests)."""
-        out: list[EditRecord | FailedEdit] = []
-        while self._pending:
-            self._pending[0].future.exception()
-            out.extend(self.poll())
+        out = self._queue.wait()
+        self._switch_engine_when_idle()
         return out
 
+    @staticmethod
+    def _failed(pending: PendingEdit, error: BaseException) -> FailedEdit:
+        return FailedEdit(pending.prompt, error)
+
+    def _check_alive(self, entry: _SegmentSession) -> None:
+        """Refuse to write into a closed scene or into nodes that replaced ours (M8)."""
+        if entry.epoch != self._epoch:
+            raise StaleResultError(
+                "The scene was closed before this prompt's result arrived; nothing was written."
+            )
+        for node in (entry.volume_node, entry.segmentation_node):
+            scene = node.GetScene()
+            if scene is None or scene.GetNodeByID(node.GetID()) is not node:
+                raise StaleResultError(
+                    f"{node.GetName()!r} was removed before this prompt's result arrived; "
+                    "nothing was written."
+                )
+
     def _apply(self, pending: PendingEdit) -> EditRecord:
-        entry = self._sessions.get(pending.key)
-        if entry is not None and entry.ready.done() and entry.ready.exception() is not None:
-            del self._sessions[pending.key]  # a failed set-up is retried at the next prompt
+        entry = pending.entry
+        entry.unwritten -= 1
+        if entry.ready.done() and entry.ready.exception() is not None:
+            if self._sessions.get(pending.key) is entry:
+                del self._sessions[pending.key]  # a failed set-up is retried at the next prompt
         result, inference_s = pending.future.result()
-        if entry is None:
-            raise RuntimeError("the session of this prompt was closed before its result arrived")
-        volume_id, segmentation_id, segment_id = pending.key
-        scene = self.volume_node.GetScene() if self.volume_node is not None else None
-        volume = scene.GetNodeByID(volume_id) if scene is not None else None
-        segmentation = scene.GetNodeByID(segmentation_id) if scene is not None else None
-        if volume is None or segmentation is None:
-            raise RuntimeError("the volume or segmentation of this prompt was removed")
-        writer = mrml.SegmentWriter(segmentation, volume)
+        self._check_alive(entry)
+        writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
         region = tuple(result.region)
         settings = mrml.MaskingSettings.from_segment_editor_node(self.segment_editor_node)
         extent = geometry.region_to_extent(region, entry.array.shape)
         image_to_seg = writer.image_to_segmentation()
-        keep = None
-        labelmap, label = entry.baseline
-        if labelmap.GetPointData().GetScalars() is not None:
-            keep = mrml.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
-        voxels = entry.array[region] if settings.intensity_mask else None
+        if entry.baseline is None:
+            entry.baseline = writer.snapshot_segment(entry.segment_id)
         mask = np.asarray(result.mask, bool)
-        undo = writer.write(segment_id, region, mask, settings, keep=keep, region_voxels=voxels)
+        keep, off, outside = self._user_voxels(entry, writer, image_to_seg, extent)
+        voxels = entry.array[region] if settings.intensity_mask else None
+        undo = writer.write(entry.segment_id, region, mask & ~off, settings, keep=keep,
+                            region_voxels=voxels)
         record = EditRecord(
             pending.prompt, undo, region, inference_s,
-            time.perf_counter() - pending.submitted, int(mask.sum()),
+            time.perf_counter() - pending.submitted, int(mask.sum()), outside,
         )
         entry.history.append(record)
+        entry.timeline.append(record)
         self.last_edit = record
         return record
+
+    def _user_voxels(
+        self, entry: _SegmentSession, writer: mrml.SegmentWriter, image_to_seg: np.ndarray,
+        extent: Sequence[int],
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(keep, off, n): over ``extent``, the voxels the user owns (held before the session,
+        or added outside FastSAM3D) and those the user erased outside FastSAM3D, and how many
+        voxels were newly found edited outside (M2).
+
+        What the segment should hold had nobody else touched it is replayed from the baseline
+        and the timeline; where it holds something else, an outside edit happened since our
+        last write: it is recorded, and every later write keeps it.
+        """
+        shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+        if geometry.extent_is_empty(extent):
+            return np.zeros(shape, bool), np.zeros(shape, bool), 0
+        labelmap, label = entry.baseline
+        base = mrml.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
+        expected, keep, off = base.copy(), base.copy(), np.zeros(shape, bool)
+        for item in entry.timeline:
+            where = _overlap(item.extent if isinstance(item, _UserEdit) else item.undo.extent,
+                             extent)
+            if where is None:
+                continue
+            theirs, ours = where
+            if isinstance(item, EditRecord):
+                if item.undo.after is not None:
+                    expected[ours] = item.undo.after[theirs]
+                continue
+            for a in (expected, keep):
+                a[ours] |= item.added[theirs]
+                a[ours] &= ~item.erased[theirs]
+            off[ours] |= item.erased[theirs]
+            off[ours] &= ~item.added[theirs]
+        current = writer.read_segment(entry.segment_id, image_to_seg, extent).astype(bool)
+        added, erased = current & ~expected, expected & ~current
+        n = int(added.sum() + erased.sum())
+        if n:
+            entry.timeline.append(_UserEdit(tuple(extent), added, erased))
+            keep |= added
+            keep &= ~erased
+            off |= erased
+            off &= ~added
+        return keep, off, n
 
     # -- undo / clear -----------------------------------------------------------------------
 
     def can_undo(self) -> bool:
-        key = self._key()
-        entry = self._sessions.get(key)
+        entry = self._current(self._key())
         return bool(entry and entry.history) and not self._pending
 
     def undo(self) -> Prompt | None:
-        """Undo the current segment's last prompt: the session steps back, the labelmap too."""
+        """Undo the current segment's last prompt: the session steps back, the labelmap too.
+
+        Voxels edited outside FastSAM3D after that prompt's write stay as the user left them.
+        """
         if self._pending:
-            raise RuntimeError("wait for the running prediction to finish before undoing")
-        entry = self._sessions.get(self._key())
+            raise BusyError("wait for the running prediction to finish before undoing")
+        entry = self._current(self._key())
         if entry is None or not entry.history:
             return None
         record = entry.history.pop()
+        entry.timeline = [t for t in entry.timeline if t is not record]
         self.worker.call(lambda: entry.session.undo())
-        mrml.SegmentWriter(self.segmentation_node, self.volume_node).restore(record.undo)
+        undo = record.undo
+        writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
+        if not undo.empty and undo.after is not None and entry.segment_id in undo.previous:
+            now = writer.read_segment(entry.segment_id, undo.image_to_segmentation,
+                                      undo.extent).astype(bool)
+            changed_since = now != undo.after
+            previous = dict(undo.previous)
+            previous[entry.segment_id] = np.where(
+                changed_since, now, previous[entry.segment_id].astype(bool)).astype(np.uint8)
+            undo = dataclasses.replace(undo, previous=previous)
+        writer.restore(undo)
         return record.prompt
 
     def clear(self) -> list[Prompt]:
         """Forget the current segment's prompts; the segment keeps what it holds now."""
         if self._pending:
-            raise RuntimeError("wait for the running prediction to finish before clearing")
-        key = self._key()
-        entry = self._sessions.get(key)
+            raise BusyError("wait for the running prediction to finish before clearing")
+        entry = self._current(self._key())
         if entry is None:
             return []
         self.worker.call(lambda: entry.session.reset())
         prompts = [r.prompt for r in entry.history]
         entry.history.clear()
-        entry.baseline = self._writer().snapshot_segment(self.segment_id)
+        entry.timeline.clear()
+        entry.baseline = None  # taken again at the next write: everything now is the user's
         return prompts
 
     def prompts(self) -> list[Prompt]:
         try:
-            entry = self._sessions.get(self._key())
+            entry = self._current(self._key())
         except NoTargetError:
             return []
         return [r.prompt for r in entry.history] if entry else []
 
+    # -- scene and engine lifecycle ---------------------------------------------------------
+
     def forget_sessions(self) -> None:
-        """Drop every session (e.g. the scene closes); the network stays loaded."""
-        if self._pending:
-            raise RuntimeError("wait for the running prediction to finish first")
+        """Drop every session (the scene closes); the network stays loaded.
+
+        Allowed while predictions are in flight: their results belong to the old scene and
+        are dropped when they arrive (a FailedEdit with StaleResultError), never written into
+        nodes of a new scene that reuse the old IDs (M8).
+        """
+        self._epoch += 1
         self._sessions.clear()
+        self._arrays.clear()
+
+    def set_engine(self, engine: Engine) -> bool:
+        """Use another network (weights or device). Sessions of the old one are dropped.
+
+        While predictions are in flight the change waits until they are written (m1) and this
+        returns False; :attr:`engine_change_pending` tells, and :meth:`poll` applies it.
+        """
+        self._next_engine = engine
+        self._switch_engine_when_idle()
+        return self._next_engine is None
+
+    @property
+    def engine_change_pending(self) -> bool:
+        return self._next_engine is not None
+
+    def _switch_engine_when_idle(self) -> None:
+        if self._next_engine is None or self._pending:
+            return
+        if any(e.history for e in self._sessions.values()):
+            self._notices.append(
+                "The model changed: FastSAM3D prompts and undo history start afresh "
+                "(segments keep their voxels)."
+            )
+        self.engine, self._next_engine = self._next_engine, None
+        self.forget_sessions()
 
     def close(self) -> None:
         """Drop all sessions (their cached embeddings) and stop the worker."""
         self._sessions.clear()
-        self._pending.clear()
+        self._queue.close()
         self.worker.shutdown(wait=False)

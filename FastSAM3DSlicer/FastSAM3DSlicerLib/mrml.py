@@ -175,6 +175,7 @@ class UndoEntry:
     extent: tuple[int, ...]
     image_to_segmentation: np.ndarray
     previous: dict[str, np.ndarray]  # segment id -> uint8 [k, j, i] over the extent
+    after: np.ndarray | None = None  # the edited segment right after the write (bool, extent)
 
     @property
     def empty(self) -> bool:
@@ -256,6 +257,10 @@ class SegmentWriter:
         labelmap, label = self.snapshot_segment(segment_id)
         return read_labelmap(labelmap, label, image_to_seg, extent)
 
+    def check_segment(self, segment_id: str) -> None:
+        """Raise a KeyError naming the segment when it is not (or no longer) there."""
+        self._segment(segment_id)
+
     def _segment(self, segment_id: str) -> slicer.vtkSegment:
         """The segment, or a KeyError that names it (the user may have deleted it)."""
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
@@ -335,8 +340,12 @@ class SegmentWriter:
             return False  # an empty layer: let Slicer allocate it
         if any(extent[2 * a] < have[2 * a] or extent[2 * a + 1] > have[2 * a + 1]
                for a in range(3)):
-            # Slicer keeps layers at the segments' bounding box; grow this one to cover the
-            # region (zeros outside the old extent), in the same object so sharing is kept.
+            # Slicer keeps layers at the segments' bounding box. Growing one here replaces its
+            # data, which makes vtkSegmentation drop the derived representations (closed
+            # surfaces) of every segment: fine when there are none (Show 3D off), else let
+            # Slicer's own merge grow it (slower, but rebuilds only this segment's surface).
+            if self._has_derived_representations():
+                return False
             view, have = self._grow_layer(layer, view, have, extent)
         sub = view[extent[4] - have[4]: extent[5] - have[4] + 1,
                    extent[2] - have[2]: extent[3] - have[2] + 1,
@@ -347,20 +356,57 @@ class SegmentWriter:
         ours = sub == label
         if (values & (sub != 0) & ~ours).any():
             return False  # would take voxels of another segment in this layer
+        changed = ours != values
+        first = int(changed.argmax())  # stops at the first True
+        if not changed.flat[first]:
+            return True
+        # All changes but one go straight into the layer; the scalars' Modified() gives it a new
+        # MTime for every pipeline that reads it (vtkDataSet's MTime includes its point data)
+        # without the layer's own Modified event, which vtkSegmentation answers by dropping
+        # the derived representations (closed surfaces) of every segment (m12). The last
+        # voxel goes through Slicer's own merge, which notifies for this segment only
+        # (SourceRepresentationModified with its ID, display update, its surface rebuilt).
+        k, j, i = np.unravel_index(first, changed.shape)
+        last = bool(values[k, j, i])
+        before = sub[k, j, i]
         sub[ours & ~values] = 0
         sub[values & ~ours] = label
-        # vtkSegmentation observes its layers: Modified() invalidates derived representations
-        # (closed surface) and updates the display.
+        sub[k, j, i] = before  # this one goes through Slicer below
         layer.GetPointData().GetScalars().Modified()
-        layer.Modified()
+        x, y, z = extent[0] + i, extent[2] + j, extent[4] + k
+        one = (x, x, y, y, z, z)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        mode, value = (logic.MODE_MERGE_MASK, 1) if last else (logic.MODE_MERGE_MIN, 0)
+        if not logic.SetBinaryLabelmapToSegment(
+            _oriented_image(image_to_seg, one, np.full((1, 1, 1), value, np.uint8)),
+            self.segmentation_node, segment_id, mode, one, False, [],
+        ):
+            raise RuntimeError(f"writing segment {segment_id!r} failed")
         return True
 
+    def _has_derived_representations(self) -> bool:
+        """Whether any segment holds a representation besides the source (e.g. Show 3D's
+        closed surfaces), which a replaced layer would make Slicer drop for all segments."""
+        segmentation = self.segmentation_node.GetSegmentation()
+        source = segmentation.GetSourceRepresentationName()
+        return any(
+            name != source and segmentation.ContainsRepresentation(name)
+            for name in (slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName(),
+                         slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                         "Fractional labelmap", "Planar contour")
+        )
+
     def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
-        """An independent copy of the segment's labelmap and the label value it uses there."""
+        """An independent copy of the segment's labelmap and the label value it uses there.
+
+        In the segmentation node's own frame (``applyParentTransform=False``), the frame of
+        :meth:`image_to_segmentation`: the default would return it in world coordinates, and
+        reading that on our grid under a transformed segmentation shifts every voxel (M1).
+        """
         segment = self._segment(segment_id)
         labelmap = slicer.vtkOrientedImageData()
         slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            self.segmentation_node, segment_id, labelmap
+            self.segmentation_node, segment_id, labelmap, False
         )
         copy = slicer.vtkOrientedImageData()
         copy.DeepCopy(labelmap)
@@ -490,8 +536,9 @@ class SegmentWriter:
     ) -> UndoEntry:
         """Make ``segment_id`` equal ``mask | keep`` inside ``region`` where editing is allowed.
 
-        ``mask`` is the result (bool over the region); ``keep`` the voxels the segment held
-        before its session started (kept, so a session never deletes earlier work).
+        ``mask`` is the result (bool over the region); ``keep`` the voxels the user owns (held
+        before the session started or edited in outside FastSAM3D: a session never deletes
+        them).
         ``region_voxels`` (the volume's intensities over the region) is needed only for the
         intensity-range mask.
         """
@@ -531,7 +578,7 @@ class SegmentWriter:
                     changed[other] = before[other]
         finally:
             node.EndModify(was_modifying)
-        return UndoEntry(node.GetID(), extent, image_to_seg, changed)
+        return UndoEntry(node.GetID(), extent, image_to_seg, changed, new)
 
     def restore(self, entry: UndoEntry) -> None:
         """Put back the contents an earlier :meth:`write` replaced (newest entry first)."""

@@ -54,8 +54,16 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def remote_size(name_or_url: str, timeout: float = 10.0) -> int | None:
-    """Content-Length of the weights' URL (HEAD request), so the size shows before a download."""
+#: How long the Widget waits for the size before asking without it (the request's own timeout
+#: does not bound DNS resolution, hence a wait on a thread instead of a blocking call).
+SIZE_TIMEOUT_S = 10.0
+
+
+def remote_size(name_or_url: str, timeout: float = SIZE_TIMEOUT_S) -> int | None:
+    """Content-Length of the weights' URL (HEAD request), so the size shows before a download.
+
+    Blocking: call it off the main thread (:class:`SizeProbe`), never from a Slicer callback.
+    """
     if "://" in name_or_url:
         url = name_or_url
     else:
@@ -70,6 +78,36 @@ def remote_size(name_or_url: str, timeout: float = 10.0) -> int | None:
             return int(value) if value is not None else None
     except (OSError, ValueError):
         return None
+
+
+class SizeProbe:
+    """:func:`remote_size` on a daemon thread (review m9: the HEAD request froze the UI).
+
+    ``wait(timeout)`` releases the GIL, so the Widget waits with
+    ``waiting.wait_pumping(probe, slicer.app.processEvents, timeout=SIZE_TIMEOUT_S)`` and the
+    UI keeps repainting; a probe that outlives the wait (slow DNS) is simply abandoned.
+    """
+
+    def __init__(self, name_or_url: str, timeout: float = SIZE_TIMEOUT_S) -> None:
+        self.size: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(name_or_url, timeout),
+                                        name="FastSAM3D-size", daemon=True)
+
+    def start(self) -> SizeProbe:
+        self._thread.start()
+        return self
+
+    def _run(self, name_or_url: str, timeout: float) -> None:
+        try:
+            self.size = remote_size(name_or_url, timeout)
+        except Exception:  # noqa: BLE001 - an unknown size is shown as such
+            self.size = None
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
 
 
 def status_text(name: str) -> str:

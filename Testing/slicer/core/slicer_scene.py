@@ -99,9 +99,11 @@ def _oriented(ijk_to_world: np.ndarray, values: np.ndarray) -> object:
     return img
 
 
-def build_scene(shape_kji=(36, 40, 44), spacing=(1.3, 0.9, 2.1), other_block=None) -> Scene:
+def build_scene(shape_kji=(36, 40, 44), spacing=(1.3, 0.9, 2.1), other_block=None,
+                mrml_scene=None) -> Scene:
+    """The test scene; in ``mrml_scene`` when given (e.g. after Clear: node IDs are reused)."""
     mrml.ensure_segmentation_converters()
-    scene = slicer.vtkMRMLScene()
+    scene = mrml_scene if mrml_scene is not None else slicer.vtkMRMLScene()
     k, j, i = shape_kji
     rng = np.random.default_rng(0)
     zz, yy, xx = np.mgrid[0:k, 0:j, 0:i]

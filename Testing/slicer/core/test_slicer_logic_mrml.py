@@ -157,6 +157,7 @@ def test_prompt_outside_volume_is_refused_without_touching_anything(scene, stub_
     with pytest.raises(geometry.PromptOutsideVolumeError, match="outside the volume"):
         logic.add_point(outside, True)
     assert not logic.busy
+    logic.worker.call(lambda: None)  # the session is built on the worker: let it finish
     assert stub_engine.sessions[0].calls == []
     far = np.array([scene.world_of_ijk((200, 200, 200))] * 8) + np.arange(8)[:, None]
     with pytest.raises(geometry.PromptOutsideVolumeError, match="box"):
@@ -382,12 +383,47 @@ def test_in_place_write_notifies_the_segmentation(scene):
     segmentation = scene.segmentation.GetSegmentation()
     tag = segmentation.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified,
                                    lambda caller, event: events.append(event))
-    mask[4, 4, 4] = False
+    inner = mask[2:8, 2:8, 2:8].copy()  # inside the layer Slicer allocated (no growth)
+    inner[2, 2, 2] = False
+    inner[0, 1, 2] = False
     assert writer._write_in_place(scene.target, writer.image_to_segmentation(),
-                                  (10, 19, 10, 19, 10, 19), mask)
+                                  (12, 17, 12, 17, 12, 17), inner)
     segmentation.RemoveObserver(tag)
     assert events, "display and derived representations would not update"
-    assert not scene.segment(scene.target)[14, 14, 14]
+    after = scene.segment(scene.target)
+    assert not after[14, 14, 14] and not after[12, 13, 14] and after[13, 13, 13]
+
+
+@pytest.mark.parametrize("grow", [False, True], ids=["in-layer", "layer-grows"])
+def test_in_place_write_rebuilds_only_the_edited_segments_surface(grow):
+    # Old code: layer.Modified() made vtkSegmentation drop every segment's closed surface
+    # (with Show 3D on, each click rebuilt them all; review m12).
+    scene = build_scene()
+    seg = scene.segmentation.GetSegmentation()
+    closed = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    writers = []
+    for in_place in (True, False):
+        s = build_scene() if not in_place else scene
+        w = mrml.SegmentWriter(s.segmentation, s.volume)
+        w.allow_in_place = False
+        w.write(s.target, (slice(20, 26),) * 3, np.ones((6, 6, 6), bool))
+        s.segmentation.CreateClosedSurfaceRepresentation()
+        w.allow_in_place = in_place
+        writers.append((s, w))
+    other_surface = seg.GetSegment(scene.other).GetRepresentation(closed)
+    region = (slice(10, 27),) * 3 if grow else (slice(21, 26),) * 3
+    shape = tuple(r.stop - r.start for r in region)
+    mask = np.ones(shape, bool)
+    mask[1, 1, 1] = False
+    points = []
+    for s, w in writers:
+        w.write(s.target, region, mask)
+        target = s.segmentation.GetSegmentation().GetSegment(s.target)
+        points.append(target.GetRepresentation(closed).GetNumberOfPoints())
+    # The other segment keeps its very surface; the edited one's equals Slicer's own rebuild.
+    assert seg.GetSegment(scene.other).GetRepresentation(closed) is other_surface
+    assert points[0] == points[1] > 0
+    np.testing.assert_array_equal(scene.segment(scene.target), writers[1][0].segment(scene.target))
 
 
 def test_session_set_up_runs_on_the_worker_without_blocking_the_caller(scene, stub_engine):

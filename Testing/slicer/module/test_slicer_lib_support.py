@@ -17,7 +17,20 @@ from FastSAM3DSlicerLib import deps, engine, weights  # noqa: E402
 from FastSAM3DSlicerLib.worker import InferenceWorker  # noqa: E402
 
 engine.ensure_fastsam3d_importable()  # the source-checkout fallback, as in Slicer
-PAYLOAD = bytes(range(256)) * 4096 * 4  # 4 MiB: several of the hub's 1 MiB reads
+
+def _checkpoint_bytes() -> bytes:
+    """A real PyTorch checkpoint file of ~4 MiB (several of the hub's 1 MiB reads), so that
+    the hub's download check (issue 11) accepts it as a checkpoint."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, buffer)
+    return buffer.getvalue()
+
+
+PAYLOAD = _checkpoint_bytes()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

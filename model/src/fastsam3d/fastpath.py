@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 CLICK_PRECISIONS = ("fp32", "tf32", "bf16")  # the click on the CUDA fast path
 
-Tensors = tuple[torch.Tensor | None, ...]
+Tensors = tuple["torch.Tensor | None", ...]  # quoted: Slicer 5.8 runs Python 3.9
 
 
 def cpu_has_fast_bf16() -> bool:

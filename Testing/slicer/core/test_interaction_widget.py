@@ -1,0 +1,499 @@
+"""The Widget's wiring, run on real MRML (slicer-core) with stand-ins for Qt and the Slicer app.
+
+FastSAM3DSlicer.py needs Qt and the Slicer application, which CI does not have. Here ``qt`` is a
+small stand-in (events, timers, settings; drawing calls are no-ops) and ``slicer.app`` a stub,
+while scene, slice nodes, markups, segmentations and the Lib are real. So these tests run the
+Widget's own methods: which view events it takes, what a click or a drag becomes, that a
+prompt before the model is loaded is kept, that busy prompts are refused, and that leaving the
+module leaves nothing acting on the views. Pixels, cursors and real Qt event delivery remain
+for a real Slicer (docs/slicer.md).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+from slicer_scene import REPO, slicer
+
+from FastSAM3DSlicerLib import interaction, params
+from FastSAM3DSlicerLib.logic import InteractiveLogic
+
+
+class Anything:
+    """Accepts any call or attribute (drawing, cursors, layouts the tests do not look at)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return Anything()
+
+    def __getattr__(self, name):
+        return Anything()
+
+    def __or__(self, other):
+        return self
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class FakeTimer:
+    pending: list = []  # singleShot callbacks, run by the test as the event loop would
+
+    def __init__(self, *args) -> None:
+        self.active = False
+        self.timeout = types.SimpleNamespace(connect=lambda f: None)
+
+    @staticmethod
+    def singleShot(msec, callback) -> None:  # noqa: N802 - Qt's name
+        FakeTimer.pending.append(callback)
+
+    def start(self) -> None:
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+    def setInterval(self, msec) -> None:  # noqa: N802 - Qt's name
+        pass
+
+
+class FakeSettings:
+    data: dict = {}
+
+    def value(self, key, default=None):
+        return self.data.get(key, default)
+
+    def setValue(self, key, value) -> None:  # noqa: N802 - Qt's name
+        self.data[key] = str(value)
+
+    def remove(self, key) -> None:
+        self.data.pop(key, None)
+
+
+def fake_qt() -> types.ModuleType:
+    qt = types.ModuleType("qt")
+    qt.QObject = type("QObject", (), {"__init__": lambda self, *a: None})
+    qt.QWidget = Anything
+    qt.QEvent = types.SimpleNamespace(Enter=10, MouseButtonPress=2, MouseButtonRelease=3,
+                                      MouseButtonDblClick=4, MouseMove=5, Wheel=31)
+    qt.Qt = types.SimpleNamespace(LeftButton=1, RightButton=2, MiddleButton=4, NoModifier=0,
+                                  ShiftModifier=0x02000000, ControlModifier=0x04000000,
+                                  AltModifier=0x08000000, MetaModifier=0x10000000,
+                                  BusyCursor=16, WaitCursor=3)
+    qt.QTimer = FakeTimer
+    qt.QSettings = FakeSettings
+    for name in ("QPixmap", "QPainter", "QPen", "QCursor", "QColor", "QShortcut",
+                 "QKeySequence", "QApplication"):
+        setattr(qt, name, Anything())
+    return qt
+
+
+class Widget(Anything):
+    """A Qt widget stand-in that remembers properties and checked state."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+        self.checked = False
+
+    def setChecked(self, on) -> None:  # noqa: N802
+        self.checked = bool(on)
+
+    def blockSignals(self, on) -> bool:  # noqa: N802
+        return False
+
+    def addItem(self, text, data=None) -> None:  # noqa: N802
+        self.__dict__.setdefault("items", []).append(text)
+
+    def clear(self) -> None:
+        self.__dict__["items"] = []
+
+
+class Editor(Widget):
+    """qMRMLSegmentEditorWidget's selection API on a real parameter node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+        self.volume = self.segmentation = None
+        self.segment = ""
+
+    def sourceVolumeNode(self):  # noqa: N802
+        return self.volume
+
+    def segmentationNode(self):  # noqa: N802
+        return self.segmentation
+
+    def currentSegmentID(self):  # noqa: N802
+        return self.segment
+
+    def setSourceVolumeNode(self, node) -> None:  # noqa: N802
+        self.volume = node
+
+    def setSegmentationNode(self, node) -> None:  # noqa: N802
+        self.segmentation = node
+
+    def setCurrentSegmentID(self, segment_id) -> None:  # noqa: N802
+        self.segment = segment_id
+        self.owner.onSegmentChanged(segment_id)
+
+    def setActiveEffect(self, effect) -> None:  # noqa: N802
+        self.calls.append(("setActiveEffect", effect))
+
+    def removeViewObservations(self) -> None:  # noqa: N802
+        self.calls.append(("removeViewObservations",))
+
+
+class Event:
+    def __init__(self, kind, button=0, buttons=0, modifiers=0, pos=(0, 0)) -> None:
+        self._kind, self._button, self._buttons = kind, button, buttons
+        self._modifiers, self._pos = modifiers, pos
+
+    def type(self):
+        return self._kind
+
+    def button(self):
+        return self._button
+
+    def buttons(self):
+        return self._buttons
+
+    def modifiers(self):
+        return self._modifiers
+
+    def pos(self):
+        x, y = self._pos
+        return types.SimpleNamespace(x=lambda: x, y=lambda: y)
+
+
+class View(Anything):
+    height = 300
+
+    def findChildren(self, cls) -> list:  # noqa: N802
+        return []
+
+    def devicePixelRatioF(self) -> float:  # noqa: N802
+        return 1.0
+
+
+class SliceWidget:
+    def __init__(self, slice_node, background_id) -> None:
+        self.view = View()
+        self.node = slice_node
+        self.composite = types.SimpleNamespace(GetBackgroundVolumeID=lambda: background_id)
+
+    def sliceView(self):  # noqa: N802
+        return self.view
+
+    def mrmlSliceNode(self):  # noqa: N802
+        return self.node
+
+    def mrmlSliceCompositeNode(self):  # noqa: N802
+        return self.composite
+
+
+@pytest.fixture
+def env(monkeypatch, scene, stub_engine):
+    """The module imported against the stand-ins, a Widget on the test scene, and a view.
+
+    The loader is the one the install and self-test tests use (module/widget_harness.py,
+    built on the stand-ins above); here the Red view looks at the test volume.
+    """
+    sys.path.insert(0, str(REPO / "Testing" / "slicer" / "module"))
+    import widget_harness
+
+    slice_node = scene.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetDimensions(400, 300, 1)
+    slice_node.SetFieldOfView(80.0, 60.0, 1.0)  # 0.2 mm per pixel
+    center = scene.world_of_ijk((22, 20, 18))
+    m = slice_node.GetSliceToRAS()
+    for r in range(3):
+        m.SetElement(r, 3, float(center[r]))
+    slice_node.UpdateMatrices()
+    view = SliceWidget(slice_node, scene.volume.GetID())
+    layout = types.SimpleNamespace(sliceViewNames=lambda: ["Red"],
+                                   sliceWidget=lambda name: view if name == "Red" else None)
+    messages = []
+    loaded = widget_harness.load_widget(
+        monkeypatch, scene.scene,
+        app={"layoutManager": lambda: layout, "processEvents": lambda: None},
+        util={"showStatusMessage": lambda m, d=0: messages.append(m)},
+    )
+    w = loaded.widget
+    w.logic = InteractiveLogic(stub_engine)
+    interaction_node = slicer.app.applicationLogic().GetInteractionNode()
+    yield types.SimpleNamespace(module=loaded.module, widget=w, view=view, scene=scene,
+                                messages=messages, qt=loaded.qt,
+                                interaction_node=interaction_node)
+    if w.logic is not None:
+        w.logic.close()
+
+
+def send(env, kind, button=1, buttons=0, modifiers=0, pos=(200, 150)) -> bool:
+    view = env.view
+    return env.widget.onViewEvent(view, view.view, Event(kind, button, buttons, modifiers, pos))
+
+
+def run_event_loop() -> None:
+    while FakeTimer.pending:
+        FakeTimer.pending.pop(0)()
+
+
+def marker_count(env) -> int:
+    node = env.widget.promptNode
+    return 0 if node is None else node.GetNumberOfControlPoints()
+
+
+QE = fake_qt().QEvent
+
+
+def test_views_keep_every_event_while_not_prompting(env):
+    for kind in (QE.MouseButtonPress, QE.MouseMove, QE.MouseButtonRelease):
+        assert not send(env, kind)
+    assert FakeTimer.pending == []
+
+
+def test_only_unmodified_left_button_is_taken_zoom_pan_and_shift_stay_slicers(env):
+    env.widget.onPositive()
+    assert not send(env, QE.MouseButtonPress, button=2)  # right: zoom
+    assert not send(env, QE.MouseButtonPress, button=4)  # middle: pan
+    assert not send(env, QE.Wheel)
+    assert not send(env, QE.MouseButtonPress, button=1, modifiers=0x02000000)  # Shift+click
+    assert FakeTimer.pending == []
+
+
+def test_click_places_a_point_marker_and_the_segment_updates(env):
+    w, scene = env.widget, env.scene
+    w.ui.segmentEditorWidget.volume = scene.volume
+    w.ui.segmentEditorWidget.segmentation = scene.segmentation
+    w.ui.segmentEditorWidget.segment = scene.target
+    w.onNegative()
+    w.togglePolarity()  # Q: now positive
+    assert send(env, QE.MouseButtonPress, pos=(200, 150))
+    assert send(env, QE.MouseButtonRelease, pos=(201, 151))  # jitter: still a click
+    assert marker_count(env) == 0  # nothing happens inside the view's event handler
+    run_event_loop()
+    assert marker_count(env) == 1 and w.promptNode.GetNthControlPointSelected(0)  # positive
+    w.logic.wait()
+    w.onPoll()
+    world = interaction.xy_to_ras(env.view.node, interaction.display_xy(200, 150, 300))
+    assert scene.segment_value_at_world(scene.target, world)
+    w.onUndo()
+    assert marker_count(env) == 0 and not scene.segment(scene.target).any()
+
+
+def test_drag_shows_an_outline_and_segments_the_box(env, monkeypatch):
+    w, scene = env.widget, env.scene
+    outlines = []
+    monkeypatch.setattr(w.views, "showOutline", lambda view, rect: outlines.append(rect))
+    monkeypatch.setattr(w.views, "hideOutline", lambda: outlines.append(None))
+    w.onPositive()
+    send(env, QE.MouseButtonPress, pos=(180, 130))
+    assert send(env, QE.MouseMove, buttons=1, pos=(182, 131)) and outlines == []
+    send(env, QE.MouseMove, buttons=1, pos=(230, 170))
+    assert outlines == [((180.0, 170.0), (230.0, 130.0))]  # display y is flipped
+    send(env, QE.MouseButtonRelease, pos=(230, 170))
+    assert outlines[-1] is None
+    run_event_loop()
+    # No segmentation was chosen: one was made on the view's volume, with a segment.
+    editor = w.ui.segmentEditorWidget
+    assert editor.volume is scene.volume and editor.segmentation is not None
+    assert editor.segmentation is not scene.segmentation and editor.segment
+    assert w.boxNode is not None and w.boxNode.GetNumberOfDefinedControlPoints() == 1
+    size = w.boxNode.GetSize()
+    np.testing.assert_allclose(size, (10.0, 8.0, 10.0), atol=1e-6)  # 50 x 40 px at 0.2 mm
+    w.logic.wait()
+    w.onPoll()
+    calls = [c[0] for s in w.logic.engine.sessions for c in s.calls]
+    assert calls[0] == "box"  # (the stub session then segments the box's centre)
+    w.onUndo()  # the box's result is undone: its ROI goes too
+    assert w.boxNode.GetNumberOfControlPoints() == 0
+
+
+def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, monkeypatch):
+    """Review m7: the first click starts loading (outside the view event) and is not lost."""
+    w = env.widget
+    engine, w.logic = w.logic.engine, None
+    loads = []
+
+    def load():
+        loads.append(1)
+        w.engineFuture = object()
+
+    monkeypatch.setattr(w, "onLoadModel", load)
+    w.onPositive()
+    send(env, QE.MouseButtonPress)
+    send(env, QE.MouseButtonRelease)
+    assert loads == []  # not inside the view's event handler
+    run_event_loop()
+    assert loads == [1] and len(w.deferred) == 1 and marker_count(env) == 1
+    assert "Loading the model" in w.ui.statusLabel.text
+    given_for = w.ui.segmentEditorWidget.segment
+    w.onNewSegment()  # the user moves on while the model loads
+    assert w.ui.segmentEditorWidget.segment != given_for
+    w.engineFuture, w.logic = None, InteractiveLogic(engine)
+    w._runDeferred()
+    w.logic.wait()
+    w.onPoll()
+    assert w.deferred == [] and w.ui.latencyLabel.text.startswith("Last prompt")
+    # It ran on the segment it was given for, not on the one selected since.
+    assert w.logic.segment_id == given_for
+    world = interaction.xy_to_ras(env.view.node, interaction.display_xy(200, 150, 300))
+    assert w.logic.prompts()[0].world == tuple(world)
+
+
+def test_prompt_refused_visibly_when_the_model_cannot_load(env, monkeypatch):
+    w = env.widget
+    w.logic = None
+    monkeypatch.setattr(w, "onLoadModel", lambda: None)  # e.g. the user cancelled a dialog
+    w.onPositive()
+    send(env, QE.MouseButtonPress)
+    send(env, QE.MouseButtonRelease)
+    run_event_loop()
+    assert marker_count(env) == 0 and w.deferred == []
+    assert "not loaded" in env.messages[-1]
+
+
+def test_prompts_beyond_the_queue_limit_are_refused_with_a_message(env, monkeypatch):
+    w = env.widget
+    monkeypatch.setattr(w.logic, "pending_count", lambda: interaction.MAX_QUEUED_PROMPTS)
+    w.onPositive()
+    send(env, QE.MouseButtonPress)
+    send(env, QE.MouseButtonRelease)
+    run_event_loop()
+    assert marker_count(env) == 0 and "not placed" in env.messages[-1]
+
+
+def test_undo_while_predicting_is_refused_with_a_message(env):
+    w, scene = env.widget, env.scene
+    w.ui.segmentEditorWidget.volume = scene.volume
+    w.ui.segmentEditorWidget.segmentation = scene.segmentation
+    w.ui.segmentEditorWidget.segment = scene.target
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    w.onUndo()
+    assert "Wait for the running prediction" in env.messages[-1]
+    w.logic.wait()
+
+
+def test_long_prediction_shows_elapsed_seconds(env, monkeypatch):
+    w, scene = env.widget, env.scene
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    w.logic.add_point(scene.world_of_ijk((20, 20, 18)), True)
+    monkeypatch.setattr(w.logic, "busy_seconds", lambda: 3.4)
+    w._showResults([])
+    assert w.ui.statusLabel.text == "Predicting... 3 s (1 more queued)"
+    assert env.messages[-1] == w.ui.statusLabel.text
+    w.logic.wait()
+
+
+def test_another_tool_or_an_editor_effect_stops_prompting(env):
+    w = env.widget
+    w.onPositive()
+    node = env.interaction_node
+    node.SetCurrentInteractionMode(node.Place)
+    w.onInteractionModeChanged(node)
+    assert not w.capture.active and "another tool" in env.messages[-1]
+    w.onPositive()
+    assert node.GetCurrentInteractionMode() == node.ViewTransform
+    w.editorNode.SetActiveEffectName("Paint")
+    w.onEditorNodeModified()
+    assert not w.capture.active and not w.ui.positivePointButton.checked
+
+
+def test_leaving_the_module_stops_prompting_effects_and_shortcuts(env):
+    w = env.widget
+    w.onPositive()
+    send(env, QE.MouseButtonPress)  # a gesture in progress is dropped too
+    w.exit()
+    assert not w.capture.active and not w.capture.pressing
+    assert ("setActiveEffect", None) in w.ui.segmentEditorWidget.calls
+    assert ("removeViewObservations",) in w.ui.segmentEditorWidget.calls
+    assert w.shortcuts == [] and w.views.filters == []
+    assert not send(env, QE.MouseButtonPress)
+
+
+def test_masking_controls_show_and_write_the_shared_node(env):
+    w, scene = env.widget, env.scene
+    w.editorNode.SetAndObserveSegmentationNode(scene.segmentation)
+    w.onEditorNodeModified()
+    items = w.ui.editableAreaComboBox.items
+    assert items[0] == "Everywhere" and items[-2:] == ["Inside target", "Inside other"]
+    w.onEditableAreaChosen(len(items) - 1)
+    single = slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+    assert w.editorNode.GetMaskMode() == single
+    assert w.editorNode.GetMaskSegmentID() == scene.other
+    w.onOverwriteChosen(2)
+    assert w.editorNode.GetOverwriteMode() == w.editorNode.OverwriteNone
+    # A segment added (or renamed) anywhere shows up in the editable-area choices at once.
+    scene.segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+    assert w.ui.editableAreaComboBox.items[-1] == "Inside liver"
+
+
+def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
+    """Review M8/m10: the old scene's result is never written; nothing keeps its nodes."""
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (scene.volume, scene.segmentation,
+                                                          scene.target)
+    w.onPositive()
+    w._addMarker(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True, tag="x")
+    w.onSceneClose()
+    assert w.promptNode is None and w.editorNode is None and w.maskingSegmentation is None
+    w.logic.wait()
+    w.onPoll()
+    assert not scene.segment(scene.target).any()
+    assert "failed" not in w.ui.statusLabel.text
+
+
+def test_new_segment_visibility_and_delete_keys(env):
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (scene.volume, scene.segmentation,
+                                                          scene.target)
+    segmentation = scene.segmentation.GetSegmentation()
+    n = segmentation.GetNumberOfSegments()
+    w.onNewSegment()  # N
+    assert segmentation.GetNumberOfSegments() == n + 1 and editor.segment != scene.target
+    new = editor.segment
+    display = scene.segmentation.GetDisplayNode()
+    w.onToggleSegmentVisibility()  # H
+    assert not display.GetSegmentVisibility(new)
+    w.onToggleSegmentVisibility()
+    assert display.GetSegmentVisibility(new)
+    w.onDeleteSegment()  # Shift+Delete (no question under --testing)
+    assert segmentation.GetSegment(new) is None and segmentation.GetNumberOfSegments() == n
+
+
+def test_model_controls_are_disabled_while_predicting_or_loading(env):
+    """Review m1: no way to swap the network under a running prediction."""
+    w, scene = env.widget, env.scene
+    ui = w.ui
+    w._updateButtons()
+    assert ui.loadModelButton.enabled and ui.weightsComboBox.enabled and ui.deviceComboBox.enabled
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    w._updateButtons()
+    for control in (ui.loadModelButton, ui.weightsComboBox, ui.deviceComboBox, ui.undoButton,
+                    ui.resetSegmentButton, ui.clearButton, ui.removeWeightsButton):
+        assert not control.enabled
+    w.logic.wait()
+    w.engineFuture = object()  # a model loading
+    w._updateButtons()
+    assert not ui.loadModelButton.enabled and not ui.deviceComboBox.enabled
+    w.engineFuture = None
+
+
+def test_polarity_is_a_remembered_preference(env):
+    w = env.widget
+    w.onNegative()
+    assert params.Preferences.load(FakeSettings()).positive is False
+    w.togglePolarity()
+    assert params.Preferences.load(FakeSettings()).positive is True
