@@ -7,7 +7,7 @@ Timing (``fastsam3d.bench``, FastSAM3D config, fixture weights, 512x512x300 CT s
 ``reference`` (the public code's kernels, fp32), ``exact`` (our fp32), ``fast`` (what
 ``Runner(precision="auto")`` picks on this CPU), ``int8`` (ONNX Runtime int8 encoder + PyTorch
 click), ``ort-fp32`` / ``ort-int8`` (``Runner(backend="onnxruntime")``). Medians; the machine's
-load average is recorded before and after each mode (a shared machine makes medians noisy).
+load average is recorded before and after (a shared machine makes medians noisy).
 
 Accuracy (``--accuracy``): int8 against fp32 on the parity crop and on crops of real volumes
 (nilearn's MNI152 T1; Debian ``mricron-data``'s ch2 brain; Debian ``invesalius-examples``' head
@@ -66,26 +66,14 @@ def cpu_flags() -> dict:
 
 
 def time_modes(modes: tuple[str, ...], repeats: int, warmup: int) -> dict:
-    """One bench.run per mode (fresh runner, same process), with load before/after."""
-    out: dict = {"stages": {}, "load": {}}
-    for mode in modes:
-        before = load()
-        t0 = time.perf_counter()
-        res = bench.run(models=("fastsam3d",), device="cpu", repeats=repeats, warmup=warmup,
-                        modes=(mode,), batch=0, session=True)
-        out["load"][mode] = {"before": before, "after": load(),
-                             "seconds": round(time.perf_counter() - t0, 1)}
-        for stage, per_mode in res["stages"].items():
-            out["stages"].setdefault(stage, {}).update(per_mode)
-        out["environment"] = res["environment"]
-        print(f"{mode}: " + ", ".join(f"{s} {per_mode_ms(out, s, mode)}" for s in STAGES),
-              flush=True)
-    return out
-
-
-def per_mode_ms(out: dict, stage: str, mode: str) -> str:
-    r = out["stages"].get(stage, {}).get(mode)
-    return "-" if r is None else f"{r['median_ms']:.1f}"
+    """One bench.run over every mode (same process, same volume), load before and after."""
+    before = load()
+    t0 = time.perf_counter()
+    res = bench.run(models=("fastsam3d",), device="cpu", repeats=repeats, warmup=warmup,
+                    modes=modes, batch=0, session=True)
+    res["load"] = {"before": before, "after": load(),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+    return res
 
 
 # --- accuracy -------------------------------------------------------------------------------
@@ -239,7 +227,7 @@ def main() -> int:
                                 num_attn_free_blocks=1), "cpu")
     out["auto_precision"] = fast.precision
     modes = tuple(m for m in args.modes.split(",") if m)
-    out["timing"] = time_modes(modes, args.repeats, args.warmup)
+    out["timing"] = time_modes(modes, args.repeats, args.warmup) if modes else {"stages": {}}
     medians = {s: {m: r["median_ms"] for m, r in v.items()}
                for s, v in out["timing"]["stages"].items()}
     out["medians_ms"] = medians
