@@ -9,6 +9,9 @@ Modes:
 * ``fast``: :class:`fastsam3d.fastpath.Runner` with its automatic precision (on CUDA: bf16
   encoder, CUDA graphs); ``fast-compile`` adds ``torch.compile`` (opt-in, timed with its
   compile time).
+* CPU paths (issue 14): ``int8`` (the int8 encoder through ONNX Runtime, click in PyTorch),
+  ``ort-fp32`` / ``ort-int8`` (``Runner(backend="onnxruntime")``: encoder and click in ONNX
+  Runtime); the graphs are exported once per weights into the user cache first.
 
 Stages: encoder of each model; one click (prompt encoder + decoder); one click including the
 paste of its mask into the crop's footprint on the original grid; the first mask of a new
@@ -47,7 +50,8 @@ from .session import Session
 from .testing import fixture_model
 
 MODES = ("reference", "exact", "fast")
-ALL_MODES = (*MODES, "fast-compile")
+CPU_MODES = ("int8", "ort-fp32", "ort-int8")
+ALL_MODES = (*MODES, "fast-compile", *CPU_MODES)
 CT_SHAPE = (300, 512, 512)  # [k, j, i]
 CT_SPACING = (0.8, 0.8, 2.5)  # i, j, k in mm
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 2, "num_attn_free_blocks": 1}
@@ -145,6 +149,10 @@ def _runner(model: Sam3D, device: torch.device, mode: str) -> Runner:
     set_attention_backend(model, "einsum" if mode == "reference" else "sdpa")
     if mode in ("reference", "exact"):
         return Runner(model, device, precision="fp32", graphs=False)
+    if mode == "int8":
+        return Runner(model, device, precision="int8")
+    if mode.startswith("ort-"):
+        return Runner(model, device, precision=mode[4:], backend="onnxruntime")
     return Runner(model, device, precision="auto", compile=mode == "fast-compile")
 
 

@@ -24,6 +24,13 @@ fp32 on the parity cases, checked by the tests and by ``model/benchmarks/gpu_che
     whose capture fails runs eagerly from then on (logged once); results are the same.
 
 ``precision="fp32"`` gives the exact path (parity within 1e-4 of the public code), eager.
+
+* CPU without native bf16: ``precision="int8"`` (what ``"auto"`` picks there when onnxruntime
+  and the exporter are installed; see :mod:`fastsam3d.quantize`), the encoder dynamically
+  quantised to int8 and run by ONNX Runtime, the click in fp32.
+* ``backend="onnxruntime"``: encoder and click both run by ONNX Runtime
+  (:class:`fastsam3d.onnx.engine.OrtEngine`; fp32 equals PyTorch within 1e-4, or int8 encoder),
+  the graphs exported once per weights (``onnx_dir`` or the user cache).
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from .modeling.sam3d import decode
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BACKENDS = ("torch", "onnxruntime")
 CLICK_PRECISIONS = ("fp32", "tf32", "bf16")  # the click on the CUDA fast path
 
 Tensors = tuple["torch.Tensor | None", ...]  # quoted: Slicer 5.8 runs Python 3.9
@@ -286,6 +294,8 @@ class Runner:
     bf16 buys nothing), ``"fp32"``, ``"tf32"`` (CUDA) or ``"bf16"``. The final mask product and
     the logits stay fp32 in every mode. The bf16 encoder copy is made here: rebuild the Runner
     after changing the model's weights or attention backend.
+    ``backend``: ``"torch"`` or ``"onnxruntime"`` (see the module docstring); ``onnx_dir``: where
+    the exported graphs are (or go; default the user cache, keyed by the weights' digest).
     """
 
     def __init__(
@@ -298,7 +308,13 @@ class Runner:
         max_graph_points: int = 8,
         compile: bool = False,
         click_precision: str = "auto",
+        backend: str = "torch",
+        onnx_dir: str | None = None,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnxruntime" and precision == "bf16":
+            raise ValueError("bf16 is a PyTorch path; the onnxruntime backend runs fp32 or int8")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if click_precision not in (*CLICK_PRECISIONS, "auto"):
@@ -306,13 +322,25 @@ class Runner:
                              f"got {click_precision!r}")
         self.device = resolve_device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
+        chosen = precision == "auto"
         if precision == "auto":
-            if self.device.type == "cuda":
+            if backend == "onnxruntime":
+                precision = "int8" if self.device.type == "cpu" else "fp32"
+            elif self.device.type == "cuda":
                 precision = "bf16"
             elif self.device.type == "cpu":
-                precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+                from .quantize import cpu_int8_preferred
+
+                precision = ("bf16" if cpu_has_fast_bf16() else
+                             "int8" if cpu_int8_preferred() else "fp32")
             else:
                 precision = "fp32"
+        if precision == "int8" and self.device.type != "cpu" and backend == "torch":
+            raise ValueError("int8 is the CPU path (use bf16 on CUDA, or backend='onnxruntime')")
+        self.backend = backend
+        self._ort = None
+        if precision == "int8" or backend == "onnxruntime":
+            precision = self._prepare_ort(precision, onnx_dir, chosen)
         self.precision = precision
         self.cuda_fast = self.device.type == "cuda" and precision == "bf16"
         if click_precision == "auto":
@@ -344,6 +372,24 @@ class Runner:
             self._encode_fn = torch.compile(self._encode_eager, dynamic=False)
         with torch.inference_mode():
             self.model.prompt_encoder.get_dense_pe()  # cached outside any graph pool
+
+    def _prepare_ort(self, precision: str, onnx_dir: str | None, chosen: bool) -> str:
+        """Export (once per weights) and open the ONNX Runtime engine; an automatically chosen
+        int8 path that cannot be prepared falls back to fp32 with a warning."""
+        from .onnx.engine import OrtEngine
+        from .quantize import prepare_onnx
+
+        try:
+            d = prepare_onnx(self.model, onnx_dir, int8=precision == "int8")
+            self._ort = OrtEngine(d, precision, threads=torch.get_num_threads())
+        except Exception as exc:
+            if not (chosen and self.backend == "torch"):
+                raise
+            log.warning("fastsam3d: the int8 CPU path could not be prepared (%s: %s); "
+                        "running fp32", type(exc).__name__, exc)
+            self.backend, self._ort = "torch", None
+            return "fp32"
+        return precision
 
     @property
     def graphs(self) -> GraphCache | None:
@@ -401,6 +447,9 @@ class Runner:
     @torch.inference_mode()
     def encode(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, 1, 128, 128, 128) normalised crops -> (B, 384, 8, 8, 8) fp32 embeddings."""
+        if self._ort is not None:
+            out = self._ort.encode(crops.detach().to("cpu", torch.float32).numpy())
+            return torch.from_numpy(out).to(self.device)
         crops = crops.to(self.device, torch.float32)
         if self._use_graph():
             (emb,) = self._graphs.run(("encode", tuple(crops.shape)), self._encode_fn, (crops,))
@@ -424,8 +473,13 @@ class Runner:
         multimask_output: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + decoder -> (low-res logits (B, C, 32, 32, 32), iou (B, C)), fp32."""
-        inputs = self._click_inputs(embedding, coords, labels, mask_input)
         multi = bool(multimask_output)
+        if self.backend == "onnxruntime":
+            host = [None if t is None else t.detach().cpu().numpy()
+                    for t in (embedding, coords, labels, mask_input)]
+            low, iou = self._ort.click(*host, multi)
+            return torch.from_numpy(low).to(self.device), torch.from_numpy(iou).to(self.device)
+        inputs = self._click_inputs(embedding, coords, labels, mask_input)
         if self._use_graph(inputs[1]):
             key = click_key(inputs[1], inputs[3], multi, tuple(inputs[0].shape))
             return self._graphs.run(key, lambda *args: self._click_fn(*args, multi), inputs)
@@ -448,6 +502,11 @@ class Runner:
         output mask thresholded at 0. One graph per region shape and axis order: keep the
         region fixed per crop (e.g. the crop's whole footprint) to replay it click after click.
         """
+        if self.backend == "onnxruntime":
+            low, iou = self.click(embedding, coords, labels, mask_input, multimask_output)
+            field = upsample(low, self.model.image_encoder.img_size)
+            tensors = tuple(t.to(self.device) for t in plan.tensors)
+            return low, iou, paste_field(field, plan.axes, plan.mode, tensors)
         inputs = self._click_inputs(embedding, coords, labels, mask_input)
         tensors = tuple(t.to(self.device) for t in plan.tensors)
         flags = (plan.axes, plan.mode, bool(multimask_output))
