@@ -337,6 +337,7 @@ OPTIONAL = {
     "nibabel": "file reading when SimpleITK is absent (Slicer bundles SimpleITK)",
     "light_the_torch": "installed by the install flow itself",
     "onnxruntime": "fastsam3d.onnx's CPU backend, used only where it is installed (available())",
+    "onnx": "ONNX export (fastsam3d.onnx.export, the export-onnx command), not a Slicer path",
 }
 
 
