@@ -338,6 +338,7 @@ OPTIONAL = {
     "light_the_torch": "installed by the install flow itself",
     "onnxruntime": "fastsam3d.onnx's CPU backend, used only where it is installed (available())",
     "onnx": "ONNX export (fastsam3d.onnx.export, the export-onnx command), not a Slicer path",
+    "zstandard": "faster compression of the remote session's wire format; zlib without it",
 }
 
 
