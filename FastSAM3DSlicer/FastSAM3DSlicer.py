@@ -602,7 +602,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- dependencies ---------------------------------------------------------------------
 
     def _refreshDependencies(self) -> bool:
-        from FastSAM3DSlicerLib import deps, install
+        from FastSAM3DSlicerLib import deps, engine, install
 
         problem = install.version_problem(f"{slicer.app.majorVersion}.{slicer.app.minorVersion}")
         if problem:  # a Slicer too old to run the module: say so, offer nothing
@@ -618,8 +618,14 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text = _("installed")
             self.ui.installDependenciesButton.setVisible(False)
             self._refreshWeights()
-        note = deps.python39_note()  # Slicer 5.8: only .safetensors checkpoints load
-        self.ui.dependenciesStatusLabel.text = text + ("\n" + note if note else "")
+        try:  # m13: our own fastsam3d first; a foreign one imported earlier is named
+            shadowed = engine.ensure_fastsam3d_importable()
+        except ImportError as e:
+            shadowed = str(e)
+        if shadowed:
+            logging.warning("FastSAM3D: %s", shadowed)
+        notes = [n for n in (deps.python39_note(), shadowed) if n]  # 5.8: safetensors only
+        self.ui.dependenciesStatusLabel.text = "\n".join([text, *notes])
         self._updateButtons()
         return not missing
 

@@ -466,8 +466,9 @@ class InteractiveLogic:
                 continue
             theirs, ours = where
             if isinstance(item, EditRecord):
-                if item.undo.after is not None:
-                    expected[ours] = item.undo.after[theirs]
+                after = item.undo.after
+                if after is not None:
+                    expected[ours] = after[theirs]
                 continue
             for a in (expected, keep):
                 a[ours] |= item.added[theirs]
@@ -506,10 +507,11 @@ class InteractiveLogic:
         self.worker.call(lambda: entry.session.undo())
         undo = record.undo
         writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
-        if not undo.empty and undo.after is not None and entry.segment_id in undo.previous:
+        after = undo.after
+        if not undo.empty and after is not None and entry.segment_id in undo.previous:
             now = writer.read_segment(entry.segment_id, undo.image_to_segmentation,
                                       undo.extent).astype(bool)
-            changed_since = now != undo.after
+            changed_since = now != after
             previous = dict(undo.previous)
             previous[entry.segment_id] = np.where(
                 changed_since, now, previous[entry.segment_id].astype(bool)).astype(np.uint8)

@@ -175,11 +175,21 @@ class UndoEntry:
     extent: tuple[int, ...]
     image_to_segmentation: np.ndarray
     previous: dict[str, np.ndarray]  # segment id -> uint8 [k, j, i] over the extent
-    after: np.ndarray | None = None  # the edited segment right after the write (bool, extent)
+    # the edited segment right after the write, bit-packed (a session keeps one per prompt)
+    after_bits: np.ndarray | None = None
 
     @property
     def empty(self) -> bool:
         return not self.previous
+
+    @property
+    def after(self) -> np.ndarray | None:
+        """The edited segment right after the write: bool [k, j, i] over the extent."""
+        if self.after_bits is None:
+            return None
+        e = self.extent
+        shape = (e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+        return np.unpackbits(self.after_bits, count=int(np.prod(shape))).reshape(shape) > 0
 
 
 class GeometryError(ValueError):
@@ -578,7 +588,7 @@ class SegmentWriter:
                     changed[other] = before[other]
         finally:
             node.EndModify(was_modifying)
-        return UndoEntry(node.GetID(), extent, image_to_seg, changed, new)
+        return UndoEntry(node.GetID(), extent, image_to_seg, changed, np.packbits(new))
 
     def restore(self, entry: UndoEntry) -> None:
         """Put back the contents an earlier :meth:`write` replaced (newest entry first)."""

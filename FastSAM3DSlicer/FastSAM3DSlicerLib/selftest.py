@@ -247,7 +247,19 @@ def run_widget_prompt_test(test: Any) -> None:
     widget.engineFuture = worker.submit(lambda: engine)
     _pump_until(widget, lambda: widget.logic is not None, "the Widget to take the network")
     exact = str(engine.device) == "cpu"
+    try:
+        _prompts_through_the_widget(test, widget, red, engine, kind, worker, exact,
+                                    volume, segmentation, segment_id, center)
+    finally:
+        # The test's network (maybe the fixture one) must not stay loaded for the user.
+        widget.onStopPrompting()
+        widget._dropEngine()
+    test.delayDisplay("Test passed")
 
+
+def _prompts_through_the_widget(test: Any, widget: Any, red: Any, engine: Any, kind: str,
+                                worker: Any, exact: bool, volume: Any, segmentation: Any,
+                                segment_id: str, center: np.ndarray) -> None:
     mouse = _SliceViewMouse(red)
     widget.onPositive()  # what the "+" button and its shortcut do
     test.delayDisplay(f"Click on the phantom ({kind} weights on {engine.device})")
@@ -282,8 +294,6 @@ def run_widget_prompt_test(test: Any) -> None:
         ijk = np.linalg.solve(mrml.volume_ijk_to_ras(volume), np.array([*center, 1.0]))[:3]
         k, j, i = (int(round(v)) for v in ijk[::-1])
         test.assertTrue(after_click[k, j, i], "the clicked voxel is not in the segment")
-    widget.onStopPrompting()
-    test.delayDisplay("Test passed")
 
 
 def run_in_reload_and_test(test: Any) -> None:

@@ -132,6 +132,9 @@ def test_m2_voxels_painted_between_clicks_are_kept(scene, stub_engine):
     assert (painted & inside).sum() == 27  # the second write covered them all
     assert record.outside_edits >= 27
     assert scene.segment(scene.target)[painted].all()
+    # What the replay relies on: the (bit-packed) segment right after each write.
+    np.testing.assert_array_equal(record.undo.after, scene.segment(scene.target)[record.region])
+    assert record.undo.after_bits.nbytes * 8 < record.undo.after.size + 8
     # A third click far off (a new region that does not cover them) leaves them too.
     _click_ijk(logic, scene, (21, 17, 15))
     assert scene.segment(scene.target)[painted].all()

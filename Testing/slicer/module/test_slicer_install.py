@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import http.server
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -336,6 +337,8 @@ OPTIONAL = {
     "nibabel": "file reading when SimpleITK is absent (Slicer bundles SimpleITK)",
     "light_the_torch": "installed by the install flow itself",
     "onnxruntime": "fastsam3d.onnx's CPU backend, used only where it is installed (available())",
+    "onnx": "ONNX export (fastsam3d.onnx.export, the export-onnx command), not a Slicer path",
+    "zstandard": "faster compression of the remote session's wire format; zlib without it",
 }
 
 
@@ -508,3 +511,16 @@ def test_widget_names_a_slicer_too_old(have, monkeypatch):
     assert "5.8 or newer" in env.widget.ui.dependenciesStatusLabel.text
     assert env.widget.onInstallDependencies() is False
     assert env.dialogs[-1][0] == "error" and "5.8 or newer" in env.dialogs[-1][1]
+
+
+def test_widget_names_a_foreign_fastsam3d_imported_first(have, monkeypatch, tmp_path):
+    """m13: when another fastsam3d was imported before ours, the Setup section says so."""
+    env = _widget_env(monkeypatch)
+    foreign = types.ModuleType("fastsam3d")
+    foreign.__file__ = str(tmp_path / "site-packages" / "fastsam3d" / "__init__.py")
+    foreign.__spec__ = importlib.machinery.ModuleSpec("fastsam3d", None, origin=foreign.__file__)
+    monkeypatch.setitem(sys.modules, "fastsam3d", foreign)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    env.widget._refreshDependencies()
+    label = env.widget.ui.dependenciesStatusLabel.text
+    assert "Another fastsam3d package" in label and "restart Slicer" in label
