@@ -437,6 +437,12 @@ class InteractiveLogic:
             time.perf_counter() - pending.submitted, int(mask.sum()), outside,
         )
         entry.history.append(record)
+        # The session keeps a bounded undo history (fastsam3d.Session(max_undo=...)): keep ours
+        # the same length, or an undo past the session's oldest step would fail half-way.
+        # A session without the attribute (a server's) has fastsam3d's default, 100.
+        limit = getattr(entry.session, "max_undo", 100)
+        if isinstance(limit, int) and limit >= 0 and len(entry.history) > limit:
+            del entry.history[: len(entry.history) - limit]
         entry.timeline.append(record)
         self.last_edit = record
         return record

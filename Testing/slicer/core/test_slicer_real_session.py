@@ -73,3 +73,28 @@ def test_real_session_click_and_undo_on_transformed_oblique_volume(engine):
     np.testing.assert_array_equal(scene.segment(scene.target), before_target)
     np.testing.assert_array_equal(scene.segment(scene.other), before_other)
     assert not session.can_undo
+
+
+@pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU")
+def test_undo_history_follows_the_sessions_bounded_history():
+    # fastsam3d.Session keeps at most max_undo steps; the Lib used to keep every record and
+    # call session.undo() past the session's oldest step, which raised half-way through an
+    # undo (record popped, labelmap not restored).
+    engine = FastSAM3DEngine.from_model(
+        testing.fixture_model("fastsam3d"), device="cpu", propagate=False, max_undo=2
+    )
+    scene = build_scene(shape_kji=(40, 48, 60), spacing=(2.0, 2.0, 2.0))
+    logic = InteractiveLogic(engine)
+    logic.set_target(scene.volume, scene.segmentation, scene.target)
+    after = []
+    for ijk in ((30, 24, 20), (32, 22, 20), (28, 26, 21)):
+        logic.add_point(scene.world_of_ijk(ijk), True)
+        (record,) = logic.wait()
+        assert not isinstance(record, FailedEdit), record
+        after.append(scene.segment(scene.target).copy())
+    assert len(logic.prompts()) == 2
+    assert logic.undo() is not None
+    np.testing.assert_array_equal(scene.segment(scene.target), after[1])
+    assert logic.undo() is not None
+    np.testing.assert_array_equal(scene.segment(scene.target), after[0])
+    assert logic.undo() is None  # nothing left that the session can step back to
