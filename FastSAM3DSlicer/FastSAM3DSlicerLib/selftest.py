@@ -182,10 +182,11 @@ class _SliceViewMouse:
         self._send(qt.QEvent.MouseButtonRelease, ras1, left, qt.Qt.NoButton)
 
 
-def _pump_until(widget: Any, done: Any, what: str, timeout: float = PROMPT_TIMEOUT_S) -> None:
+def _pump_until(widget: Any, done: Any, what: str, timeout: float | None = None) -> None:
     """Run Slicer's event loop and the Widget's timer tick until ``done()``."""
     import slicer
 
+    timeout = PROMPT_TIMEOUT_S if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:

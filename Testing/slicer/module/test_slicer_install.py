@@ -524,3 +524,26 @@ def test_widget_names_a_foreign_fastsam3d_imported_first(have, monkeypatch, tmp_
     env.widget._refreshDependencies()
     label = env.widget.ui.dependenciesStatusLabel.text
     assert "Another fastsam3d package" in label and "restart Slicer" in label
+
+
+def test_widget_download_dialog_waits_for_the_size_with_the_ui_live(have, monkeypatch):
+    """m9: the size request runs off the main thread; the UI is pumped meanwhile (the old
+    Widget called remote_size on the main thread: no event in between)."""
+    pumps = []
+    env = _widget_env(monkeypatch)
+    monkeypatch.setattr(sys.modules["slicer"].app, "processEvents", lambda: pumps.append(1))
+
+    def slow_size(name, timeout=weights.SIZE_TIMEOUT_S):
+        time.sleep(0.5)
+        return 12345
+
+    monkeypatch.setattr(weights, "remote_size", slow_size)
+    monkeypatch.setattr(weights, "DownloadTask", lambda key: pytest.fail("declined: no download"))
+    env.widget._weightChoices = [weights.Choice("fastsam3d", "FastSAM3D", "", "terms")]
+    env.widget.ui.weightsComboBox.currentIndex = 0
+    confirmations = []
+    monkeypatch.setattr(sys.modules["slicer"].util, "confirmOkCancelDisplay",
+                        lambda text, **k: confirmations.append(text) or False)
+    env.widget.onDownloadWeights()
+    assert len(pumps) >= 5
+    assert confirmations and "12.1 KB" in confirmations[0]

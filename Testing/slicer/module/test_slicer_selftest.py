@@ -121,6 +121,7 @@ def test_selftest_drives_the_widget_with_qt_stood_in(monkeypatch):
 
     monkeypatch.delenv("FASTSAM3D_TEST_CHECKPOINT", raising=False)
     monkeypatch.setattr(weights, "is_downloaded", lambda name: False)
+    monkeypatch.setattr(selftest, "PROMPT_TIMEOUT_S", 120.0)  # a broken path fails sooner
     mrml.ensure_segmentation_converters()
     env = widget_harness.load_widget(monkeypatch, slicer.vtkMRMLScene())
 
