@@ -290,25 +290,10 @@ def test_onnx_backend_is_offered_only_when_fastsam3d_runs_it_without_torch(monke
 
 
 def test_panel_remote_backend_tests_loads_and_segments_like_local(env, srv):  # noqa: F811
-    import test_interaction_widget as harness
-
-    w, scene = env.widget, env.scene
-    w.logic.close()
-    w.logic = None
-    w.ui.backendComboBox = harness.Widget(currentIndex=0)
-    w.ui.serverUrlLineEdit = harness.Widget(text="")
-    w.ui.apiKeyLineEdit = harness.Widget(text="")
-    w.ui.rememberApiKeyCheckBox = harness.Widget()
-    w.ui.backendStatusLabel = harness.Widget(text="")
-    w.ui.testConnectionButton = harness.Widget(enabled=True)
-    w._setupBackend()
+    scene = env.scene
+    w = _panel(env, "local")
     assert w._backendKind() == "local"
-
-    # The user picks "Remote server", types the URL and the key.
-    w.ui.backendComboBox.currentIndex = w._backendKeys.index("remote")
-    w.ui.serverUrlLineEdit.text = srv.url
-    w.ui.apiKeyLineEdit.text = KEY
-    w.onBackendChanged()
+    w = _panel(env, "remote", srv.url, KEY)  # the user picks "Remote server", URL and key
     assert FakeSettings.data[backends.KIND_KEY] == "remote"
     assert KEY not in json.dumps(FakeSettings.data)  # not remembered: memory only
     assert w.onTestConnection().ok
@@ -351,3 +336,47 @@ def test_panel_remote_backend_tests_loads_and_segments_like_local(env, srv):  # 
     w.onBackendChanged()
     w.worker.call(lambda: None)  # the close runs on the worker, after the work in flight
     assert w.logic is None and srv.app.state.manager.stats()["sessions"] == 0
+
+
+def _panel(env, kind: str, url: str = "", key: str = ""):  # noqa: F811
+    import test_interaction_widget as harness
+
+    w = env.widget
+    if w.logic is not None:
+        w.logic.close()
+        w.logic = None
+    for name in ("serverUrlLineEdit", "apiKeyLineEdit", "backendStatusLabel"):
+        setattr(w.ui, name, harness.Widget(text=""))
+    w.ui.backendComboBox = harness.Widget(currentIndex=0)
+    w.ui.rememberApiKeyCheckBox = harness.Widget()
+    w._setupBackend()
+    w.ui.backendComboBox.currentIndex = w._backendKeys.index(kind)
+    w.ui.serverUrlLineEdit.text, w.ui.apiKeyLineEdit.text = url, key
+    w.onBackendChanged()
+    return w
+
+
+def test_panel_remote_asks_only_for_its_packages_and_never_for_torch(env, monkeypatch):  # noqa: F811
+    versions = {"numpy": "2.0"}  # no torch, no zstandard
+    monkeypatch.setattr(deps, "_installed", lambda name: versions.get(name))
+    w = _panel(env, "local")
+    assert "torch" in w.ui.dependenciesStatusLabel.text
+    w = _panel(env, "remote")
+    assert w.ui.dependenciesStatusLabel.text.startswith("missing: zstandard")
+    assert "torch" not in w.ui.dependenciesStatusLabel.text
+    assert [r.name for r in w._backendMissing()] == ["zstandard"]
+
+
+def test_panel_wrong_key_is_a_clear_error_and_never_logged(env, srv, monkeypatch,  # noqa: F811
+                                                           caplog):
+    errors = []
+    monkeypatch.setattr(sys.modules["slicer"].util, "errorDisplay", errors.append, raising=False)
+    secret = "wrong-secret-key-0123456789"
+    w = _panel(env, "remote", srv.url, secret)
+    with caplog.at_level("DEBUG"):
+        w.onLoadModel()
+        while w.engineFuture is not None:
+            w._pollEngine()
+    assert w.logic is None and len(errors) == 1 and "wrong API key" in errors[0]
+    assert secret not in caplog.text and secret not in errors[0]
+    assert secret not in json.dumps(FakeSettings.data)
