@@ -696,8 +696,12 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   self.ui.removeWeightsButton, self.ui.deviceSelectorLabel,
                   self.ui.deviceComboBox):
             w.setVisible(not remote)
-        if not remote:
+        if remote:  # shown again by _showWeightsStatus for "Local checkpoint file..."
+            self.ui.localWeightsLabel.setVisible(False)
+            self.ui.localWeightsPathLineEdit.setVisible(False)
+        else:
             self.ui.backendStatusLabel.text = ""
+            self._showWeightsStatus()
 
     def _closeEngine(self, eng: Any) -> None:
         """A remote engine ends its sessions on the server (on the worker: network calls)."""
