@@ -454,6 +454,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.download is not None:
             self.download.cancel()
         if self.logic is not None:
+            self._closeEngine(self.logic.engine)
             self.logic.close()
         elif self.worker is not None:
             self.worker.shutdown()
@@ -704,19 +705,23 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showWeightsStatus()
 
     def _closeEngine(self, eng: Any) -> None:
-        """A remote engine ends its sessions on the server (on the worker: network calls)."""
+        """A remote engine ends its sessions on the server (frees the volumes there at once,
+        not after the server's idle timeout). Network calls: on a daemon thread, so neither
+        the panel nor quitting Slicer waits for a slow server."""
         close = getattr(eng, "close", None)
         if close is None:
             return
-        try:
-            if self.worker is None:
-                raise RuntimeError("no worker")
-            self.worker.submit(close)
-        except RuntimeError:
+
+        def run() -> None:
             try:
                 close()
             except Exception:  # noqa: BLE001 - the server is gone: nothing left to free
                 logging.warning("FastSAM3D: could not close the remote sessions")
+
+        import threading
+
+        self._closingThread = threading.Thread(target=run, name="FastSAM3D-close", daemon=True)
+        self._closingThread.start()
 
     # -- dependencies ---------------------------------------------------------------------
 
