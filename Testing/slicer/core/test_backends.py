@@ -321,6 +321,11 @@ def test_panel_remote_backend_tests_loads_and_segments_like_local(env, srv):  # 
     w.onPoll()
     (prompt,) = w.logic.prompts()
     remote_voxels = scene.segment(scene.target)
+    scene.scene.SetSaveToXMLString(1)
+    scene.scene.Commit()  # what "Save" would write: no key, no URL-with-key anywhere
+    xml = scene.scene.GetSceneXMLString()
+    assert "vtkMRMLSegmentationNode" in xml or "Segmentation" in xml
+    assert KEY not in xml
 
     local = InteractiveLogic(FastSAM3DEngine.from_model(fixture_model("fastsam3d", **TINY), "cpu"))
     other = build_scene()
