@@ -311,6 +311,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._promptOnEnter = False
         self._weightChoices = []
         self._probingSize = False  # the weights size request is in flight (m9)
+        self.backend = None  # backends.BackendSettings: local / ONNX / remote (QSettings)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -326,6 +327,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.capture = interaction.PromptCapture()
         self.preferences = params.Preferences.load(qt.QSettings())
         self.capture.positive = self.preferences.positive
+        self._setupBackend()
 
         editor = self.ui.segmentEditorWidget
         editor.setMRMLScene(slicer.mrmlScene)
@@ -452,6 +454,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.download is not None:
             self.download.cancel()
         if self.logic is not None:
+            self._closeEngine(self.logic.engine)
             self.logic.close()
         elif self.worker is not None:
             self.worker.shutdown()
@@ -599,6 +602,127 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.deleteLater()
         self.shortcuts = []
 
+    # -- backend: local PyTorch, local ONNX Runtime, remote server (Lib/backends.py) ------
+
+    def _setupBackend(self) -> None:
+        """The backend choice, from the user's settings; the key stays in memory unless
+        "remember" is ticked (then in QSettings), never in the scene or a log."""
+        from FastSAM3DSlicerLib import backends
+
+        self.backend = backends.BackendSettings.load(qt.QSettings())
+        usable, why = backends.onnx_status()
+        combo = self.ui.backendComboBox
+        combo.blockSignals(True)
+        for key, label in backends.CHOICES:
+            if key != backends.ONNX or usable:
+                combo.addItem(_(label), key)
+        if self.backend.kind == backends.ONNX and not usable:
+            self.backend.kind = backends.LOCAL
+        self._backendKeys = [k for k, _l in backends.CHOICES if k != backends.ONNX or usable]
+        combo.setCurrentIndex(self._backendKeys.index(self.backend.kind))
+        combo.blockSignals(False)
+        combo.toolTip = _("Where the network runs. Remote: a fastsam3d server (no PyTorch "
+                          "here). ONNX Runtime: this computer without PyTorch.") + (
+            "" if usable else "\n" + _("ONNX Runtime is not offered: ") + why)
+        self.ui.serverUrlLineEdit.text = self.backend.url
+        self.ui.apiKeyLineEdit.text = self.backend.api_key
+        self.ui.rememberApiKeyCheckBox.checked = self.backend.remember_key
+        combo.currentIndexChanged.connect(self.onBackendChanged)
+        self.ui.serverUrlLineEdit.editingFinished.connect(self.onServerSettingsChanged)
+        self.ui.apiKeyLineEdit.editingFinished.connect(self.onServerSettingsChanged)
+        self.ui.rememberApiKeyCheckBox.toggled.connect(self.onServerSettingsChanged)
+        self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
+        self._showBackend()
+
+    def _backendKind(self) -> str:
+        return self.backend.kind if self.backend is not None else "local"
+
+    def _backendMissing(self) -> list:
+        """What the chosen backend needs and lacks: remote and ONNX never ask for torch."""
+        from FastSAM3DSlicerLib import backends
+
+        return backends.missing(self._backendKind())
+
+    def _readBackendFields(self) -> None:
+        from FastSAM3DSlicerLib import backends
+
+        index = self.ui.backendComboBox.currentIndex
+        keys = getattr(self, "_backendKeys", [k for k, _l in backends.CHOICES])
+        self.backend.kind = keys[index] if 0 <= index < len(keys) else backends.LOCAL
+        self.backend.url = str(self.ui.serverUrlLineEdit.text).strip()
+        self.backend.api_key = str(self.ui.apiKeyLineEdit.text).strip()
+        self.backend.remember_key = bool(self.ui.rememberApiKeyCheckBox.checked)
+        self.backend.save(qt.QSettings())
+
+    def onBackendChanged(self, index: Any = None) -> None:
+        """Another backend: the loaded engine and its sessions no longer apply."""
+        self._readBackendFields()
+        self._dropEngine()
+        self._showBackend()
+        self._refreshDependencies()
+
+    def onServerSettingsChanged(self, *args: Any) -> None:
+        before = (self.backend.url, self.backend.api_key)
+        self._readBackendFields()
+        if self._backendKind() == "remote" and (self.backend.url, self.backend.api_key) != before:
+            self._dropEngine()  # sessions live on the old server / under the old key
+
+    def onTestConnection(self) -> Any:
+        """Ask the server (on a thread, the UI pumped): model and device, or why not."""
+        from FastSAM3DSlicerLib import backends, waiting
+
+        self._readBackendFields()
+        self.ui.testConnectionButton.enabled = False
+        self.ui.backendStatusLabel.text = _("testing...")
+        try:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                future = pool.submit(backends.check_connection, self.backend.url,
+                                     self.backend.api_key)
+                waiting.wait_pumping(future, slicer.app.processEvents)
+                report = future.result()
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            report = backends.ConnectionReport(False, f"{type(e).__name__}: {e}")
+        finally:
+            self.ui.testConnectionButton.enabled = True
+        self.ui.backendStatusLabel.text = report.message
+        return report
+
+    def _showBackend(self) -> None:
+        remote = self._backendKind() == "remote"
+        self.ui.remoteSettingsWidget.setVisible(remote)
+        for w in (self.ui.weightsLabel, self.ui.weightsComboBox, self.ui.weightsStatusLabel,
+                  self.ui.weightsLicenseLabel, self.ui.downloadWeightsButton,
+                  self.ui.removeWeightsButton, self.ui.deviceSelectorLabel,
+                  self.ui.deviceComboBox):
+            w.setVisible(not remote)
+        if remote:  # shown again by _showWeightsStatus for "Local checkpoint file..."
+            self.ui.localWeightsLabel.setVisible(False)
+            self.ui.localWeightsPathLineEdit.setVisible(False)
+        else:
+            self.ui.backendStatusLabel.text = ""
+            self._showWeightsStatus()
+
+    def _closeEngine(self, eng: Any) -> None:
+        """A remote engine ends its sessions on the server (frees the volumes there at once,
+        not after the server's idle timeout). Network calls: on a daemon thread, so neither
+        the panel nor quitting Slicer waits for a slow server."""
+        close = getattr(eng, "close", None)
+        if close is None:
+            return
+
+        def run() -> None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the server is gone: nothing left to free
+                logging.warning("FastSAM3D: could not close the remote sessions")
+
+        import threading
+
+        self._closingThread = threading.Thread(target=run, name="FastSAM3D-close", daemon=True)
+        self._closingThread.start()
+
     # -- dependencies ---------------------------------------------------------------------
 
     def _refreshDependencies(self) -> bool:
@@ -610,21 +734,26 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.installDependenciesButton.setVisible(False)
             self.ui.loadModelButton.enabled = False
             return False
-        missing = deps.missing()
+        missing = self._backendMissing()
         if missing:
             text = _("missing: ") + ", ".join(r.text for r in missing)
             self.ui.installDependenciesButton.setVisible(True)
         else:
             text = _("installed")
             self.ui.installDependenciesButton.setVisible(False)
-            self._refreshWeights()
-        try:  # m13: our own fastsam3d first; a foreign one imported earlier is named
-            shadowed = engine.ensure_fastsam3d_importable()
-        except ImportError as e:
-            shadowed = str(e)
-        if shadowed:
-            logging.warning("FastSAM3D: %s", shadowed)
-        notes = [n for n in (deps.python39_note(), shadowed) if n]  # 5.8: safetensors only
+            if self._backendKind() != "remote":  # a server has its own model
+                self._refreshWeights()
+        shadowed = None
+        if self._backendKind() == "local":
+            try:  # m13: our own fastsam3d first; a foreign one imported earlier is named
+                shadowed = engine.ensure_fastsam3d_importable()
+            except ImportError as e:
+                shadowed = str(e)
+            if shadowed:
+                logging.warning("FastSAM3D: %s", shadowed)
+        # Slicer 5.8: only .safetensors checkpoints load (PyTorch's floor; not the other backends)
+        note = deps.python39_note() if self._backendKind() == "local" else None
+        notes = [n for n in (note, shadowed) if n]
         self.ui.dependenciesStatusLabel.text = "\n".join([text, *notes])
         self._updateButtons()
         return not missing
@@ -635,7 +764,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         silent; the rest through Slicer's pip helpers."""
         from FastSAM3DSlicerLib import install
 
-        outcome = install.install_dependencies(SlicerInstallHost(), resuming=bool(resuming))
+        outcome = install.install_dependencies(SlicerInstallHost(), resuming=bool(resuming),
+                                               missing=self._backendMissing)
         ok = self._refreshDependencies()
         return outcome == install.DONE and ok
 
@@ -777,6 +907,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.promptNode is not None and self.promptNode.GetScene() is not None:
             self.promptNode.RemoveAllControlPoints()  # their sessions (and undo) are gone
         if self.logic is not None and not keepEngine:
+            self._closeEngine(self.logic.engine)
             self.logic = None
             self.ui.deviceLabel.text = _("model not loaded")
             self.ui.cpuWarningLabel.setVisible(False)
@@ -792,11 +923,13 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self._refreshDependencies() and not self.onInstallDependencies():
             return
+        kind = self._backendKind()
         choice = self._selectedWeights()
-        if choice is None:
+        if choice is None and kind != "remote":
             return
         localPath = self.ui.localWeightsPathLineEdit.currentPath
-        if choice.key != engine.LOCAL_FILE and not weights.is_downloaded(choice.key):
+        if kind != "remote" and choice.key != engine.LOCAL_FILE and not weights.is_downloaded(
+                choice.key):
             self.onDownloadWeights()
             self.ui.statusLabel.text = _("Load the model again once the download has finished.")
             return
@@ -807,9 +940,16 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         device = self.ui.deviceComboBox.currentText
         # Loaded on the inference thread: the network's first CUDA work (and cuDNN's per-thread
         # caches) must happen where every later click runs.
-        self.engineFuture = self.worker.submit(
-            engine.FastSAM3DEngine.load, choice.key, device, localPath or None
-        )
+        if kind == "local":
+            self.engineFuture = self.worker.submit(
+                engine.FastSAM3DEngine.load, choice.key, device, localPath or None
+            )
+        else:  # remote (connection test first) or ONNX Runtime: FastSAM3DSlicerLib.backends
+            from FastSAM3DSlicerLib import backends
+
+            self.engineFuture = self.worker.submit(
+                backends.build_engine, self.backend,
+                choice.key if choice is not None else "", device, localPath or None)
         self.ui.deviceLabel.text = _("loading...")
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         self.pollTimer.start()
@@ -1360,6 +1500,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadModelButton.enabled = not (loading or downloading or busy)
         self.ui.weightsComboBox.enabled = not (loading or downloading or busy)
         self.ui.deviceComboBox.enabled = not (loading or busy)
+        self.ui.backendComboBox.enabled = not (loading or busy)
         for button in (self.ui.undoButton, self.ui.resetSegmentButton, self.ui.clearButton):
             button.enabled = self.logic is not None and not busy
 

@@ -127,6 +127,10 @@ def plan_text(reqs: list[Requirement]) -> str:
         how = ("through the PyTorch extension, which picks the build that matches your GPU "
                "driver" if r.name == "torch" else "with pip")
         lines.append(f"  - {r.text}{have}: {how}")
+    if not any(r.name == "torch" for r in reqs):  # e.g. the remote / ONNX backends
+        lines += ["", "pip downloads a few MB to a few tens of MB; PyTorch is not part of "
+                  "this installation."]
+        return "\n".join(lines)
     lines += ["", "This downloads several hundred MB to a few GB (PyTorch with CUDA) and may take "
               "minutes. Slicer may need to restart afterwards; the installation then resumes "
               "when you open this module again."]

@@ -388,14 +388,17 @@ def install_torch(host: InstallHost, pytorch_utils: Any,
 
 
 def install_dependencies(host: InstallHost, resuming: bool = False,
-                         torch_commands_override: list[list[str]] | None = None) -> str:
+                         torch_commands_override: list[list[str]] | None = None,
+                         missing: Callable[[], list] | None = None) -> str:
     """The one first-use flow (the Widget's "Install..." button and the resume after restart).
 
     Returns DONE, CANCELLED, FAILED, RESTART_PENDING, RESTARTING or BUSY. Every outcome but
     DONE and RESTARTING has told the user why. The pending record is set before anything that
     may restart Slicer and cleared on every outcome that does not wait for a restart. The UI
     runs while torch installs, so a second request (the button again, the module re-entered)
-    is answered BUSY instead of starting a second installer.
+    is answered BUSY instead of starting a second installer. ``missing``: what the chosen
+    backend needs and lacks (``backends.missing``; default ``deps.missing``, the local one), so
+    the remote and ONNX backends never install torch.
     """
     global _running
     if _running:
@@ -403,20 +406,21 @@ def install_dependencies(host: InstallHost, resuming: bool = False,
         return BUSY
     _running = True
     try:
-        return _install(host, resuming, torch_commands_override)
+        return _install(host, resuming, torch_commands_override, missing or deps.missing)
     finally:
         _running = False
 
 
 def _install(host: InstallHost, resuming: bool,
-             torch_commands_override: list[list[str]] | None) -> str:
+             torch_commands_override: list[list[str]] | None,
+             missing_now: Callable[[], list]) -> str:
     pending = PendingInstall(host.store)
     problem = version_problem(host.slicer_version)
     if problem:
         pending.clear()
         host.error(problem)
         return FAILED
-    missing = deps.missing()
+    missing = missing_now()
     if not missing:
         pending.clear()
         return DONE
@@ -431,7 +435,7 @@ def _install(host: InstallHost, resuming: bool,
                 if outcome in (CANCELLED, FAILED):
                     pending.clear()
                 return outcome
-        pip_reqs = [r.text for r in deps.missing() if r.name != "torch"]
+        pip_reqs = [r.text for r in missing_now() if r.name != "torch"]
         if pip_reqs:
             host.pip_install(pip_reqs)
     except Exception as e:  # noqa: BLE001 - shown to the user; nothing is retried at start-up
@@ -439,7 +443,7 @@ def _install(host: InstallHost, resuming: bool,
         host.error(f"Installing FastSAM3D's dependencies failed: {type(e).__name__}: {e}")
         return FAILED
     importlib.invalidate_caches()
-    still = deps.missing()
+    still = missing_now()
     pending.clear()
     if still:
         host.error("These packages are still missing after the installation: "

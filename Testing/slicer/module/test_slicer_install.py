@@ -359,6 +359,10 @@ def test_every_package_the_module_imports_is_installed_by_the_dependency_step():
     first_party = {"fastsam3d", "FastSAM3DSlicerLib", "FastSAM3DSlicer"}
     third_party = used - set(sys.stdlib_module_names) - first_party - SLICER_BUNDLED
     installed = {"torch"} | {deps.parse(r)[0] for r in deps.PIP_REQUIREMENTS}
+    from FastSAM3DSlicerLib import backends  # the remote / ONNX backends' own steps
+
+    installed |= {deps.parse(r)[0]
+                  for r in backends.REMOTE_REQUIREMENTS + backends.ONNX_REQUIREMENTS}
     assert third_party - set(OPTIONAL) <= installed, third_party - set(OPTIONAL) - installed
     assert "safetensors" in installed  # checkpoint.py reads .safetensors files
 
