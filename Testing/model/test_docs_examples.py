@@ -33,6 +33,9 @@ import numpy as np
 import pytest
 
 import fastsam3d
+import fastsam3d.build
+import fastsam3d.testing
+from fastsam3d.testing import fixture_model as _FIXTURE_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
@@ -117,9 +120,6 @@ def _phantom() -> fastsam3d.Volume:
     m = np.diag([2.0, 2.0, 2.0, 1.0])
     m[:3, 3] = [-40.0, -60.0, 20.0]
     return fastsam3d.Volume(arr.astype(np.int16), m)
-
-
-_FIXTURE_MODEL = fastsam3d.testing.fixture_model  # before in_scratch replaces it
 
 
 @functools.cache
@@ -269,3 +269,16 @@ def test_shell_examples_run(cmd, in_scratch, capsys):
             assert opt in source, f"{where}: {args[0]} has no option {opt}"
     elif prog != "pip":
         pytest.fail(f"{where}: the docs test does not know how to check `{prog}` commands")
+
+
+def test_submodules_are_reachable_after_a_plain_import():
+    """newcomer m1: after `import fastsam3d`, fastsam3d.checkpoint / .hub / .testing raised
+    AttributeError, so the documented API lines failed verbatim (a fresh interpreter: this test
+    module has imported some of them already)."""
+    import sys
+
+    code = ("import fastsam3d; fastsam3d.hub.download; fastsam3d.checkpoint.read_state_dict; "
+            "fastsam3d.testing.fixture_model; fastsam3d.volume.Volume")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
