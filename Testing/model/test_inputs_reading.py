@@ -269,3 +269,28 @@ def test_images_that_cannot_be_segmented_are_volume_errors(array, affine, messag
     with pytest.raises(VolumeError, match=message):
         vol = Volume(array, affine)
         Lattice.for_volume(vol.ijk_to_ras, vol.shape)
+
+
+def test_real_dicom_series_from_pydicom_behave():
+    """newcomer M2 / m6 on real (downsampled) CT/MR series shipped in pydicom's wheel."""
+    pydicom_data = pytest.importorskip("pydicom.data")
+    from pathlib import Path
+
+    root = Path(pydicom_data.__file__).parent / "test_files" / "dicomdirtests"
+    if not root.is_dir():
+        pytest.skip("this pydicom build does not ship dicomdirtests")
+    vol = Volume.read(root / "98892001" / "CT5N")  # a clean 5-slice axial CT
+    assert vol.shape == (5, 16, 16)
+    np.testing.assert_allclose(vol.spacing[2], 2.5, atol=1e-3)
+    cases = [
+        ("77654033/CT2", r"missing slice.*-99\.48, 103\.02, 104\.27, 105\.52"),  # a 200 mm gap
+        ("98892003/MR700", "7 different orientations"),  # radial localizer
+        ("98892003/MR2", r"(?s)more than one is the largest.*'FAST LOCALIZER'.*--series"),
+        ("98892001", r"(?s)subfolders.*CT5N"),
+        ("DICOMDIR", "DICOMDIR index"),
+    ]
+    for path, message in cases:
+        with pytest.raises(VolumeError, match=message):
+            Volume.read(root / path)
+    with pytest.raises(VolumeError, match="different orientations"):
+        Volume.read(root / "98892003" / "MR2", series="1")  # the tri-planar pilot

@@ -38,7 +38,7 @@ def _segment(path, vol, out, *extra):
 
 
 @pytest.mark.usefixtures("no_model")
-@pytest.mark.parametrize("name", ["m.png", "m.tif", "m.vtk", "m.txt", "m.npy", "m", "m.dcm"])
+@pytest.mark.parametrize("name", ["m.png", "m.tif", "m.vtk", "m.txt", "m.npy", "m"])
 def test_output_formats_that_lose_the_geometry_are_refused_up_front(image, tmp_path, capsys,
                                                                    name):
     """reliability #4 (.png/.tif/.vtk written flipped or 2D, exit 0) and #22 (.txt, .npy, no

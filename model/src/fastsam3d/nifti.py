@@ -68,7 +68,11 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
     p = Path(path)
     try:
         img = nib.load(str(p), mmap=False)
-        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter
+        proxy = img.dataobj
+        if getattr(proxy, "slope", 1.0) == 1.0 and getattr(proxy, "inter", 0.0) == 0.0:
+            data = np.asanyarray(proxy)  # the stored type (no scaling)
+        else:  # scl_slope / scl_inter applied in float32, not nibabel's float64 (half the RAM)
+            data = img.get_fdata(dtype=np.float32)
     except (EOFError, zlib.error) as err:
         raise VolumeError(f"{p} is truncated or corrupt (the compressed data ends early: "
                           f"{err}); it was not read") from None

@@ -44,9 +44,9 @@ class VolumeError(ValueError):
     """The image cannot be segmented as given (shape, values or geometry)."""
 
 
-# Formats that hold a 3D volume with its full geometry (origin, spacing, direction). PNG, TIFF,
-# VTK, JPEG ... lose the direction or a dimension, DICOM output would need a whole series.
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+# Formats that hold a 3D volume with its full geometry (origin, spacing, direction); a .dcm mask
+# is one multi-frame file. PNG, TIFF, VTK, JPEG ... lose the direction or a dimension.
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 MASK_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 

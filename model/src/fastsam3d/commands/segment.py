@@ -17,17 +17,18 @@ EXIT_NO_WEIGHTS = 3
 
 _PROMPTS_HELP = """\
 prompts.json (strict: unknown keys, strings for numbers or booleans are errors):
-  {"space": "RAS" | "LPS"                  (optional, default RAS; for "position", lists, box)
+  {"space": "RAS" | "LPS",                 (optional, default RAS; for "position", lists, box)
    "points": [{"ras": [R, A, S], "positive": true},    keyed "ras": RAS
               {"lps": [L, P, S], "positive": false},   keyed "lps": LPS
+              {"position": [x, y, z]},                 keyed "position": in "space"
               [x, y, z, true|false|1|0], ...],         a list: in "space"
    "box": {"min": [x, y, z], "max": [x, y, z]}}        (optional, in "space")
 A box is applied first, then the points in order. With the released weights a box has no
 embedding of its own: it places a positive click at its centre and the mask is clipped to it.
 
 Outputs: --out must be a format that keeps the 3D geometry (.nii, .nii.gz, .nrrd, .nhdr, .mha,
-.mhd; a sheared image: NIfTI only); files are written beside their destination and renamed into
-place when complete, never over an input. Refusals: docs/inputs.md."""
+.mhd, .dcm; a sheared image: NIfTI only); files are written beside their destination and
+renamed into place when complete, never over an input. Refusals: docs/inputs.md."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
