@@ -117,3 +117,19 @@ def test_checkpoint_path_gives_the_same_mask_as_the_model_it_holds(image, tmp_pa
         outs.append(Volume.read(out).array)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert outs[0].any()
+
+
+def test_checkpoint_named_like_a_registry_entry_is_the_file(image, tmp_path, monkeypatch) -> None:
+    """--checkpoint always names a file: one called 'fastsam3d' in the working directory is
+    read, never taken for the registry weights (which are not cached here)."""
+    from fastsam3d.checkpoint import save_official
+    from fastsam3d.testing import fixture_model
+
+    path, vol = image
+    monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.chdir(tmp_path)
+    save_official(fixture_model("fastsam3d"), tmp_path / "fastsam3d")
+    point = ",".join(map(str, vol.ijk_to_ras_points([12, 11, 10])))
+    assert main(["segment", str(path), "--point", point, "--out", "m.nii.gz", "-q",
+                 "--max-crops", "1", "--checkpoint", "fastsam3d"]) == 0
+    assert Volume.read(tmp_path / "m.nii.gz").array.any()
