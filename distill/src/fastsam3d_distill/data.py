@@ -329,7 +329,9 @@ class TensorCropDataset(Dataset):
         return self.get(i, 0)
 
     def get_batch(self, idx: list[int], epoch: int) -> dict[str, Any]:
-        index = torch.as_tensor(idx, device=self.images.device)
+        index = torch.as_tensor(idx)
+        if self.images.device.type == "cuda":  # pinned: no host wait for the GPU
+            index = index.pin_memory().to(self.images.device, non_blocking=True)
         out: dict[str, Any] = {"image": self.images[index], "id": torch.as_tensor(idx)}
         if self.labels is not None:
             out["label"] = self.labels[index].float()

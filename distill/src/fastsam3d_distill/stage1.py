@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .engine import Task
 from .models import config_to_dict
 
-LOSS_MODES = ("paper", "neck", "released-tap")
+LOSS_MODES = ("paper", "paper-mse", "neck", "released-tap")
 
 
 def tap_pairs(student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:
@@ -80,6 +80,11 @@ def _mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def _norm_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The paper's ||f_t - f_s||: the L2 norm of the whole feature-map difference."""
+    return (a.float() - b.float()).flatten(1).norm(dim=1)
+
+
 class DistillTask(Task):
     """Student encoder + loss. ``prepare`` adds teacher targets unless the batch has them."""
 
@@ -89,7 +94,7 @@ class DistillTask(Task):
         self,
         student_encoder: nn.Module,
         teacher_encoder: nn.Module | None,
-        loss: str = "paper",
+        loss: str = "paper-mse",
         k_start: int = 1,
         k_every_epochs: int = 3,
         k_every_steps: int = 0,
@@ -118,7 +123,11 @@ class DistillTask(Task):
         self.k_every_steps = k_every_steps
         self.neck_weight = neck_weight
         self.k = k_start
-        self.find_unused = loss == "released-tap"
+        # Every parameter gets a gradient in every step only when the neck is matched (it
+        # depends on every block): then DDP can use a static graph and skip the unused search.
+        every_param = loss == "neck" or (loss == "paper-mse" and neck_weight > 0)
+        self.find_unused = not every_param
+        self.static_graph = every_param
         self.student_config = student_config
 
     def meta(self) -> dict[str, Any]:
@@ -133,11 +142,12 @@ class DistillTask(Task):
             grown = step // self.k_every_steps
         else:
             grown = epoch // max(self.k_every_epochs, 1)
-        limit = len(self.pairs) if self.loss_mode == "paper" else len(self.released_pairs) + 1
+        limit = (len(self.pairs) if self.loss_mode.startswith("paper")
+                 else len(self.released_pairs) + 1)
         self.k = min(self.k_start + grown, limit)
 
     def scalars(self) -> dict[str, float]:
-        return {"distill/k": float(self.k)}
+        return {} if self.loss_mode == "neck" else {"distill/k": float(self.k)}
 
     # targets ---------------------------------------------------------------------------------
 
@@ -167,12 +177,19 @@ class DistillTask(Task):
         if mode == "neck":
             return _mse_per_sample(self.student(x), t_neck)
         neck, taps = self.student(x, return_taps=True)
-        if mode == "paper":
+        if mode == "paper":  # (1/k) sum_i ||f_t^(2i) - f_s^(i)||, exactly as printed
+            terms = [
+                _norm_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
+            ]
+            return torch.stack(terms, 0).mean(0)
+        if mode == "paper-mse":  # ours: MSE per pair, plus the neck (all blocks learn at once)
             terms = [
                 _mse_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
             ]
             loss = torch.stack(terms, 0).mean(0)
-            return loss + self.neck_weight * _mse_per_sample(neck, t_neck)
+            if self.neck_weight > 0:
+                loss = loss + self.neck_weight * _mse_per_sample(neck, t_neck)
+            return loss
         # released-tap: one tap at a time; once past the last block tap, the neck.
         if self.k <= len(self.released_pairs):
             s, t = self.released_pairs[self.k - 1]
