@@ -258,6 +258,9 @@ def main() -> int:
     ap.add_argument("--ddp-comm", choices=["fp32", "bf16"], default="fp32",
                     help="gradient all-reduce precision")
     ap.add_argument("--gate-mode", choices=["sample", "batch"], default="sample")
+    ap.add_argument("--ft-batches", type=int, nargs="+",
+                    default=[DEFAULT_GPU_BATCH["finetune"]],
+                    help="per-process batch sizes for the stage-2 (finetune) phase")
     ap.add_argument("--nifti-cases", type=int, default=32, help="8 structures each")
     ap.add_argument("--nifti-shape", type=int, nargs=3, default=[160, 192, 160])
     ap.add_argument("--workers", type=int, default=14, help="DataLoader workers per process")
@@ -281,7 +284,7 @@ def main() -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ddp", action="store_true", help="launched by torchrun (multi-GPU)")
     ap.add_argument("--phases", nargs="+", default=["online", "cached", "gating"],
-                    choices=["online", "cached", "gating", "nifti"])
+                    choices=["online", "cached", "gating", "nifti", "finetune"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few seconds")
     ap.add_argument("--device", default="auto",
                     help="auto: cuda (cpu with --smoke); 'cpu' runs the real sizes on the CPU")
@@ -289,6 +292,7 @@ def main() -> int:
     if args.smoke:
         args.batches, args.crops, args.compile = [2], 4, False
         args.nifti_cases, args.nifti_shape, args.workers = 2, [40, 44, 48], 1
+        args.ft_batches = [2]
         args.log_every, args.gate_warmup = 1, 8
         args.minutes = min(args.minutes, 0.5)
     if args.device == "auto":
@@ -318,11 +322,14 @@ def main() -> int:
         for ph in ("online", "cached"):
             if ph in args.phases:
                 weights[f"{ph}@{b}"] = 1.0
+    if "finetune" in args.phases:
+        for b in args.ft_batches:
+            weights[f"finetune@{b}"] = 1.0
     if "nifti" in args.phases:
         weights.update({"loader": 0.5, "nifti": 1.0})
     if "gating" in args.phases:
         weights.update({"base": 1.0, "gated": 1.5})
-    args.crops = max(args.crops, 4 * max(args.batches) * env.world)
+    args.crops = max(args.crops, 4 * max(args.batches + args.ft_batches) * env.world)
 
     def seconds_for(phase: str) -> float:
         """This phase's share of what is left of the budget (setup and compile included)."""
@@ -440,6 +447,33 @@ def main() -> int:
     for key in ("online", "cached"):  # the first batch size's phases, at the top level too
         if key in first:
             result[key] = first[key]
+
+    # Stage 2: prompt encoder + decoder, released recipe (11 rounds, random error clicks on
+    # the device, mask-only rounds, logits fed back with their gradient) ----------------------
+    if "finetune" in args.phases:
+        from fastsam3d_distill.stage2 import FinetuneTask
+
+        labels = (images > 0.5).float()  # blobby binary targets on the smooth volumes
+        fds = TensorCropDataset(images, labels, device=dev)
+        result["finetune"] = {}
+        for b in args.ft_batches:
+            args.batch = b
+            torch.manual_seed(0)
+            model = fastsam3d.build_model(s_cfg)
+            model.image_encoder.load_state_dict(student0.state_dict())
+            model = model.to(dev).train()
+            task = FinetuneTask(model, n_clicks=11, clicks="released")
+            r = run_phase(f"finetune@{b}", task, fds, args, env, seconds_for(f"finetune@{b}"))
+            res = {**throughput(r["history"], b * env.world), "micro_steps": r["micro_steps"],
+                   "batch_per_process": b, "batch_global": b * env.world,
+                   "peak_memory_gib": r.get("peak_memory_gib"),
+                   "loss_curve": [(h["micro_step"], h["time"], h["loss"]) for h in r["history"]]}
+            result["finetune"][str(b)] = res
+            if env.is_main:
+                print(f"[finetune@{b}] {res['volumes_per_s']:.1f} volumes/s, peak "
+                      f"{res['peak_memory_gib'] or 0:.1f} GiB", flush=True)
+            del task, model
+        args.batch = args.batches[0]
 
     # NIfTI on disk -> DataLoader workers -> online distillation (the real input path) -------
     if "nifti" in args.phases:

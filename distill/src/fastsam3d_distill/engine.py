@@ -274,7 +274,7 @@ class TrainConfig:
 
 # Default per-GPU batch on CUDA, per stage: where throughput has levelled off on an H200
 # (distill/benchmarks/results/gpu_distill_scaling.md); on CPU the default is 1.
-DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 16}
+DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 32}
 
 # Settings a resumed run may change freely (how it runs, not what it computes).
 RESUME_FREE = frozenset({
