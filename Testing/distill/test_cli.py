@@ -54,7 +54,7 @@ def test_gpu_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     res = json.loads((tmp_path / "gpu_distill.json").read_text())
     for phase in ("online", "cached"):
         assert res[phase]["micro_steps"] > 0 and res[phase]["loss_curve"]
-    assert res["cache"]["volumes"] == 4
+    assert res["cache"]["volumes"] == res["crops"] >= 4
     g = res["gating"]
     assert g["baseline"]["micro_steps"] > 0 and g["gated"]["micro_steps"] > 0
     assert (tmp_path / "gpu_distill.png").exists()

@@ -222,7 +222,7 @@ def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
     over ranks: each rank reads its own shard, as in training."""
     from torch.utils.data import DataLoader
 
-    from fastsam3d_distill.engine import collate
+    from fastsam3d_distill.engine import collate, worker_context
 
     n = len(dataset)
     idx = list(range(env.rank, n, env.world))
@@ -230,7 +230,8 @@ def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
     batches = [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)] * 50
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                         collate_fn=collate, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None,
+                        multiprocessing_context=worker_context() if workers else None)
     it = iter(loader)
     next(it)  # worker start-up is not the steady state
     t0, vols = time.perf_counter(), 0

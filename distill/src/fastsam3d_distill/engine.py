@@ -320,14 +320,22 @@ class Task(nn.Module):
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Host tensors go through pinned memory: a copy from pageable memory would make the
     host wait for the GPU (the stream is synchronised first), once per step."""
-    if device.type != "cuda":
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.device.type == "cpu":
-            v = (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
-        out[k] = v
+        if k == "id":  # a host list: reading ids must never wait for the GPU (and DDP
+            out[k] = v.tolist() if isinstance(v, torch.Tensor) else list(v)  # moves tensors)
+        elif isinstance(v, torch.Tensor) and device.type == "cuda" and v.device.type == "cpu":
+            out[k] = (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+        else:
+            out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
     return out
+
+
+def worker_context() -> str | None:
+    """DataLoader worker start method: forked workers of a process that has initialised CUDA
+    (and NCCL) die with 'CUDA error: initialization error' (seen on 2 H200s); forkserver
+    starts them clean. Plain fork otherwise (fast, and what the CPU tests use)."""
+    return "forkserver" if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 def _select(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
@@ -589,13 +597,16 @@ class Trainer:
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
 
-    def _push_log(self, ids: torch.Tensor, losses: torch.Tensor, scalars: dict[str, float],
+    def _push_log(self, ids: Sequence[int], losses: torch.Tensor, scalars: dict[str, float],
                   bar: Any) -> None:
         """Queue a log record: gather on the device, copy without blocking, read it later."""
         dev = losses.device
         flag = float(self.env.is_main and bool(self.cfg.max_seconds)
                      and time.perf_counter() - self._t_start > self.cfg.max_seconds)
-        local = torch.stack([ids.to(dev).double(), losses.detach().double().reshape(-1),
+        ids_t = torch.as_tensor(list(ids), dtype=torch.float64)
+        if dev.type == "cuda":
+            ids_t = ids_t.pin_memory().to(dev, non_blocking=True)
+        local = torch.stack([ids_t, losses.detach().double().reshape(-1),
                              torch.full_like(losses.reshape(-1), flag, dtype=torch.float64)])
         if self.env.distributed:
             parts = [torch.empty_like(local) for _ in range(self.env.world)]
@@ -678,7 +689,8 @@ class Trainer:
         if self._loader is None:
             workers = self.cfg.num_workers
             extra: dict[str, Any] = (
-                {"persistent_workers": True, "prefetch_factor": self.cfg.prefetch}
+                {"persistent_workers": True, "prefetch_factor": self.cfg.prefetch,
+                 "multiprocessing_context": worker_context()}
                 if workers > 0 else {}
             )
             self._loader = DataLoader(
@@ -689,10 +701,11 @@ class Trainer:
         yield from self._loader
 
     def _gather(
-        self, ids: torch.Tensor, losses: torch.Tensor
+        self, ids: Sequence[int], losses: torch.Tensor
     ) -> tuple[list[int], list[float]]:
         """Every rank's (sample id, loss) pairs, in rank order; one small collective (waits)."""
-        local = torch.stack([ids.to(losses.device).double(), losses.double().reshape(-1)])
+        ids_t = torch.as_tensor(list(ids), dtype=torch.float64).to(losses.device)
+        local = torch.stack([ids_t, losses.double().reshape(-1)])
         if self.env.distributed:
             parts = [torch.empty_like(local) for _ in range(self.env.world)]
             dist.all_gather(parts, local)

@@ -101,6 +101,8 @@ class FinetuneTask(Task):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
         self.clicks, self.mask_only_rounds = clicks, mask_only_rounds
+        # The same parameters train in every step unless boxes are drawn per batch.
+        self.static_graph = box_prob <= 0
         self.detach_prev, self.reduction = detach_prev, reduction
         self.lr_milestones, self.lr_gamma = tuple(lr_milestones), lr_gamma
         self.prompt_encoder = model.prompt_encoder
@@ -153,7 +155,7 @@ class FinetuneTask(Task):
         emb = batch["embedding"]
         gt_t = (batch["label"] > 0.5).float()
         gt = gt_t[:, 0] > 0.5
-        ids = [int(i) for i in batch["id"].tolist()]
+        ids = [int(i) for i in batch["id"]]
         n = len(ids)
         dev = emb.device
         gens = device_generators(self.seed, self.epoch, ids, dev, salt=2)
@@ -217,7 +219,7 @@ class FinetuneTask(Task):
         emb = batch["embedding"]
         gt_t = (batch["label"] > 0.5).float()
         gt = gt_t[:, 0].cpu().numpy().astype(bool)
-        ids = batch["id"].tolist()
+        ids = [int(i) for i in batch["id"]]
         dev = emb.device
         gens = [sample_generator(self.seed, self.epoch, i, salt=2) for i in ids]
         # An empty target (a structure flipped or cropped away) gets a negative centre click.
