@@ -103,9 +103,9 @@ def test_per_sample_select_trains_samples_above_baseline_and_keeps_the_budget():
 
 
 def test_sample_gate_trains_in_the_engine(tmp_path, crops):
-    import fastsam3d
     from distill_helpers import TINY_STUDENT, TINY_TEACHER
 
+    import fastsam3d
     from fastsam3d.testing import fixture_model
     from fastsam3d_distill.data import TensorCropDataset
     from fastsam3d_distill.engine import TrainConfig, Trainer
