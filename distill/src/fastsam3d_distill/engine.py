@@ -199,7 +199,14 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint this engine wrote (weights-only unpickling: no code runs)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # e.g. an exported model.pth (it pickles its args)
+        ckpt = None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(
             f"{path} is not a fastsam3d-distill training checkpoint (use `fastsam3d-distill "
