@@ -13,6 +13,7 @@ MONAI is imported lazily: the GPU benchmark path (in-memory tensors) must run wi
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -162,7 +163,9 @@ def index_samples(
 ) -> list[Sample]:
     """One sample per (case, label value present). Reads each label once; ``cache`` keeps the
     index in a JSON file keyed by the case list so large datasets are scanned only once."""
-    key = [asdict(c) for c in cases]
+    # Keyed by the files' sizes and modification times too: an edited label re-indexes.
+    key = [{**asdict(c), "stat": [[os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                                  for f in (c.image, c.label)]} for c in cases]
     if cache is not None and Path(cache).exists():
         stored = json.loads(Path(cache).read_text())
         if stored.get("cases") == key:
