@@ -83,3 +83,110 @@ def test_evaluation_runs_on_crop_and_original_grid(tmp_path):
     rep = json.loads(path.read_text())
     assert set(rep) == {"crop", "original"}
     assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 1000
+
+
+def test_released_random_click_is_uniform_over_fn_and_fp_and_labelled_by_membership():
+    from fastsam3d_distill.clicks import random_error_click
+
+    gt = torch.zeros(1, 6, 6, 6, dtype=torch.bool)
+    gt[0, :3] = True
+    logits = torch.full((1, 1, 6, 6, 6), -5.0)
+    logits[0, 0, 2:4] = 5.0  # predicted slabs 2..3: slab 2 correct, slab 3 a false positive
+    # released quirk: the previous prediction is logits > 0.5, not > 0
+    logits[0, 0, 0] = 0.3  # slab 0 therefore counts as missed (false negative)
+    seen = {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        c, lab = random_error_click(gt, logits, [g])
+        seen[int(c[0, 0])] = int(lab[0])
+    # errors: slabs 0, 1 (FN, positive) and 3 (FP, negative); never slab 2, 4 or 5
+    assert seen == {0: 1, 1: 1, 3: 0}
+    # nothing predicted yet: a uniform voxel of the object, positive
+    c, lab = random_error_click(gt, None, [g])
+    assert int(c[0, 0]) < 3 and int(lab[0]) == 1
+    # no error left: the previous click is repeated
+    perfect = torch.where(gt[:, None], 5.0, -5.0)
+    prev = (torch.tensor([[1, 2, 3]]), torch.tensor([1]))
+    c, lab = random_error_click(gt, perfect, [g], prev)
+    assert c.tolist() == [[1, 2, 3]] and lab.tolist() == [1]
+
+
+def test_ritm_click_picks_the_deeper_error_type():
+    from fastsam3d_distill.clicks import ritm_click
+
+    gt = _ball((24, 24, 24), (12, 12, 12), 8)
+    pred = _ball((24, 24, 24), (12, 12, 12), 3)  # a big false-negative shell
+    rng = np.random.default_rng(0)
+    p, lab = ritm_click(gt, pred, rng)
+    assert lab == 1 and gt[tuple(p)] and not pred[tuple(p)]
+    assert ritm_click(gt, gt, rng) is None
+
+
+def test_released_stage2_matches_the_released_interaction(crops):
+    """11 rounds summed, logits fed back with gradient, mask-only rounds; DiceCE per sample
+    equals MONAI's DiceCELoss(sigmoid, squared_pred)."""
+    from monai.losses import DiceCELoss
+
+    from fastsam3d_distill.stage2 import FinetuneTask, dice_ce
+
+    x = torch.randn(3, 1, 8, 8, 8)
+    y = (torch.rand(3, 1, 8, 8, 8) > 0.5).float()
+    ref = torch.stack([DiceCELoss(sigmoid=True, squared_pred=True)(x[i : i + 1], y[i : i + 1])
+                       for i in range(3)])
+    assert torch.allclose(dice_ce(x, y), ref, atol=1e-6)
+
+    torch.manual_seed(0)
+    model = fastsam3d.build_model("fastsam3d", **TINY_STUDENT)
+    images, labels = crops
+    batch = {"image": images[:2], "label": labels[:2], "id": [0, 1]}
+    task = FinetuneTask(model, n_clicks=3, clicks="released")
+    batch = task.prepare(batch)
+    calls = []
+    real = task.prompt_encoder.forward
+
+    def spy(points=None, boxes=None, masks=None):
+        calls.append(points is None)
+        return real(points=points, boxes=boxes, masks=masks)
+
+    task.prompt_encoder.forward = spy
+    loss = task(batch)
+    # the last of 3 rounds is mask-only (the random one falls in [2, 8], i.e. also round 2)
+    assert calls == [False, False, True]
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    assert task.lr_factor(0, 59) == 1.0 and task.lr_factor(0, 60) == pytest.approx(0.1)
+    assert task.lr_factor(0, 95) == pytest.approx(0.01)
+    # same batch split differently: per-sample seeding gives the same per-sample losses
+    one = task({k: (v[1:] if k != "id" else v[1:]) for k, v in batch.items()})
+    assert torch.allclose(one, loss[1:], atol=1e-5)
+
+
+def test_grid_check_names_the_case_before_any_work(tmp_path):
+    """Review M7: evaluation scored a label on a shifted grid without a word."""
+    import nibabel as nib
+
+    from fastsam3d_distill.data import check_grids
+
+    root = write_nnunet_dataset(tmp_path / "ds", n_cases=2, shape=(24, 26, 28))
+    cases = discover(root)
+    check_grids(cases)  # consistent: fine
+    lab = nib.load(cases[1].label)
+    aff = lab.affine.copy()
+    aff[0, 3] += 10.0
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj), aff), cases[1].label)
+    with pytest.raises(ValueError, match="case_001: label affine differs .* 10 mm"):
+        check_grids(cases)
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.int16), lab.affine), cases[1].label)
+    with pytest.raises(ValueError, match=r"case_001: label shape \(5, 5, 5\) differs"):
+        check_grids(cases)
+
+
+def test_released_evaluation_protocol_is_seeded(tmp_path):
+    root = write_nnunet_dataset(tmp_path / "ds", n_cases=1, shape=(40, 44, 48))
+    cases = discover(root)
+    samples = index_samples(cases, min_voxels=200)[:1]
+    torch.manual_seed(0)
+    model = fastsam3d.build_model("fastsam3d", **TINY_STUDENT)
+    ds = CropDataset(cases, samples)
+    a = evaluate_crops(model, ds, n_clicks=3, protocol="released", seed=1)
+    b = evaluate_crops(model, ds, n_clicks=3, protocol="released", seed=1)
+    assert a == b

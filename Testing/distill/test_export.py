@@ -76,3 +76,21 @@ def test_exported_model_segments_like_the_trained_one(exported):
         masks.append(r.full_mask())
     assert masks[0].shape == ph.image.shape
     assert np.array_equal(masks[0], masks[1])
+
+
+def test_wrong_files_get_clear_messages(tmp_path):
+    """Review m2: `evaluate --model last.pt` blamed the encoder blocks; `export --checkpoint
+    model.pth` raised torch's UnpicklingError."""
+    import argparse
+
+    from fastsam3d_distill.engine import CKPT_FORMAT, atomic_save, load_training_checkpoint
+    from fastsam3d_distill.models import load_spec
+
+    last = tmp_path / "last.pt"
+    atomic_save({"format": CKPT_FORMAT, "model": {}}, last)
+    with pytest.raises(ValueError, match="training checkpoint, not a model: run"):
+        load_spec(str(last))
+    exported = tmp_path / "model.pth"
+    torch.save({"model_state_dict": {}, "args": argparse.Namespace(a=1)}, exported)
+    with pytest.raises(ValueError, match="not a fastsam3d-distill training checkpoint"):
+        load_training_checkpoint(exported)

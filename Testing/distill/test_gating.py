@@ -83,3 +83,41 @@ def test_warmup_shorter_than_an_epoch_is_reported():
     gate.decide([0], [1.0])
     gate.decide([1], [1.0])  # every warm-up decision saw a new sample
     assert gate.floor == 1.0 and "warm-up" in gate.note
+
+
+def test_per_sample_select_trains_samples_above_baseline_and_keeps_the_budget():
+    gate = BackwardGate(warmup=2, min_backward=0.5)
+    ids = [0, 1, 2, 3]
+    assert gate.select(ids, [1.0, 1.0, 1.0, 1.0]) == [True] * 4  # warm-up
+    assert gate.select(ids, [1.0, 1.0, 1.0, 1.0]) == [True] * 4
+    # Samples 1 and 3 got worse: they train; the others are below baseline, but the budget
+    # (half of all samples so far) is already met by them, so they skip.
+    keep = gate.select(ids, [0.5, 2.0, 0.5, 3.0])
+    assert keep == [False, True, False, True]
+    # Everything improving: the budget forces the highest ratios in (ties by id).
+    keep = gate.select(ids, [0.1, 0.2, 0.4, 0.1])
+    assert sum(keep) == 2 and keep[2]
+    assert gate.post_backward / gate.post_decisions >= 0.5
+    # An unseen sample always trains.
+    assert gate.select([9], [5.0]) == [True]
+
+
+def test_sample_gate_trains_in_the_engine(tmp_path, crops):
+    from distill_helpers import TINY_STUDENT, TINY_TEACHER
+
+    import fastsam3d
+    from fastsam3d.testing import fixture_model
+    from fastsam3d_distill.data import TensorCropDataset
+    from fastsam3d_distill.engine import TrainConfig, Trainer
+    from fastsam3d_distill.stage1 import DistillTask
+
+    teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
+    student = fastsam3d.build_model("fastsam3d", **TINY_STUDENT).image_encoder.train()
+    task = DistillTask(student, teacher, loss="neck")
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=4, batch_size=2, precision="fp32",
+                      device="cpu", resume=False, tensorboard=False, progress=False,
+                      log_every=1, gate=True, gate_mode="sample", gate_warmup=2,
+                      gate_min_backward=0.5, lr=1e-3)
+    res = Trainer(task, TensorCropDataset(crops[0]), cfg).fit()
+    assert res["gate"]["gate/backward_share"] >= 0.5
+    assert res["opt_steps"] >= 2

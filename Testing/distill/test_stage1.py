@@ -63,7 +63,7 @@ def test_loss_uses_only_the_first_k_pairs(crops):
     torch.manual_seed(0)
     teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
     student = fastsam3d.build_model("fastsam3d", **TINY_STUDENT).image_encoder
-    task = DistillTask(student, teacher, loss="paper", neck_weight=0.0)
+    task = DistillTask(student, teacher, loss="paper-mse", neck_weight=0.0)
     batch = task.prepare({"image": crops[0][:1], "id": torch.tensor([0])})
     with torch.no_grad():
         neck, taps = student(batch["image"], return_taps=True)
@@ -95,3 +95,67 @@ def test_feature_cache_round_trip_matches_the_teacher(tmp_path, crops):
     (tmp_path / "0000001.pt").unlink()
     with pytest.raises(FileNotFoundError, match="lacks 1 samples"):
         CachedFeatureDataset(tmp_path)
+
+
+def test_paper_loss_is_the_printed_formula(crops):
+    """--loss paper = (1/k) sum_i ||f_t^(2i) - f_s^(i)||: an L2 norm, k pairs, no neck term."""
+    torch.manual_seed(0)
+    teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
+    student = fastsam3d.build_model("fastsam3d", **TINY_STUDENT).image_encoder
+    task = DistillTask(student, teacher, loss="paper")
+    batch = task.prepare({"image": crops[0][:2], "id": torch.tensor([0, 1])})
+    with torch.no_grad():
+        _, taps = student(batch["image"], return_taps=True)
+        norms = [(taps[s] - batch["t_taps"][:, task.teacher_taps.index(t)]).flatten(1).norm(dim=1)
+                 for s, t in task.pairs]
+        task.k = 2
+        assert torch.allclose(task(batch), (norms[0] + norms[1]) / 2, rtol=1e-5)
+    # No neck term: the neck gets no gradient, so DDP must look for unused parameters.
+    assert task.find_unused and not task.static_graph
+    task(batch).sum().backward()
+    assert student.neck[0].weight.grad is None
+    ours = DistillTask(student, teacher, loss="paper-mse")
+    assert ours.static_graph and not ours.find_unused
+
+
+def test_cache_files_hold_only_their_sample(tmp_path, crops):
+    """Review M1: each file stored a view of the whole batch's crop (4x the bytes at batch 4)."""
+    teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
+    ds = TensorCropDataset(crops[0][:4])
+    cache_teacher_features(teacher, ds, tmp_path, needed_teacher_taps(2, 4), batch_size=4,
+                           bf16=False)
+    rec = torch.load(tmp_path / "0000001.pt", weights_only=True)
+    img = rec["image"]
+    assert img.untyped_storage().nbytes() == img.numel() * img.element_size()
+
+
+def test_cache_manifest_refuses_other_settings_and_teachers(tmp_path, crops):
+    """Review M2: a second `cache` with other settings mixed into the same folder silently."""
+    from types import SimpleNamespace
+
+    from fastsam3d_distill.stage1 import cache_manifest, teacher_identity
+
+    teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
+    taps = needed_teacher_taps(2, 4)
+    ds = TensorCropDataset(crops[0][:2])
+    args = SimpleNamespace(teacher="fixture:sam-med3d-turbo-fastsam3d-block",
+                           teacher_override=["depth=4"], synthetic=2, seed=0, classes=None,
+                           min_voxels=100, lattice_anchor="centre")
+    man = cache_manifest(args, ds, taps, 4, bf16=False)
+    cache_teacher_features(teacher, ds, tmp_path, taps, batch_size=2, bf16=False, manifest=man)
+    cached = CachedFeatureDataset(tmp_path)
+    cached.check_teacher(teacher_identity(args))  # same teacher: fine
+    # A restart with the same settings keeps the files; other settings are refused.
+    cache_teacher_features(teacher, ds, tmp_path, taps, batch_size=2, bf16=False, manifest=man)
+    other = dict(man, classes=[2])
+    with pytest.raises(ValueError, match="classes differ"):
+        cache_teacher_features(teacher, ds, tmp_path, taps, bf16=False, manifest=other)
+    args.teacher_override = ["depth=4", "embed_dim=64"]
+    with pytest.raises(ValueError, match="was made by teacher"):
+        cached.check_teacher(teacher_identity(args))
+    # Files without a manifest (an older cache) are not reused either.
+    old = tmp_path / "old"
+    cache_teacher_features(teacher, ds, old, taps, batch_size=2, bf16=False)
+    (old / "index.json").unlink()
+    with pytest.raises(ValueError, match="without a manifest"):
+        cache_teacher_features(teacher, ds, old, taps, bf16=False, manifest=man)

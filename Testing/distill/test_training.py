@@ -124,6 +124,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert "resumed from" in proc.stdout.decode()
     _assert_same(_student_params(ref), _student_params(run), atol=0.0)
+    # Review m4: replayed micro-steps appeared twice in metrics.jsonl after a resume.
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    ref_rows = [json.loads(line) for line in open(ref / "metrics.jsonl")]
+    assert [r["micro_step"] for r in rows] == [r["micro_step"] for r in ref_rows]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
     a = load_training_checkpoint(ref / "final.pt")
     b = load_training_checkpoint(run / "final.pt")
     assert a["gate"] == b["gate"] and a["progress"] == b["progress"]
@@ -194,3 +199,70 @@ def test_code_faithful_variants_train(tmp_path, crops, mode):
     Trainer(task, TensorCropDataset(images[:2]), _cfg(tmp_path, epochs=3, batch_size=2)).fit()
     losses = _losses(tmp_path)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_resume_refuses_changed_settings_unless_applied(tmp_path, crops):
+    """Review m1: a resume silently kept the old LR while recording the new one."""
+    def trainer(**kw):
+        torch.manual_seed(0)
+        student = fastsam3d.build_model("fastsam3d", **TINY_STUDENT).image_encoder.train()
+        task = DistillTask(student, None, loss="neck", teacher_depth=4)
+        images, _ = crops
+        teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
+        task.__dict__["teacher"] = teacher.eval().requires_grad_(False)
+        cfg = _cfg(tmp_path, **{"resume": True, "batch_size": 2, "lr": 2e-3, "ckpt_every": 1,
+                                "epochs": 5,
+                                **kw})
+        return Trainer(task, TensorCropDataset(images[:2]), cfg)
+
+    trainer(max_steps=1).fit()
+    with pytest.raises(ValueError, match=r"lr: 0\.002 -> 0\.001.*--apply-changes"):
+        trainer(max_steps=2, lr=1e-3).fit()
+    t = trainer(max_steps=2, lr=1e-3, apply_changes=True)
+    t.fit()
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    events = [r for r in rows if r.get("event") == "resume"]
+    assert events and events[0]["changed"]["lr"] == {"was": 2e-3, "now": 1e-3}
+    assert [r["micro_step"] for r in rows if "loss" in r] == [1, 2]
+    # Review m4: --no-resume into a folder with another run's logs appended to them.
+    with pytest.raises(ValueError, match="already holds a run"):
+        trainer(max_steps=1, resume=False).fit()
+
+
+def test_two_process_ddp_bf16_allreduce_matches_one_process(tmp_path):
+    """The DDP path itself (no gating): static graph, gradient bucket views, the bf16
+    all-reduce hook. Same losses; the pre-clip gradient norm shows the hook averages."""
+    env = subprocess_env()
+    common = ["--recipe", "ours", "--synthetic", "4", "--epochs", "1", "--k-every-steps", "1",
+              "--log-every", "1", "--ckpt-every", "100"]
+    one = tmp_path / "one"
+    subprocess.run(distill_cli_args(one, *common, "--batch-size", "2"), env=env, check=True,
+                   capture_output=True)
+    two = tmp_path / "two"
+    args = distill_cli_args(two, *common, "--batch-size", "1", "--ddp-comm", "bf16")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
+                "fastsam3d_distill.cli", *args[3:]]
+    proc = subprocess.run(torchrun, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    a = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    b = [json.loads(line) for line in open(two / "metrics.jsonl")]
+    assert len(a) == len(b) == 2
+    assert max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b)) < 1e-2
+    gn_a, gn_b = a[1]["grad_norm"], b[1]["grad_norm"]
+    assert abs(gn_a - gn_b) / gn_a < 2e-2, (gn_a, gn_b)
+    assert "Grad strides do not match" not in proc.stderr.decode()
+
+
+def test_align_param_layout_restrides_size_one_dims_only():
+    from fastsam3d_distill.engine import align_param_layout
+
+    conv = torch.nn.Conv3d(4, 3, 1)
+    conv.weight.grad = torch.empty_strided((3, 4, 1, 1, 1), (4, 1, 4, 4, 4)).fill_(1.0)
+    before = conv.weight.detach().clone()
+    assert align_param_layout(conv) == ["weight"]
+    assert conv.weight.stride() == (4, 1, 4, 4, 4) and torch.equal(conv.weight, before)
+    lin = torch.nn.Linear(4, 3)
+    lin.weight.grad = torch.zeros(4, 3).t()  # a real layout difference is left alone
+    assert align_param_layout(lin) == []

@@ -51,7 +51,12 @@ import fastsam3d  # noqa: E402
 from fastsam3d.geometry import znormalize  # noqa: E402
 from fastsam3d.testing import fixture_model  # noqa: E402
 from fastsam3d_distill.data import TensorCropDataset  # noqa: E402
-from fastsam3d_distill.engine import TrainConfig, Trainer, init_distributed  # noqa: E402
+from fastsam3d_distill.engine import (  # noqa: E402
+    DEFAULT_GPU_BATCH,
+    TrainConfig,
+    Trainer,
+    init_distributed,
+)
 from fastsam3d_distill.stage1 import (  # noqa: E402
     CachedFeatureDataset,
     DistillTask,
@@ -147,7 +152,7 @@ def maybe_compile(module: torch.nn.Module, enabled: bool, name: str, notes: list
     happens, outside the measured runs). Any failure reverts to eager and is recorded."""
     if enabled:
         try:
-            module.compile()
+            module.compile(dynamic=False)
             probe(module)
             notes.append(f"{name}: torch.compile (in place), probed")
             return
@@ -158,10 +163,12 @@ def maybe_compile(module: torch.nn.Module, enabled: bool, name: str, notes: list
 
 
 def run_phase(name: str, task: DistillTask, dataset, args, env, seconds: float,
-              gate: bool = False, max_micro: int = 0, log_every: int = 0) -> dict:
+              gate: bool = False, max_micro: int = 0, log_every: int = 0,
+              workers: int = 0) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"gpu_distill_{name}_"))
     cfg = TrainConfig(
         out_dir=str(out), epochs=10**6, batch_size=args.batch, accum=1, lr=args.lr,
+        ddp_comm=args.ddp_comm, num_workers=workers, gate_mode=args.gate_mode,
         weight_decay=0.1, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         precision="bf16" if args.bf16 else "fp32", seed=2023,
         log_every=log_every or args.log_every, device=str(env.device), resume=False,
@@ -171,10 +178,74 @@ def run_phase(name: str, task: DistillTask, dataset, args, env, seconds: float,
         gate_min_backward=args.gate_min_backward if args.gate_min_backward == "auto"
         else float(args.gate_min_backward),
     )
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
     trainer = Trainer(task, dataset, cfg, env)
     res = trainer.fit()
     res["history"] = trainer.history
+    if env.device.type == "cuda":
+        res["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     return res
+
+
+def nifti_dataset(root: Path, n_cases: int, shape: tuple[int, int, int], env) -> object:
+    """A synthetic nnU-Net dataset on disk (NIfTI, gzip), written in parallel by rank 0,
+    read back through the training loader (MONAI LoadImage, crop on the 1.5 mm lattice)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fastsam3d_distill.data import CropDataset, discover, index_samples
+
+    if env.is_main and not (root / "labelsTr").exists():
+        with ProcessPoolExecutor(max_workers=min(16, n_cases)) as pool:
+            list(pool.map(_write_case, [(str(root), c, shape) for c in range(n_cases)]))
+    if env.distributed:
+        torch.distributed.barrier()
+    cases = discover(root)
+    samples = index_samples(cases, min_voxels=100, cache=root / f"index_{env.rank}.json")
+    return CropDataset(cases, samples)
+
+
+def _write_case(job: tuple[str, int, tuple[int, int, int]]) -> None:
+    from fastsam3d_distill.synthetic import make_phantom, write_nifti
+
+    root, c, shape = job
+    ph = make_phantom(shape=shape, spacing=(1.0, 1.0, 1.0), seed=c, oblique_deg=5.0,
+                      n_ellipsoids=6, n_tubes=2)
+    name = f"case_{c:03d}"
+    write_nifti(ph, Path(root) / "imagesTr" / f"{name}_0000.nii.gz",
+                Path(root) / "labelsTr" / f"{name}.nii.gz")
+
+
+def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
+    """Volumes/s of the real input path alone (NIfTI -> crops, DataLoader workers), summed
+    over ranks: each rank reads its own shard, as in training."""
+    from torch.utils.data import DataLoader
+
+    from fastsam3d_distill.engine import collate, worker_context
+
+    n = len(dataset)
+    idx = list(range(env.rank, n, env.world))
+    order = [idx[(k * 7919) % len(idx)] for k in range(len(idx))]  # shuffled, no volume reuse
+    batches = [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)] * 50
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                        collate_fn=collate, persistent_workers=False,
+                        prefetch_factor=4 if workers else None,
+                        multiprocessing_context=worker_context() if workers else None)
+    it = iter(loader)
+    next(it)  # worker start-up is not the steady state
+    t0, vols = time.perf_counter(), 0
+    for b in it:
+        vols += b["image"].shape[0]
+        if time.perf_counter() - t0 > seconds:
+            break
+    dt = time.perf_counter() - t0
+    dev = env.device if env.device.type == "cuda" else "cpu"
+    rate = torch.tensor([vols / dt], dtype=torch.float64, device=dev)
+    if env.distributed:
+        torch.distributed.all_reduce(rate)  # gloo/nccl: sum over ranks
+    del it, loader
+    return {"workers_per_process": workers, "volumes_per_s": float(rate), "seconds": dt}
 
 
 def main() -> int:
@@ -182,7 +253,21 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--minutes", type=float, default=8.0, help="total wall budget (approx.)")
-    ap.add_argument("--batch", type=int, default=16, help="per-process batch")
+    ap.add_argument("--batches", type=int, nargs="+", default=[DEFAULT_GPU_BATCH["distill"]],
+                    help="per-process batch sizes to measure (online + cached for each; the "
+                         "first also for gating and the NIfTI path)")
+    ap.add_argument("--ddp-comm", choices=["fp32", "bf16"], default="fp32",
+                    help="gradient all-reduce precision")
+    ap.add_argument("--gate-mode", choices=["sample", "batch"], default="sample")
+    ap.add_argument("--ft-batches", type=int, nargs="+",
+                    default=[DEFAULT_GPU_BATCH["finetune"]],
+                    help="per-process batch sizes for the stage-2 (finetune) phase")
+    ap.add_argument("--nifti-cases", type=int, default=32, help="8 structures each")
+    ap.add_argument("--nifti-shape", type=int, nargs=3, default=[160, 192, 160])
+    ap.add_argument("--workers", type=int, default=14, help="DataLoader workers per process")
+    ap.add_argument("--nifti-dir", default="",
+                    help="where the NIfTI dataset goes (default: <tmp>/gpu_distill_nifti, "
+                         "shared by the ranks of one host)")
     ap.add_argument("--global-batch", type=int, default=0,
                     help="fix the global batch instead (per-process = global / processes), "
                          "for scaling runs")
@@ -200,13 +285,15 @@ def main() -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ddp", action="store_true", help="launched by torchrun (multi-GPU)")
     ap.add_argument("--phases", nargs="+", default=["online", "cached", "gating"],
-                    choices=["online", "cached", "gating"])
+                    choices=["online", "cached", "gating", "nifti", "finetune"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few seconds")
     ap.add_argument("--device", default="auto",
                     help="auto: cuda (cpu with --smoke); 'cpu' runs the real sizes on the CPU")
     args = ap.parse_args()
     if args.smoke:
-        args.batch, args.crops, args.compile = 2, 4, False
+        args.batches, args.crops, args.compile = [2], 4, False
+        args.nifti_cases, args.nifti_shape, args.workers = 2, [40, 44, 48], 1
+        args.ft_batches = [2]
         args.log_every, args.gate_warmup = 1, 8
         args.minutes = min(args.minutes, 0.5)
     if args.device == "auto":
@@ -218,7 +305,8 @@ def main() -> int:
         if args.global_batch % env.world:
             raise SystemExit(f"--global-batch {args.global_batch} is not divisible by "
                              f"{env.world} processes")
-        args.batch = args.global_batch // env.world
+        args.batches = [args.global_batch // env.world]
+    args.batch = args.batches[0]
     if args.ddp and env.world == 1 and env.is_main:
         print("[gpu_distill] --ddp given but WORLD_SIZE is 1: running single-process")
     dev = env.device
@@ -230,10 +318,19 @@ def main() -> int:
     t_begin = time.perf_counter()
     notes: list[str] = []
     # Phase weights (the gated run gets 1.5x the baseline's time, to reach its loss if slower).
-    weights = {"online": 1.0 if "online" in args.phases else 0.0,
-               "cached": 1.0 if "cached" in args.phases else 0.0,
-               "base": 1.0 if "gating" in args.phases else 0.0,
-               "gated": 1.5 if "gating" in args.phases else 0.0}
+    weights: dict[str, float] = {}
+    for b in args.batches:
+        for ph in ("online", "cached"):
+            if ph in args.phases:
+                weights[f"{ph}@{b}"] = 1.0
+    if "finetune" in args.phases:
+        for b in args.ft_batches:
+            weights[f"finetune@{b}"] = 1.0
+    if "nifti" in args.phases:
+        weights.update({"loader": 0.5, "nifti": 1.0})
+    if "gating" in args.phases:
+        weights.update({"base": 1.0, "gated": 1.5})
+    args.crops = max(args.crops, 4 * max(args.batches + args.ft_batches) * env.world)
 
     def seconds_for(phase: str) -> float:
         """This phase's share of what is left of the budget (setup and compile included)."""
@@ -255,88 +352,148 @@ def main() -> int:
     init_student_from_teacher(student0, teacher)
     student0 = student0.to(dev).train()
     images = make_crops(args.crops, dev, seed=1)
-    batch_global = args.batch * env.world
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
-    probe_x = images[: args.batch]
 
     def probe_teacher(m: torch.nn.Module) -> None:
         with torch.no_grad(), autocast:
-            m(probe_x, return_taps=True)
+            m(images[: args.batch], return_taps=True)
 
     def probe_student(m: torch.nn.Module) -> None:
         with autocast:
-            neck, taps = m(probe_x, return_taps=True)
+            neck, taps = m(images[: args.batch], return_taps=True)
             loss = neck.float().pow(2).mean() + sum(t.float().pow(2).mean() for t in taps)
         loss.backward()
         m.zero_grad(set_to_none=True)
 
-    maybe_compile(teacher, args.compile, "teacher", notes, probe_teacher)
     student_notes: list[str] = []
 
     def fresh_task(teacher_or_none, k_start: int = 1, k_every_steps: int = 0) -> DistillTask:
         st = copy.deepcopy(student0)
         maybe_compile(st, args.compile, "student", student_notes, probe_student)
-        return DistillTask(st, teacher_or_none, loss="paper", k_start=k_start,
+        return DistillTask(st, teacher_or_none, loss="paper-mse", k_start=k_start,
                            k_every_steps=k_every_steps,
                            teacher_depth=len(teacher.blocks), student_config=s_cfg)
 
     result: dict = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "world_size": env.world, "batch_per_process": args.batch,
-        "batch_global": batch_global, "crops": args.crops,
+        "world_size": env.world, "batches_per_process": args.batches, "crops": args.crops,
         "teacher": TEACHER + (" (tiny)" if args.smoke else ""),
         "student": STUDENT + (" (tiny)" if args.smoke else ""),
         "weights": "teacher: fastsam3d.testing parity recipe; student: initialised from it",
         "torch": torch.__version__, "compile": args.compile, "precision":
         "bf16 autocast" if args.bf16 else "fp32", "notes": notes,
+        "ddp": {"gradient_as_bucket_view": True, "comm": args.ddp_comm,
+                "static_graph": "yes (paper-mse loss, no gating)"},
         "optimiser": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.1,
                       "warmup_steps": args.warmup_steps, "grad_clip": args.grad_clip},
+        "runs": {},
     }
 
-    def timed_phase(name: str, task: object, dataset: object) -> dict:
+    def timed_phase(name: str, task: object, dataset: object, workers: int = 0) -> dict:
         """Run one throughput phase; its volumes/s and loss curve (micro-step, s, loss, k)."""
-        r = run_phase(name, task, dataset, args, env, seconds_for(name))
+        r = run_phase(name, task, dataset, args, env, seconds_for(name), workers=workers)
         res = {
-            **throughput(r["history"], batch_global),
+            **throughput(r["history"], args.batch * env.world),
             "micro_steps": r["micro_steps"], "wall_s": r["seconds"],
+            "peak_memory_gib": r.get("peak_memory_gib"),
+            "layout_aligned": r.get("layout_aligned"),
             "loss_curve": [(h["micro_step"], h["time"], h["loss"], h["distill/k"])
                            for h in r["history"]],
         }
         if env.is_main:
-            print(f"[{name}] {res['volumes_per_s']:.1f} volumes/s", flush=True)
+            print(f"[{name}] {res['volumes_per_s']:.1f} volumes/s, peak "
+                  f"{res['peak_memory_gib'] or 0:.1f} GiB", flush=True)
         return res
 
-    # 1. online teacher ------------------------------------------------------------------
-    if "online" in args.phases:
-        ds = TensorCropDataset(images, device=dev)
-        # Progressive schedule, one more matched block every 50 steps (a visible curve).
-        task = fresh_task(teacher, k_every_steps=50)
-        result["online"] = timed_phase("online", task, ds)
-        del task
-
-    # 2. cached features ------------------------------------------------------------------
     cached_ds = None
-    if "cached" in args.phases or "gating" in args.phases:
-        cache_dir = Path(tempfile.mkdtemp(prefix="gpu_distill_cache_"))
-        taps = needed_teacher_taps(s_cfg.depth, len(teacher.blocks))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    for b in args.batches:
+        args.batch = b
+        run: dict = {"batch_per_process": b, "batch_global": b * env.world}
+        result["runs"][str(b)] = run
+        if b == args.batches[0]:
+            maybe_compile(teacher, args.compile, "teacher", notes, probe_teacher)
+        else:
+            probe_teacher(teacher)  # a new shape recompiles here, outside the measured phase
+        # 1. online teacher --------------------------------------------------------------
+        if "online" in args.phases:
+            ds = TensorCropDataset(images, device=dev)
+            # Progressive schedule, one more matched block every 50 steps (a visible curve).
+            task = fresh_task(teacher, k_every_steps=50)
+            run["online"] = timed_phase(f"online@{b}", task, ds)
+            del task
+        # 2. cached features --------------------------------------------------------------
+        if cached_ds is None and ("cached" in args.phases or "gating" in args.phases):
+            cache_dir = Path(tempfile.mkdtemp(prefix="gpu_distill_cache_"))
+            taps = needed_teacher_taps(s_cfg.depth, len(teacher.blocks))
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            # Every process caches all crops into its own folder (no shared disk assumed).
+            cache_teacher_features(teacher, TensorCropDataset(images.cpu()), cache_dir, taps,
+                                   device=dev, batch_size=min(b, 16), bf16=args.bf16)
+            t_cache = time.perf_counter() - t0
+            cached_ds = CachedFeatureDataset(cache_dir, preload=True, device=str(dev))
+            per_vol = sum(v.numel() * v.element_size() for v in cached_ds.items[0].values())
+            result["cache"] = {
+                "seconds_incl_disk_and_compile": t_cache, "volumes": args.crops,
+                "volumes_per_s_incl_disk": args.crops / t_cache,
+                "bytes_per_volume": per_vol, "teacher_blocks_cached": taps,
+            }
+        if "cached" in args.phases:
+            task = fresh_task(None, k_every_steps=50)
+            run["cached"] = timed_phase(f"cached@{b}", task, cached_ds)
+            del task
+    args.batch = args.batches[0]
+    first = result["runs"][str(args.batch)]
+    for key in ("online", "cached"):  # the first batch size's phases, at the top level too
+        if key in first:
+            result[key] = first[key]
+
+    # Stage 2: prompt encoder + decoder, released recipe (11 rounds, random error clicks on
+    # the device, mask-only rounds, logits fed back with their gradient) ----------------------
+    if "finetune" in args.phases:
+        from fastsam3d_distill.stage2 import FinetuneTask
+
+        labels = (images > 0.5).float()  # blobby binary targets on the smooth volumes
+        fds = TensorCropDataset(images, labels, device=dev)
+        result["finetune"] = {}
+        for b in args.ft_batches:
+            args.batch = b
+            torch.manual_seed(0)
+            model = fastsam3d.build_model(s_cfg)
+            model.image_encoder.load_state_dict(student0.state_dict())
+            model = model.to(dev).train()
+            task = FinetuneTask(model, n_clicks=11, clicks="released")
+            r = run_phase(f"finetune@{b}", task, fds, args, env, seconds_for(f"finetune@{b}"))
+            res = {**throughput(r["history"], b * env.world), "micro_steps": r["micro_steps"],
+                   "batch_per_process": b, "batch_global": b * env.world,
+                   "peak_memory_gib": r.get("peak_memory_gib"),
+                   "loss_curve": [(h["micro_step"], h["time"], h["loss"]) for h in r["history"]]}
+            result["finetune"][str(b)] = res
+            if env.is_main:
+                print(f"[finetune@{b}] {res['volumes_per_s']:.1f} volumes/s, peak "
+                      f"{res['peak_memory_gib'] or 0:.1f} GiB", flush=True)
+            del task, model
+        args.batch = args.batches[0]
+
+    # NIfTI on disk -> DataLoader workers -> online distillation (the real input path) -------
+    if "nifti" in args.phases:
+        root = Path(args.nifti_dir or Path(tempfile.gettempdir()) / "gpu_distill_nifti")
         t0 = time.perf_counter()
-        # Every process caches all crops into its own folder (a one-off; no shared disk assumed).
-        cache_teacher_features(teacher, TensorCropDataset(images.cpu()), cache_dir, taps,
-                               device=dev, batch_size=args.batch, bf16=args.bf16)
-        t_cache = time.perf_counter() - t0
-        cached_ds = CachedFeatureDataset(cache_dir, preload=True, device=str(dev))
-        per_vol = sum(v.numel() * v.element_size() for v in cached_ds.items[0].values())
-        result["cache"] = {
-            "seconds_incl_disk_and_compile": t_cache, "volumes": args.crops,
-            "volumes_per_s_incl_disk": args.crops / t_cache,
-            "bytes_per_volume": per_vol, "teacher_blocks_cached": taps,
-        }
-    if "cached" in args.phases:
-        task = fresh_task(None, k_every_steps=50)
-        result["cached"] = timed_phase("cached", task, cached_ds)
+        nds = nifti_dataset(root, args.nifti_cases, tuple(args.nifti_shape), env)
+        t_write = time.perf_counter() - t0
+        lr_ = loader_rate(nds, min(args.batch, 8), args.workers, seconds_for("loader"), env)
+        task = fresh_task(teacher, k_every_steps=50)
+        res = timed_phase("nifti", task, nds, workers=args.workers)
         del task
+        result["nifti"] = {
+            "cases": args.nifti_cases, "shape_kji": args.nifti_shape, "spacing_mm": 1.0,
+            "samples": len(nds), "format": "nii.gz (float32 image, int16 label)",
+            "write_and_index_s": t_write, "loader": lr_, "training": res,
+        }
+        if env.is_main:
+            print(f"[loader] {lr_['volumes_per_s']:.1f} volumes/s with {args.workers} workers "
+                  "per process", flush=True)
 
     # 3. gating at equal final loss (cached features, fixed objective k = depth) ------------
     if "gating" in args.phases:
@@ -348,7 +505,7 @@ def main() -> int:
                          log_every=1)
         gated = run_phase("gated", gated_task, cached_ds, args, env, seconds_for("gated"),
                           gate=True, log_every=1)
-        window = max(8, 4 * math.ceil(args.crops / batch_global))
+        window = max(8, 4 * math.ceil(args.crops / (args.batch * env.world)))
         hb, hg = rebase(base["history"]), rebase(gated["history"])
         sb = smoothed([h["loss"] for h in hb], window)
         sg = smoothed([h["loss"] for h in hg], window)

@@ -78,3 +78,72 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     inter = np.logical_and(pred, gt).sum()
     total = pred.sum() + gt.sum()
     return 1.0 if total == 0 else float(2.0 * inter / total)
+
+
+# ----------------------------------------------------------------------------- released rules
+# FastSAM3D's released clicks (utils/click_method.py): the error region is taken from the
+# previous *upsampled logits* thresholded at 0.5 (not 0, a quirk kept as released).
+RELEASED_THRESHOLD = 0.5
+
+
+def device_generators(
+    seed: int, epoch: int, ids: list[int], device: torch.device, salt: int
+) -> list[torch.Generator]:
+    """One generator per sample on ``device``, seeded by (seed, epoch, sample, salt) only."""
+    from .engine import sample_generator
+
+    out = []
+    for i in ids:
+        s = int(torch.randint(2**62, (1,), generator=sample_generator(seed, epoch, i, salt)))
+        out.append(torch.Generator(device=device).manual_seed(s))
+    return out
+
+
+def random_error_click(
+    gt: torch.Tensor,
+    logits: torch.Tensor | None,
+    generators: list[torch.Generator],
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released ``get_next_click3D_torch_2``, batched on the device without host syncs.
+
+    ``gt`` (B, D, H, W) bool, ``logits`` the previous upsampled logits (B, 1, D, H, W) or None
+    (nothing predicted yet: the click is a uniform voxel of the object). A uniform voxel of
+    FN ∪ FP (prediction = logits > 0.5), positive if it is a false negative. Returns
+    coordinates (B, 3) long in array-axis order and labels (B,) long. A sample without errors
+    repeats ``previous`` (the released code would fail there).
+    """
+    pred = (torch.zeros_like(gt) if logits is None
+            else logits[:, 0] > RELEASED_THRESHOLD)
+    fn = gt & ~pred
+    err = (fn | (pred & ~gt)).flatten(1)
+    noise = torch.stack([torch.rand(gt.shape[1:], generator=g, device=gt.device)
+                         for g in generators]).flatten(1)
+    idx = torch.where(err, noise, torch.full_like(noise, -1.0)).argmax(1)
+    size = gt.shape[1:]
+    coords = torch.stack([idx // (size[1] * size[2]), (idx // size[2]) % size[1],
+                          idx % size[2]], 1)
+    labels = fn.flatten(1).gather(1, idx[:, None])[:, 0].long()
+    if previous is not None:
+        some = err.any(1)
+        coords = torch.where(some[:, None], coords, previous[0])
+        labels = torch.where(some, labels, previous[1])
+    return coords, labels
+
+
+def ritm_click(
+    gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, int] | None:
+    """The released ``get_next_click3D_torch_ritm`` (evaluation clicks 1 and 2): the error
+    type (FN or FP) with the larger maximum distance to its border wins, and the click is a
+    uniform voxel among that type's voxels deeper than half the maximum. ``pred`` is the
+    previous prediction (upsampled logits > 0.5). None when there is no error."""
+    fn, fp = gt & ~pred, pred & ~gt
+    if not (fn.any() or fp.any()):
+        return None
+    dts = [ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1, 1:-1] for m in (fn, fp)]
+    positive = dts[0].max() > dts[1].max()
+    dt = dts[0] if positive else dts[1]
+    cand = np.argwhere(dt > max(dts[0].max(), dts[1].max()) / 2.0)
+    point = cand[int(rng.integers(len(cand)))]
+    return point, int(fn[tuple(point)])

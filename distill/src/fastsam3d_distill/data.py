@@ -13,6 +13,7 @@ MONAI is imported lazily: the GPU benchmark path (in-memory tensors) must run wi
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,6 +128,33 @@ def load_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(arr.transpose(2, 1, 0)), affine
 
 
+def _header(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape [k, j, i], ijk->RAS affine) from the file header alone where nibabel reads it
+    (NIfTI: milliseconds), else through a full MONAI read."""
+    if path.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(path)
+        shape = tuple(int(n) for n in img.shape[:3])[::-1]
+        return shape, np.asarray(img.affine, dtype=np.float64)
+    arr, aff = load_array(path)
+    return tuple(arr.shape), aff
+
+
+def check_grids(cases: list[Case], atol: float = 1e-3) -> None:
+    """Every case's label must lie on its image's grid (same shape and affine): checked from
+    the headers before any work, so a misregistered case fails at once, by name."""
+    for case in cases:
+        (si, ai), (sl, al) = _header(case.image), _header(case.label)
+        if si != sl:
+            raise ValueError(f"case {case.name}: label shape {sl} differs from image shape "
+                             f"{si} ({case.label} vs {case.image})")
+        if not np.allclose(ai, al, atol=atol):
+            worst = float(np.abs(ai - al).max())
+            raise ValueError(f"case {case.name}: label affine differs from the image affine "
+                             f"(max difference {worst:.4g} mm; {case.label} vs {case.image})")
+
+
 def index_samples(
     cases: list[Case],
     classes: list[int] | None = None,
@@ -135,7 +163,9 @@ def index_samples(
 ) -> list[Sample]:
     """One sample per (case, label value present). Reads each label once; ``cache`` keeps the
     index in a JSON file keyed by the case list so large datasets are scanned only once."""
-    key = [asdict(c) for c in cases]
+    # Keyed by the files' sizes and modification times too: an edited label re-indexes.
+    key = [{**asdict(c), "stat": [[os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                                  for f in (c.image, c.label)]} for c in cases]
     if cache is not None and Path(cache).exists():
         stored = json.loads(Path(cache).read_text())
         if stored.get("cases") == key:
@@ -201,7 +231,8 @@ def znormalize(crop: torch.Tensor) -> torch.Tensor:
 
 
 def build_augment(flip_prob: float = 0.5, intensity_prob: float = 0.5) -> Any:
-    """MONAI dictionary transforms: axis flips (image and label), intensity scale/shift jitter."""
+    """MONAI dictionary transforms: axis flips (image and label), intensity scale/shift jitter
+    (``intensity_prob=0``: flips only, as the released training's ``RandomFlip``)."""
     from monai.transforms import (
         Compose,
         RandFlipd,
@@ -210,13 +241,11 @@ def build_augment(flip_prob: float = 0.5, intensity_prob: float = 0.5) -> Any:
     )
 
     keys = ["image", "label"]
-    return Compose([
-        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
-        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
-        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
-        RandScaleIntensityd(keys=["image"], factors=0.1, prob=intensity_prob),
-        RandShiftIntensityd(keys=["image"], offsets=0.1, prob=intensity_prob),
-    ])
+    steps = [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=a) for a in range(3)]
+    if intensity_prob > 0:
+        steps += [RandScaleIntensityd(keys=["image"], factors=0.1, prob=intensity_prob),
+                  RandShiftIntensityd(keys=["image"], offsets=0.1, prob=intensity_prob)]
+    return Compose(steps)
 
 
 def apply_augment(augment: Any, item: dict[str, Any], seed: int, epoch: int) -> dict[str, Any]:
@@ -246,11 +275,12 @@ class CropDataset(Dataset):
         seed: int = 2023,
         cache_volumes: int = 2,
         anchor: str = "centre",
+        intensity: bool = True,
     ) -> None:
         if not samples:
             raise ValueError("no samples: every label is empty or filtered out")
         self.cases, self.samples = cases, samples
-        self.augment = build_augment() if augment else None
+        self.augment = build_augment(intensity_prob=0.5 if intensity else 0.0) if augment else None
         self.seed = seed
         self._lru: OrderedDict[int, tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
         self.cache_volumes = cache_volumes
@@ -266,9 +296,12 @@ class CropDataset(Dataset):
         case = self.cases[ci]
         img, aff = load_array(case.image)
         lab, lab_aff = load_array(case.label)
-        if lab.shape != img.shape or not np.allclose(lab_aff, aff, atol=1e-3):
-            raise ValueError(f"case {case.name}: label grid differs from image grid "
-                             f"({lab.shape} vs {img.shape})")
+        if lab.shape != img.shape:
+            raise ValueError(f"case {case.name}: label shape {lab.shape} differs from image "
+                             f"shape {img.shape}")
+        if not np.allclose(lab_aff, aff, atol=1e-3):
+            raise ValueError(f"case {case.name}: label affine differs from the image affine "
+                             f"(max difference {float(np.abs(lab_aff - aff).max()):.4g} mm)")
         vol = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
         rec = (vol, aff, np.rint(lab).astype(np.int64))
         self._lru[ci] = rec
@@ -303,12 +336,13 @@ class TensorCropDataset(Dataset):
         augment: bool = False,
         seed: int = 2023,
         device: str | torch.device | None = None,
+        intensity: bool = True,
     ) -> None:
         if images.ndim != 5 or images.shape[1] != 1:
             raise ValueError(f"images must be (N,1,D,H,W), got {tuple(images.shape)}")
         self.images = images if device is None else images.to(device)
         self.labels = labels if labels is None or device is None else labels.to(device)
-        self.augment = build_augment() if augment else None
+        self.augment = build_augment(intensity_prob=0.5 if intensity else 0.0) if augment else None
         self.seed = seed
         self.direct_batches = device is not None and not augment
 
@@ -329,7 +363,9 @@ class TensorCropDataset(Dataset):
         return self.get(i, 0)
 
     def get_batch(self, idx: list[int], epoch: int) -> dict[str, Any]:
-        index = torch.as_tensor(idx, device=self.images.device)
+        index = torch.as_tensor(idx)
+        if self.images.device.type == "cuda":  # pinned: no host wait for the GPU
+            index = index.pin_memory().to(self.images.device, non_blocking=True)
         out: dict[str, Any] = {"image": self.images[index], "id": torch.as_tensor(idx)}
         if self.labels is not None:
             out["label"] = self.labels[index].float()

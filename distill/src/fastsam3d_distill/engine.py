@@ -158,17 +158,34 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _EpochDataset(Dataset):
-    """Hands the epoch to datasets whose items depend on it (seeded augmentation)."""
+    """Items keyed by (sample, epoch): datasets whose items depend on the epoch (seeded
+    augmentation) get it with the index, so one persistent DataLoader serves every epoch."""
 
-    def __init__(self, base: Dataset, epoch: int) -> None:
-        self.base, self.epoch = base, epoch
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        i, epoch = key
         getter = getattr(self.base, "get", None)
-        return getter(i, self.epoch) if getter is not None else self.base[i]
+        return getter(i, epoch) if getter is not None else self.base[i]
+
+
+class _EpochBatches:
+    """Batch sampler reading the trainer's epoch and resume position at every ``iter()``."""
+
+    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b in self.sampler.batches():
+            yield [(i, self.epoch) for i in b]
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch - self.sampler.start_batch
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -182,7 +199,14 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint this engine wrote (weights-only unpickling: no code runs)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # e.g. an exported model.pth (it pickles its args)
+        ckpt = None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(
             f"{path} is not a fastsam3d-distill training checkpoint (use `fastsam3d-distill "
@@ -249,6 +273,22 @@ class TrainConfig:
     max_micro_steps: int = 0  # stop after this many micro-batches (0 = no limit)
     max_seconds: float = 0.0  # stop after this much wall time (benchmarks; 0 = no limit)
     checkpoints: bool = True  # False: write no checkpoints at all (throughput benchmarks)
+    gate_mode: str = "sample"  # "sample": backward only samples above baseline; "batch": whole
+    ddp_comm: str = "fp32"  # gradient all-reduce precision: "fp32" | "bf16" (compression hook)
+    prefetch: int = 4  # batches each DataLoader worker keeps ready
+    apply_changes: bool = False  # resume: apply changed hyper-parameters (else refuse)
+
+
+# Default per-GPU batch on CUDA, per stage: where throughput has levelled off on an H200
+# (distill/benchmarks/results/gpu_distill_scaling.md); on CPU the default is 1.
+DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 32}
+
+# Settings a resumed run may change freely (how it runs, not what it computes).
+RESUME_FREE = frozenset({
+    "out_dir", "epochs", "max_steps", "batch_size", "ckpt_every", "log_every", "num_workers",
+    "device", "resume", "tensorboard", "progress", "timing", "max_micro_steps", "max_seconds",
+    "checkpoints", "prefetch", "apply_changes", "ddp_comm",
+})
 
 
 class Task(nn.Module):
@@ -256,6 +296,8 @@ class Task(nn.Module):
 
     name = "task"
     find_unused = True  # DDP: some parameters may get no gradient in a step
+    # DDP static_graph: the same parameters get gradients in every step (set by tasks that know)
+    static_graph = False
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Work outside DDP and outside autograd (frozen teacher, cached-target loading)."""
@@ -266,6 +308,10 @@ class Task(nn.Module):
 
     def scalars(self) -> dict[str, float]:
         return {}
+
+    def lr_factor(self, step: int, epoch: int) -> float:
+        """The task's LR schedule as a multiplier (constant unless a recipe says otherwise)."""
+        return 1.0
 
     def meta(self) -> dict[str, Any]:
         """JSON-able facts needed to rebuild the model from a checkpoint (configs)."""
@@ -279,15 +325,87 @@ class Task(nn.Module):
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    nb = device.type == "cuda"
-    return {
-        k: v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
+    """Host tensors go through pinned memory: a copy from pageable memory would make the
+    host wait for the GPU (the stream is synchronised first), once per step."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if k == "id":  # a host list: reading ids must never wait for the GPU (and DDP
+            out[k] = v.tolist() if isinstance(v, torch.Tensor) else list(v)  # moves tensors)
+        elif isinstance(v, torch.Tensor) and device.type == "cuda" and v.device.type == "cpu":
+            out[k] = (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
+        else:
+            out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def worker_context() -> str | None:
+    """DataLoader worker start method: forked workers of a process that has initialised CUDA
+    (and NCCL) die with 'CUDA error: initialization error' (seen on 2 H200s); forkserver
+    starts them clean. Plain fork otherwise (fast, and what the CPU tests use)."""
+    return "forkserver" if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def _select(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The sub-batch of ``rows`` (tensors by first dimension, lists by position)."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            out[k] = v[torch.as_tensor(rows, device=v.device)]
+        elif isinstance(v, list):
+            out[k] = [v[r] for r in rows]
+        else:
+            out[k] = v
+    return out
+
+
+def align_param_layout(module: nn.Module) -> list[str]:
+    """Give each parameter the strides its gradient came out with (after one backward).
+
+    DDP lays its gradient buckets out like the parameters; a kernel that returns a gradient
+    with other strides (e.g. a 1x1x1 conv weight whose gradient has channels-last strides in
+    its size-1 dimensions) makes DDP warn and copy every step. Where only size-1 dimensions
+    differ the memory order is the same, so the parameter becomes a re-strided view of its own
+    storage (no copy, values and optimiser state untouched). Returns the names changed.
+    """
+    changed = []
+    for name, p in module.named_parameters():
+        g = p.grad
+        if g is None or g.stride() == p.stride() or g.shape != p.shape:
+            continue
+        if all(a == b for a, b, n in zip(g.stride(), p.stride(), p.shape) if n > 1):
+            p.data = p.data.as_strided(p.shape, g.stride())
+            changed.append(name)
+    return changed
+
+
+def bf16_allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP rejects string annotations
+    """DDP communication hook: average each gradient bucket in bf16 (half the bytes of fp32).
+
+    Same as torch's ``bf16_compress_hook`` but backend-neutral (that one insists on NCCL), so
+    the CPU/gloo tests run the very code the GPUs run.
+    """
+    buf = bucket.buffer()
+    world = dist.get_world_size()
+    comp = buf.to(torch.bfloat16).div_(world)
+    fut = dist.all_reduce(comp, async_op=True).get_future()
+
+    def back(f: torch.futures.Future) -> torch.Tensor:
+        buf.copy_(f.value()[0])
+        return buf
+
+    return fut.then(back)
 
 
 class Trainer:
-    """Runs a Task over a dataset; see the module docstring for the guarantees."""
+    """Runs a Task over a dataset; see the module docstring for the guarantees.
+
+    Throughput: DDP is built lazily at the first batch, after one probe backward has aligned
+    parameter strides with gradient strides (``align_param_layout``), with gradient bucket
+    views, ``static_graph`` where the task declares it and nothing is gated, and an optional
+    bf16 all-reduce (``ddp_comm``). Nothing waits for the GPU between log records: losses
+    (and the wall-time stop flag) are gathered on the device, copied to pinned memory without
+    blocking, and read one log interval later, timed with CUDA events.
+    """
 
     def __init__(self, task: Task, dataset: Dataset, cfg: TrainConfig, env: DistEnv | None = None):
         self.cfg = cfg
@@ -300,6 +418,10 @@ class Trainer:
             prec = "bf16" if self.env.device.type == "cuda" else "fp32"
         if prec not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16, fp32 or auto, got {cfg.precision!r}")
+        if cfg.ddp_comm not in ("fp32", "bf16"):
+            raise ValueError(f"ddp_comm must be fp32 or bf16, got {cfg.ddp_comm!r}")
+        if cfg.gate_mode not in ("sample", "batch"):
+            raise ValueError(f"gate_mode must be sample or batch, got {cfg.gate_mode!r}")
         self.precision = prec
         params = [p for p in self.task.parameters() if p.requires_grad]
         if not params:
@@ -308,9 +430,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
         )
-        warm = max(cfg.warmup_steps, 0)
+        # A plain function (not a bound method), so the scheduler's state_dict stores no closure.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+            self.optimizer, lambda s: self._lr_factor(s)
         )
         self.gate = BackwardGate(
             warmup=cfg.gate_warmup,
@@ -322,13 +444,9 @@ class Trainer:
         self.sampler = ResumableDistributedSampler(
             dataset, self.env.world, self.env.rank, cfg.batch_size, cfg.seed, cfg.shuffle
         )
-        if self.env.distributed:
-            dev_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            self.ddp: nn.Module = nn.parallel.DistributedDataParallel(
-                self.task, device_ids=dev_ids, find_unused_parameters=task.find_unused
-            )
-        else:
-            self.ddp = self.task
+        self.sample_gate = cfg.gate and cfg.gate_mode == "sample"
+        self.ddp: nn.Module | None = None  # built at the first batch (_setup_ddp)
+        self.layout_changed: list[str] = []
         self.epoch = 0
         self.batch_in_epoch = 0
         self.opt_step = 0
@@ -339,9 +457,20 @@ class Trainer:
         self.timing = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
         self._writer = None
         self._jsonl = None
+        self._loader: DataLoader | None = None
+        self._batch_sampler = _EpochBatches(self.sampler)
+        self._pending: list[dict[str, Any]] = []
         self._t_start = time.perf_counter()
+        self._t0_event: Any = None
         self._out_of_time = False
+        self._resumed_micro = 0
         self.grad_norm: torch.Tensor | None = None
+
+    def _lr_factor(self, step: int) -> float:
+        """LR multiplier: linear warm-up, then the task's schedule (constant by default)."""
+        warm = max(self.cfg.warmup_steps, 0)
+        factor = min(1.0, (step + 1) / warm) if warm else 1.0
+        return factor * self.task.lr_factor(step, getattr(self, "epoch", 0))
 
     # -- checkpointing ---------------------------------------------------------------------
 
@@ -378,19 +507,25 @@ class Trainer:
         if self.env.distributed:
             dist.barrier()
 
+    def _changes(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ from the checkpoint's run and change what it computes."""
+        old_cfg = json.loads(ckpt["config"])
+        new_cfg = json.loads(json.dumps(asdict(self.cfg)))
+        changes = {k: (old_cfg.get(k), v) for k, v in new_cfg.items()
+                   if k not in RESUME_FREE and old_cfg.get(k) != v}
+        old_meta = json.loads(ckpt.get("meta", "{}"))
+        new_meta = json.loads(json.dumps(self.task.meta()))
+        for k in sorted(set(old_meta) | set(new_meta)):
+            if old_meta.get(k) != new_meta.get(k):
+                changes[k] = (old_meta.get(k), new_meta.get(k))
+        return changes
+
     def load(self, path: Path) -> None:
         ckpt = load_training_checkpoint(path)
         if ckpt["task"] != self.task.name:
             raise ValueError(
                 f"{path} was written by stage {ckpt['task']!r}, not {self.task.name!r}"
             )
-        missing, unexpected = self.task.load_state_dict(ckpt["model"], strict=False)
-        trainable = set(self.task.trainable_state_dict())
-        if unexpected or (set(missing) & trainable):
-            raise ValueError(f"checkpoint does not match the model: missing {missing}, "
-                             f"unexpected {unexpected}")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         p = ckpt["progress"]
         global_batch = self.cfg.batch_size * self.env.world
         if p["global_batch"] != global_batch:
@@ -399,31 +534,135 @@ class Trainer:
                 f"processes), this one {global_batch}; resume with the same global batch "
                 "(e.g. 2 processes x 4 = 1 process x 8) or start a new --out"
             )
+        changes = self._changes(ckpt)
+        if changes and not self.cfg.apply_changes:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
+                               ((k, *v) for k, v in sorted(changes.items())))
+            raise ValueError(
+                f"{path}: this run's settings differ from the checkpoint's ({listed}); resume "
+                "with the same settings, pass --apply-changes to continue with the new ones "
+                "(logged), or start a new --out"
+            )
+        missing, unexpected = self.task.load_state_dict(ckpt["model"], strict=False)
+        trainable = set(self.task.trainable_state_dict())
+        if unexpected or (set(missing) & trainable):
+            raise ValueError(f"checkpoint does not match the model: missing {missing}, "
+                             f"unexpected {unexpected}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if changes:
+            # The optimiser and schedule carry the old values: put the new ones in.
+            for group in self.optimizer.param_groups:
+                group.update(weight_decay=self.cfg.weight_decay, betas=self.cfg.betas,
+                             initial_lr=self.cfg.lr)
+            self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
         self.epoch, self.batch_in_epoch = p["epoch"], p["batch_in_epoch"]
         self.opt_step, self.micro_step = p["opt_step"], p["micro_step"]
+        self._resumed_micro = self.micro_step
+        if changes:  # the LR must follow the new schedule from this step on
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = lr * self._lr_factor(self.opt_step)
         self.gate.load_state_dict(ckpt["gate"])
         rngs = ckpt["rng"]
         if p["world"] == self.env.world:
             _set_rng_state(rngs[self.env.rank])
         elif self.env.is_main:
-            print(f"[distill] resuming a {p['world']}-process run on {self.env.world}: the "
-                  "global RNG streams restart (sampling, augmentation and clicks are seeded "
-                  "per sample and stay exact)")
+            print(f"[{self.task.name}] resuming a {p['world']}-process run on {self.env.world}: "
+                  "the global RNG streams restart (sampling, augmentation and clicks are "
+                  "seeded per sample and stay exact)")
+        if self.env.is_main:
+            self._trim_metrics(self.micro_step)
+            if changes:
+                msg = {k: {"was": a, "now": b} for k, (a, b) in changes.items()}
+                print(f"[{self.task.name}] resume: applying changed settings "
+                      f"{json.dumps(msg)}")
+                self._write_record({"event": "resume", "step": self.opt_step,
+                                    "micro_step": self.micro_step, "changed": msg})
 
     # -- logging ---------------------------------------------------------------------------
 
-    def _log(self, scalars: dict[str, float]) -> None:
-        if not self.env.is_main:
+    def _trim_metrics(self, micro_step: int) -> None:
+        """Drop records after the checkpoint (they will be replayed), so no step appears twice."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
             return
-        self._sync()  # so that "time" marks finished GPU work
-        rec = {"step": self.opt_step, "micro_step": self.micro_step,
-               "time": time.perf_counter() - self._t_start, **scalars}
-        self.history.append(rec)
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if rec.get("micro_step", 0) <= micro_step:
+                keep.append(line)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(x + "\n" for x in keep))
+
+    def _write_record(self, rec: dict[str, Any]) -> None:
         if self._jsonl is None:
             self.out.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
+
+    def _push_log(self, ids: Sequence[int], losses: torch.Tensor, scalars: dict[str, float],
+                  bar: Any) -> None:
+        """Queue a log record: gather on the device, copy without blocking, read it later."""
+        dev = losses.device
+        flag = float(self.env.is_main and bool(self.cfg.max_seconds)
+                     and time.perf_counter() - self._t_start > self.cfg.max_seconds)
+        ids_t = torch.as_tensor(list(ids), dtype=torch.float64)
+        if dev.type == "cuda":
+            ids_t = ids_t.pin_memory().to(dev, non_blocking=True)
+        local = torch.stack([ids_t, losses.detach().double().reshape(-1),
+                             torch.full_like(losses.reshape(-1), flag, dtype=torch.float64)])
+        if self.env.distributed:
+            parts = [torch.empty_like(local) for _ in range(self.env.world)]
+            dist.all_gather(parts, local)
+            local = torch.cat(parts, dim=1)
+        gn = (self.grad_norm if self.grad_norm is not None
+              else torch.full((1,), float("nan"), device=dev))
+        payload = torch.cat([local.reshape(-1), gn.double().reshape(1)])
+        rec: dict[str, Any] = {"step": self.opt_step, "micro_step": self.micro_step + 1,
+                               "epoch": self.epoch, "scalars": scalars, "n": local.shape[1]}
+        if dev.type == "cuda":
+            buf = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+            buf.copy_(payload, non_blocking=True)
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            rec.update(buf=buf, event=ev)
+        else:
+            rec.update(buf=payload, time=time.perf_counter() - self._t_start)
+        self._pending.append(rec)
+        self._drain(keep=1, bar=bar)
+
+    def _drain(self, keep: int, bar: Any = None) -> None:
+        """Turn all but the newest ``keep`` queued records into log lines (oldest first)."""
+        while len(self._pending) > keep:
+            rec = self._pending.pop(0)
+            if "event" in rec:
+                rec["event"].synchronize()
+                t = self._t0_event.elapsed_time(rec["event"]) / 1000.0
+            else:
+                t = rec["time"]
+            vals = rec["buf"]
+            n = rec["n"]
+            losses = vals[n : 2 * n].tolist()
+            if bool(vals[2 * n] > 0):  # rank 0's wall-time flag: every rank stops here
+                self._out_of_time = True
+            gn = float(vals[-1])
+            loss = float(np.mean(losses))
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4g}")
+            self._log({"loss": loss, "lr": rec["scalars"].pop("lr"), "epoch": rec["epoch"],
+                       **rec["scalars"], **({"grad_norm": gn} if math.isfinite(gn) else {})},
+                      step=rec["step"], micro_step=rec["micro_step"], t=t)
+
+    def _log(self, scalars: dict[str, float], step: int, micro_step: int, t: float) -> None:
+        if not self.env.is_main:
+            return
+        rec = {"step": step, "micro_step": micro_step, "time": t, **scalars}
+        self.history.append(rec)
+        self._write_record(rec)
         if self.cfg.tensorboard:
             if self._writer is None:
                 try:
@@ -431,40 +670,49 @@ class Trainer:
                 except ImportError:  # tensorboard is optional (e.g. on a bare GPU box)
                     self.cfg.tensorboard = False
                     return
-                self._writer = SummaryWriter(str(self.out / "tb"))
+                # purge_step: events of replayed steps (after a resume) are dropped.
+                self._writer = SummaryWriter(str(self.out / "tb"),
+                                             purge_step=self._resumed_micro)
             for k, v in scalars.items():
-                self._writer.add_scalar(k, v, self.micro_step)
+                self._writer.add_scalar(k, v, micro_step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        self._loader = None  # shuts persistent workers down
 
     # -- the loop --------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         self.sampler.set_epoch(self.epoch)
         self.sampler.start_batch = self.batch_in_epoch
+        self._batch_sampler.epoch = self.epoch
         if getattr(self.dataset, "direct_batches", False):  # device-resident (benchmarks)
             for idx in self.sampler.batches():
                 yield self.dataset.get_batch(idx, self.epoch)  # type: ignore[attr-defined]
             return
-        loader = DataLoader(
-            _EpochDataset(self.dataset, self.epoch),
-            batch_sampler=list(self.sampler.batches()),
-            num_workers=self.cfg.num_workers,
-            collate_fn=collate,
-            pin_memory=self.env.device.type == "cuda",
-            persistent_workers=False,
-        )
-        yield from loader
+        if self._loader is None:
+            workers = self.cfg.num_workers
+            extra: dict[str, Any] = (
+                {"persistent_workers": True, "prefetch_factor": self.cfg.prefetch,
+                 "multiprocessing_context": worker_context()}
+                if workers > 0 else {}
+            )
+            self._loader = DataLoader(
+                _EpochDataset(self.dataset), batch_sampler=self._batch_sampler,
+                num_workers=workers, collate_fn=collate,
+                pin_memory=self.env.device.type == "cuda", **extra,
+            )
+        yield from self._loader
 
     def _gather(
-        self, ids: torch.Tensor, losses: torch.Tensor
+        self, ids: Sequence[int], losses: torch.Tensor
     ) -> tuple[list[int], list[float]]:
-        """Every rank's (sample id, loss) pairs, in rank order; one small collective."""
-        local = torch.stack([ids.to(losses.device).double(), losses.double().reshape(-1)])
+        """Every rank's (sample id, loss) pairs, in rank order; one small collective (waits)."""
+        ids_t = torch.as_tensor(list(ids), dtype=torch.float64).to(losses.device)
+        local = torch.stack([ids_t, losses.double().reshape(-1)])
         if self.env.distributed:
             parts = [torch.empty_like(local) for _ in range(self.env.world)]
             dist.all_gather(parts, local)
@@ -476,14 +724,56 @@ class Trainer:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
 
+    def _setup_ddp(self, batch: dict[str, Any], autocast: Any) -> None:
+        """Wrap the task for DDP (not for sample gating, which all-reduces by hand)."""
+        if not self.env.distributed or self.sample_gate:
+            self.ddp = self.task
+            return
+        with autocast:  # probe: which strides do the gradients come out with?
+            probe = self.task(batch)
+        probe.float().mean().backward()
+        self.layout_changed = align_param_layout(self.task)
+        self.task.zero_grad(set_to_none=True)
+        static = self.task.static_graph and not self.cfg.gate
+        dev_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        self.ddp = nn.parallel.DistributedDataParallel(
+            self.task, device_ids=dev_ids,
+            find_unused_parameters=self.task.find_unused and not static,
+            gradient_as_bucket_view=True, static_graph=static,
+        )
+        if self.cfg.ddp_comm == "bf16":
+            self.ddp.register_comm_hook(None, bf16_allreduce_hook)
+
+    def _allreduce_grads(self, average: bool) -> None:
+        """All-reduce gradients outside DDP in one flat collective. A parameter without a
+        gradient on every rank keeps none (as in one process); one with a gradient on some
+        rank gets zeros elsewhere before the sum."""
+        params = [p for p in self.task.parameters() if p.requires_grad]
+        dev = params[0].device
+        has = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+        dist.all_reduce(has)
+        grads = []
+        for p, h in zip(params, has.tolist()):
+            if h > 0:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        if not grads:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        if average:
+            flat /= self.env.world
+        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+
     def _step_optimizer(self) -> None:
-        if self.env.distributed and self.window_unsynced:
-            # The last backward of this window ran under no_sync (the window was cut short by
-            # the end of training): average the local gradients by hand.
-            for prm in self.task.parameters():
-                if prm.grad is not None:
-                    dist.all_reduce(prm.grad)
-                    prm.grad /= self.env.world
+        if self.env.distributed and (self.window_unsynced or self.sample_gate):
+            # Sample gating sums per-sample gradients normalised by the global count; a window
+            # cut short by the end of training ran its last backward under no_sync: average.
+            self._allreduce_grads(average=not self.sample_gate)
         if self.window_backward < self.cfg.accum:
             scale = self.cfg.accum / self.window_backward
             for prm in self.task.parameters():
@@ -507,26 +797,89 @@ class Trainer:
             or self._out_of_time
         )
 
-    def _check_time(self) -> None:
-        """Wall-time limit, decided on rank 0 and shared, so that every rank stops together."""
-        if not self.cfg.max_seconds:
+    def _micro_batch(self, batch: dict[str, Any], autocast: Any, want_log: bool,
+                     bar: Any) -> bool:
+        """Forward (+ backward unless gated away) of one micro-batch; True if a backward ran."""
+        cfg = self.cfg
+        timing = cfg.timing
+        t0 = time.perf_counter()
+        scalars = {"lr": self.scheduler.get_last_lr()[0], **self.task.scalars()}
+        if self.sample_gate:
+            with torch.no_grad(), autocast:
+                losses = self.task(batch)
+            ids, vals = self._gather(batch["id"], losses)
+            keep = self.gate.select(ids, vals)
+            n_sel = sum(keep)
+            b = len(batch["id"])
+            mine = [j for j in range(b) if keep[self.env.rank * b + j]]
+            t1 = time.perf_counter()
+            self.timing["forward_s"] += t1 - t0
+            if mine:
+                with autocast:
+                    sub = self.task(_select(batch, mine))
+                (sub.float().sum() / (n_sel * cfg.accum)).backward()
+            ran = n_sel > 0
+            self.window_backward += int(ran)
+            if want_log:
+                self._push_log(batch["id"], losses, {**scalars, **self.gate.stats()}, bar)
+            if timing:
+                self._sync()
+            self.timing["backward_s"] += time.perf_counter() - t1
+            return ran
+        last_in_window = self.window_backward + 1 >= cfg.accum
+        no_sync = self.env.distributed and not last_in_window
+        assert self.ddp is not None
+        ctx = self.ddp.no_sync() if no_sync else contextlib.nullcontext()  # type: ignore[operator]
+        with ctx:
+            with autocast:
+                losses = self.ddp(batch)
+            run_backward = True
+            if cfg.gate:
+                run_backward = self.gate.decide(*self._gather(batch["id"], losses.detach()))
+            if timing:
+                self._sync()
+            t1 = time.perf_counter()
+            self.timing["forward_s"] += t1 - t0
+            if run_backward:
+                (losses.float().mean() / cfg.accum).backward()
+                self.window_backward += 1
+                self.window_unsynced = no_sync
+            if want_log:
+                extra = self.gate.stats() if cfg.gate else {}
+                self._push_log(batch["id"], losses.detach(), {**scalars, **extra}, bar)
+            del losses
+            if timing:
+                self._sync()
+            self.timing["backward_s"] += time.perf_counter() - t1
+        return run_backward
+
+    def _check_out(self) -> None:
+        """Refuse to mix a fresh run into a folder that holds another run's logs."""
+        if self.cfg.resume and self.ckpt_path.exists():
             return
-        over = torch.tensor(
-            [float(time.perf_counter() - self._t_start > self.cfg.max_seconds)],
-            device=self.env.device if self.env.device.type == "cuda" else "cpu",
-        )
-        if self.env.distributed:
-            dist.broadcast(over, 0)
-        self._out_of_time = bool(over.item())
+        old = [p.name for p in (self.out / "metrics.jsonl", self.out / "tb", self.ckpt_path)
+               if p.exists()]
+        if old and self.cfg.resume and not self.ckpt_path.exists():
+            # A run that died before its first checkpoint: nothing to resume, its logs go.
+            self._trim_metrics(0)
+            return
+        if old:
+            raise ValueError(
+                f"{self.out} already holds a run ({', '.join(old)}) that this one would not "
+                "resume; choose a new --out or remove it"
+            )
 
     def fit(self) -> dict[str, Any]:
         """Train to the configured length, resuming from ``out_dir/last.pt`` when present."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.env.rank)
+        if self.env.is_main:
+            self._check_out()
         if cfg.resume and self.ckpt_path.exists():
             self.load(self.ckpt_path)
             if self.env.is_main:
-                print(f"[distill] resumed from {self.ckpt_path} at step {self.opt_step}")
+                print(f"[{self.task.name}] resumed from {self.ckpt_path} at step "
+                      f"{self.opt_step}")
         kill_at = int(os.environ.get(_KILL_ENV, "0") or 0)
         total = cfg.max_steps or math.ceil(
             cfg.epochs * self.sampler.batches_per_epoch / cfg.accum
@@ -540,72 +893,41 @@ class Trainer:
             self.env.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
         t_start = self._t_start = time.perf_counter()
+        if self.env.device.type == "cuda":
+            self._t0_event = torch.cuda.Event(enable_timing=True)
+            self._t0_event.record()
         samples_seen = 0
-        timing = cfg.timing
+        run_backward = False
         while self.epoch < cfg.epochs and not self._done():
             for batch in self._batches():
                 if kill_at and self.opt_step + 1 == kill_at and self.window_backward == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
                 self.task.set_progress(self.epoch, self.opt_step)
                 batch = _to_device(batch, self.env.device)
-                t0 = time.perf_counter()
                 with torch.no_grad(), autocast:
                     batch = self.task.prepare(batch)
+                if self.ddp is None:
+                    self._setup_ddp(batch, autocast)
+                if self.gate.note and self.env.is_main:
+                    print(f"[{self.task.name}] warning: {self.gate.note}")
+                    self.gate.note = ""
                 want_log = (self.micro_step + 1) % cfg.log_every == 0
-                last_in_window = self.window_backward + 1 >= cfg.accum
-                no_sync = self.env.distributed and not last_in_window
-                ctx = self.ddp.no_sync() if no_sync else contextlib.nullcontext()  # type: ignore[operator]
-                with ctx:
-                    with autocast:
-                        losses = self.ddp(batch)
-                    all_ids: list[int] = []
-                    all_losses: list[float] = []
-                    if cfg.gate or want_log:
-                        all_ids, all_losses = self._gather(batch["id"], losses.detach())
-                    if timing:
-                        self._sync()
-                    t1 = time.perf_counter()
-                    self.timing["forward_s"] += t1 - t0
-                    run_backward = self.gate.decide(all_ids, all_losses) if cfg.gate else True
-                    if self.gate.note and self.env.is_main:
-                        print(f"[distill] warning: {self.gate.note}")
-                        self.gate.note = ""
-                    if run_backward:
-                        (losses.float().mean() / cfg.accum).backward()
-                        self.window_backward += 1
-                        self.window_unsynced = no_sync
-                    del losses
-                    if timing:
-                        self._sync()
-                    t2 = time.perf_counter()
-                    self.timing["backward_s"] += t2 - t1
+                run_backward = self._micro_batch(batch, autocast, want_log, bar)
                 self.batch_in_epoch += 1
                 self.micro_step += 1
                 samples_seen += cfg.batch_size * self.env.world
                 if self.window_backward >= cfg.accum:
+                    t2 = time.perf_counter()
                     self._step_optimizer()
-                    if timing:
+                    if cfg.timing:
                         self._sync()
                     self.timing["optimizer_s"] += time.perf_counter() - t2
                     if bar is not None:
                         bar.update(1)
-                if want_log:
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{np.mean(all_losses):.4g}")
-                    self._log({
-                        "loss": float(np.mean(all_losses)),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "epoch": self.epoch,
-                        **self.gate.stats(),
-                        **self.task.scalars(),
-                        **({"grad_norm": float(self.grad_norm)}
-                           if self.grad_norm is not None else {}),
-                    })
-                if want_log:
-                    self._check_time()
                 if cfg.checkpoints and self.window_backward == 0 and run_backward and (
                     self.opt_step % cfg.ckpt_every == 0 or self._done()
                 ):
+                    self._drain(keep=0, bar=bar)  # every record up to here is on disk first
                     self.save()
                 if self._done():
                     break
@@ -616,11 +938,13 @@ class Trainer:
             break
         if self.window_backward:  # the end of training cut an accumulation window short
             self._step_optimizer()
+        self._drain(keep=0, bar=bar)
         if cfg.checkpoints:
             self.save()
             self.save(self.out / "final.pt")
         if bar is not None:
             bar.close()
+        self._sync()
         elapsed = time.perf_counter() - t_start
         self.close()
         return {
@@ -629,5 +953,6 @@ class Trainer:
             "samples": samples_seen,
             "seconds": elapsed,
             "gate": self.gate.stats(),
+            "layout_aligned": self.layout_changed,
             **self.timing,
         }

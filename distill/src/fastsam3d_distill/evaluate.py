@@ -2,14 +2,20 @@
 
 Two grids:
 
-* ``crop``: FastSAM3D's protocol, on the 128³ training crop (encoder once, the decoder per
-  click, Dice of the upsampled logits > 0 against the crop's target);
+* ``crop``: on the 128³ training crop (encoder once, the decoder per click, Dice of the
+  upsampled logits > 0 against the crop's target), as FastSAM3D's ``validation_student.py``;
 * ``original``: what a user gets, through ``fastsam3d.Session`` on the original volume (the
   session picks and moves crops itself and pastes back); clicks are simulated on the original
   grid and sent as RAS points.
 
 Two reductions per click budget k: ``final`` = Dice after click k (what a user is left with),
 ``best`` = the maximum over clicks 1..k (FastSAM3D's ``max(dice_list)``, optimistic).
+
+Two click protocols: ``released`` (default) = FastSAM3D's evaluation: clicks 1-2 by the RITM
+rule, later clicks uniform random error voxels, the previous prediction being the upsampled
+logits > 0.5, seeded per sample (``seed``), only the newest click sent; ``ours`` = the first
+click at the object's most interior voxel, then the centre of the largest error component
+(deterministic, and more favourable: do not compare it with the paper's numbers).
 """
 
 from __future__ import annotations
@@ -23,11 +29,38 @@ import numpy as np
 import torch
 from torch import nn
 
-from .clicks import dice, first_click, next_click
+from .clicks import RELEASED_THRESHOLD, dice, first_click, next_click, ritm_click
 from .data import Case, CropDataset, Sample, load_array
 from .stage2 import decode, prompts_for
 
 BUDGETS = (1, 3, 5, 10)
+
+
+def _released_click(
+    gt: np.ndarray, logits: np.ndarray | None, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int] | None:
+    """Click k (0-based) of the released evaluation: RITM for the first two, then a uniform
+    random voxel of FN ∪ FP; the previous prediction is the upsampled logits > 0.5."""
+    pred = np.zeros_like(gt) if logits is None else logits > RELEASED_THRESHOLD
+    if k < 2:
+        return ritm_click(gt, pred, rng)
+    fn = gt & ~pred
+    err = np.argwhere(fn | (pred & ~gt))
+    if not len(err):
+        return None
+    p = err[int(rng.integers(len(err)))]
+    return p, int(fn[tuple(p)])
+
+
+def _click_for(protocol: str, gt: np.ndarray, pred: np.ndarray | None,
+               logits: np.ndarray | None, k: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
+    if protocol == "released":
+        return _released_click(gt, logits, k, rng)
+    if k == 0:
+        return first_click(gt), 1
+    assert pred is not None
+    return next_click(gt, pred)
 
 
 @torch.no_grad()
@@ -37,8 +70,10 @@ def evaluate_crops(
     n_clicks: int = 10,
     device: str | torch.device = "cpu",
     policy: str | None = None,
+    protocol: str = "released",
+    seed: int = 2023,
 ) -> list[dict[str, Any]]:
-    """Per-sample Dice after each click on the 128³ crop."""
+    """Per-sample Dice after each click on the 128³ crop (``protocol``: module docstring)."""
     from fastsam3d.geometry import upsample_logits
 
     model = model.to(device).eval()
@@ -48,17 +83,21 @@ def evaluate_crops(
     for i in range(len(dataset)):
         item = dataset.get(i, 0)
         gt = item["label"][0].numpy() > 0.5
+        rng = np.random.default_rng([seed, i])
         emb = model.image_encoder(item["image"][None].to(device))
-        history = [[(first_click(gt), 1)]]
+        first = _click_for(protocol, gt, None, None, 0, rng)
+        assert first is not None  # samples are non-empty structures
+        history = [[first]]
         prev = torch.zeros(1, 1, 32, 32, 32, device=device)
         scores = []
         for c in range(n_clicks):
             coords, labels = prompts_for(history, policy, torch.device(device))
             low = decode(parts, emb, coords, labels, prev)
-            pred = (upsample_logits(low) > 0).cpu().numpy()
+            up = upsample_logits(low).float().cpu().numpy().reshape(gt.shape)
+            pred = up > 0
             scores.append(dice(pred, gt))
             if c + 1 < n_clicks:
-                nxt = next_click(gt, pred)
+                nxt = _click_for(protocol, gt, pred, up, c + 1, rng)
                 history[0].append(nxt if nxt is not None else history[0][-1])
                 prev = low
         s = dataset.samples[i]
@@ -74,8 +113,13 @@ def evaluate_volumes(
     n_clicks: int = 10,
     device: str | torch.device = "cpu",
     lattice_anchor: str = "centre",
+    protocol: str = "released",
+    seed: int = 2023,
 ) -> list[dict[str, Any]]:
-    """Per-sample Dice after each click on the original grid, through ``fastsam3d.Session``."""
+    """Per-sample Dice after each click on the original grid, through ``fastsam3d.Session``.
+
+    The released protocol's clicks need the previous logits; the session gives its mask, so
+    on this grid the "logits > 0.5" of the released rule is the session's mask."""
     import fastsam3d
 
     kw = {} if lattice_anchor == "centre" else {"lattice_anchor": lattice_anchor}
@@ -86,13 +130,18 @@ def evaluate_volumes(
         by_case[s.case].append(i)
     for ci, idxs in by_case.items():
         img, aff = load_array(cases[ci].image)
-        lab, _ = load_array(cases[ci].label)
+        lab, lab_aff = load_array(cases[ci].label)
+        if lab.shape != img.shape or not np.allclose(lab_aff, aff, atol=1e-3):
+            raise ValueError(f"case {cases[ci].name}: label grid differs from the image grid")
         lab = np.rint(lab).astype(np.int64)
         session.set_volume(fastsam3d.Volume(img.astype(np.float32), aff))
         for i in idxs:
             gt = lab == samples[i].value
             session.reset()
-            point, positive = first_click(gt), True
+            rng = np.random.default_rng([seed, i])
+            first = _click_for(protocol, gt, None, None, 0, rng)
+            assert first is not None
+            point, positive = first[0], bool(first[1])
             scores = []
             for c in range(n_clicks):
                 ijk = np.asarray(point, dtype=np.float64)[::-1]  # [k,j,i] -> (i,j,k)
@@ -100,7 +149,7 @@ def evaluate_volumes(
                 pred = session.add_point(ras, positive=positive).full_mask()
                 scores.append(dice(pred, gt))
                 if c + 1 < n_clicks:
-                    nxt = next_click(gt, pred)
+                    nxt = _click_for(protocol, gt, pred, pred.astype(np.float32), c + 1, rng)
                     if nxt is not None:
                         point, positive = nxt[0], bool(nxt[1])
             records.append({"sample": i, "case": cases[ci].name,

@@ -104,6 +104,50 @@ class BackwardGate:
         self.post_backward += int(run)
         return run
 
+    def select(self, ids: Sequence[int], losses: Sequence[float]) -> list[bool]:
+        """Per-sample form: which samples of the (global) micro-batch run their backward.
+
+        A sample trains when its loss is above its baseline (``loss / baseline > 1 +
+        threshold``), when it has no baseline yet, or when its loss is not finite. After
+        warm-up at least ``ceil(floor * n)`` samples train per decision (the highest ratios
+        fill the budget), so the backward share never drops under the floor. Counts are in
+        samples: ``backward_share`` is the share of samples that ran a backward.
+        """
+        n = len(ids)
+        ratios: list[float] = []
+        for i, loss in zip(ids, losses):
+            base = self.ema.get(int(i))
+            if base is None or not math.isfinite(loss):
+                ratios.append(math.inf)
+            else:
+                ratios.append(loss / max(base, 1e-12))
+        self._update(ids, losses)
+        self.decisions += 1
+        if not self.enabled:
+            return [True] * n
+        if self.decisions <= self.warmup:
+            seen = [r for r in ratios if math.isfinite(r)]
+            self.warmup_eligible += len(seen)
+            self.warmup_would_skip += sum(r <= 1.0 + self.threshold for r in seen)
+            if self.decisions == self.warmup:
+                self._fix_floor()
+            return [True] * n
+        if self.floor is None:
+            self._fix_floor()
+        keep = [r > 1.0 + self.threshold for r in ratios]
+        # The budget counts this decision's samples, so the floor holds after every decision.
+        need = math.ceil((self.floor or 0.0) * (self.post_decisions + n) - 1e-9)
+        missing = need - self.post_backward - sum(keep)
+        if missing > 0:
+            # Order by ratio, highest first; ties by id so every rank picks the same samples.
+            order = sorted((j for j in range(n) if not keep[j]),
+                           key=lambda j: (-ratios[j], int(ids[j])))
+            for j in order[:missing]:
+                keep[j] = True
+        self.post_decisions += n
+        self.post_backward += sum(keep)
+        return keep
+
     def _fix_floor(self) -> None:
         if self.min_backward_spec == "auto" and self.warmup_eligible == 0:
             self.note = ("gate warm-up saw no sample twice, so the natural skip rate is unknown "

@@ -68,5 +68,23 @@ def load_spec(
     if overrides:
         raise ValueError(f"config overrides apply to fixture:/random: specs, not to {spec!r}")
     if Path(spec).exists() or not spec.endswith((".pth", ".pt", ".safetensors")):
-        return fastsam3d.load_model(spec, device=str(device), config=config)
+        try:
+            return fastsam3d.load_model(spec, device=str(device), config=config)
+        except (ValueError, KeyError, RuntimeError) as e:
+            if _is_training_checkpoint(spec):
+                raise ValueError(f"{spec} is a fastsam3d-distill training checkpoint, not a "
+                                 "model: run `fastsam3d-distill export --checkpoint "
+                                 f"{spec} ...` first (or use the run's model.pth / "
+                                 "student.pth)") from None
+            raise ValueError(f"{spec}: {str(e).splitlines()[0] if str(e) else e!r}") from e
     raise FileNotFoundError(f"model checkpoint {spec} not found")
+
+
+def _is_training_checkpoint(path: str) -> bool:
+    from .engine import CKPT_FORMAT
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not one
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT

@@ -13,7 +13,9 @@ cache written once by :func:`cache_teacher_features`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from torch.utils.data import Dataset
 from .engine import Task
 from .models import config_to_dict
 
-LOSS_MODES = ("paper", "neck", "released-tap")
+LOSS_MODES = ("paper", "paper-mse", "neck", "released-tap")
 
 
 def tap_pairs(student_depth: int, teacher_depth: int) -> list[tuple[int, int]]:
@@ -80,6 +82,11 @@ def _mse_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def _norm_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The paper's ||f_t - f_s||: the L2 norm of the whole feature-map difference."""
+    return (a.float() - b.float()).flatten(1).norm(dim=1)
+
+
 class DistillTask(Task):
     """Student encoder + loss. ``prepare`` adds teacher targets unless the batch has them."""
 
@@ -89,7 +96,7 @@ class DistillTask(Task):
         self,
         student_encoder: nn.Module,
         teacher_encoder: nn.Module | None,
-        loss: str = "paper",
+        loss: str = "paper-mse",
         k_start: int = 1,
         k_every_epochs: int = 3,
         k_every_steps: int = 0,
@@ -118,7 +125,11 @@ class DistillTask(Task):
         self.k_every_steps = k_every_steps
         self.neck_weight = neck_weight
         self.k = k_start
-        self.find_unused = loss == "released-tap"
+        # Every parameter gets a gradient in every step only when the neck is matched (it
+        # depends on every block): then DDP can use a static graph and skip the unused search.
+        every_param = loss == "neck" or (loss == "paper-mse" and neck_weight > 0)
+        self.find_unused = not every_param
+        self.static_graph = every_param
         self.student_config = student_config
 
     def meta(self) -> dict[str, Any]:
@@ -133,11 +144,12 @@ class DistillTask(Task):
             grown = step // self.k_every_steps
         else:
             grown = epoch // max(self.k_every_epochs, 1)
-        limit = len(self.pairs) if self.loss_mode == "paper" else len(self.released_pairs) + 1
+        limit = (len(self.pairs) if self.loss_mode.startswith("paper")
+                 else len(self.released_pairs) + 1)
         self.k = min(self.k_start + grown, limit)
 
     def scalars(self) -> dict[str, float]:
-        return {"distill/k": float(self.k)}
+        return {} if self.loss_mode == "neck" else {"distill/k": float(self.k)}
 
     # targets ---------------------------------------------------------------------------------
 
@@ -167,12 +179,19 @@ class DistillTask(Task):
         if mode == "neck":
             return _mse_per_sample(self.student(x), t_neck)
         neck, taps = self.student(x, return_taps=True)
-        if mode == "paper":
+        if mode == "paper":  # (1/k) sum_i ||f_t^(2i) - f_s^(i)||, exactly as printed
+            terms = [
+                _norm_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
+            ]
+            return torch.stack(terms, 0).mean(0)
+        if mode == "paper-mse":  # ours: MSE per pair, plus the neck (all blocks learn at once)
             terms = [
                 _mse_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
             ]
             loss = torch.stack(terms, 0).mean(0)
-            return loss + self.neck_weight * _mse_per_sample(neck, t_neck)
+            if self.neck_weight > 0:
+                loss = loss + self.neck_weight * _mse_per_sample(neck, t_neck)
+            return loss
         # released-tap: one tap at a time; once past the last block tap, the neck.
         if self.k <= len(self.released_pairs):
             s, t = self.released_pairs[self.k - 1]
@@ -181,6 +200,62 @@ class DistillTask(Task):
 
 
 # ----------------------------------------------------------------------------- feature cache
+
+
+CACHE_FORMAT = "fastsam3d-distill-cache/2"
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_identity(args: Any) -> dict[str, Any]:
+    """What identifies a teacher: the file's SHA-256 and the config it runs with, or the
+    fixture/random spec with its overrides."""
+    spec = args.teacher
+    if spec is None:
+        raise ValueError("give --teacher (a SAM-Med3D-turbo checkpoint) or --preset tiny")
+    if spec.startswith(("fixture:", "random:")):
+        return {"spec": spec, "overrides": sorted(args.teacher_override or [])}
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {spec} not found")
+    return {"sha256": _sha256(spec), "config": args.teacher_config}
+
+
+def data_identity(dataset: Any, args: Any) -> str:
+    """A hash of the data a cache was made from: the case list, each file's size and
+    modification time, and the sample index (structures and their sizes)."""
+    if getattr(args, "synthetic", 0):
+        key: Any = {"synthetic": args.synthetic, "seed": args.seed}
+    else:
+        files = [(c.image, c.label) for c in dataset.cases]
+        stats = [[os.stat(f).st_size, os.stat(f).st_mtime_ns] for pair in files for f in pair]
+        key = {"files": files, "stats": stats,
+               "samples": [[x.case, x.value, x.voxels] for x in dataset.samples]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def cache_manifest(args: Any, dataset: Any, taps: list[int], teacher_depth: int,
+                   bf16: bool) -> dict[str, Any]:
+    """Everything that decides a cache's contents; a cache is reused only if all agree."""
+    return {
+        "format": CACHE_FORMAT, "teacher": teacher_identity(args),
+        "data_sha256": data_identity(dataset, args), "n": len(dataset),
+        "classes": args.classes, "min_voxels": args.min_voxels,
+        "lattice_anchor": args.lattice_anchor, "precision": "bf16" if bf16 else "fp32",
+        "teacher_taps": list(taps), "teacher_depth": teacher_depth,
+    }
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    from fastsam3d.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1))
 
 
 @torch.no_grad()
@@ -194,15 +269,32 @@ def cache_teacher_features(
     bf16: bool = True,
     rank: int = 0,
     world: int = 1,
+    manifest: dict[str, Any] | None = None,
 ) -> Path:
     """Run the teacher once over ``dataset`` (un-augmented crops) and store its targets.
 
-    One file per sample: the crop and the targets, all in bf16 (the crop is rounded to bf16
-    *before* the teacher sees it, so student and teacher inputs stay identical). With
-    ``world > 1`` each rank writes every world-th sample. Existing files are kept (restartable).
+    One file per sample holding only that sample: the crop and the targets, all in bf16 (the
+    crop is rounded to bf16 *before* the teacher sees it, so student and teacher inputs stay
+    identical). With ``world > 1`` each rank writes every world-th sample. With a
+    ``manifest`` (what made the cache: teacher, data, classes, lattice, precision) a restart
+    keeps the files of the same settings and anything else is refused: a cache never mixes
+    two teachers or two data sets.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    index = out / "index.json"
+    if manifest is not None:
+        if index.exists():
+            old = {k: v for k, v in json.loads(index.read_text()).items() if k != "complete"}
+            if old != manifest:
+                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                raise ValueError(f"{out} holds a feature cache made with other settings "
+                                 f"({', '.join(diff)} differ); use a new --out")
+        elif any(out.glob("*.pt")):
+            raise ValueError(f"{out} holds feature files without a manifest (another cache or "
+                             "an older version); use a new --out")
+        elif rank == 0:
+            _write_json(index, {**manifest, "complete": False})
     teacher_encoder = teacher_encoder.to(device).eval()
     dev = torch.device(device)
     todo = [i for i in range(rank, len(dataset), world) if not (out / f"{i:07d}.pt").exists()]
@@ -214,15 +306,20 @@ def cache_teacher_features(
             neck, taps = teacher_encoder(image.float(), return_taps=True)
         sel = torch.stack([taps[t] for t in teacher_taps], 1).to(torch.bfloat16).cpu()
         neck = neck.to(torch.bfloat16).cpu()
+        image = image.cpu()
         for j, i in enumerate(idx):
-            rec = {"image": image[j].cpu(), "t_taps": sel[j].clone(), "t_neck": neck[j].clone()}
+            # clone: a view would save the whole batch's storage into every file
+            rec = {"image": image[j].clone(), "t_taps": sel[j].clone(),
+                   "t_neck": neck[j].clone()}
             tmp = out / f".{i:07d}.pt.tmp"
             torch.save(rec, tmp)
             tmp.replace(out / f"{i:07d}.pt")
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's files are on disk before "complete"
     if rank == 0:
-        meta = {"n": len(dataset), "teacher_taps": list(teacher_taps),
-                "teacher_depth": len(teacher_encoder.blocks)}
-        (out / "index.json").write_text(json.dumps(meta, indent=1))
+        meta = manifest or {"n": len(dataset), "teacher_taps": list(teacher_taps),
+                            "teacher_depth": len(teacher_encoder.blocks)}
+        _write_json(index, {**meta, "complete": True})
     return out
 
 
@@ -238,6 +335,9 @@ class CachedFeatureDataset(Dataset):
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} missing: run the cache step first")
         self.meta = json.loads(meta_path.read_text())
+        if not self.meta.get("complete", True):
+            raise ValueError(f"feature cache {self.dir} is incomplete (its `cache` run did not "
+                             "finish); re-run the same `cache` command to complete it")
         self.n = int(self.meta["n"])
         self.teacher_taps = list(self.meta["teacher_taps"])
         missing = [i for i in range(self.n) if not (self.dir / f"{i:07d}.pt").exists()]
@@ -250,6 +350,16 @@ class CachedFeatureDataset(Dataset):
             self.items = [self._read(i) for i in range(self.n)]
             if device is not None:
                 self.items = [{k: v.to(device) for k, v in it.items()} for it in self.items]
+
+    def check_teacher(self, identity: dict[str, Any]) -> None:
+        """Refuse a cache made by another teacher (or one that does not record its teacher)."""
+        made_by = self.meta.get("teacher")
+        if made_by is None:
+            raise ValueError(f"feature cache {self.dir} does not record its teacher (an older "
+                             "version made it); re-run `cache` into a new folder")
+        if made_by != identity:
+            raise ValueError(f"feature cache {self.dir} was made by teacher {made_by}, not by "
+                             f"this --teacher {identity}; use the same teacher or re-run `cache`")
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         return torch.load(self.dir / f"{i:07d}.pt", map_location="cpu", weights_only=True)

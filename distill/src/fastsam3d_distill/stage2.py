@@ -18,22 +18,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clicks import bbox, first_click, next_click
+from .clicks import (
+    bbox,
+    device_generators,
+    first_click,
+    next_click,
+    random_error_click,
+)
 from .engine import Task, sample_generator
 from .models import config_to_dict
+
+CLICK_RULES = ("released", "ours")
+
+
+def dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample MONAI ``DiceCELoss(sigmoid=True, squared_pred=True)`` (B,), in one batched
+    pass: soft Dice with squared denominators (smoothing 1e-5) + mean BCE on the logits."""
+    x, t = logits.float().flatten(1), target.float().flatten(1)
+    p = torch.sigmoid(x)
+    dice = 1.0 - (2.0 * (p * t).sum(1) + 1e-5) / ((p * p).sum(1) + (t * t).sum(1) + 1e-5)
+    return dice + F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
 
 
 def decode(
     model_parts: tuple[nn.Module, nn.Module],
     embedding: torch.Tensor,
-    coords: torch.Tensor,
-    labels: torch.Tensor,
+    coords: torch.Tensor | None,
+    labels: torch.Tensor | None,
     prev_logits: torch.Tensor,
     boxes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Low-res logits (B,1,32,32,32) for one round of prompts."""
+    """Low-res logits (B,1,32,32,32) for one round of prompts (``coords=None``: the mask
+    prompt alone, as the released training's mask-only rounds)."""
     prompt_encoder, mask_decoder = model_parts
-    sparse, dense = prompt_encoder(points=(coords, labels), boxes=boxes, masks=prev_logits)
+    points = None if coords is None else (coords, labels)
+    sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=prev_logits)
     low, _ = mask_decoder(
         image_embeddings=embedding,
         image_pe=prompt_encoder.get_dense_pe(),
@@ -65,14 +84,27 @@ class FinetuneTask(Task):
     def __init__(
         self,
         model: nn.Module,
-        n_clicks: int = 5,
+        n_clicks: int = 11,
         policy: str | None = None,
         box_prob: float = 0.0,
         seed: int = 2023,
+        clicks: str = "released",
+        mask_only_rounds: bool = True,
+        detach_prev: bool = False,
+        reduction: str = "sum",
+        lr_milestones: tuple[int, ...] = (60, 90),
+        lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        from monai.losses import DiceCELoss
-
+        if clicks not in CLICK_RULES:
+            raise ValueError(f"click rule must be one of {CLICK_RULES}, got {clicks!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
+        self.clicks, self.mask_only_rounds = clicks, mask_only_rounds
+        # The same parameters train in every step unless boxes are drawn per batch.
+        self.static_graph = box_prob <= 0
+        self.detach_prev, self.reduction = detach_prev, reduction
+        self.lr_milestones, self.lr_gamma = tuple(lr_milestones), lr_gamma
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
         encoder = model.image_encoder.eval().requires_grad_(False)
@@ -86,14 +118,20 @@ class FinetuneTask(Task):
                              "num_point_embeddings=4")
         self.n_clicks, self.box_prob, self.seed = n_clicks, box_prob, seed
         self.epoch = 0
-        self.loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
 
     def set_progress(self, epoch: int, step: int) -> None:
         self.epoch = epoch
 
+    def lr_factor(self, step: int, epoch: int) -> float:
+        """Released: MultiStepLR over epochs (x0.1 at epochs 60 and 90)."""
+        return self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
+
     def meta(self) -> dict[str, Any]:
         return {"model_config": config_to_dict(self.config) if self.config is not None else None,
-                "policy": self.policy}
+                "policy": self.policy, "clicks": self.clicks, "n_clicks": self.n_clicks,
+                "mask_only_rounds": self.mask_only_rounds, "detach_prev": self.detach_prev,
+                "reduction": self.reduction, "lr_milestones": list(self.lr_milestones),
+                "box_prob": self.box_prob}
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoder = self.__dict__["encoder"]
@@ -103,21 +141,92 @@ class FinetuneTask(Task):
         return batch
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.clicks == "released":
+            return self._forward_released(batch)
+        return self._forward_ours(batch)
+
+    def _forward_released(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Released ``train.py`` interaction: ``n_clicks`` rounds of a uniform random click in
+        FN ∪ FP (the first: in the object), the newest click only (or all, per policy); at one
+        random round in [2, 8] and at the last the decoder gets the mask prompt alone; the
+        previous low-res logits go back in *with* their gradient; DiceCE summed over rounds.
+        All on the device; the randomness is seeded per sample (the released code drew the
+        mask-only round per batch of 1)."""
+        emb = batch["embedding"]
+        gt_t = (batch["label"] > 0.5).float()
+        gt = gt_t[:, 0] > 0.5
+        ids = [int(i) for i in batch["id"]]
+        n = len(ids)
+        dev = emb.device
+        gens = device_generators(self.seed, self.epoch, ids, dev, salt=2)
+        mask_only = [
+            int(torch.randint(2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i,
+                                                                    salt=4)))
+            for i in ids
+        ]
+        boxes = self._boxes(ids, gt, dev)
+        prev = torch.zeros(n, 1, 32, 32, 32, device=dev, dtype=emb.dtype)
+        up: torch.Tensor | None = None
+        click: tuple[torch.Tensor, torch.Tensor] | None = None
+        hist_c: list[torch.Tensor] = []
+        hist_l: list[torch.Tensor] = []
+        total = torch.zeros(n, device=dev)
+        parts = (self.prompt_encoder, self.mask_decoder)
+        for r in range(self.n_clicks):
+            click = random_error_click(gt, None if up is None else up.detach(), gens, click)
+            hist_c.append(click[0].float())
+            hist_l.append(click[1])
+            if self.policy == "newest":
+                coords, labels = hist_c[-1][:, None], hist_l[-1][:, None]
+            else:
+                coords, labels = torch.stack(hist_c, 1), torch.stack(hist_l, 1)
+            no_points = [self.mask_only_rounds and (r == m or r == self.n_clicks - 1)
+                         for m in mask_only]
+            low = torch.empty_like(prev) if any(no_points) else None
+            for flag in (False, True):
+                rows = [b for b in range(n) if no_points[b] == flag]
+                if not rows:
+                    continue
+                if len(rows) == n:
+                    sel = slice(None)
+                else:
+                    sel = torch.as_tensor(rows, device=dev)
+                out = decode(parts, emb[sel], None if flag else coords[sel],
+                             None if flag else labels[sel], prev[sel],
+                             None if boxes is None else boxes[sel])
+                if low is None:
+                    low = out
+                else:
+                    low = low.index_copy(0, torch.as_tensor(rows, device=dev), out.to(low.dtype))
+            assert low is not None
+            up = F.interpolate(low.float(), size=gt_t.shape[2:], mode="trilinear",
+                               align_corners=False)
+            total = total + dice_ce(up, gt_t)
+            prev = low.detach() if self.detach_prev else low
+        return total if self.reduction == "sum" else total / self.n_clicks
+
+    def _boxes(self, ids: list[int], gt: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
+        if self.box_prob <= 0:
+            return None
+        g = sample_generator(self.seed, self.epoch, ids[0], salt=3)
+        if float(torch.rand((), generator=g)) >= self.box_prob:
+            return None
+        return torch.as_tensor(np.stack([bbox(m) for m in gt.cpu().numpy()]), device=dev)
+
+    def _forward_ours(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Our variant: first click in the object, later clicks in the largest connected error
+        region's inner half (CPU, scipy), detached previous logits, per-round DiceCE."""
         emb = batch["embedding"]
         gt_t = (batch["label"] > 0.5).float()
         gt = gt_t[:, 0].cpu().numpy().astype(bool)
-        ids = batch["id"].tolist()
+        ids = [int(i) for i in batch["id"]]
         dev = emb.device
         gens = [sample_generator(self.seed, self.epoch, i, salt=2) for i in ids]
         # An empty target (a structure flipped or cropped away) gets a negative centre click.
         centre = np.asarray(gt.shape[1:]) // 2
         history = [[(first_click(gt[b], gens[b]), 1)] if gt[b].any() else [(centre, 0)]
                    for b in range(len(ids))]
-        boxes = None
-        if self.box_prob > 0:
-            g = sample_generator(self.seed, self.epoch, ids[0], salt=3)
-            if float(torch.rand((), generator=g)) < self.box_prob:
-                boxes = torch.as_tensor(np.stack([bbox(m) for m in gt]), device=dev)
+        boxes = self._boxes(ids, gt_t[:, 0] > 0.5, dev)
         prev = torch.zeros(len(ids), 1, 32, 32, 32, device=dev, dtype=emb.dtype)
         total = torch.zeros(len(ids), device=dev)
         for it in range(self.n_clicks):
@@ -125,9 +234,7 @@ class FinetuneTask(Task):
             low = decode((self.prompt_encoder, self.mask_decoder), emb, coords, labels, prev, boxes)
             up = F.interpolate(low.float(), size=gt_t.shape[2:], mode="trilinear",
                                align_corners=False)
-            total = total + torch.stack(
-                [self.loss_fn(up[b : b + 1], gt_t[b : b + 1]) for b in range(len(ids))]
-            )
+            total = total + dice_ce(up, gt_t)
             if it + 1 == self.n_clicks:
                 break
             pred = (up.detach() > 0)[:, 0].cpu().numpy()
@@ -135,5 +242,5 @@ class FinetuneTask(Task):
                 nxt = next_click(gt[b], pred[b], gens[b])
                 # A perfect prediction gets a repeat of its last click (nothing left to fix).
                 history[b].append(nxt if nxt is not None else history[b][-1])
-            prev = low.detach()
-        return total / self.n_clicks
+            prev = low.detach() if self.detach_prev else low
+        return total if self.reduction == "sum" else total / self.n_clicks
