@@ -14,7 +14,8 @@ import torch
 
 import fastsam3d
 from fastsam3d.modeling import sparse_attention as sa
-from fastsam3d.modeling.attention import Attention, dense_bias, rel_pos_terms
+from fastsam3d.modeling.attention import Attention
+from fastsam3d.modeling.rel_pos import dense_bias, rel_pos_terms
 from fastsam3d.testing import fixture_model, recipe_tensor
 
 

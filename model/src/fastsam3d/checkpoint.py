@@ -35,8 +35,9 @@ import torch
 from ._requirements import TORCH_ADVISORY, TORCH_REQUIREMENT, torch_loads_pickles_safely
 from ._sniff import CheckpointError, safetensors_header, sniff
 from .atomic import atomic_path
-from .build import MAX_WINDOW, MODEL_CONFIGS, ModelConfig, build_model, check_config, get_config
 from .build import _build as _build_skeleton
+from .build import build_model
+from .configs import MAX_WINDOW, MODEL_CONFIGS, ModelConfig, check_config, get_config
 from .modeling import Sam3D
 
 log = logging.getLogger(__name__)

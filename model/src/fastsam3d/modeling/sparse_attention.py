@@ -1,7 +1,7 @@
 """FlexAttention dense backend and the 3D block-sparse ("3D sparse flash") attention option.
 
 Both compute attention with FastSAM3D's rel-pos bias exactly as the official weights saw it
-(:func:`fastsam3d.modeling.attention.dense_bias`): query (qd,qh,qw), key (kd,kh,kw) get
+(:func:`fastsam3d.modeling.rel_pos.dense_bias`): query (qd,qh,qw), key (kd,kh,kw) get
 ``t_d[qd,qh,qw,kw] + t_h[qd,qh,kd,kw] + t_w[qd,qh,kh,kw]``.
 
 The sparse pattern (:class:`SparsePattern`) is a union of *branches* ``(block, dilation)``,
@@ -44,9 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import dense_bias
+from .rel_pos import Grid, dense_bias
 
-Grid = tuple[int, int, int]
 Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # kernel(q, k, v, scale) with (batch, seq, heads, dim) inputs -> (out same layout, lse (batch,
 # heads, seq) in natural log): flash_attn_func's contract, also met by reference_group_kernel.
