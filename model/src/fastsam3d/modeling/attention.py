@@ -9,9 +9,10 @@ Backends (all compute the same function of the weights):
   mask; padded windows use the closed form below, so only the 512 real queries are computed.
 * ``"fold"``: SDPA with *no* mask: the rel-pos bias folded into extra q/k dimensions (see
   :func:`~.rel_pos.fold_rel_pos`), so the fused flash/cuDNN kernels without bias support apply.
-* ``"flex"``: FlexAttention with the rel-pos terms in a ``score_mod`` (see ``sparse_attention``).
+* ``"flex"``: FlexAttention with the rel-pos terms in a ``score_mod`` (see ``sparse``).
 * ``"sparse"``: the 3D block-sparse pattern (local blocks + dilated strides) of
-  ``sparse_attention``; a research option, the official weights were trained dense.
+  the experimental ``sparse`` subpackage; a research option, the official weights were trained
+  dense.
 
 Padded-window closed form. With window 14 on an 8^3 grid the reference pads the *normed* tokens
 with zeros to 14^3, so every padded key is ``k = b_k`` and every padded value ``v = b_v`` (the qkv
@@ -25,12 +26,13 @@ ONE extra key ``b_k`` with value ``b_v`` and additive bias ``log(sum_padded exp(
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sparse_attention as sa
+from . import sparse
 from .rel_pos import (
     Grid,
     dense_bias,
@@ -40,7 +42,6 @@ from .rel_pos import (
     rel_pos_terms_window,
 )
 
-BACKENDS = ("einsum", "sdpa", "fold", "flex", "sparse")
 DEFAULT_BACKEND = "sdpa"
 
 
@@ -88,33 +89,16 @@ class Attention(nn.Module):
 
         if pad_to:
             out = self._padded_window(q, k, v, grid, pad_to)
-        elif self.backend == "einsum":
-            out = self._einsum(q, k, v, grid)
-        elif self.backend == "fold" and self.use_rel_pos and len(set(grid)) == 1:
-            out = fold_rel_pos(q, k, v, rel_pos_terms(q, self._tables(), grid, grid), self.scale)
-        elif self.backend in ("sdpa", "fold"):  # "fold" needs rel-pos on a cubic grid
-            bias = None
-            if self.use_rel_pos:
-                bias = dense_bias(rel_pos_terms(q, self._tables(), grid, grid)).to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        elif self.backend in ("flex", "sparse"):
-            terms = rel_pos_terms(q, self._tables(), grid, grid) if self.use_rel_pos else None
-            if self.backend == "flex":
-                out = sa.flex_dense(q, k, v, terms, self.scale, grid)
-            else:
-                out = sa.sparse_attention(q, k, v, terms, self.scale, grid, self.sparse_pattern)
         else:
-            raise ValueError(f"unknown attention backend {self.backend!r}; use one of {BACKENDS}")
+            try:
+                kernel = _KERNELS[self.backend]
+            except KeyError:
+                raise ValueError(
+                    f"unknown attention backend {self.backend!r}; use one of {BACKENDS}"
+                ) from None
+            out = kernel(self, q, k, v, grid)
         out = out.transpose(1, 2).reshape(b, d, h, w, c)
         return self.proj(out)
-
-    def _einsum(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
-    ) -> torch.Tensor:
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if self.use_rel_pos:
-            attn = attn + dense_bias(rel_pos_terms(q, self._tables(), grid, grid))
-        return attn.softmax(dim=-1) @ v
 
     def _padded_window(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, pad_to: int
@@ -148,6 +132,63 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias, scale=self.scale)
 
 
+# ----------------------------------------------------------------------------- backends
+# kernel(layer, q, k, v, grid): q, k, v (B, heads, N, hd) in raster order of grid -> the same
+# shape. One entry per backend name; set_attention_backend checks names against BACKENDS.
+
+
+def _terms(layer: Attention, q: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, ...] | None:
+    return rel_pos_terms(q, layer._tables(), grid, grid) if layer.use_rel_pos else None
+
+
+def _einsum(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """The reference: explicit logits + rel-pos bias + softmax."""
+    attn = (q * layer.scale) @ k.transpose(-2, -1)
+    if layer.use_rel_pos:
+        attn = attn + dense_bias(rel_pos_terms(q, layer._tables(), grid, grid))
+    return attn.softmax(dim=-1) @ v
+
+
+def _sdpa(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    bias = None
+    if layer.use_rel_pos:
+        bias = dense_bias(rel_pos_terms(q, layer._tables(), grid, grid)).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=layer.scale)
+
+
+def _fold(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """SDPA without a mask; folding needs rel-pos on a cubic grid, else this is ``sdpa``."""
+    if not (layer.use_rel_pos and len(set(grid)) == 1):
+        return _sdpa(layer, q, k, v, grid)
+    return fold_rel_pos(q, k, v, rel_pos_terms(q, layer._tables(), grid, grid), layer.scale)
+
+
+def _flex(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    return sparse.flex_dense(q, k, v, _terms(layer, q, grid), layer.scale, grid)
+
+
+def _sparse(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """Experimental (:mod:`fastsam3d.modeling.sparse`): the official weights are dense."""
+    return sparse.sparse_attention(q, k, v, _terms(layer, q, grid), layer.scale, grid,
+                                   layer.sparse_pattern)
+
+
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "einsum": _einsum, "sdpa": _sdpa, "fold": _fold, "flex": _flex, "sparse": _sparse,
+}
+BACKENDS = tuple(_KERNELS)  # ("einsum", "sdpa", "fold", "flex", "sparse")
+
+
 def set_attention_backend(model: nn.Module, backend: str, pattern: object = None) -> nn.Module:
     """Switch every encoder attention layer to ``backend`` (see this module's docstring).
 
@@ -156,7 +197,7 @@ def set_attention_backend(model: nn.Module, backend: str, pattern: object = None
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
     if backend == "sparse" and pattern is None:
-        pattern = sa.SparsePattern()
+        pattern = sparse.SparsePattern()
     for m in model.modules():
         if isinstance(m, Attention):
             m.backend = backend
