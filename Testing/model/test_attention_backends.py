@@ -326,7 +326,7 @@ def test_sparse_is_an_experimental_subpackage_with_the_old_path_kept():
 
 # ----------------------------------------------------------------------------- CUDA (device run)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.gpu  # skipped without CUDA (Testing/conftest.py)
 
 
 def on_cuda(*tensors):
