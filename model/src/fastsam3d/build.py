@@ -47,8 +47,28 @@ def _build(cfg: ModelConfig) -> Sam3D:
 def build_model(
     name: str | ModelConfig = "fastsam3d", *, attn_backend: str = "sdpa", **overrides: object
 ) -> Sam3D:
-    """A randomly initialised model of a registered config (``fastsam3d.load_model`` loads
-    weights). Keyword overrides replace config fields, e.g. ``depth=2, embed_dim=64``."""
+    """A randomly initialised network of a registered config, in eval mode on the CPU.
+
+    For shapes, tests and distillation students; :func:`fastsam3d.load_model` loads weights.
+
+    Args:
+        name: A registered config name (``fastsam3d.list_models()``) or a ``ModelConfig``.
+        attn_backend: The encoder's attention backend (``fastsam3d.set_attention_backend``):
+            ``"einsum"``, ``"sdpa"``, ``"fold"``, ``"flex"`` or ``"sparse"``.
+        **overrides: Config fields to replace, e.g. ``depth=2, embed_dim=64`` for a tiny
+            network.
+
+    Returns:
+        A ``Sam3D`` whose ``state_dict()`` has the official keys and whose ``config`` is the
+        resolved ``ModelConfig``. Its image encoder maps a (B, 1, S, S, S) float32 crop
+        (``S = config.img_size`` voxels of 1.5 mm) to (B, out_chans, S/p, S/p, S/p)
+        embeddings (``p = config.patch_size``); its mask decoder returns (B, C, 4S/p, 4S/p,
+        4S/p) low-res mask logits and (B, C) IoU estimates, C = 1 or 3.
+
+    Raises:
+        ValueError: An unknown config name or backend, or a config outside
+            ``fastsam3d.configs.check_config``'s bounds.
+    """
     model = _build(get_config(name, **overrides))
     set_attention_backend(model, attn_backend)
     return model.eval()
