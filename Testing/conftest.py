@@ -42,6 +42,7 @@ except ImportError:  # hypothesis is a test extra; suites that need it import it
 SLOW_TESTS = (
     "model/test_cpu_fastpath.py::test_bf16_encoder_masks_agree_with_fp32",
     "model/test_session_cli.py::test_checkpoint_path_gives_the_same_mask_as_the_model_it_holds",
+    "model/test_parity.py::test_einsum_reference_backend_agrees_with_default",
 )
 _TESTING = Path(__file__).resolve().parent
 
