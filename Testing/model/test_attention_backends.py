@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d.modeling import sparse_attention as sa
-from fastsam3d.modeling.attention import Attention, dense_bias, rel_pos_terms
+from fastsam3d.modeling import attention
+from fastsam3d.modeling import sparse as sa
+from fastsam3d.modeling.attention import Attention
+from fastsam3d.modeling.rel_pos import dense_bias, rel_pos_terms
 from fastsam3d.testing import fixture_model, recipe_tensor
 
 
@@ -291,9 +293,40 @@ def test_set_attention_backend_round_trip(parity_input, fastsam3d_fixture, einsu
     assert rel_err(back, dense) < 1e-4
 
 
+
+def test_every_backend_is_in_the_dispatch_table_and_unknown_names_fail():
+    torch.manual_seed(0)
+    layer = Attention(32, 2, input_size=(4, 4, 4)).eval()
+    for t in layer._tables():
+        t.data.normal_(0, 0.3)
+    x = torch.randn(1, 4, 4, 4, 32)
+    outs = {}
+    with torch.no_grad():
+        for name in attention.BACKENDS:
+            fastsam3d.set_attention_backend(layer, name, pattern=sa.SparsePattern(((0, 1),)))
+            outs[name] = layer(x)
+        layer.backend = "nope"
+        with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+            layer(x)
+    assert attention.BACKENDS == ("einsum", "sdpa", "fold", "flex", "sparse")
+    for name, out in outs.items():
+        assert rel_err(out, outs["einsum"]) < 1e-5, name
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        fastsam3d.set_attention_backend(layer, "nope")
+
+
+def test_sparse_is_an_experimental_subpackage_with_the_old_path_kept():
+    from fastsam3d.modeling import sparse_attention as old
+
+    assert sa.EXPERIMENTAL is True
+    assert old.SparsePattern is sa.SparsePattern and old.sparse_attention is sa.sparse_attention
+    assert set(old.__all__) == set(sa.__all__)
+    assert fastsam3d.SparsePattern is sa.SparsePattern
+
+
 # ----------------------------------------------------------------------------- CUDA (device run)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.gpu  # skipped without CUDA (Testing/conftest.py)
 
 
 def on_cuda(*tensors):

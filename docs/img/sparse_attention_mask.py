@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from fastsam3d.modeling.sparse_attention import SparsePattern  # noqa: E402
+from fastsam3d.modeling.sparse import SparsePattern  # noqa: E402
 
 COLOURS = ["#f2f2f2", "#2b8cbe", "#fdae61", "#d7191c", "#000000"]
 

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d.bench import git_commit, sample_times
-from fastsam3d.modeling import sparse_attention as sa
-from fastsam3d.modeling.attention import dense_bias, rel_pos_terms
+from fastsam3d.modeling import sparse as sa
+from fastsam3d.modeling.rel_pos import dense_bias, rel_pos_terms
+from fastsam3d.modeling.sparse import flex
 
 
 def timed(fn, runs: int, warmup: int, device: torch.device) -> list[float]:
@@ -119,8 +120,8 @@ def block_stats(pattern: sa.SparsePattern, grid, device: torch.device) -> dict:
     """Fraction of 128x128 FlexAttention blocks computed, per implementation."""
     stats = {}
     try:
-        plan = sa._flex_plan(pattern.branches, pattern.flex_block, grid, device)
-        union = sa._flex_union_plan(pattern.branches, pattern.flex_block, grid, device)
+        plan = flex._flex_plan(pattern.branches, pattern.flex_block, grid, device)
+        union = flex._flex_union_plan(pattern.branches, pattern.flex_block, grid, device)
         stats["sparse_flex_blocks_computed"] = sum(1 - bm.block_mask.sparsity() / 100
                                                   for bm in plan)
         stats["sparse_flex_branches_run"] = len(plan)

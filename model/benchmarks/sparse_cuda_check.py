@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-from fastsam3d.modeling import sparse_attention as sa
+from fastsam3d.modeling import sparse as sa
+from fastsam3d.modeling.sparse import flex
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -20,7 +21,7 @@ def main() -> int:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     bad = 0
-    print("lse factor:", sa._lse_to_natural(True, dev))
+    print("lse factor:", flex._lse_to_natural(True, dev))
     for g in (8, 16):
         grid = (g, g, g)
         n, h, hd = g**3, 6, 128
@@ -35,12 +36,12 @@ def main() -> int:
             err = rel(out, ref)
             bad += err > 1e-3
             print(f"grid {g}^3 {impl:10s} fp32 rel err vs masked einsum: {err:.2e}")
-        for i, br in enumerate(sa._flex_plan(pat.branches, pat.flex_block, grid, dev)):
+        for i, br in enumerate(flex._flex_plan(pat.branches, pat.flex_block, grid, dev)):
             qp, kp, vp = (x.index_select(2, br.perm) for x in (q, k, v))
-            o, lse = sa._flex(qp, kp, vp, sa._score_mod(terms, br.coords), br.block_mask,
+            o, lse = flex._flex(qp, kp, vp, flex._score_mod(terms, br.coords), br.block_mask,
                               scale, lse=True)
             # the same branch through the eager (unfused, natural-log) implementation
-            o_ref, aux = flex_attention(qp, kp, vp, score_mod=sa._score_mod(terms, br.coords),
+            o_ref, aux = flex_attention(qp, kp, vp, score_mod=flex._score_mod(terms, br.coords),
                                         block_mask=br.block_mask, scale=scale,
                                         return_aux=AuxRequest(lse=True))
             fin = torch.isfinite(aux.lse)

@@ -35,8 +35,9 @@ import torch
 from ._requirements import TORCH_ADVISORY, TORCH_REQUIREMENT, torch_loads_pickles_safely
 from ._sniff import CheckpointError, safetensors_header, sniff
 from .atomic import atomic_path
-from .build import MAX_WINDOW, MODEL_CONFIGS, ModelConfig, build_model, check_config, get_config
 from .build import _build as _build_skeleton
+from .build import build_model
+from .configs import MAX_WINDOW, MODEL_CONFIGS, ModelConfig, check_config, get_config
 from .modeling import Sam3D
 
 log = logging.getLogger(__name__)
@@ -317,14 +318,36 @@ def load_model(
     sha256: str | None = None,
     attn_backend: str = "sdpa",
 ) -> Sam3D:
-    """A ready (eval, on ``device``) model from a checkpoint path or a registered weights name.
+    """A ready model (eval mode, on ``device``) from a checkpoint file or a registered name.
 
     A string that is a registered weights name (``fastsam3d``, ``sam-med3d-turbo``) always means
     the verified cache entry, even when a file or folder of that name is in the working
-    directory; pass ``./fastsam3d`` or a ``Path`` for such a file. ``config`` overrides detection
-    (e.g. run SAM-Med3D weights with FastSAM3D's block); ``decoder`` supplies the prompt encoder +
-    decoder for an encoder-only file; ``sha256`` pins the file's hash (registered names are always
-    verified against the recorded hash).
+    directory; pass ``./fastsam3d`` or a ``Path`` for such a file. The file is read without
+    executing code (see :func:`read_checkpoint`) and checked key by key before any weight is
+    copied.
+
+    Args:
+        path_or_name: A checkpoint file (PyTorch zip or safetensors; the official containers or
+            a plain state dict) or a registered weights name (``fastsam3d.hub.list_weights()``),
+            downloaded into the per-user cache and verified on first use.
+        device: Where the model is placed, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        config: A config name or ``ModelConfig`` that overrides detection from the keys and
+            shapes (e.g. run SAM-Med3D weights with FastSAM3D's block).
+        decoder: A checkpoint that supplies the prompt encoder and mask decoder for an
+            encoder-only file.
+        sha256: The file's expected SHA-256, 64 hex digits. Registered names are always verified
+            against their recorded hash.
+        attn_backend: The encoder's attention backend (``fastsam3d.set_attention_backend``).
+
+    Returns:
+        A float32 ``Sam3D`` in eval mode on ``device``; ``model.config`` is the detected or
+        given config. Shapes as :func:`fastsam3d.build_model`'s.
+
+    Raises:
+        CheckpointError: The file is missing or is not a usable checkpoint (unreadable, not a
+            checkpoint, keys or shapes that do not fit the network, non-finite weights), or
+            the name is neither a file nor a registered name.
+        fastsam3d.hub.HubError: A registered name's download failed or its hash differs.
     """
     from . import hub
 

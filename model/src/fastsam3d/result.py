@@ -48,11 +48,25 @@ class Result:
 
 def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
                  ) -> np.ndarray:
-    """Write ``result`` into a caller-owned ``labelmap`` ([k, j, i]) in place; returns it.
+    """Write ``result`` into a caller-owned labelmap, in place.
 
     Only ``result.region`` is touched. Inside it the mask's voxels get ``value``; with ``erase``
     voxels that hold ``value`` but are no longer in the mask are set to 0 (a correction that
     shrank the object). Other labels are never erased.
+
+    Args:
+        result: A session's ``Result`` for the volume the labelmap covers.
+        labelmap: Integer array of the whole volume, shape ``result.shape`` in [k, j, i]
+            (slice, row, column) order like ``Volume.array``; its dtype must hold ``value``.
+        value: The label the mask's voxels get.
+        erase: Also reset to 0 the voxels of ``result.region`` that hold ``value`` but are not
+            in the mask.
+
+    Returns:
+        ``labelmap`` itself.
+
+    Raises:
+        ValueError: ``labelmap``'s shape is not the volume's.
     """
     if tuple(labelmap.shape) != tuple(result.shape):
         raise ValueError(f"labelmap shape {labelmap.shape} does not match the volume "

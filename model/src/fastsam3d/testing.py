@@ -11,7 +11,8 @@ import zlib
 
 import torch
 
-from .build import ModelConfig, build_model
+from .build import build_model
+from .configs import ModelConfig
 from .modeling import Sam3D
 
 

@@ -8,173 +8,41 @@ Backends (all compute the same function of the weights):
 * ``"sdpa"`` (default): ``F.scaled_dot_product_attention`` with the rel-pos bias as an additive
   mask; padded windows use the closed form below, so only the 512 real queries are computed.
 * ``"fold"``: SDPA with *no* mask: the rel-pos bias folded into extra q/k dimensions (see
-  :func:`fold_rel_pos`), so the fused flash/cuDNN kernels without bias support apply.
-* ``"flex"``: FlexAttention with the rel-pos terms in a ``score_mod`` (see ``sparse_attention``).
+  :func:`~.rel_pos.fold_rel_pos`), so the fused flash/cuDNN kernels without bias support apply.
+* ``"flex"``: FlexAttention with the rel-pos terms in a ``score_mod`` (see ``sparse``).
 * ``"sparse"``: the 3D block-sparse pattern (local blocks + dilated strides) of
-  ``sparse_attention``; a research option, the official weights were trained dense.
+  the experimental ``sparse`` subpackage; a research option, the official weights were trained
+  dense.
 
 Padded-window closed form. With window 14 on an 8^3 grid the reference pads the *normed* tokens
 with zeros to 14^3, so every padded key is ``k = b_k`` and every padded value ``v = b_v`` (the qkv
 bias) and they are not masked. A real query's logit for a padded key is ``q.b_k*scale + bias``,
-and the rel-pos bias (see :func:`dense_bias` for its exact form) factorises per key-w index, so
-the summed exponentials of all 2232 padded keys have a closed form. They collapse into ONE extra
-key ``b_k`` with value ``b_v`` and additive bias ``log(sum_padded exp(bias))``: exact, 513 keys
-instead of 2744, and no padded queries at all.
+and the rel-pos bias (see :func:`~.rel_pos.dense_bias` for its exact form) factorises per key-w
+index, so the summed exponentials of all 2232 padded keys have a closed form. They collapse into
+ONE extra key ``b_k`` with value ``b_v`` and additive bias ``log(sum_padded exp(bias))``: exact,
+513 keys instead of 2744, and no padded queries at all.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("einsum", "sdpa", "fold", "flex", "sparse")
+from . import sparse
+from .rel_pos import (
+    Grid,
+    dense_bias,
+    fold_rel_pos,
+    padded_key_bias,
+    rel_pos_terms,
+    rel_pos_terms_window,
+)
+
 DEFAULT_BACKEND = "sdpa"
-
-Grid = tuple[int, int, int]
-
-
-def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Gather the (q_size, k_size, C) relative-position embeddings from a (2L-1, C) table.
-
-    Interpolates the table linearly when its length differs from what the sizes need (never
-    the case for the released weights; kept for checkpoints trained at other sizes).
-    """
-    max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        resized = F.interpolate(
-            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
-            size=max_rel_dist,
-            mode="linear",
-        )
-        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    if torch.compiler.is_compiling():  # traced: Inductor folds the index into constants
-        return rel_pos[_rel_index(q_size, k_size, rel_pos.device)]
-    return rel_pos[_cached_rel_index(q_size, k_size, rel_pos.device)]
-
-
-def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
-    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
-    rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel.long()
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
-    """:func:`_rel_index` made once per shape and device (a constant: not five small kernels per
-    attention call). Always a normal tensor, even when first asked for under inference mode, so
-    training can index with it later."""
-    with torch.inference_mode(False):
-        return _rel_index(q_size, k_size, device)
-
-
-def rel_pos_terms(
-    q: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    q_grid: Grid,
-    k_grid: Grid,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-axis rel-pos logits from the UNSCALED query (the official weights' convention).
-
-    q: (B, heads, N, C) with N = prod(q_grid). Returns (B, heads, qd, qh, qw, k_axis) per axis;
-    each axis table is indexed by that axis' query coordinate (combine with :func:`dense_bias`).
-    """
-    b, h, _, c = q.shape
-    rq = q.reshape(b, h, *q_grid, c)
-    rd = get_rel_pos(q_grid[0], k_grid[0], tables[0]).to(q.dtype)
-    rh = get_rel_pos(q_grid[1], k_grid[1], tables[1]).to(q.dtype)
-    rw = get_rel_pos(q_grid[2], k_grid[2], tables[2]).to(q.dtype)
-    t_d = torch.einsum("bndhwc,dkc->bndhwk", rq, rd)
-    t_h = torch.einsum("bndhwc,hkc->bndhwk", rq, rh)
-    t_w = torch.einsum("bndhwc,wkc->bndhwk", rq, rw)
-    return t_d, t_h, t_w
-
-
-def dense_bias(terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Combine per-axis terms into the (B, heads, Nq, Nk) additive bias, the reference's way.
-
-    The public code adds ``rel_d[:, :, :, :, None, None]`` (one colon short of the 2D SAM
-    pattern), so on a cubic grid the bias of query (qd,qh,qw) for key (kd,kh,kw) is
-    ``t_d[qd,qh,qw,kw] + t_h[qd,qh,kd,kw] + t_w[qd,qh,kh,kw]``: every axis term is taken at the
-    key's w index, and the h/w terms use the query of token (qd,qh,kd) / (qd,qh,kh). The released
-    weights were trained with this, so it is reproduced exactly (parity fixture: 2e-6).
-    Here ``t_h``/``t_w`` are (B, heads, qd, qh, X, K): query row X along the w axis.
-    """
-    t_d, t_h, t_w = terms
-    b, h, qd, qh, qw, kw = t_d.shape
-    kd, kh = t_h.shape[-2], t_w.shape[-2]
-    bias = (
-        t_d[:, :, :, :, :, None, None, :]
-        + t_h[:, :, :, :, None, :, None, :]
-        + t_w[:, :, :, :, None, None, :, :]
-    )
-    return bias.reshape(b, h, qd * qh * qw, kd * kh * kw)
-
-
-def padded_key_bias(
-    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], real: Grid
-) -> torch.Tensor:
-    """log(sum over the padded keys of exp(rel-pos bias)), per real query: (B, heads, N).
-
-    ``terms`` are over the whole padded window (see :func:`rel_pos_terms_window`). The bias
-    factorises per key-w index:
-    sum_k exp(bias) = sum_kw e^{t_d} (sum_kd e^{t_h}) (sum_kh e^{t_w}),
-    over the full window minus the same over the real keys.
-    """
-    t_d, t_h, t_w = (t.float() for t in terms)
-    gd, gh, gw = real
-    # (B, h, qd, qh, kw): the h/w factors do not depend on the query's w index.
-    log_all = torch.logsumexp(
-        t_d + (torch.logsumexp(t_h, dim=4) + torch.logsumexp(t_w, dim=4))[:, :, :, :, None, :],
-        dim=-1,
-    )
-    log_real = torch.logsumexp(
-        t_d[..., :gw]
-        + (torch.logsumexp(t_h[..., :gd, :gw], dim=4)
-           + torch.logsumexp(t_w[..., :gh, :gw], dim=4))[:, :, :, :, None, :],
-        dim=-1,
-    )
-    out = log_all + torch.log1p(-torch.exp(log_real - log_all).clamp(max=1.0 - 1e-7))
-    return out.flatten(2)
-
-
-@functools.lru_cache(maxsize=16)
-def _fold_keys(g: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot key features of :func:`fold_rel_pos`: (N, 2 g^2) = [onehot(kd,kw), onehot(kh,kw)]."""
-    with torch.inference_mode(False):
-        idx = torch.arange(g**3, device=device)
-        kd, kh, kw = idx // (g * g), (idx // g) % g, idx % g
-        eye = torch.eye(g * g, device=device, dtype=dtype)
-        return torch.cat([eye[kd * g + kw], eye[kh * g + kw]], dim=1)
-
-
-def fold_rel_pos(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float,
-) -> torch.Tensor:
-    """Exact attention with the official rel-pos bias and no additive mask (cubic grids).
-
-    Under the reference's broadcast (:func:`dense_bias`) the bias of a query for key
-    (kd, kh, kw) is ``A[kd, kw] + C[kh, kw]`` with ``A = t_d[.., kw] + t_h[.., kd, kw]`` and
-    ``C = t_w[.., kh, kw]``: a dot product of the query's 2 g^2 values [A, C] with the key's
-    one-hots [onehot(kd,kw), onehot(kh,kw)]. Appending those to q and k (and zeros to v) turns
-    the biased attention into a plain one that flash/cuDNN kernels run; 128 + 2*64 = 256 head
-    dims for FastSAM3D, within their limit.
-    """
-    t_d, t_h, t_w = terms
-    b, h, g = q.shape[0], q.shape[1], t_d.shape[2]
-    n, hd = q.shape[2], q.shape[3]
-    a = (t_d[:, :, :, :, :, None, :] + t_h[:, :, :, :, None, :, :]).reshape(b, h, n, g * g)
-    c = t_w[:, :, :, :, None, :, :].expand(b, h, g, g, g, g, g).reshape(b, h, n, g * g)
-    q2 = torch.cat([q * scale, a.to(q.dtype), c.to(q.dtype)], dim=-1)
-    keys = _fold_keys(g, q.device, q.dtype).expand(b, h, n, 2 * g * g)
-    k2 = torch.cat([k, keys], dim=-1)
-    v2 = torch.cat([v, v.new_zeros(b, h, n, 2 * g * g)], dim=-1)
-    return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :hd]
 
 
 class Attention(nn.Module):
@@ -221,35 +89,16 @@ class Attention(nn.Module):
 
         if pad_to:
             out = self._padded_window(q, k, v, grid, pad_to)
-        elif self.backend == "einsum":
-            out = self._einsum(q, k, v, grid)
-        elif self.backend == "fold" and self.use_rel_pos and len(set(grid)) == 1:
-            out = fold_rel_pos(q, k, v, rel_pos_terms(q, self._tables(), grid, grid), self.scale)
-        elif self.backend in ("sdpa", "fold"):  # "fold" needs rel-pos on a cubic grid
-            bias = None
-            if self.use_rel_pos:
-                bias = dense_bias(rel_pos_terms(q, self._tables(), grid, grid)).to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        elif self.backend in ("flex", "sparse"):
-            from . import sparse_attention as sa
-
-            terms = rel_pos_terms(q, self._tables(), grid, grid) if self.use_rel_pos else None
-            if self.backend == "flex":
-                out = sa.flex_dense(q, k, v, terms, self.scale, grid)
-            else:
-                out = sa.sparse_attention(q, k, v, terms, self.scale, grid, self.sparse_pattern)
         else:
-            raise ValueError(f"unknown attention backend {self.backend!r}; use one of {BACKENDS}")
+            try:
+                kernel = _KERNELS[self.backend]
+            except KeyError:
+                raise ValueError(
+                    f"unknown attention backend {self.backend!r}; use one of {BACKENDS}"
+                ) from None
+            out = kernel(self, q, k, v, grid)
         out = out.transpose(1, 2).reshape(b, d, h, w, c)
         return self.proj(out)
-
-    def _einsum(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
-    ) -> torch.Tensor:
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if self.use_rel_pos:
-            attn = attn + dense_bias(rel_pos_terms(q, self._tables(), grid, grid))
-        return attn.softmax(dim=-1) @ v
 
     def _padded_window(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, pad_to: int
@@ -283,30 +132,77 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias, scale=self.scale)
 
 
-def rel_pos_terms_window(
-    q: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    real: Grid,
-    full: Grid,
-    b_q: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rel-pos terms of the real queries of a zero-padded ``full`` window.
+# ----------------------------------------------------------------------------- backends
+# kernel(layer, q, k, v, grid): q, k, v (B, heads, N, hd) in raster order of grid -> the same
+# shape. One entry per backend name; set_attention_backend checks names against BACKENDS.
 
-    Returns t_d (B, h, rd, rh, rw, Fw) and t_h, t_w (B, h, rd, rh, Fw, Fw): the h/w terms use
-    the query row along w, whose padded entries are the q bias ``b_q`` (heads, hd) because the
-    padded tokens are zeros (see :func:`dense_bias`). Needs a cubic window.
+
+def _terms(layer: Attention, q: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, ...] | None:
+    return rel_pos_terms(q, layer._tables(), grid, grid) if layer.use_rel_pos else None
+
+
+def _einsum(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """The reference: explicit logits + rel-pos bias + softmax."""
+    attn = (q * layer.scale) @ k.transpose(-2, -1)
+    if layer.use_rel_pos:
+        attn = attn + dense_bias(rel_pos_terms(q, layer._tables(), grid, grid))
+    return attn.softmax(dim=-1) @ v
+
+
+def _sdpa(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    bias = None
+    if layer.use_rel_pos:
+        bias = dense_bias(rel_pos_terms(q, layer._tables(), grid, grid)).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=layer.scale)
+
+
+def _fold(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """SDPA without a mask; folding needs rel-pos on a cubic grid, else this is ``sdpa``."""
+    if not (layer.use_rel_pos and len(set(grid)) == 1):
+        return _sdpa(layer, q, k, v, grid)
+    return fold_rel_pos(q, k, v, rel_pos_terms(q, layer._tables(), grid, grid), layer.scale)
+
+
+def _flex(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    return sparse.flex_dense(q, k, v, _terms(layer, q, grid), layer.scale, grid)
+
+
+def _sparse(
+    layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """Experimental (:mod:`fastsam3d.modeling.sparse`): the official weights are dense."""
+    return sparse.sparse_attention(q, k, v, _terms(layer, q, grid), layer.scale, grid,
+                                   layer.sparse_pattern)
+
+
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "einsum": _einsum, "sdpa": _sdpa, "fold": _fold, "flex": _flex, "sparse": _sparse,
+}
+BACKENDS = tuple(_KERNELS)  # ("einsum", "sdpa", "fold", "flex", "sparse")
+
+
+def set_attention_backend(model: nn.Module, backend: str, pattern: object = None) -> nn.Module:
+    """Switch every encoder attention layer to ``backend`` (see this module's docstring).
+
+    ``pattern`` is a ``SparsePattern`` for the ``"sparse"`` backend (None = its default).
     """
-    b, h, _, c = q.shape
-    gd, gh, gw = real
-    f = full[2]
-    qg = q.reshape(b, h, gd, gh, gw, c)
-    pad = b_q[None, :, None, None, None, :].expand(b, h, gd, gh, f - gw, c).to(q.dtype)
-    q_row = torch.cat([qg, pad], dim=4)
-    rd, rh, rw = (get_rel_pos(n, n, t).to(q.dtype) for t, n in zip(tables, full))
-    t_d = torch.einsum("bndhwc,dkc->bndhwk", qg, rd[:gd])
-    t_h = torch.einsum("bndhxc,hkc->bndhxk", q_row, rh[:gh])
-    t_w = torch.einsum("bndhxc,xkc->bndhxk", q_row, rw)
-    return t_d, t_h, t_w
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
+    if backend == "sparse" and pattern is None:
+        pattern = sparse.SparsePattern()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+            m.sparse_pattern = pattern
+    return model
 
 
 def window_partition3d(x: torch.Tensor, window: int) -> tuple[torch.Tensor, Grid]:

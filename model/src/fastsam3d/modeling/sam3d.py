@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from ..configs import ModelConfig
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
-
-if TYPE_CHECKING:
-    from ..build import ModelConfig
 
 
 class Sam3D(nn.Module):
