@@ -162,7 +162,7 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
         return fixture_model(args.model)
     if args.checkpoint:
         log(f"loading {args.checkpoint}")
-        return load_model(Path(args.checkpoint))  # always a file, even one named like a registry entry
+        return load_model(Path(args.checkpoint))  # a file, even one named like a registry entry
     try:
         cached = hub.cached_path(args.model)
     except ValueError as e:  # unknown name (check_args has refused those already)
