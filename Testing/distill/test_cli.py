@@ -25,7 +25,7 @@ def test_cache_then_distill_from_cache_then_export(tmp_path):
                  "--oblique", "10"]) == 0
     assert main(["cache", *TINY, "--data", str(data), "--min-voxels", "20", "--out", str(feats),
                  "--device", "cpu", "--batch-size", "2"]) == 0
-    index = json.loads((feats / "index.json").read_text())
+    index = json.loads((feats / "index.json").read_text(encoding="utf-8"))
     assert index["teacher_depth"] == 4 and index["n"] >= 4
     assert main(["distill", *TINY, "--cache", str(feats), "--out", str(run), "--epochs", "1",
                  "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
@@ -51,7 +51,7 @@ def test_gpu_benchmark_smoke_mode_runs_on_cpu(tmp_path):
         env=subprocess_env(), capture_output=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    res = json.loads((tmp_path / "gpu_distill.json").read_text())
+    res = json.loads((tmp_path / "gpu_distill.json").read_text(encoding="utf-8"))
     for phase in ("online", "cached"):
         assert res[phase]["micro_steps"] > 0 and res[phase]["loss_curve"]
     assert res["cache"]["volumes"] == res["crops"] >= 4

@@ -80,7 +80,7 @@ def test_evaluation_runs_on_crop_and_original_grid(tmp_path):
         assert len(recs) == 1 and len(recs[0]["dice"]) == 3
         assert all(0.0 <= d <= 1.0 for d in recs[0]["dice"])
     path = write_report(results, tmp_path / "eval")
-    rep = json.loads(path.read_text())
+    rep = json.loads(path.read_text(encoding="utf-8"))
     assert set(rep) == {"crop", "original"}
     assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 1000
 

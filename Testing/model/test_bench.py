@@ -27,7 +27,7 @@ def test_tiny_cpu_bench_writes_complete_json(tmp_path, capsys):
     rc = run_cli(["--device", "cpu", "--tiny", "--models", "fastsam3d", "--repeats", "2",
                   "--warmup", "0", "--batch", "2", "--json", str(out)])
     assert rc == 0
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     env = data["environment"]
     assert env["torch"] and env["commit"] and env["device"] == "cpu"
     stages = data["stages"]

@@ -140,7 +140,7 @@ def url_dir(directory: Path, url: str) -> Path:
 
 def _records(directory: Path) -> dict:
     path = directory / hub.HASHES_FILE
-    return json.loads(path.read_text())["files"] if path.exists() else {}
+    return json.loads(path.read_text(encoding="utf-8"))["files"] if path.exists() else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def test_corrupt_record_is_never_overwritten(server, cache, registry_url):
     (cache / hub.HASHES_FILE).write_text("{not json")
     with pytest.raises(hub.HubError, match="unreadable"):
         hub.download("fastsam3d", progress=False)
-    assert (cache / hub.HASHES_FILE).read_text() == "{not json"
+    assert (cache / hub.HASHES_FILE).read_text(encoding="utf-8") == "{not json"
     assert _leftovers(cache) == [] and server.hits == {}
 
 

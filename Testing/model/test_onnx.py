@@ -138,7 +138,7 @@ def test_int8_agrees_on_a_real_mr_crop(int8, exact):
 
 
 def test_export_reuses_matching_graphs_and_refuses_other_weights(exported):
-    meta = json.loads((exported / "fastsam3d-onnx.json").read_text())
+    meta = json.loads((exported / "fastsam3d-onnx.json").read_text(encoding="utf-8"))
     assert meta["config"] == "fastsam3d" and meta["point_policy"] == "newest"
     before = {p.name: p.stat().st_mtime_ns for p in exported.glob("*.onnx")}
     export_onnx(fixture_model("fastsam3d"), exported)  # same weights: nothing rewritten

@@ -40,7 +40,7 @@ def golden(parity_dir):
 
 @pytest.fixture(scope="module")
 def keys(parity_dir):
-    return json.loads((parity_dir / "keys.json").read_text())
+    return json.loads((parity_dir / "keys.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

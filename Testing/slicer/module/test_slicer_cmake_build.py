@@ -46,7 +46,7 @@ def test_package_layout(build):
     got = {p.relative_to(modules / "fastsam3d").as_posix()
            for p in (modules / "fastsam3d").rglob("*.py")}
     assert got == expected
-    tests = (build / "tests.txt").read_text().split()
+    tests = (build / "tests.txt").read_text(encoding="utf-8").split()
     assert [Path(t).name for t in tests] == ["FastSAM3DSlicer.py"]
 
 

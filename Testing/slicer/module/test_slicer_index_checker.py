@@ -68,7 +68,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMI
 
 def load_checker() -> types.ModuleType:
     path = VENDOR / "check_description_files.py"
-    source = path.read_text()
+    source = path.read_text(encoding="utf-8")
     if sys.version_info < (3, 12):
         assert source.count(_PY312_LINE) == 1, "the vendored checker changed: update the shim"
         source = source.replace(_PY312_LINE, _PY311_LINE)
@@ -140,7 +140,7 @@ def local_index(snapshot_dir: Path, topics: list[str]):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    entry = json.loads((REPO / f"{EXTENSION}.json").read_text())
+    entry = json.loads((REPO / f"{EXTENSION}.json").read_text(encoding="utf-8"))
     owner, name = urllib.parse.urlsplit(entry["scm_url"]).path.strip("/").split("/")[:2]
     name = name.removesuffix(".git")
     routes = [
@@ -207,10 +207,10 @@ def checkout_snapshot(tmp_path_factory) -> Path:
 def test_vendored_files_unmodified():
     for name, digest in VENDORED_SHA256.items():
         assert hashlib.sha256((VENDOR / name).read_bytes()).hexdigest() == digest, name
-    readme = (VENDOR / "README.md").read_text()
+    readme = (VENDOR / "README.md").read_text(encoding="utf-8")
     assert all(d in readme for d in VENDORED_SHA256.values())
     assert "07f1d1b2781c7dd9f6e2a9f5521b3ed43631724c" in readme
-    assert "Brigham" in (VENDOR / "LICENSE.txt").read_text()
+    assert "Brigham" in (VENDOR / "LICENSE.txt").read_text(encoding="utf-8")
 
 
 def test_index_checker_passes_on_this_checkout(tmp_path, checkout_snapshot, monkeypatch):
@@ -231,7 +231,7 @@ def test_index_checker_passes_on_this_checkout(tmp_path, checkout_snapshot, monk
 
 def test_index_checker_rejects_urls_built_from_cmake_variables(tmp_path, monkeypatch):
     """The pre-fix CMakeLists.txt form (review B3): `${FASTSAM3D_RAW}/...` is not an http URL."""
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     m = re.search(r'set\(EXTENSION_ICONURL "(https://\S+?/main)/', text)
     assert m, "expected a literal raw.githubusercontent.com icon URL"
     old = text.replace(m.group(1), "${FASTSAM3D_RAW}").replace(
@@ -247,8 +247,8 @@ def test_index_checker_needs_the_topic_and_the_images(tmp_path, checkout_snapsho
     """What the fake answers matters: no topic, or an image not in the repository, fails."""
     rc, out, _ = run_checker(tmp_path, checkout_snapshot, [], monkeypatch)
     assert rc == 1 and "does not have the '3d-slicer-extension' topic" in out
-    text = (REPO / "CMakeLists.txt").read_text().replace("Screenshots/FastSAM3DSlicer.png",
-                                                          "Screenshots/missing.png")
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    text = text.replace("Screenshots/FastSAM3DSlicer.png", "Screenshots/missing.png")
     snap = snapshot(tmp_path / "snap", replace={"CMakeLists.txt": text})
     (tmp_path / "second").mkdir()
     rc, out, _ = run_checker(tmp_path / "second", snap, ["3d-slicer-extension"], monkeypatch)

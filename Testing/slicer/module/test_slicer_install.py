@@ -215,7 +215,8 @@ def test_torch_installs_in_the_background_while_the_ui_is_pumped(have, tmp_path,
         "print('Successfully installed torch-2.13.0', flush=True)\n")
     real_installed = deps._installed
     monkeypatch.setattr(deps, "_installed", lambda name: (
-        marker.read_text() if name == "torch" and marker.exists() else real_installed(name)))
+        marker.read_text(encoding="utf-8") if name == "torch" and marker.exists()
+        else real_installed(name)))
     host = Host(utils=types.SimpleNamespace(), pip=lambda reqs: have.update(safetensors="0.4.5"))
     outcome = install.install_dependencies(host, torch_commands_override=[slow])
     assert outcome == install.DONE, host.calls
@@ -344,7 +345,7 @@ OPTIONAL = {
 
 def _imports_anywhere(path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -371,7 +372,8 @@ def test_torch_floor_matches_the_package():
     """m14: the floor asked of PyTorchUtils is fastsam3d's own, the one pyproject states."""
     import tomllib
 
-    project = tomllib.loads((REPO / "model" / "pyproject.toml").read_text())["project"]
+    pyproject = (REPO / "model" / "pyproject.toml").read_text(encoding="utf-8")
+    project = tomllib.loads(pyproject)["project"]
     floors = [d for d in project["dependencies"] if deps.parse(d)[0] == "torch"]
     package = deps.package_torch_requirement()
     assert floors == [f"torch{package}"], (floors, package)

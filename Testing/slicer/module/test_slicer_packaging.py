@@ -35,7 +35,7 @@ INDEX_REQUIRED = ("$schema", "category", "scm_url")
 
 def cmake_sets(path: Path) -> dict[str, str]:
     """`set(NAME "value")` as written: the Index reads the file as text and expands nothing."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     out = {}
     for m in re.finditer(r'set\(\s*(\w+)\s+"((?:[^"\\]|\\.)*)"\s*\)', text):
         out[m.group(1)] = m.group(2)
@@ -43,7 +43,7 @@ def cmake_sets(path: Path) -> dict[str, str]:
 
 
 def cmake_list(path: Path, name: str) -> list[str]:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     m = re.search(rf"set\(\s*{name}\s+(.*?)\)", text, re.S)
     assert m, f"{name} not set in {path}"
     return [t.replace("${MODULE_NAME}", "FastSAM3DSlicer") for t in m.group(1).split()]
@@ -66,7 +66,7 @@ def raw_url_to_path(url: str) -> Path:
 
 def test_top_level_cmake_has_every_index_field():
     sets = cmake_sets(REPO / "CMakeLists.txt")
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"project\(\s*FastSAM3DSlicer\s*\)", text)
     for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
                   "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
@@ -113,13 +113,13 @@ def test_module_cmake_lists_every_python_file_and_resource():
     )
     for res in cmake_list(cmake, "MODULE_PYTHON_RESOURCES"):
         assert (MODULE_DIR / res).is_file(), res
-    text = cmake.read_text()
+    text = cmake.read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in text
     assert "WITH_GENERIC_TESTS" in text
 
 
 def test_fastsam3d_package_comes_from_model_src_without_a_copy():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     m = re.search(r"set\(FASTSAM3D_SOURCE_DIR\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", text)
     assert m, "FASTSAM3D_SOURCE_DIR must point into the repository"
     src = (MODULE_DIR / m.group(1)).resolve()
@@ -162,14 +162,14 @@ def test_index_json_against_schema_with_jsonschema():
     props["tier"].update(minimum=1, maximum=5)
     schema = {"type": "object", "required": list(INDEX_REQUIRED), "properties": props,
               "additionalProperties": False}
-    jsonschema.validate(json.loads(INDEX_JSON.read_text()), schema)
+    jsonschema.validate(json.loads(INDEX_JSON.read_text(encoding="utf-8")), schema)
 
 
 def test_requirements_file_matches_the_lib():
     sys.path.insert(0, str(MODULE_DIR))
     from FastSAM3DSlicerLib import deps
 
-    text = (MODULE_DIR / "Resources" / "requirements.txt").read_text()
+    text = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines == list(deps.PIP_REQUIREMENTS)
     assert not any(deps.parse(ln)[0].lower() == "torch" for ln in lines), "torch via PyTorchUtils"
@@ -177,7 +177,7 @@ def test_requirements_file_matches_the_lib():
 
 
 def _file_scope_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -199,7 +199,7 @@ def test_no_third_party_imports_or_work_at_module_import_time():
         extra = _file_scope_imports(path) - stdlib - LIB_FILE_SCOPE_ALLOWED
         assert not extra, f"{path.name} imports {extra} at file scope"
     # The module file's top level holds only imports, constants, classes and small helpers.
-    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text())
+    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8"))
     for node in tree.body:
         assert isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef,
                                  ast.Assign, ast.Try, ast.Expr)), ast.dump(node)[:80]
@@ -216,7 +216,7 @@ def test_lib_imports_no_qt_anywhere():
     for path in (MODULE_DIR / "FastSAM3DSlicerLib").glob("*.py"):
         if path.name in APP_ONLY:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             mods = []
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
@@ -229,11 +229,13 @@ def test_lib_imports_no_qt_anywhere():
 
 
 def test_self_test_is_registered_and_exists():
-    cmake = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    cmake = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\S*FastSAM3DSlicer\.py", cmake)
-    assert "add_subdirectory(Testing)" in (MODULE_DIR / "CMakeLists.txt").read_text()
-    assert "add_subdirectory(Python)" in (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text()
-    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text())
+    module_cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    testing_cmake = (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "add_subdirectory(Testing)" in module_cmake
+    assert "add_subdirectory(Python)" in testing_cmake
+    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8"))
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     for name in ("FastSAM3DSlicer", "FastSAM3DSlicerWidget", "FastSAM3DSlicerLogic",
                  "FastSAM3DSlicerTest"):
@@ -272,7 +274,7 @@ def test_widget_uses_only_names_the_lib_defines():
     sys.path.insert(0, str(MODULE_DIR))
     from FastSAM3DSlicerLib.logic import InteractiveLogic
 
-    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text())
+    tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
             "FastSAM3DSlicerLib"
@@ -298,9 +300,9 @@ def test_widget_uses_only_names_the_lib_defines():
 
 def test_placeholder_repository_is_marked_until_replaced():
     """The repository URL is a placeholder until the real one exists: it must say so."""
-    entry = json.loads(INDEX_JSON.read_text())
-    cmake = (REPO / "CMakeLists.txt").read_text()
-    docs = (REPO / "docs" / "slicer.md").read_text()
+    entry = json.loads(INDEX_JSON.read_text(encoding="utf-8"))
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    docs = (REPO / "docs" / "slicer.md").read_text(encoding="utf-8")
     placeholder = "github.com/FastSAM3DSlicer/SlicerFastSAM3D"
     if placeholder in entry["scm_url"] or placeholder in cmake:
         assert "PLACEHOLDER repository" in cmake

@@ -138,7 +138,7 @@ def _annotation_nodes(tree: ast.AST) -> set[int]:
 
 def py310_only_constructs(path: Path) -> list[str]:
     """What compiles on 3.9 but fails when it runs there (an import cannot see these)."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     found = []
     has_future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
                      and any(a.name == "annotations" for a in n.names) for n in tree.body)
@@ -178,7 +178,7 @@ def test_the_static_scan_sees_the_constructs(tmp_path):
 
 def test_slicer_code_never_imports_the_cli_only_modules():
     for path in slicer_files():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             mods = []
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]

@@ -97,7 +97,7 @@ def test_skips_without_torch(monkeypatch):
 def test_the_module_test_class_runs_the_selftest():
     """Slicer's runner looks the test up in FastSAM3DSlicer.py: it must call selftest, have a
     test_ method (runUnitTest) and a runTest (Reload and Test), and not download anything."""
-    source = (MODULE_DIR / "FastSAM3DSlicer.py").read_text()
+    source = (MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)
               and n.name == "FastSAM3DSlicerTest"]

@@ -24,7 +24,7 @@ def widget_names(root) -> dict[str, str]:
 def names_used_by_code() -> set[str]:
     """Every ``self.ui.<name>`` in the module file (childWidgetVariables looks them up)."""
     used = set()
-    for node in ast.walk(ast.parse(MODULE.read_text())):
+    for node in ast.walk(ast.parse(MODULE.read_text(encoding="utf-8"))):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                 and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
                 and node.value.value.id == "self"):
@@ -59,14 +59,14 @@ def test_widget_names_are_unique_and_custom_widgets_declared():
 
 def shortcuts() -> dict[str, str]:
     """The module's SHORTCUTS table (key -> Widget method), read from the source."""
-    for node in ast.parse(MODULE.read_text()).body:
+    for node in ast.parse(MODULE.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SHORTCUTS":
             return dict(ast.literal_eval(node.value))
     raise AssertionError("SHORTCUTS not found")
 
 
 def widget_methods() -> dict[str, ast.FunctionDef]:
-    for node in ast.parse(MODULE.read_text()).body:
+    for node in ast.parse(MODULE.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.ClassDef) and node.name == "FastSAM3DSlicerWidget":
             return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
     raise AssertionError("FastSAM3DSlicerWidget not found")
@@ -114,7 +114,7 @@ def test_every_shortcut_calls_a_widget_method_and_buttons_show_their_key():
 
 
 def test_shortcuts_are_documented_in_docs():
-    doc = (REPO / "docs" / "slicer.md").read_text()
+    doc = (REPO / "docs" / "slicer.md").read_text(encoding="utf-8")
     for key in shortcuts():
         assert f"| {key} |" in doc, f"docs/slicer.md does not list the {key} key"
 
@@ -132,12 +132,12 @@ def test_leaving_the_module_stops_effects_views_and_prompting():
     assert {"_setPrompting", "_removeViewFilters"} <= called_names(methods["_stopViews"])
     assert {"_stopViews", "_shutdownWork", "removeObservers"} <= called_names(methods["cleanup"])
     assert {"_stopViews", "_shutdownWork"} <= called_names(methods["onAboutToQuit"])
-    assert "aboutToQuit()" in MODULE.read_text()
+    assert "aboutToQuit()" in MODULE.read_text(encoding="utf-8")
 
 
 def test_no_markups_place_mode_and_no_deprecated_label_format():
     """Review M6/M9 (place mode drifted, kept the active place node) and m11."""
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     assert "SetActivePlaceNodeID" not in source and ".Place)" not in source
     assert "SetMarkupLabelFormat" not in source
     assert "SetControlPointLabelFormat" in source
@@ -147,7 +147,7 @@ def test_editor_uses_the_segment_editor_singleton():
     """Review M4: masking is the Segment Editor module's own node, not a private one."""
     methods = widget_methods()
     assert "segment_editor_node" in called_names(methods["_selectEditorNode"])
-    assert "SetSingletonTag" not in MODULE.read_text()
+    assert "SetSingletonTag" not in MODULE.read_text(encoding="utf-8")
     names = widget_names(ui_tree())
     for name in ("editableAreaComboBox", "intensityMaskCheckBox", "intensityRangeWidget",
                  "overwriteModeComboBox"):
