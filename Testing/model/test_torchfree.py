@@ -5,6 +5,7 @@ on the parity cases, in this process and in a fresh venv that has no torch at al
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -130,7 +131,10 @@ def test_segment_engine_in_a_venv_without_torch(tmp_path, parity_dir):
     r = subprocess.run([*pip, "numpy", "onnxruntime", "onnx"], capture_output=True, text=True,
                        timeout=400, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([*pip, "--no-deps", str(REPO / "model")], capture_output=True,
+    src = tmp_path / "model"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(REPO / "model", src,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    r = subprocess.run([*pip, "--no-deps", str(src)], capture_output=True,
                        text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     probe = subprocess.run([py, "-c", "import torch"], capture_output=True, env=env)
