@@ -149,17 +149,31 @@ def test_export_reuses_matching_graphs_and_refuses_other_weights(exported):
     assert {p.name: p.stat().st_mtime_ns for p in exported.glob("*.onnx")} == before
 
 
-def test_auto_picks_int8_only_without_native_bf16(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_cli_export(tmp_path_factory):
+    """A tiny network's checkpoint exported through ``fastsam3d export-onnx`` (one export
+    shared by the command test and the automatic-choice test)."""
+    from fastsam3d.checkpoint import load_model, save_official
+    from fastsam3d.cli import main
+
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = save_official(fixture_model("fastsam3d", **TINY), root / "tiny.pth")
+    out = root / "out"
+    code = main(["export-onnx", str(ckpt), str(out)])
+    return code, out, load_model(ckpt)
+
+
+def test_auto_picks_int8_only_without_native_bf16(monkeypatch, tiny_cli_export):
     import fastsam3d.fastpath as fp
 
-    monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path))
-    tiny = fixture_model("fastsam3d", **TINY)
+    _, out, tiny = tiny_cli_export
+    monkeypatch.setattr(quantize, "onnx_dir_for", lambda model, root=None: out)
     monkeypatch.setattr(fp, "cpu_has_fast_bf16", lambda: True)
     assert Runner(tiny, "cpu").precision == "bf16"
     monkeypatch.setattr(fp, "cpu_has_fast_bf16", lambda: False)
     r = Runner(tiny, "cpu")
     assert (r.precision, r.backend) == ("int8", "torch")
-    assert (quantize.onnx_dir_for(tiny, tmp_path / "onnx") / "encoder.int8.onnx").exists()
+    assert r.encode(torch.zeros(1, 1, 128, 128, 128)).shape == (1, 384, 8, 8, 8)
     monkeypatch.setenv("FASTSAM3D_CPU_INT8", "0")
     assert Runner(tiny, "cpu").precision == "fp32"
     monkeypatch.setenv("FASTSAM3D_CPU_INT8", "1")
@@ -190,16 +204,13 @@ def test_engine_errors_are_clear(tmp_path, exported, monkeypatch):
         Runner(fixture_model("fastsam3d", **TINY), "cpu", "bf16", backend="onnxruntime")
 
 
-def test_export_onnx_command(tmp_path, capsys):
-    from fastsam3d.checkpoint import save_official
+def test_export_onnx_command(tmp_path, capsys, tiny_cli_export):
     from fastsam3d.cli import main
 
-    ckpt = save_official(fixture_model("fastsam3d", **TINY), tmp_path / "tiny.pth")
-    out = tmp_path / "out"
-    assert main(["export-onnx", str(ckpt), str(out), "--no-int8"]) == 0
-    assert (out / "encoder.onnx").exists() and (out / "click.onnx").exists()
-    assert not (out / "encoder.int8.onnx").exists()
-    assert "wrote" in capsys.readouterr().out
+    code, out, _ = tiny_cli_export
+    assert code == 0
+    for name in ("encoder.onnx", "click.onnx", "encoder.int8.onnx", "fastsam3d-onnx.json"):
+        assert (out / name).exists(), name
     assert main(["export-onnx", str(tmp_path / "missing.pth"), str(tmp_path / "o2")]) == 1
     err = capsys.readouterr().out
     assert err.startswith("error:") and "missing.pth" in err

@@ -9,8 +9,8 @@ The rule (``Runner(precision="auto")`` on a CPU):
 
 * native bf16 (AMX or AVX512-BF16): the bf16 encoder in PyTorch (fastest there);
 * otherwise, when ``onnxruntime`` and the exporter (``onnx``, ``onnxscript``) are installed:
-  int8 (int8 matmuls run 2-4x the fp32 rate on AVX2 / VNNI CPUs, and the masks agree with fp32:
-  Dice >= 0.99, ``Testing/model/test_int8.py``);
+  int8 (int8 matmuls have 2x (AVX2) to 4x (VNNI) the fp32 peak rate; the masks agree with
+  fp32: Dice >= 0.99, ``Testing/model/test_onnx.py``, ``model/benchmarks/cpu_paths.py``);
 * else fp32. ``FASTSAM3D_CPU_INT8=0`` turns the int8 choice off.
 
 The graphs are exported once per weights into the user cache (``$FASTSAM3D_CACHE/onnx/<digest>``,

@@ -18,7 +18,6 @@ that hold ~88 % of the encoder's FLOPs. Convolutions stay fp32: the patch embedd
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -27,11 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_path
 from ..modeling import Sam3D
 from ..modeling.common import patch_conv
+from .build import TEMPLATE_INFO, digest_arrays, quantize_encoder, strip_weights
 from .layout import CLICK, ENCODER, ENCODER_INT8, FORMAT_VERSION, META
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,30 @@ OPSET = 18
 
 class _Encoder(nn.Module):
     """The image encoder with its 16^3 patch convolution written as the equivalent GEMM (same
-    sums; a GEMM is what ONNX Runtime quantises and runs fastest)."""
+    sums; a GEMM is what ONNX Runtime quantises and runs fastest). Attribute names follow the
+    official key prefixes, so every weight initializer of the graph is named by its key."""
 
     def __init__(self, model: Sam3D) -> None:
         super().__init__()
-        self.enc = model.image_encoder
+        self.image_encoder = model.image_encoder
 
     def forward(self, crop: torch.Tensor) -> torch.Tensor:
-        enc = self.enc
+        enc = self.image_encoder
         x = patch_conv(crop, enc.patch_embed.proj).permute(0, 2, 3, 4, 1)
         if enc.pos_embed is not None:
             x = x + enc.pos_embed
         for blk in enc.blocks:
             x = blk(x)
-        return enc.neck(x.permute(0, 4, 1, 2, 3))
+        x = x.permute(0, 4, 1, 2, 3)
+        for layer in enc.neck:
+            if isinstance(layer, nn.Conv3d) and layer.bias is None:
+                # an explicit zero bias: the unoptimised export of a bias-free conv builds a
+                # zero bias of the wrong size (ONNX Runtime then refuses the graph)
+                w = layer.weight
+                x = F.conv3d(x, w, w.new_zeros(w.shape[0]), layer.stride, layer.padding)
+            else:
+                x = layer(x)
+        return x
 
 
 class _Click(nn.Module):
@@ -62,34 +73,27 @@ class _Click(nn.Module):
 
     def __init__(self, model: Sam3D) -> None:
         super().__init__()
-        self.pe = model.prompt_encoder
-        self.dec = model.mask_decoder
-        with torch.no_grad():  # a constant of the weights (the cached dense PE)
-            self.register_buffer("dense_pe", self.pe.pe_layer(self.pe.image_embedding_size)[None])
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
 
     def forward(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                 mask: torch.Tensor, has_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pe = self.pe
+        pe = self.prompt_encoder
         sparse, dense = pe(points=(coords, labels), boxes=None, masks=mask)
         none = pe.no_mask_embed.weight.reshape(1, -1, 1, 1, 1)
         dense = torch.where(has_mask.reshape(1, 1, 1, 1, 1), dense, none)
-        low_res, iou = self.dec.predict_masks(embedding, self.dense_pe, sparse, dense)
-        return low_res, iou
+        # the dense PE from the Gaussian matrix in the graph (ONNX Runtime folds it at load),
+        # so the graph's only weights are the checkpoint's tensors
+        dense_pe = pe.pe_layer(pe.image_embedding_size)[None]
+        return self.mask_decoder.predict_masks(embedding, dense_pe, sparse, dense)
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the state dict (names, shapes, bytes) and the export format: the cache key
-    of exported graphs, so changed weights never reuse stale files."""
-    h = hashlib.sha256(f"fastsam3d-onnx-v{FORMAT_VERSION}".encode())
-    for name, t in model.state_dict().items():
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        h.update(repr(cfg).encode())
-    return h.hexdigest()
+    """The cache key of ``model``'s graphs (:func:`fastsam3d.onnx.build.digest_arrays` over its
+    state dict and config)."""
+    items = ((k, t.detach().to("cpu", torch.float32).numpy())
+             for k, t in model.state_dict().items())
+    return digest_arrays(items, repr(getattr(model, "config", None)))
 
 
 @contextlib.contextmanager
@@ -102,7 +106,9 @@ def _quiet() -> Iterator[None]:
 def _export(module: nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
             dynamic_shapes: dict | None = None) -> None:
     with atomic_path(path) as tmp, torch.no_grad(), _quiet():
-        torch.onnx.export(module, args, str(tmp), dynamo=True, opset_version=OPSET,
+        # optimize=False keeps each weight as an initializer named by its state-dict key (the
+        # optimiser would fold transposes into anonymous constants); ONNX Runtime folds at load
+        torch.onnx.export(module, args, str(tmp), dynamo=True, opset_version=OPSET, optimize=False,
                           input_names=names[0], output_names=names[1],
                           dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
 
@@ -168,17 +174,24 @@ def export_onnx(model: Sam3D, out_dir: str | os.PathLike[str], *, int8: bool = T
     return paths
 
 
-def quantize_encoder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """ONNX Runtime dynamic quantization of the encoder's MatMul/Gemm weights to int8 (per
-    channel, signed), written atomically."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def write_template(model: Sam3D, out_dir: str | os.PathLike[str]) -> Path:
+    """Export ``model`` and keep the graphs without their weights (a few hundred kB) plus
+    ``template.json`` (config, weight names and shapes): what the torch-free path fills from a
+    checkpoint (:func:`fastsam3d.onnx.build.build_from_weights`). One per registered config,
+    shipped in ``fastsam3d/onnx/templates``."""
+    import tempfile
 
-    dst = Path(dst)
-    with atomic_path(dst) as tmp, _quiet():
-        logging.getLogger().disabled, before = True, logging.getLogger().disabled
-        try:
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"])
-        finally:
-            logging.getLogger().disabled = before
-    return dst
+    out = Path(out_dir)
+    cfg = model.config
+    sd = model.state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = export_onnx(model, tmp, int8=False)
+        enc = strip_weights(paths["encoder"], out / ENCODER, sd)
+        click = strip_weights(paths["click"], out / CLICK, sd)
+    meta = {"format": FORMAT_VERSION, "config": cfg.name, "block_style": cfg.block_style,
+            "point_policy": cfg.point_policy, "img_size": model.image_encoder.img_size,
+            "encoder_weights": enc, "click_weights": click,
+            "shapes": {k: list(v.shape) for k, v in sd.items()}}
+    with atomic_path(out / TEMPLATE_INFO) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+    return out

@@ -1,0 +1,163 @@
+"""Local inference without PyTorch: an official-layout .pth read by the restricted reader, the
+packaged graph templates filled with its tensors, run by ONNX Runtime — equal to the reference
+on the parity cases, in this process and in a fresh venv that has no torch at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from fastsam3d.checkpoint import save_official  # noqa: E402
+from fastsam3d.onnx.build import build_from_weights, list_templates, match_template  # noqa: E402
+from fastsam3d.onnx.engine import OrtEngine  # noqa: E402
+from fastsam3d.pth_reader import read_weights  # noqa: E402
+from fastsam3d.testing import fixture_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = {  # parity key -> registry config
+    "fastsam3d": "fastsam3d",
+    "sammed3d": "sam-med3d-turbo",
+    "sammed3d_fastsam3d_block": "sam-med3d-turbo-fastsam3d-block",
+}
+
+# Runs inside the torch-free venv (and, for the in-process test, here): argv = checkpoint,
+# parity npz, work dir. Prints one line per check.
+CHECK = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    import numpy as np
+    from fastsam3d.pth_reader import read_weights
+    from fastsam3d.onnx.build import build_from_weights
+    from fastsam3d.onnx.engine import OrtEngine
+
+    ckpt, golden, work, key = sys.argv[1], np.load(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    obj = read_weights(ckpt)
+    style = getattr(obj.get("args"), "block_style", None)
+    out = build_from_weights(obj["model_state_dict"], work, style=style, int8=False)
+    eng = OrtEngine(out, "fp32", threads=2)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b))
+
+    emb = eng.encode(golden["input"])
+    print("embedding", rel(emb, golden[key + "_embedding"]))
+    zeros = np.zeros((1, 1, 32, 32, 32), np.float32)
+    low, iou = eng.click(golden[key + "_embedding"], golden["points1"], golden["labels1"], zeros)
+    print("click1", rel(low, golden[key + "_click1_lowres"]))
+    low, _ = eng.click(golden[key + "_embedding"], golden["points3"], golden["labels3"],
+                       golden[key + "_click1_lowres"], True)
+    print("multimask", rel(low, golden[key + "_multimask_lowres"]))
+    print("torch imported:", "torch" in sys.modules)
+''')
+
+
+def _parse(stdout: str) -> dict:
+    return {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in stdout.splitlines()
+            if line.strip()}
+
+
+def _checkpoint(tmp_path: Path, config: str) -> Path:
+    return save_official(fixture_model(config), tmp_path / f"{config}.pth")
+
+
+def test_templates_cover_every_registered_config():
+    assert set(list_templates()) == set(VARIANTS.values())
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+def test_template_graphs_filled_from_a_pth_equal_the_reference(tmp_path, parity_dir, key):
+    ckpt = _checkpoint(tmp_path, VARIANTS[key])
+    obj = read_weights(ckpt)
+    assert match_template(obj["model_state_dict"], obj["args"].block_style)["config"] == \
+        VARIANTS[key]
+    run = subprocess.run([sys.executable, "-c", CHECK, str(ckpt), str(parity_dir / "parity.npz"),
+                          str(tmp_path / "g"), key], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = _parse(run.stdout)
+    for check in ("embedding", "click1", "multimask"):
+        assert float(res[check]) < 1e-4, (check, res)
+
+
+def test_template_build_refuses_weights_that_fit_no_graph(tmp_path):
+    sd = {k: v.numpy() for k, v in fixture_model("fastsam3d", depth=1, embed_dim=48,
+                                                 num_heads=1, num_attn_free_blocks=1)
+          .state_dict().items()}
+    with pytest.raises(ValueError, match="fit none of the graph templates"):
+        build_from_weights(sd, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_int8_from_template_agrees(tmp_path, parity_dir):
+    obj = read_weights(_checkpoint(tmp_path, "fastsam3d"))
+    out = build_from_weights(obj["model_state_dict"], tmp_path / "g", style="fastsam3d")
+    golden = np.load(parity_dir / "parity.npz")
+    e8 = OrtEngine(out, "int8", threads=2).encode(golden["input"])
+    ref = golden["fastsam3d_embedding"]
+    err = float(np.linalg.norm(e8 - ref) / np.linalg.norm(ref))
+    assert 1e-4 < err < 0.05
+
+
+def _pypi_reachable(python: str) -> bool:
+    try:
+        r = subprocess.run([python, "-m", "pip", "index", "versions", "onnxruntime"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+@pytest.mark.timeout(600)
+def test_segment_engine_in_a_venv_without_torch(tmp_path, parity_dir):
+    """pip install numpy onnxruntime onnx + fastsam3d --no-deps into an isolated venv; the .pth
+    is read, the graphs are built and run there, and torch is never importable."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True, system_site_packages=False)
+    py = str(env_dir / ("Scripts" if os.name == "nt" else "bin") / "python")
+    if not _pypi_reachable(py):
+        pytest.skip("the package index is unreachable: cannot build a torch-free venv")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([*pip, "numpy", "onnxruntime", "onnx"], capture_output=True, text=True,
+                       timeout=400, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = tmp_path / "model"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(REPO / "model", src,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    r = subprocess.run([*pip, "--no-deps", str(src)], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = subprocess.run([py, "-c", "import torch"], capture_output=True, env=env)
+    assert probe.returncode != 0, "torch is importable in the isolated venv"
+    ckpt = _checkpoint(tmp_path, "fastsam3d")
+    run = subprocess.run([py, "-c", CHECK, str(ckpt), str(parity_dir / "parity.npz"),
+                          str(tmp_path / "g"), "fastsam3d"], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = _parse(run.stdout)
+    assert res["torch imported:"] == "False"
+    for check in ("embedding", "click1", "multimask"):
+        assert float(res[check]) < 1e-4, (check, res)
+    evil = tmp_path / "evil.pth"
+    import torch
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model_state_dict": {"x": torch.zeros(1)}, "p": Exploit()}, evil)
+    run = subprocess.run([py, "-c", CHECK, str(evil), str(parity_dir / "parity.npz"),
+                          str(tmp_path / "g2"), "fastsam3d"], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=tmp_path)
+    assert run.returncode != 0 and "refused" in run.stderr
+    assert not (tmp_path / "pwned").exists()
