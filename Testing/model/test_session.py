@@ -342,3 +342,14 @@ def test_session_accepts_a_checkpoint_path(tmp_path) -> None:
     save_official(fixture_model("fastsam3d"), path)
     s = Session(str(path), device="cpu", warmup=False)
     assert s.model.config.name == "fastsam3d" and s.point_policy == "newest"
+
+
+def test_result_repr_is_short_and_says_what_it_holds():
+    """newcomer p5: print(result) dumped the whole mask array."""
+    from fastsam3d.result import Result
+
+    mask = np.zeros((40, 50, 60), bool)
+    mask[5:9, 5:9, 5:9] = True
+    r = Result((slice(10, 50), slice(0, 50), slice(3, 63)), mask, (100, 100, 100), crops=1)
+    text = repr(r)
+    assert len(text) < 200 and "voxels=64" in text and "10:50" in text

@@ -7,7 +7,7 @@ session.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class Result:
     """
 
     region: Region
-    mask: np.ndarray  # bool, shape of the region
+    mask: np.ndarray = field(repr=False)  # bool, shape of the region (not in repr: large)
     shape: tuple[int, int, int]  # the whole volume, [k, j, i]
     crops: int = 0
     iou: float | None = None
@@ -45,6 +45,11 @@ class Result:
     def voxels(self) -> int:
         return int(np.count_nonzero(self.mask))
 
+    def __repr__(self) -> str:  # the mask itself would print millions of values
+        box = ", ".join(f"{s.start}:{s.stop}" for s in self.region)
+        return (f"Result(voxels={self.voxels}, region=[{box}], shape={self.shape}, "
+                f"crops={self.crops}, iou={self.iou}, at_crop_limit={self.at_crop_limit})")
+
 
 def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
                  ) -> np.ndarray:
@@ -52,7 +57,8 @@ def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bo
 
     Only ``result.region`` is touched. Inside it the mask's voxels get ``value``; with ``erase``
     voxels that hold ``value`` but are no longer in the mask are set to 0 (a correction that
-    shrank the object). Other labels are never erased.
+    shrank the object). Voxels of other labels outside the mask are kept; inside the mask
+    they become ``value`` (the mask wins).
 
     Args:
         result: A session's ``Result`` for the volume the labelmap covers.

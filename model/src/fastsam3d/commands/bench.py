@@ -22,8 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "and session stages")
     p.add_argument("--modes", default="reference,exact,fast",
                    help="comma-separated: reference, exact, fast, fast-compile")
-    p.add_argument("--repeats", type=int, default=100, help="timed runs per stage (median)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=100,
+                   help="timed runs per stage, median reported (default 100)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed runs before each stage (default 10)")
     p.add_argument("--batch", type=int, default=8, help="batch size of the throughput stage "
                    "(0 = skip)")
     p.add_argument("--no-session", action="store_true", help="skip the session stages")
