@@ -44,6 +44,8 @@ __all__ = [
     "footprint",
     "footprint_box",
     "lattice_box_to_region",
+    "box_corners",
+    "ras_box_mask",
 ]
 
 CROP = 128
@@ -468,6 +470,22 @@ def footprint_box(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice,
     return tuple(out)  # type: ignore[return-value]
 
 
+def ras_box_mask(ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
+                 lo: Sequence[float], hi: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Bool (nk, nj, ni): voxels of ``region`` whose centre lies in the RAS box [lo, hi] (mm)."""
+    kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in region]
+    to_ras = (np.asarray(ijk_to_ras) @ kji_to_ijk @ shift)[[2, 1, 0, 3]]  # comps as _grid's
+    shape = [s.stop - s.start for s in region]
+    g = _grid(shape, to_ras, device)[0]  # (.., 3) as (S, A, R)
+    lo_t = torch.as_tensor(np.asarray(lo, dtype=np.float64)[::-1].copy(), dtype=torch.float32,
+                           device=device)
+    hi_t = torch.as_tensor(np.asarray(hi, dtype=np.float64)[::-1].copy(), dtype=torch.float32,
+                           device=device)
+    return ((g >= lo_t) & (g <= hi_t)).all(-1)
+
+
 def _footprint_grid(lattice: Lattice, ijk_to_ras: np.ndarray,
                     region: tuple[slice, slice, slice], starts: Sequence[Sequence[int]],
                     device: torch.device, size: int) -> torch.Tensor:
@@ -490,9 +508,7 @@ def lattice_box_to_region(lattice: Lattice, ijk_to_ras: np.ndarray, lo: Sequence
                           ) -> tuple[slice, slice, slice] | None:
     """Smallest region of the original array whose voxel centres cover the lattice box
     [lo, hi] (continuous lattice indices); None when it misses the volume."""
-    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
-                        for c in (lo[2], hi[2])], dtype=np.float64)
-    ras = lattice.index_to_ras(corners)
+    ras = lattice.index_to_ras(box_corners(lo, hi))
     inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
     ijk = ras @ inv[:3, :3].T + inv[:3, 3]
     kji = ijk[:, ::-1]
@@ -501,3 +517,9 @@ def lattice_box_to_region(lattice: Lattice, ijk_to_ras: np.ndarray, lo: Sequence
     if np.any(stop <= start):
         return None
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+
+
+def box_corners(lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
+    """The 8 corners (8, 3) of the axis-aligned box [lo, hi], in the coordinates given."""
+    return np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                     for c in (lo[2], hi[2])], dtype=np.float64)

@@ -35,6 +35,10 @@ works on its own copy of the volume made by ``set_volume``; each click and box c
 fingerprint of ``volume.array`` (all of it up to 1 MiB, a fixed sample of about 260 000 voxels
 beyond) and, when the caller changed it in place, re-reads it and drops the cached embeddings
 with a RuntimeWarning. Call ``set_volume`` after editing the array to be certain.
+
+Layout: this module holds the public API, the undo history and the network calls; crop planning
+(box tiling, propagation, mask prompts) is :mod:`fastsam3d.tiling` and paste-back onto the
+original grid is :mod:`fastsam3d.paste`.
 """
 
 from __future__ import annotations
@@ -47,24 +51,25 @@ import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import geometry as geo
+from . import paste as _paste
+from . import tiling
 from .fastpath import Runner, resolve_device
 from .result import Region, Result, SessionError, paste_result
+from .tiling import Click as _Click
+from .tiling import State as _State
+from .tiling import Tile as _Tile
 from .volume import Volume, VolumeError
 
 __all__ = ["Session", "Result", "SessionError", "paste_result", "resolve_device"]
 
-_HALF = geo.CROP // 2
-_STEP = geo.CROP // 2  # neighbour crops overlap by half a crop
-_KNOT = geo.CROP // geo.LOWRES  # lattice voxels per low-res logit
 _CPU_WARNED = False
 _FULL_FINGERPRINT_BYTES = 1 << 20  # arrays up to this size are hashed whole on every prompt
 _SAMPLE_VOXELS = 1 << 18  # larger ones: a fixed strided sample of about this many voxels
@@ -90,38 +95,6 @@ def _fingerprint(a: np.ndarray) -> tuple:
         a = a[::step, ::step, ::step]
     crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
     return a.shape, a.dtype.str, crc
-
-
-@dataclass(frozen=True)
-class _Click:
-    index: np.ndarray  # continuous lattice index (3,)
-    ras: tuple[float, float, float]
-    positive: bool
-
-
-@dataclass(frozen=True)
-class _Tile:
-    start: tuple[int, int, int]
-    logits: torch.Tensor  # (1, 1, 32, 32, 32) low-res logits
-    seeds: tuple[_Click, ...] = ()  # points the session placed (propagation, boxes)
-    iou: float | None = None
-
-
-@dataclass(frozen=True)
-class _State:
-    tiles: dict[tuple[int, int, int], _Tile] = field(default_factory=dict)
-    clicks: tuple[_Click, ...] = ()
-    box: tuple[np.ndarray, np.ndarray] | None = None  # RAS min, max
-    at_crop_limit: bool = False
-
-
-def _region_union(a: Region | None, b: Region | None) -> Region | None:
-    if a is None or any(s.stop <= s.start for s in a):
-        return b
-    if b is None or any(s.stop <= s.start for s in b):
-        return a
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop))
-                 for x, y in zip(a, b))  # type: ignore[return-value]
 
 
 def _load_model(model: Any, device: torch.device) -> nn.Module:
@@ -248,29 +221,16 @@ class Session:
         if np.any(hi <= lo):
             raise SessionError(f"box is empty or inverted: ras_min {lo.tolist()} must be "
                                f"below ras_max {hi.tolist()} on every axis")
-        corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                            for z in (lo[2], hi[2])])
-        ijk = vol.ras_to_ijk(corners)
+        ijk = vol.ras_to_ijk(geo.box_corners(lo, hi))
         size = np.array(vol.shape[::-1])
         if np.any(ijk.max(axis=0) < -0.5) or np.any(ijk.min(axis=0) >= size - 0.5):
             raise SessionError("box does not overlap the volume")
-        lat = self._lattice.ras_to_index(corners)
-        llo = np.maximum(lat.min(axis=0), 0)
-        lhi = np.minimum(lat.max(axis=0), np.array(self._lattice.shape) - 1)
-        starts_per_axis = []
-        for a in range(3):
-            length = lhi[a] - llo[a]
-            if length <= geo.CROP - 8:
-                starts_per_axis.append([int(math.floor((llo[a] + lhi[a]) / 2 + 0.5)) - _HALF])
-            else:
-                n = math.ceil((length + 8 - geo.CROP) / (geo.CROP * 3 // 4)) + 1
-                first, last = llo[a] - 4, lhi[a] + 4 - geo.CROP
-                starts_per_axis.append([int(round(first + (last - first) * t / (n - 1)))
-                                        for t in range(n)])
+        starts_per_axis, llo, lhi = tiling.box_crop_starts(self._lattice, lo, hi)
         count = math.prod(len(s) for s in starts_per_axis)
         if count > self.max_crops:
-            raise SessionError(f"box needs {count} crops of 192 mm, more than max_crops="
-                               f"{self.max_crops}; draw a smaller box or raise max_crops")
+            raise SessionError(f"box needs {count} crops of {geo.CROP * geo.SPACING:g} mm, "
+                               f"more than max_crops={self.max_crops}; draw a smaller box or "
+                               "raise max_crops")
         self._sync_volume()
         tiles: dict[tuple[int, int, int], _Tile] = {}
         zero = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
@@ -451,24 +411,10 @@ class Session:
         iou_v = float(iou.reshape(-1)[0]) if iou is not None else None
         return low_res, iou_v
 
-    @staticmethod
-    def _inside_tile(start: Sequence[int], index: np.ndarray, margin: float = 0.0) -> bool:
-        st = np.asarray(start, dtype=np.float64)
-        return bool(np.all(index >= st - 0.5 + margin) and np.all(index < st + geo.CROP - 0.5
-                                                                  - margin))
-
-    def _points_for(self, state: _State, tile: _Tile | None, start: Sequence[int],
-                    newest: _Click) -> list[_Click]:
-        if self.point_policy == "newest":
-            return [newest]
-        seeds = list(tile.seeds) if tile is not None else []
-        clicks = [c for c in state.clicks if self._inside_tile(start, c.index)]
-        return seeds + clicks + [newest]
-
     def _apply_click(self, state: _State, click: _Click) -> _State:
         tiles = dict(state.tiles)
-        touched = [s for s in tiles if self._inside_tile(s, click.index)]
-        well_inside = any(self._inside_tile(s, click.index, margin=8) for s in touched)
+        touched = [s for s in tiles if tiling.inside_tile(s, click.index)]
+        well_inside = any(tiling.inside_tile(s, click.index, margin=8) for s in touched)
         new_starts: list[tuple[int, int, int]] = []
         if not well_inside and click.positive:
             start = self._lattice.crop_start(np.asarray(click.ras))
@@ -479,200 +425,41 @@ class Session:
                                "a click here would need another (raise max_crops)")
         for s in touched:
             t = tiles[s]
-            logits, iou = self._decode(s, self._points_for(state, t, s, click), t.logits)
+            points = tiling.points_for(state, t, s, click, self.point_policy)
+            logits, iou = self._decode(s, points, t.logits)
             tiles[s] = replace(t, logits=logits, iou=iou)
         for s in new_starts:
-            prompt = self._mask_prompt_from(tiles, s)
-            logits, iou = self._decode(s, self._points_for(state, None, s, click), prompt)
+            prompt = tiling.mask_prompt_from(tiles, s, self.device)
+            points = tiling.points_for(state, None, s, click, self.point_policy)
+            logits, iou = self._decode(s, points, prompt)
             tiles[s] = _Tile(s, logits, (), iou)
         changed = touched + new_starts
         limited = False
         if self.propagate and state.box is None:
-            limited = self._propagate(tiles, changed, state.clicks + (click,))
+            limited = tiling.propagate(tiles, changed, state.clicks + (click,),
+                                       lattice=self._lattice, max_crops=self.max_crops,
+                                       point_policy=self.point_policy, decode=self._decode,
+                                       device=self.device)
         return _State(tiles=tiles, clicks=state.clicks + (click,), box=state.box,
                       at_crop_limit=limited)
-
-    def _mask_prompt_from(self, tiles: dict[tuple[int, int, int], _Tile],
-                          start: Sequence[int]) -> torch.Tensor:
-        """Low-res mask prompt for a new crop: the existing crops' logits where they overlap
-        it (averaged), 0 (= no information, as on a first click) elsewhere."""
-        total = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
-        count = torch.zeros_like(total)
-        knots = torch.arange(geo.LOWRES, dtype=torch.float32, device=self.device) * _KNOT + 1.5
-        for t in tiles.values():
-            off = np.asarray(start, dtype=np.float64) - np.asarray(t.start, dtype=np.float64)
-            if np.any(np.abs(off) >= geo.CROP):
-                continue
-            # knot positions of the new crop in the old crop's low-res grid (align_corners=False)
-            axes = [((knots + float(off[d])) + 0.5) / geo.CROP * 2 - 1 for d in range(3)]
-            g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1)
-            g = g.permute(2, 1, 0, 3)[None]  # (1, n0, n1, n2, (x=d2, y=d1, z=d0))
-            v = F.grid_sample(t.logits, g, mode="bilinear", padding_mode="border",
-                              align_corners=False)
-            inside = ((g.abs() <= 1).all(-1))[:, None].float()
-            total += v * inside
-            count += inside
-        return torch.where(count > 0, total / count.clamp(min=1), total)
-
-    def _propagate(self, tiles: dict[tuple[int, int, int], _Tile],
-                   queue: list[tuple[int, int, int]], clicks: Sequence[_Click] = ()) -> bool:
-        """Add neighbour crops while the mask reaches crop faces; True if max_crops stopped it."""
-        shape = self._lattice.shape
-        queue = list(queue)
-        while queue:
-            s = queue.pop(0)
-            t = tiles[s]
-            pos = t.logits[0, 0] > 0
-            for axis in range(3):
-                for direction in (-1, 1):
-                    face = pos.select(axis, 0 if direction < 0 else geo.LOWRES - 1)
-                    if not bool(face.any()):
-                        continue
-                    if direction < 0 and s[axis] <= 0:
-                        continue  # nothing of the volume behind this face
-                    if direction > 0 and s[axis] + geo.CROP >= shape[axis]:
-                        continue
-                    n = list(s)
-                    n[axis] += direction * _STEP
-                    nstart = (n[0], n[1], n[2])
-                    if any(np.all(np.abs(np.subtract(o, nstart)) < _STEP // 2) for o in tiles):
-                        continue
-                    if len(tiles) >= self.max_crops:
-                        return True
-                    seed = self._seed_at_face(t, axis, direction)
-                    prompt = self._mask_prompt_from(tiles, nstart)
-                    points = [seed]
-                    if self.point_policy == "accumulate":  # the user's clicks it contains too
-                        points += [c for c in clicks if self._inside_tile(nstart, c.index)]
-                    logits, iou = self._decode(nstart, points, prompt)
-                    tiles[nstart] = _Tile(nstart, logits, (seed,), iou)
-                    queue.append(nstart)
-        return False
-
-    def _seed_at_face(self, tile: _Tile, axis: int, direction: int) -> _Click:
-        """A positive point where the mask crosses a face: the strongest logit in the last
-        16 voxels before it (about the middle of the neighbouring crop along that axis)."""
-        up = geo.upsample_logits(tile.logits)
-        sl = [slice(None)] * 3
-        sl[axis] = slice(0, 16) if direction < 0 else slice(geo.CROP - 16, geo.CROP)
-        slab = up[tuple(sl)]
-        flat = int(torch.argmax(slab))
-        idx = np.array(np.unravel_index(flat, tuple(slab.shape)), dtype=np.float64)
-        if direction > 0:
-            idx[axis] += geo.CROP - 16
-        lat = idx + np.asarray(tile.start, dtype=np.float64)
-        return _Click(lat, tuple(self._lattice.index_to_ras(lat).tolist()), True)
 
     # --- paste-back -----------------------------------------------------------------------
     def _render(self, state: _State) -> Result:
         vol = self.volume
         assert vol is not None
-        lat, m = self._lattice, vol.ijk_to_ras
-        los, his = [], []
-        for t in state.tiles.values():
-            pos = t.logits[0, 0] > 0
-            if not bool(pos.any()):
-                continue
-            idx = torch.nonzero(pos)
-            k0 = idx.min(0).values.cpu().numpy()
-            k1 = idx.max(0).values.cpu().numpy()
-            st = np.asarray(t.start, dtype=np.float64)
-            los.append(st + np.maximum(k0 * _KNOT - 4, -0.5))
-            his.append(st + np.minimum(k1 * _KNOT + 8, geo.CROP - 0.5))
-        region = None
-        if los:
-            lo, hi = np.min(los, axis=0), np.max(his, axis=0)
-            if state.box is not None:
-                b = lat.ras_to_index(_box_corners(state.box))
-                lo, hi = np.maximum(lo, b.min(0) - 1), np.minimum(hi, b.max(0) + 1)
-            if np.all(hi > lo):
-                region = geo.lattice_box_to_region(lat, m, lo, hi, vol.shape)
-        out_region = _region_union(region, self._last_region)
+        region = _paste.changed_region(state, self._lattice, vol.ijk_to_ras, vol.shape)
+        out_region = _paste.region_union(region, self._last_region)
         if out_region is None:
             out_region = (slice(0, 0),) * 3
         shape = tuple(s.stop - s.start for s in out_region)
         if region is None:
             mask = np.zeros(shape, dtype=bool)
         else:
-            mask = self._paste(state, out_region).cpu().numpy()
+            mask = _paste.paste(state, out_region, self._lattice, vol.ijk_to_ras, self._weights,
+                                self.paste_interpolation, self.device).cpu().numpy()
         self._last_region = out_region
         ious = [t.iou for t in state.tiles.values() if t.iou is not None]
         return Result(out_region, mask, vol.shape, len(state.tiles),
                       float(np.mean(ious)) if ious else None, state.at_crop_limit)
 
-    @torch.inference_mode()
-    def _paste(self, state: _State, region: Region) -> torch.Tensor:
-        lat, m = self._lattice, self.volume.ijk_to_ras
-        tiles = list(state.tiles.values())
-        nearest = self.paste_interpolation == "nearest"
-        if len(tiles) == 1:
-            start, field = self._upsampled_part(tiles[0])
-        else:
-            lo = np.min([t.start for t in tiles], axis=0)
-            hi = np.max([t.start for t in tiles], axis=0) + geo.CROP
-            num = torch.zeros(tuple((hi - lo).tolist()), device=self.device)
-            den = torch.zeros_like(num)
-            for t in tiles:
-                o = np.asarray(t.start) - lo
-                sl = tuple(slice(int(a), int(a) + geo.CROP) for a in o)
-                num[sl] += geo.upsample_logits(t.logits) * self._weights
-                den[sl] += self._weights
-            start = tuple(int(x) for x in lo)
-            field = torch.where(den > 0, num / den.clamp(min=1e-12), torch.full_like(den, -1.0))
-        if nearest:  # thresholding commutes with nearest sampling: gather bools (cheaper)
-            mask = geo.sample_field((field > 0)[None], start, lat, m, region, "nearest")[0]
-        else:
-            mask = geo.sample_field(field[None], start, lat, m, region, "linear")[0] > 0
-        box = geo.footprint_box(lat, m, region, tiles[0].start) if len(tiles) == 1 else None
-        if box is not None:  # one crop: its footprint is a box; clear around it by slicing
-            if any(b.start > 0 or b.stop < n for b, n in zip(box, mask.shape)):
-                inner = mask[box].clone()
-                mask = torch.zeros_like(mask)
-                mask[box] = inner
-        else:
-            inside = geo.footprint(lat, m, region, [t.start for t in tiles], self.device)
-            if inside is not None:
-                mask = mask & inside
-        if state.box is not None:
-            mask &= self._in_box(region, state.box)
-        return mask
-
-    @staticmethod
-    def _upsampled_part(tile: _Tile) -> tuple[tuple[int, int, int], torch.Tensor]:
-        """The 128^3 trilinear upsample, computed only over the positive knots + 2 on each side.
-
-        Inside that block the values equal the full upsample's; in its outer 2 voxels the block
-        clamps to its edge knots where the full upsample would blend two knots outside the
-        positive box: both are negative there, so the sign (all that is used) is the same, and
-        beyond the block the border values are negative too (or the crop's own edge).
-        """
-        pos = tile.logits[0, 0] > 0
-        if not bool(pos.any()):
-            return tile.start, geo.upsample_logits(tile.logits)
-        idx = torch.nonzero(pos)
-        lo = np.maximum(idx.min(0).values.cpu().numpy() - 2, 0)
-        hi = np.minimum(idx.max(0).values.cpu().numpy() + 2, geo.LOWRES - 1) + 1
-        part = tile.logits[0, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        sizes = tuple(int(n) * _KNOT for n in hi - lo)
-        up = F.interpolate(part[None, None].float(), size=sizes, mode="trilinear",
-                           align_corners=False)[0, 0]
-        start = tuple(int(s + _KNOT * a) for s, a in zip(tile.start, lo))
-        return start, up  # type: ignore[return-value]
-
-    def _in_box(self, region: Region, box: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
-        m = self.volume.ijk_to_ras
-        kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
-        shift = np.eye(4)
-        shift[:3, 3] = [s.start for s in region]
-        to_ras = (m @ kji_to_ijk @ shift)[[2, 1, 0, 3]]  # grid comps ordered like _grid's
-        shape = [s.stop - s.start for s in region]
-        g = geo._grid(shape, to_ras, self.device)[0]  # (.., 3) as (S, A, R)
-        lo = torch.as_tensor(box[0][::-1].copy(), dtype=torch.float32, device=self.device)
-        hi = torch.as_tensor(box[1][::-1].copy(), dtype=torch.float32, device=self.device)
-        return ((g >= lo) & (g <= hi)).all(-1)
-
-
-def _box_corners(box: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    lo, hi = box
-    return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                     for z in (lo[2], hi[2])])
+    _upsampled_part = staticmethod(_paste.upsampled_part)
