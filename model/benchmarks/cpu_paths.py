@@ -1,6 +1,7 @@
 """Every CPU path side by side in one process (issue 14), plus int8 agreement with fp32.
 
-    python model/benchmarks/cpu_paths.py --threads 2 --repeats 15 --out results/cpu_paths.json
+    python model/benchmarks/cpu_paths.py --threads 2 --repeats 15 \
+        --out results/cpu_paths_<machine>_<date>.json
         [--accuracy] [--volumes mni152,mricron,invesalius]
 
 Timing (``fastsam3d.bench``, FastSAM3D config, fixture weights, 512x512x300 CT session):

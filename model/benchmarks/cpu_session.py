@@ -1,6 +1,7 @@
 """CPU latency of the interactive session on a CT-sized volume (FastSAM3D config).
 
-    python model/benchmarks/cpu_session.py [--threads 2] [--repeats 7] [--out results/...json]
+    python model/benchmarks/cpu_session.py [--threads 2] [--repeats 7] \
+        [--out results/cpu_session_<machine>_<date>.json]
 
 Measures, on a synthetic 512 x 512 x 300 int16 CT (0.75 x 0.75 x 1.0 mm):
   first mask   = crop sampling + z-norm + encoder + decoder + paste-back (a click in a new crop)

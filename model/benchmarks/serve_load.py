@@ -14,9 +14,9 @@ in all (levels not started by then are skipped), every request has a timeout, an
 is stopped (SIGTERM, graceful drain; killed if it hangs) whatever happens.
 
     python model/benchmarks/serve_load.py --device cpu --shape 64,128,128 --users 1,8,32,64 \
-        --out model/benchmarks/results/serve_load_cpu.json
+        --out model/benchmarks/results/serve_load_<machine>_<date>.json
     python model/benchmarks/serve_load.py --device cuda --users 1,8,32,64 --saturation \
-        --out results/serve_load_h200.json          # CT-sized volumes (300x512x512 int16)
+        --out results/serve_load_h200_<date>.json   # CT-sized volumes (300x512x512 int16)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Two back-ends drive the same ``ResultQueue.poll`` the Widget's timer drives: ``m
 ``InteractiveLogic`` writing into a real MRML segment; needs slicer-core) and ``queue`` (the
 Lib's ``ResultQueue`` writing into a numpy labelmap: for machines without slicer-core, e.g. the
 lent GPU machine). Run: python3 Testing/slicer/benchmarks/bench_gil_latency.py --device cuda
---json Testing/slicer/benchmarks/results/gil_latency_h200.json
+--json Testing/slicer/benchmarks/results/gil_latency_h200_2026-11-30.json
 """
 
 from __future__ import annotations
