@@ -83,3 +83,16 @@ def test_preset_tiny_smoke_run_with_the_released_recipe(tmp_path, capsys):
     assert json.loads(ckpt["config"])["batch_size"] == 1  # CPU default
     assert json.loads(ckpt["meta"])["loss"] == "neck"
     assert (run / "student.pth").exists()
+
+
+def test_every_synth_and_evaluate_option_has_help():
+    """newcomer p2: synth and evaluate options had no help text, the top help showed RST."""
+    from fastsam3d_distill.cli import build_parser
+
+    ap = build_parser()
+    assert "``" not in ap.description
+    sub = next(a for a in ap._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ("synth", "evaluate"):
+        for action in sub.choices[name]._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"

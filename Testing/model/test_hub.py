@@ -416,6 +416,8 @@ def test_cli_download_list_remove(server, cache, registry_url, capsys):
     assert _cli(["download", "--list", "--verify"]) == 0
     out = capsys.readouterr().out
     assert "SHA-256 verified" in out and "sam-med3d-turbo" in out and "not downloaded" in out
+    # newcomer p10: a file not downloaded yet said "size -"; now it says where the size shows
+    assert "size -" not in out and "shows its size as it starts" in out
     assert _cli(["download", "--remove", "fastsam3d"]) == 0
     assert not (cache / "FastSAM3D.pth").exists()
 

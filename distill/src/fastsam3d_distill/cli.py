@@ -1,14 +1,14 @@
-"""``fastsam3d-distill``: one subcommand per stage.
+"""fastsam3d-distill: one subcommand per stage.
 
-    fastsam3d-distill synth     --out data/synth --cases 8
+    fastsam3d-distill synth     --out data/Dataset001 --cases 8
     fastsam3d-distill cache     --teacher sam_med3d_turbo.pth --data data/Dataset001 --out feats
     fastsam3d-distill distill   --teacher sam_med3d_turbo.pth --data data/Dataset001 --out runs/s1
     fastsam3d-distill finetune  --model runs/s1/student.pth --data data/Dataset001 --out runs/s2
     fastsam3d-distill evaluate  --model runs/s2/model.pth --data data/Dataset002 --out runs/eval
     fastsam3d-distill export    --checkpoint runs/s2/last.pt --base runs/s1/student.pth --out m.pth
 
-Training subcommands run under ``torchrun --nproc_per_node N`` unchanged (DDP) and resume from
-``<out>/last.pt`` when it exists.
+Training subcommands run under `torchrun --nproc_per_node N` unchanged (DDP) and resume from
+<out>/last.pt when it exists.
 """
 
 from __future__ import annotations
@@ -325,12 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic nnU-Net dataset (demos, smoke tests)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], metavar=("K", "J", "I"))
-    p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
-    p.add_argument("--oblique", type=float, default=0.0, help="max rotation of the affine (deg)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="dataset folder to write (nnU-Net layout)")
+    p.add_argument("--cases", type=int, default=8, help="number of phantom cases (default 8)")
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], metavar=("K", "J", "I"),
+                   help="voxels per case, [k, j, i] (default 96 96 96)")
+    p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5], metavar="MM",
+                   help="voxel size in mm, i j k (default 1.5 1.5 1.5)")
+    p.add_argument("--oblique", type=float, default=0.0,
+                   help="max rotation of the affine, degrees (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("cache", help="run the teacher once and store its targets")
@@ -400,23 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="click-simulation Dice on held-out cases")
-    p.add_argument("--model", required=True)
-    p.add_argument("--model-config", default=None)
-    p.add_argument("--model-override", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data", action="append", default=[])
-    p.add_argument("--classes", type=int, nargs="*")
-    p.add_argument("--min-voxels", type=int, default=100)
-    p.add_argument("--clicks", type=int, default=10)
-    p.add_argument("--recipe", choices=["released", "paper", "ours"], default="released")
+    p.add_argument("--model", required=True, help="model checkpoint to score (.pth/.safetensors)")
+    p.add_argument("--model-config", default=None, help="config name overriding detection")
+    p.add_argument("--model-override", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides (tests)")
+    p.add_argument("--data", action="append", default=[],
+                   help="held-out dataset folder or case list (repeatable)")
+    p.add_argument("--classes", type=int, nargs="*", help="label values to score (default: all)")
+    p.add_argument("--min-voxels", type=int, default=100,
+                   help="skip structures smaller than this on the original grid (default 100)")
+    p.add_argument("--clicks", type=int, default=10, help="clicks per structure (default 10)")
+    p.add_argument("--recipe", choices=["released", "paper", "ours"], default="released",
+                   help="sets the click protocol (default released)")
     p.add_argument("--protocol", choices=["released", "ours"], default=None,
                    help="released: clicks 1-2 RITM, then uniform random error voxels, seeded; "
                         "ours: deterministic interior / largest-error centre")
-    p.add_argument("--seed", type=int, default=2023)
-    p.add_argument("--lattice-anchor", choices=["centre", "corner"], default="centre")
+    p.add_argument("--seed", type=int, default=2023, help="click seed (default 2023)")
+    p.add_argument("--lattice-anchor", choices=["centre", "corner"], default="centre",
+                   help="crop lattice (default centre; corner = the pre-2025 torchio grid)")
     p.add_argument("--grids", nargs="+", choices=["crop", "original"],
-                   default=["crop", "original"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="auto")
+                   default=["crop", "original"], help="where Dice is scored (default both)")
+    p.add_argument("--out", required=True, help="folder for the JSON and PNG results")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="training checkpoint -> official .pth + .safetensors")

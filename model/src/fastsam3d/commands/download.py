@@ -68,7 +68,11 @@ def _print_list(cache_dir: str | None, verify: bool) -> int:
         st = hub.cache_status(info.name, verify=verify, dest_dir=cache_dir)
         print(f"\n{info.name}  (config {info.config}, file {info.filename})")
         print(f"  {info.description}")
-        print(f"  state:   {state_text(st)}; size {format_size(st.size)}")
+        if st.present:
+            print(f"  state:   {state_text(st)}; size {format_size(st.size)}")
+        else:  # --list makes no network request, so the size is not known yet
+            print(f"  state:   {state_text(st)} (`fastsam3d download {info.name}` shows its size "
+                  "as it starts)")
         if st.recorded_sha256:
             print(f"  sha256:  {st.recorded_sha256}")
         print(f"  url:     {info.url}")
