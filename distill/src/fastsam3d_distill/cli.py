@@ -1,6 +1,7 @@
 """``fastsam3d-distill``: one subcommand per stage.
 
     fastsam3d-distill synth     --out data/synth --cases 8
+    fastsam3d-distill prepare   --data data/Dataset001 --out data/prep001   (then --prepared)
     fastsam3d-distill cache     --teacher sam_med3d_turbo.pth --data data/Dataset001 --out feats
     fastsam3d-distill distill   --teacher sam_med3d_turbo.pth --data data/Dataset001 --out runs/s1
     fastsam3d-distill finetune  --model runs/s1/student.pth --data data/Dataset001 --out runs/s2
