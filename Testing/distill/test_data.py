@@ -137,6 +137,10 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
             a, b = ref.get(i, epoch=3), got.get(i, epoch=3)
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
             assert a["image"].dtype == b["image"].dtype == torch.float32
+    # stage 1 trains from it, through a DataLoader worker (collate into shared memory)
+    assert main(["distill", "--preset", "tiny", "--prepared", str(prep), "--classes", "1", "2",
+                 "--min-voxels", "1", "--out", str(tmp_path / "ok"), "--max-steps", "1",
+                 "--workers", "1"]) == 0
     # the same settings again: reused as they are; other settings: refused
     stamp = os.stat(prep / "images.npy").st_mtime_ns
     prepare_crops(cases, samples, prep, classes=[1, 2], min_voxels=1)
