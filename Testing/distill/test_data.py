@@ -106,3 +106,55 @@ def test_corner_anchored_lattice_gives_the_same_structure(dataset_dir):
     assert abs(float(a.sum()) - float(b.sum())) < 0.1 * float(a.sum())
     ca, cb = torch.nonzero(a[0]).float().mean(0), torch.nonzero(b[0]).float().mean(0)
     assert torch.all((ca - cb).abs() < 1.5)
+
+
+def _copy_dataset(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, tmp_path,
+                                                                   capsys):
+    import os
+
+    from fastsam3d_distill.cli import main
+    from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
+
+    data = _copy_dataset(dataset_dir, tmp_path / "data")
+    cases = discover(data)
+    samples = index_samples(cases, classes=[1, 2], min_voxels=1)
+    prep = tmp_path / "prep"
+    assert main(["prepare", "--data", str(data), "--classes", "1", "2", "--min-voxels", "1",
+                 "--out", str(prep)]) == 0
+    for augment in (False, True):
+        ref = CropDataset(cases, samples, augment=augment, seed=7)
+        got = PreparedCropDataset(prep, augment=augment, seed=7,
+                                  expect={"lattice_anchor": "centre", "classes": [1, 2]})
+        assert got.cases == cases and got.samples == samples
+        for i in range(len(samples)):
+            a, b = ref.get(i, epoch=3), got.get(i, epoch=3)
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+            assert a["image"].dtype == b["image"].dtype == torch.float32
+    # stage 1 trains from it, through a DataLoader worker (collate into shared memory)
+    assert main(["distill", "--preset", "tiny", "--prepared", str(prep), "--classes", "1", "2",
+                 "--min-voxels", "1", "--out", str(tmp_path / "ok"), "--max-steps", "1",
+                 "--workers", "1"]) == 0
+    # the same settings again: reused as they are; other settings: refused
+    stamp = os.stat(prep / "images.npy").st_mtime_ns
+    prepare_crops(cases, samples, prep, classes=[1, 2], min_voxels=1)
+    assert os.stat(prep / "images.npy").st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="lattice_anchor"):
+        prepare_crops(cases, samples, prep, anchor="corner", classes=[1, 2], min_voxels=1)
+    with pytest.raises(ValueError, match="lattice_anchor=.centre"):
+        PreparedCropDataset(prep, expect={"lattice_anchor": "corner"})
+    # an edited label makes the prepared crops stale, by name
+    lab = cases[1].label
+    st = os.stat(lab)
+    os.utime(lab, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=f"stale: case {cases[1].name}"):
+        PreparedCropDataset(prep)
+    assert main(["distill", "--preset", "tiny", "--prepared", str(prep), "--out",
+                 str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    assert "stale" in capsys.readouterr().err

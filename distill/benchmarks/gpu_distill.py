@@ -206,6 +206,24 @@ def nifti_dataset(root: Path, n_cases: int, shape: tuple[int, int, int], env) ->
     return CropDataset(cases, samples)
 
 
+def prepared_dataset(root: Path, n_cases: int, shape: tuple[int, int, int], env,
+                     workers: int) -> tuple[object, float]:
+    """The NIfTI dataset of :func:`nifti_dataset`, prepared once by rank 0 (every case decoded
+    once, crops stored memory-mapped) and opened by every rank; (dataset, prepare seconds)."""
+    from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
+
+    nds = nifti_dataset(root, n_cases, shape, env)
+    t0 = time.perf_counter()
+    prep = root.parent / (root.name + "_prepared")
+    if env.is_main:
+        prepare_crops(nds.cases, nds.samples, prep, min_voxels=100,
+                      workers=workers * env.world)
+    if env.distributed:
+        torch.distributed.barrier()
+    t_prep = time.perf_counter() - t0
+    return PreparedCropDataset(prep, labels=False), t_prep
+
+
 def _write_case(job: tuple[str, int, tuple[int, int, int]]) -> None:
     from fastsam3d_distill.synthetic import make_phantom, write_nifti
 
@@ -285,7 +303,7 @@ def main() -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ddp", action="store_true", help="launched by torchrun (multi-GPU)")
     ap.add_argument("--phases", nargs="+", default=["online", "cached", "gating"],
-                    choices=["online", "cached", "gating", "nifti", "finetune"])
+                    choices=["online", "cached", "gating", "nifti", "prepared", "finetune"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few seconds")
     ap.add_argument("--device", default="auto",
                     help="auto: cuda (cpu with --smoke); 'cpu' runs the real sizes on the CPU")
@@ -328,6 +346,8 @@ def main() -> int:
             weights[f"finetune@{b}"] = 1.0
     if "nifti" in args.phases:
         weights.update({"loader": 0.5, "nifti": 1.0})
+    if "prepared" in args.phases:
+        weights.update({"prep_loader": 0.5, "prepared": 1.0})
     if "gating" in args.phases:
         weights.update({"base": 1.0, "gated": 1.5})
     args.crops = max(args.crops, 4 * max(args.batches + args.ft_batches) * env.world)
@@ -494,6 +514,27 @@ def main() -> int:
         if env.is_main:
             print(f"[loader] {lr_['volumes_per_s']:.1f} volumes/s with {args.workers} workers "
                   "per process", flush=True)
+
+    # the same NIfTI files prepared once (`fastsam3d-distill prepare`): workers only slice
+    if "prepared" in args.phases:
+        root = Path(args.nifti_dir or Path(tempfile.gettempdir()) / "gpu_distill_nifti")
+        t0 = time.perf_counter()
+        pds, t_prep = prepared_dataset(root, args.nifti_cases, tuple(args.nifti_shape), env,
+                                       args.workers)
+        t_all = time.perf_counter() - t0
+        lr_ = loader_rate(pds, args.batch, args.workers, seconds_for("prep_loader"), env)
+        task = fresh_task(teacher, k_every_steps=50)
+        res = timed_phase("prepared", task, pds, workers=args.workers)
+        del task
+        result["prepared"] = {
+            "cases": args.nifti_cases, "shape_kji": args.nifti_shape, "samples": len(pds),
+            "format": "images.npy float32 + targets.npy uint8, memory-mapped",
+            "prepare_s": t_prep, "write_index_prepare_s": t_all, "loader": lr_,
+            "training": res,
+        }
+        if env.is_main:
+            print(f"[prepared] prepare {t_prep:.1f} s; loader {lr_['volumes_per_s']:.1f} "
+                  f"volumes/s with {args.workers} workers per process", flush=True)
 
     # 3. gating at equal final loss (cached features, fixed objective k = depth) ------------
     if "gating" in args.phases:

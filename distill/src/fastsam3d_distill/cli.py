@@ -1,6 +1,7 @@
 """fastsam3d-distill: one subcommand per stage.
 
     fastsam3d-distill synth     --out data/Dataset001 --cases 8
+    fastsam3d-distill prepare   --data data/Dataset001 --out data/prep001   (then --prepared)
     fastsam3d-distill cache     --teacher sam_med3d_turbo.pth --data data/Dataset001 --out feats
     fastsam3d-distill distill   --teacher sam_med3d_turbo.pth --data data/Dataset001 --out runs/s1
     fastsam3d-distill finetune  --model runs/s1/student.pth --data data/Dataset001 --out runs/s2
@@ -47,6 +48,10 @@ def _add_data(p: argparse.ArgumentParser, augment_default: bool) -> None:
     g.add_argument("--lattice-anchor", choices=["centre", "corner"], default="centre",
                    help="1.5 mm lattice variant (fastsam3d.geometry.Lattice); match the "
                         "session's lattice_anchor")
+    g.add_argument("--prepared", default=None, metavar="DIR",
+                   help="crops written by `prepare` (memory-mapped; instead of decoding the "
+                        "NIfTI files in every epoch); refused when stale or made with another "
+                        "--lattice-anchor/--classes/--min-voxels")
 
 
 def _add_train(p: argparse.ArgumentParser, lr: float) -> None:
@@ -149,6 +154,17 @@ def _dataset(a: argparse.Namespace, out: Path, labels: bool = True) -> Any:
         images, labs = synthetic_crops(a.synthetic, seed=a.seed)
         return TensorCropDataset(images, labs if labels else None, augment=a.augment,
                                  seed=a.seed, intensity=bool(getattr(a, "intensity_jitter", 0)))
+    if getattr(a, "prepared", None):
+        from .data import PreparedCropDataset
+
+        ds = PreparedCropDataset(a.prepared, augment=a.augment, seed=a.seed,
+                                 intensity=bool(getattr(a, "intensity_jitter", 0)),
+                                 expect={"lattice_anchor": a.lattice_anchor,
+                                         "classes": a.classes, "min_voxels": a.min_voxels},
+                                 labels=labels)
+        if a.data and [c for src in a.data for c in discover(src)] != ds.cases:
+            raise ValueError(f"--prepared {a.prepared} was made from other cases than --data")
+        return ds
     if not a.data:
         raise SystemExit("give --data (dataset folder or list file) or --synthetic N")
     cases = [c for src in a.data for c in discover(src)]
@@ -168,6 +184,23 @@ def cmd_synth(a: argparse.Namespace) -> int:
     root = write_nnunet_dataset(a.out, n_cases=a.cases, seed=a.seed, shape=tuple(a.shape),
                                 spacing=tuple(a.spacing), oblique_deg=a.oblique)
     print(f"wrote {a.cases} synthetic cases to {root}")
+    return 0
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .data import check_grids, discover, index_samples, prepare_crops
+
+    if not a.data:
+        raise ValueError("give --data (dataset folder or list file)")
+    cases = [c for src in a.data for c in discover(src)]
+    check_grids(cases)
+    out = Path(a.out)
+    samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels)
+    if not samples:
+        raise ValueError("no samples: every label is empty or filtered out")
+    prepare_crops(cases, samples, out, anchor=a.lattice_anchor, classes=a.classes,
+                  min_voxels=a.min_voxels, workers=a.workers)
+    print(f"prepared {len(samples)} crops of {len(cases)} cases in {out}")
     return 0
 
 
@@ -335,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max rotation of the affine, degrees (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="decode every case once and store its training crops "
+                                       "(memory-mapped .npy) for fast loading")
+    p.add_argument("--data", action="append", default=[], help="as for distill; repeatable")
+    p.add_argument("--classes", type=int, nargs="*", help="label values to use (default: all)")
+    p.add_argument("--min-voxels", type=int, default=100)
+    p.add_argument("--lattice-anchor", choices=["centre", "corner"], default="centre")
+    p.add_argument("--out", required=True, help="folder for images.npy, targets.npy, manifest")
+    p.add_argument("--workers", type=int, default=0, help="processes decoding cases")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("cache", help="run the teacher once and store its targets")
     _add_teacher(p)
