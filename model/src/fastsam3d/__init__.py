@@ -27,6 +27,8 @@ _LAZY = {
     "RemoteEngine": "remote",
     "VolumeError": "volume",
     "SparsePattern": "modeling.sparse_attention",
+    "Runner": "fastpath",
+    "resolve_device": "device",
     "TORCH_REQUIREMENT": "_requirements",
 }
 
@@ -36,7 +38,7 @@ __all__ = ["__version__", *_LAZY]
 # Submodules reachable as attributes after a plain `import fastsam3d` (fastsam3d.hub.download,
 # fastsam3d.checkpoint.save_official, fastsam3d.testing.fixture_model ...), imported on first use.
 _SUBMODULES = ("atomic", "bench", "build", "checkpoint", "dicom", "fastpath", "geometry", "hub",
-               "modeling", "nifti", "preview", "prompts", "session", "testing", "volume")
+               "device", "modeling", "nifti", "preview", "prompts", "session", "testing", "volume")
 
 
 def __getattr__(name: str) -> Any:

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise _Refused(f"the server needs the 'serve' extra ({e.name} is missing): "
                            "pip install 'fastsam3d[serve]'") from None
-        from fastsam3d.fastpath import Runner, resolve_device
+        from fastsam3d.device import resolve_device
+        from fastsam3d.fastpath import Runner
 
         from .segment import _NoWeights, _Usage
 
