@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import deps
+from .errors import FastSAM3DSlicerError
 
 LOCAL, ONNX, REMOTE = "local", "onnx", "remote"
 #: (key, label) in the order the panel lists them.
@@ -50,7 +51,7 @@ ONNX_REQUIREMENTS = ("numpy>=1.21", "onnxruntime>=1.17", "onnx>=1.16", "tqdm>=4.
 ONNX_FLAG = "TORCH_FREE_SESSION"
 
 
-class BackendError(RuntimeError):
+class BackendError(FastSAM3DSlicerError, RuntimeError):
     """A backend cannot be used as configured; the message is for the user."""
 
 

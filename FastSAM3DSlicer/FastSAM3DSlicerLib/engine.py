@@ -79,7 +79,7 @@ class FastSAM3DEngine:
         ensure_fastsam3d_importable()
         import fastsam3d
         from fastsam3d import hub
-        from fastsam3d.fastpath import resolve_device
+        from fastsam3d.device import resolve_device
 
         dev = resolve_device(device)
         if weights == LOCAL_FILE:
@@ -101,7 +101,7 @@ class FastSAM3DEngine:
                    ) -> FastSAM3DEngine:
         """Wrap an already built network (tests use the fixture-weight network)."""
         ensure_fastsam3d_importable()
-        from fastsam3d.fastpath import resolve_device
+        from fastsam3d.device import resolve_device
 
         return cls(model, resolve_device(device), **session_options)
 

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import FastSAM3DSlicerError
+
 Region = tuple[slice, slice, slice]
 
 
-class PromptOutsideVolumeError(ValueError):
+class PromptOutsideVolumeError(FastSAM3DSlicerError, ValueError):
     """A prompt that lies outside the volume: the model would see only padding there."""
 
 

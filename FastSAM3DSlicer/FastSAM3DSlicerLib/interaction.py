@@ -18,6 +18,8 @@ from typing import Any, Tuple, Union  # noqa: UP035 - runtime aliases on Python 
 
 import numpy as np
 
+from .errors import FastSAM3DSlicerError
+
 #: A press and release closer than this (logical pixels) is a click, not a drag.
 DRAG_THRESHOLD_PX = 5.0
 
@@ -219,7 +221,7 @@ def progress_text(pending: int, elapsed_s: float) -> str:
 # -- target: the volume, segmentation and segment that prompts edit -------------------------
 
 
-class NoVolumeError(ValueError):
+class NoVolumeError(FastSAM3DSlicerError, ValueError):
     """A prompt in a view that shows no volume, with no source volume selected."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import slicer
 
 from . import geometry, mrml
+from .errors import FastSAM3DSlicerError
 from .waiting import POLL_WAIT_S, ResultQueue
 from .worker import InferenceWorker
 
@@ -46,16 +47,16 @@ class Engine(Protocol):
     def make_volume(self, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> Any: ...
 
 
-class NoTargetError(RuntimeError):
+class NoTargetError(FastSAM3DSlicerError, RuntimeError):
     """A prompt arrived before a volume, a segmentation and a segment were chosen."""
 
 
-class StaleResultError(RuntimeError):
+class StaleResultError(FastSAM3DSlicerError, RuntimeError):
     """A result arrived for a scene that was closed (or nodes that were replaced) meanwhile:
     it is dropped, nothing is written."""
 
 
-class BusyError(RuntimeError):
+class BusyError(FastSAM3DSlicerError, RuntimeError):
     """An action that must wait for the predictions in flight (undo, clear)."""
 
 

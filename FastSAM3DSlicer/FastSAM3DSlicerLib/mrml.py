@@ -14,6 +14,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .errors import FastSAM3DSlicerError
 from .geometry import Region, as_matrix, extent_is_empty, region_to_extent
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class UndoEntry:
         return np.unpackbits(self.after_bits, count=int(np.prod(shape))).reshape(shape) > 0
 
 
-class GeometryError(ValueError):
+class GeometryError(FastSAM3DSlicerError, ValueError):
     """Volume and segmentation frames cannot be related by a linear transform."""
 
 

@@ -96,3 +96,21 @@ def test_every_synth_and_evaluate_option_has_help():
         for action in sub.choices[name]._actions:
             if action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_errors_share_one_root_and_one_mapping(tmp_path, capsys, monkeypatch):
+    """Style review 4: DistillError derives from fastsam3d's root; main alone maps errors."""
+    import fastsam3d_distill
+    from fastsam3d_distill import cli
+
+    assert issubclass(fastsam3d_distill.DistillError, fastsam3d.FastSAM3DError)
+    assert issubclass(fastsam3d_distill.DistillUsageError, ValueError)
+    argv = ["export", "--checkpoint", "c.pt", "--base", "b.pth", "--out", str(tmp_path / "o")]
+    for exc, code, text in ((KeyboardInterrupt(), 130, "interrupted"),
+                            (fastsam3d.CheckpointError("not a checkpoint"), 2,
+                             "error: not a checkpoint")):
+        def boom(args, exc=exc):
+            raise exc
+        monkeypatch.setattr(cli, "cmd_export", boom)
+        assert main(argv) == code
+        assert capsys.readouterr().err.strip() == f"fastsam3d-distill export: {text}"

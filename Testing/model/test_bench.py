@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from fastsam3d import bench
+from fastsam3d import bench, cli
 from fastsam3d import geometry as geo
 from fastsam3d.commands import bench as bench_cmd
 
@@ -18,7 +18,7 @@ def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     bench_cmd.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *argv])
-    return args.func(args)
+    return cli.run_command(args)  # errors -> exit status in one place
 
 
 @pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU")
@@ -44,9 +44,9 @@ def test_tiny_cpu_bench_writes_complete_json(tmp_path, capsys):
     assert "| first_mask |" in table and "reference/fast" in table
 
 
-def test_bench_rejects_unknown_modes():
-    with pytest.raises(SystemExit, match="unknown mode"):
-        run_cli(["--device", "cpu", "--modes", "fast,turbo"])
+def test_bench_rejects_unknown_modes(capsys):
+    assert run_cli(["--device", "cpu", "--modes", "fast,turbo"]) == 2  # a usage error
+    assert capsys.readouterr().err.startswith("fastsam3d bench: unknown mode")
 
 
 def test_time_fn_runs_setup_before_every_call_and_reports_order_statistics():

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastsam3d.fastpath import Runner, resolve_device
+from fastsam3d.device import resolve_device
+from fastsam3d.fastpath import Runner
 from fastsam3d.testing import fixture_model
 
 

@@ -10,16 +10,8 @@ import pytest
 import torch
 
 from fastsam3d import geometry as geo
-from fastsam3d.bench import crop_footprint
-from fastsam3d.fastpath import (
-    Captured,
-    GraphCache,
-    Runner,
-    click_key,
-    paste_field,
-    paste_plan,
-    upsample,
-)
+from fastsam3d.bench import click_and_paste, crop_footprint, paste_field, paste_plan
+from fastsam3d.fastpath import Captured, GraphCache, Runner, click_key
 from fastsam3d.testing import fixture_model
 
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 2, "num_attn_free_blocks": 1}
@@ -227,11 +219,11 @@ def test_click_and_paste_lands_on_the_original_grid(golden, fastsam):
     start = (-60, -70, -50)
     region, plan = crop_footprint(lat, m, start, shape)
     runner = Runner(fastsam, "cpu", "fp32")
-    low, _, mask = runner.click_and_paste(golden["fastsam3d_embedding"], golden["points1"],
-                                          golden["labels1"], torch.zeros(1, 1, 32, 32, 32), plan)
+    low, _, mask = click_and_paste(runner, golden["fastsam3d_embedding"], golden["points1"],
+                                   golden["labels1"], torch.zeros(1, 1, 32, 32, 32), plan)
     assert mask.dtype == torch.bool and tuple(mask.shape) == plan.shape
     assert plan.shape == tuple(s.stop - s.start for s in region)
-    field = upsample(low).numpy()
+    field = geo.upsample_logits(low[:1, :1]).numpy()
     # reference: every voxel of the region through the full matrices
     to_lat = geo._region_to_lattice(lat, vol.ijk_to_ras, region)
     kji = np.stack(np.meshgrid(*[np.arange(n) for n in plan.shape], indexing="ij"), -1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsam3d import hub
+from fastsam3d import cli, hub
 from fastsam3d.commands import download as download_cmd
 from fastsam3d.commands import info as info_cmd
 
@@ -405,7 +405,7 @@ def _cli(argv):
     download_cmd.add_parser(sub)
     info_cmd.add_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.run_command(args)  # errors -> exit status in one place
 
 
 def test_cli_download_list_remove(server, cache, registry_url, capsys):

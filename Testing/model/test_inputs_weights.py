@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d import checkpoint, hub
+from fastsam3d import checkpoint, cli, hub
 from fastsam3d.checkpoint import (
     CheckpointError,
     load_model,
@@ -488,7 +488,7 @@ def _convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fastsam3d")
     convert_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", *argv])
-    return args.func(args)
+    return cli.run_command(args)  # errors -> exit status in one place
 
 
 def test_convert_refuses_bad_input_in_one_line(tmp_path, cache, monkeypatch, capsys, tiny):

@@ -212,6 +212,6 @@ def test_export_onnx_command(tmp_path, capsys, tiny_cli_export):
     for name in ("encoder.onnx", "click.onnx", "encoder.int8.onnx", "fastsam3d-onnx.json"):
         assert (out / name).exists(), name
     assert main(["export-onnx", str(tmp_path / "missing.pth"), str(tmp_path / "o2")]) == 1
-    err = capsys.readouterr().out
-    assert err.startswith("error:") and "missing.pth" in err
+    err = capsys.readouterr().err
+    assert err.startswith("fastsam3d export-onnx:") and "missing.pth" in err
     assert not (tmp_path / "o2").exists()

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d import geometry as geo
-from fastsam3d.bench import crop_footprint, environment, synthetic_ct
-from fastsam3d.fastpath import Runner, paste_field, upsample
+from fastsam3d.bench import click_and_paste, crop_footprint, environment, paste_field, synthetic_ct
+from fastsam3d.fastpath import Runner
 from fastsam3d.testing import fixture_model
 
 VARIANTS = {"fastsam3d": "fastsam3d", "sammed3d": "sam-med3d-turbo",
@@ -114,13 +114,14 @@ def main() -> int:
             lat = geo.Lattice.for_volume(vol.ijk_to_ras, vol.shape)
             start = lat.crop_start(centre)
             region, plan = crop_footprint(lat, vol.ijk_to_ras, start, vol.shape, device=dev)
-            low, _, m_graph = fast.click_and_paste(e16, c, lab_t, zeros, plan)
+            low, _, m_graph = click_and_paste(fast, e16, c, lab_t, zeros, plan)
             with torch.inference_mode():
-                m_eager = paste_field(upsample(low), plan.axes, plan.mode, plan.tensors)
+                field = geo.upsample_logits(low[:1, :1])
+                m_eager = paste_field(field, plan.axes, plan.mode, plan.tensors)
             diff = int((m_graph != m_eager).sum())
             check("click+paste graph vs eager paste (voxels differing)", diff, diff == 0, "== 0")
             try:
-                field = (upsample(low) > 0)[None]
+                field = (geo.upsample_logits(low[:1, :1]) > 0)[None]
                 ref = geo.sample_field(field, start, lat, vol.ijk_to_ras, region, "nearest")[0]
                 ref = ref & geo.footprint(lat, vol.ijk_to_ras, region, [start], dev)
                 diff = int((m_graph != ref.bool()).sum())

@@ -9,8 +9,10 @@ crop geometry and preprocessing are fastsam3d's; nothing here re-implements them
 from __future__ import annotations
 
 from .engine import DistEnv, TrainConfig, Trainer, init_distributed
+from .errors import DistillError, DistillUsageError
 from .gating import BackwardGate
 
 __version__ = "0.1.0"
 
-__all__ = ["BackwardGate", "DistEnv", "TrainConfig", "Trainer", "__version__", "init_distributed"]
+__all__ = ["BackwardGate", "DistEnv", "DistillError", "DistillUsageError", "TrainConfig", "Trainer",
+           "__version__", "init_distributed"]

@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from fastsam3d.errors import FastSAM3DError
+
 from .engine import DEFAULT_GPU_BATCH, TrainConfig, Trainer, init_distributed
+from .errors import DistillError, DistillUsageError
 from .models import load_spec, parse_overrides
 from .recipes import apply_preset, apply_recipe
 
@@ -103,14 +106,14 @@ def _train_config(a: argparse.Namespace, stage: str) -> TrainConfig:
         try:
             mb = float(mb)
         except ValueError:
-            raise ValueError(f"--gate-min-backward must be 'auto' or a number, got {mb!r}") \
+            raise DistillUsageError(f"--gate-min-backward must be 'auto' or a number, got {mb!r}") \
                 from None
     if a.batch_size is None:
         cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         a.batch_size = DEFAULT_GPU_BATCH[stage] if cuda else 1
     for name in ("batch_size", "accum", "epochs"):
         if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise DistillUsageError(f"--{name.replace('_', '-')} must be at least 1")
     return TrainConfig(
         ddp_comm=a.ddp_comm, gate_mode=a.gate_mode, apply_changes=a.apply_changes,
         out_dir=a.out, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
@@ -139,7 +142,7 @@ def _add_teacher(p: argparse.ArgumentParser) -> None:
 def _teacher(a: argparse.Namespace, device: Any = "cpu") -> torch.nn.Module:
     spec = a.teacher
     if spec is None:
-        raise ValueError("give --teacher (a SAM-Med3D-turbo checkpoint) or --preset tiny")
+        raise DistillUsageError("give --teacher (a SAM-Med3D-turbo checkpoint) or --preset tiny")
     if spec.startswith(("fixture:", "random:")):
         return load_spec(spec, device, **parse_overrides(a.teacher_override))
     return load_spec(spec, device, config=a.teacher_config)
@@ -166,7 +169,7 @@ def _dataset(a: argparse.Namespace, out: Path, labels: bool = True) -> Any:
             raise ValueError(f"--prepared {a.prepared} was made from other cases than --data")
         return ds
     if not a.data:
-        raise SystemExit("give --data (dataset folder or list file) or --synthetic N")
+        raise DistillUsageError("give --data (dataset folder or list file) or --synthetic N")
     cases = [c for src in a.data for c in discover(src)]
     check_grids(cases)
     samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels,
@@ -259,7 +262,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     if a.cache:
         task = DistillTask(student, None, teacher_depth=ds.meta["teacher_depth"], **common)
         if ds.teacher_taps != task.teacher_taps:
-            raise ValueError(f"cache {a.cache} holds teacher blocks {ds.teacher_taps}, this "
+            raise DistillUsageError(f"cache {a.cache} holds teacher blocks {ds.teacher_taps}, this "
                              f"student needs {task.teacher_taps}: re-run `cache`")
     else:
         task = DistillTask(student, teacher.image_encoder, **common)
@@ -315,11 +318,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cases = [c for src in a.data for c in discover(src)]
     if not cases:
-        raise ValueError("give --data with held-out cases")
+        raise DistillUsageError("give --data with held-out cases")
     check_grids(cases)  # before any model work
     samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels)
     if not samples:
-        raise ValueError("no samples: every label is empty or filtered out")
+        raise DistillUsageError("no samples: every label is empty or filtered out")
     model = load_spec(a.model, device, config=a.model_config,
                       **parse_overrides(a.model_override))
     results: dict[str, list] = {}
@@ -484,8 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+# Input problems (exit status 2, one line on stderr); anything else is a bug and keeps its
+# traceback. fastsam3d's own input errors (VolumeError, CheckpointError...) are included.
+USER_ERRORS = (DistillError, FastSAM3DError, ValueError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def _plain(obj: Any) -> Any:
@@ -500,14 +507,18 @@ def _plain(obj: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: the one place that maps errors to stderr and exit statuses."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # checkpoints are atomic: the last complete one is kept
+        print(f"fastsam3d-distill {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as e:  # a problem with the input: one line, no traceback
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"fastsam3d-distill {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     finally:
         import torch.distributed as dist
 

@@ -25,8 +25,22 @@ _LAZY = {
     "RemoteSession": "remote",
     "RemoteError": "remote",
     "RemoteEngine": "remote",
-    "VolumeError": "volume",
+    "VolumeError": "errors",
     "SparsePattern": "modeling.sparse_attention",
+    "Runner": "fastpath",
+    "resolve_device": "device",
+    "FastSAM3DError": "errors",
+    "CommandError": "errors",
+    "UsageError": "errors",
+    "CheckpointError": "_sniff",
+    "CheckpointReadError": "pth_reader",
+    "HubError": "hub",
+    "DownloadError": "hub",
+    "ChecksumError": "hub",
+    "DownloadCancelled": "hub",
+    "PromptError": "prompts",
+    "WireError": "wire",
+    "SessionExpiredError": "remote",
     "TORCH_REQUIREMENT": "_requirements",
 }
 
@@ -36,7 +50,8 @@ __all__ = ["__version__", *_LAZY]
 # Submodules reachable as attributes after a plain `import fastsam3d` (fastsam3d.hub.download,
 # fastsam3d.checkpoint.save_official, fastsam3d.testing.fixture_model ...), imported on first use.
 _SUBMODULES = ("atomic", "bench", "build", "checkpoint", "dicom", "fastpath", "geometry", "hub",
-               "modeling", "nifti", "preview", "prompts", "session", "testing", "volume")
+               "device", "errors", "modeling", "nifti", "preview", "prompts", "session",
+               "testing", "volume")
 
 
 def __getattr__(name: str) -> Any:

@@ -22,6 +22,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from .errors import FastSAM3DError
+
 __all__ = ["CheckpointError", "SAFETENSORS_DTYPES", "safetensors_header", "sniff"]
 
 #: bytes per element of every dtype a safetensors header may name
@@ -33,7 +35,7 @@ _MAX_HEADER = 100 << 20  # safetensors' own limit for the JSON header
 _ZIP_SLACK = 1 << 16  # zip bookkeeping may make the listed sizes exceed the file by a little
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FastSAM3DError, RuntimeError):
     """A checkpoint that cannot be read safely or does not fit the network."""
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import VolumeError
+
 __all__ = ["SeriesInfo", "list_series", "read_series", "describe_series", "dicom_hint",
            "SPACING_TOLERANCE"]
 
@@ -136,8 +138,6 @@ def _series_below(folder: Path) -> list[Path]:
 
 
 def _pick(folder: Path, series: list[SeriesInfo], choice: str | None) -> SeriesInfo:
-    from .volume import VolumeError
-
     listing = describe_series(series)
     if choice is not None:
         for n, s in enumerate(series, 1):
@@ -159,8 +159,6 @@ def _pick(folder: Path, series: list[SeriesInfo], choice: str | None) -> SeriesI
 
 def _check_geometry(folder: Path, info: SeriesInfo, slices: list[_Slice]) -> list[str]:
     """The files of a volume, sorted along the slice normal, or VolumeError saying why not."""
-    from .volume import VolumeError
-
     name = f"{folder} (series {info.uid})"
     if any(s.position is None or s.orientation is None for s in slices):
         bad = next(s.path for s in slices if s.position is None or s.orientation is None)
@@ -216,8 +214,6 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> Any:
     """The SimpleITK image of one validated series in ``folder``; VolumeError with a hint for a
     folder without series (naming subfolders that hold some), several equally large series, or
     a series that is not a regular volume."""
-    from .volume import VolumeError
-
     sitk = _sitk()
     folder = Path(folder)
     found = list_series(folder)

@@ -14,11 +14,12 @@ fp32 on the parity cases, checked by the tests and by ``model/benchmarks/gpu_che
     the attention softmax (fused SDPA, rel-pos bias as an additive mask, fp32 online softmax),
     the padded-window log-sum-exp (computed in fp32 by the model code). The embedding is
     returned in fp32.
-  - the click (prompt encoder + decoder + upsampling + paste) stays fp32: it is 1.5 GFLOP and
-    bound by kernel launches, not arithmetic, so bf16 would buy nothing and cost logit accuracy.
+  - the click (prompt encoder + decoder, plus what ``click_then`` adds) stays fp32: it is
+    1.5 GFLOP and bound by kernel launches, not arithmetic, so bf16 would buy nothing and
+    cost logit accuracy.
   - both are captured as CUDA graphs with static input/output buffers: one graph per encoder
     batch size, one per click signature (number of points, mask prompt or not, multimask) and
-    paste shape. Padding points to a fixed count is NOT an option: a label -1 point is the
+    ``click_then`` key. Padding points to a fixed count is NOT an option: a label -1 point is the
     prompt encoder's "not a point" token and changes the logits (tested), so each point count
     up to ``max_graph_points`` gets its own graph and larger counts run eagerly. A signature
     whose capture fails runs eagerly from then on (logged once); results are the same.
@@ -42,10 +43,9 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .device import cpu_has_fast_bf16, resolve_device
 from .modeling import Sam3D
 from .modeling.sam3d import decode
 
@@ -56,41 +56,6 @@ BACKENDS = ("torch", "onnxruntime")
 CLICK_PRECISIONS = ("fp32", "tf32", "bf16")  # the click on the CUDA fast path
 
 Tensors = tuple["torch.Tensor | None", ...]  # quoted: Slicer 5.8 runs Python 3.9
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matmuls run natively on this CPU (AMX tiles or AVX512-BF16).
-
-    The probes live in ``torch.cpu`` (private, so looked up defensively; older releases had
-    them under ``torch._C._cpu``). Without them bf16 is emulated and slower than fp32.
-    """
-    for module in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
-        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-            fn = getattr(module, probe, None)
-            if fn is not None:
-                with contextlib.suppress(Exception):
-                    if fn():
-                        return True
-    return False
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available, else MPS, else CPU; explicit names are checked."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available to torch")
-    if dev.type == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise RuntimeError("device 'mps' requested but MPS is not available")
-    return dev
 
 
 # --- graph capture ------------------------------------------------------------------------
@@ -184,90 +149,6 @@ def click_key(coords: torch.Tensor, mask_input: torch.Tensor | None, multimask: 
               extra: Hashable = None) -> tuple:
     """Graph signature of a click: everything that changes shapes or the traced code."""
     return ("click", tuple(coords.shape), mask_input is None, bool(multimask), extra)
-
-
-PASTE_MODES = ("nearest", "linear")
-
-
-@dataclass(frozen=True)
-class PastePlan:
-    """Where a crop's voxels land in a region of the original grid, prepared on the host.
-
-    ``axes[a]`` is the region axis that crop axis ``a`` runs along (the 1.5 mm lattice keeps
-    every voxel axis's direction, so the map is separable); ``tensors`` holds per crop axis
-    (i0, i1, w, inside) over that region axis: the two neighbouring crop voxels, the linear
-    weight, and whether the voxel centre lies in the crop (+/- half a voxel). Nearest rounds
-    halves up (ITK's rule), as :func:`fastsam3d.geometry.sample_field` does.
-    """
-
-    axes: tuple[int, int, int]
-    shape: tuple[int, int, int]
-    mode: str
-    tensors: tuple[torch.Tensor, ...]
-
-
-def paste_plan(maps: Sequence[tuple[int, np.ndarray]], size: int = 128, mode: str = "nearest",
-               device: torch.device | str = "cpu") -> PastePlan:
-    """Build a :class:`PastePlan` from per-crop-axis ``(region axis, crop coordinates of the
-    region's voxels along it)`` in float64 — ``fastsam3d.geometry.axis_maps`` minus the crop
-    start."""
-    if mode not in PASTE_MODES:
-        raise ValueError(f"paste mode must be one of {PASTE_MODES}, not {mode!r}")
-    axes = tuple(int(q) for q, _ in maps)
-    if sorted(axes) != [0, 1, 2]:
-        raise ValueError(f"maps must name each region axis once, got {axes}")
-    shape = [0, 0, 0]
-    parts: list[torch.Tensor] = []
-    for q, c in maps:
-        c = np.asarray(c, dtype=np.float64)
-        shape[q] = len(c)
-        if mode == "nearest":
-            i0 = np.clip(np.floor(c + 0.5), 0, size - 1)
-            i1, w = i0, np.zeros_like(c)
-        else:
-            cc = np.clip(c, 0, size - 1)
-            i0 = np.floor(cc)
-            i1, w = np.minimum(i0 + 1, size - 1), cc - i0
-        inside = (c >= -0.5) & (c < size - 0.5)
-        parts += [torch.as_tensor(i0.astype(np.int64), device=device),
-                  torch.as_tensor(i1.astype(np.int64), device=device),
-                  torch.as_tensor(w, dtype=torch.float32, device=device),
-                  torch.as_tensor(inside, device=device)]
-    return PastePlan(axes, tuple(shape), mode, tuple(parts))  # type: ignore[arg-type]
-
-
-def paste_field(field: torch.Tensor, axes: Sequence[int], mode: str,
-                tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(S, S, S) crop logits -> bool mask of the plan's region: separable gathers, threshold
-    at 0, and only voxels inside the crop's footprint may be set."""
-    x = field > 0 if mode == "nearest" else field.float()
-    inside = None
-    for a in range(3):
-        i0, i1, w, ok = tensors[4 * a: 4 * a + 4]
-        if mode == "nearest":
-            x = x.index_select(a, i0)
-        else:
-            shape = [1, 1, 1]
-            shape[a] = -1
-            x0 = x.index_select(a, i0)
-            x = x0 + (x.index_select(a, i1) - x0) * w.view(shape)
-        view = [1, 1, 1]
-        view[a] = -1
-        inside = ok.view(view) if inside is None else inside & ok.view(view)
-    if mode != "nearest":
-        x = x > 0
-    x = x & inside
-    pos = [0, 0, 0]
-    for a in range(3):
-        pos[axes[a]] = a
-    return x.permute(*pos).contiguous()
-
-
-def upsample(low_res: torch.Tensor, size: int = 128) -> torch.Tensor:
-    """(B, C, 32, 32, 32) -> first mask's (size^3) logits, trilinear in fp32 (the reference's
-    ``F.interpolate``, as ``fastsam3d.geometry.upsample_logits``)."""
-    return F.interpolate(low_res[:1, :1].float(), size=(size,) * 3, mode="trilinear",
-                         align_corners=False)[0, 0]
 
 
 @contextlib.contextmanager
@@ -364,7 +245,6 @@ class Runner:
                 p.requires_grad_(False)
         self._encode_fn = self._encode_eager
         self._click_fn = self._click_eager
-        self._paste_fn = self._click_paste_eager
         if self.compile:
             # The encoder only: Inductor fuses its elementwise work (measured on an H200:
             # FastSAM3D 0.55 -> 0.42 ms, SAM-Med3D 2.8 -> 1.26 ms, ~13 s to compile each); the
@@ -430,14 +310,6 @@ class Runner:
             return self._exact()
         return _tf32_matmuls()
 
-    def _click_paste_eager(self, emb: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-                           mask_input: torch.Tensor | None, *plan_and_flags: object
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        *tensors, axes, mode, multimask = plan_and_flags
-        low_res, iou = self._click_eager(emb, coords, labels, mask_input, bool(multimask))
-        field = upsample(low_res, self.model.image_encoder.img_size)
-        return low_res, iou, paste_field(field, axes, mode, tensors)
-
     def _use_graph(self, coords: torch.Tensor | None = None) -> bool:
         if self._graphs is None:
             return False
@@ -486,39 +358,48 @@ class Runner:
         return self._click_fn(*inputs, multi)
 
     @torch.inference_mode()
-    def click_and_paste(
+    def click_then(
         self,
         embedding: torch.Tensor,
         coords: torch.Tensor,
         labels: torch.Tensor,
         mask_input: torch.Tensor | None,
-        plan: PastePlan,
+        post: Callable[..., torch.Tensor],
+        extra: Sequence[torch.Tensor] = (),
+        key: Hashable = None,
         multimask_output: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One click pasted into a region of the original volume, as one captured graph.
+        """One click followed by ``post(low_res, *extra)``, captured together as one graph.
 
-        ``plan`` (:func:`paste_plan`) says where the crop lands in the region. Returns
-        (low-res logits, iou, bool mask of ``plan.shape`` on the device); the mask is the first
-        output mask thresholded at 0. One graph per region shape and axis order: keep the
-        region fixed per crop (e.g. the crop's whole footprint) to replay it click after click.
+        Args:
+            embedding, coords, labels, mask_input, multimask_output: as :meth:`click`.
+            post: fp32 low-res logits (B, C, 32, 32, 32) and ``extra`` -> one tensor (e.g. the
+                mask pasted into a region of the original grid, as
+                :func:`fastsam3d.bench.click_and_paste` does). Traced into the graph: it must
+                not sync with the host.
+            extra: tensors ``post`` reads, copied into the graph's static buffers per call.
+            key: everything else that changes ``post``'s shapes or code (one graph per key).
+
+        Returns:
+            (low-res logits, iou, ``post``'s output), on the device.
         """
+        multi = bool(multimask_output)
+        extra = tuple(t.to(self.device) for t in extra)
         if self.backend == "onnxruntime":
-            low, iou = self.click(embedding, coords, labels, mask_input, multimask_output)
-            field = upsample(low, self.model.image_encoder.img_size)
-            tensors = tuple(t.to(self.device) for t in plan.tensors)
-            return low, iou, paste_field(field, plan.axes, plan.mode, tensors)
+            low, iou = self.click(embedding, coords, labels, mask_input, multi)
+            return low, iou, post(low, *extra)
         inputs = self._click_inputs(embedding, coords, labels, mask_input)
-        tensors = tuple(t.to(self.device) for t in plan.tensors)
-        flags = (plan.axes, plan.mode, bool(multimask_output))
+        n = len(inputs)
 
         def fn(*args: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-            return self._paste_fn(*args, *flags)
+            low, iou = self._click_fn(*args[:n], multi)
+            return low, iou, post(low, *args[n:])
 
         if self._use_graph(inputs[1]):
-            key = ("paste",) + click_key(inputs[1], inputs[3], flags[2],
-                                         (tuple(inputs[0].shape), plan.shape, flags[:2]))
-            return self._graphs.run(key, fn, (*inputs, *tensors))
-        return fn(*inputs, *tensors)
+            graph_key = ("then",) + click_key(inputs[1], inputs[3], multi,
+                                              (tuple(inputs[0].shape), key))
+            return self._graphs.run(graph_key, fn, (*inputs, *extra))
+        return fn(*inputs, *extra)
 
     def warmup(self, steps: int = 1, progress: Callable[[str], None] | None = None,
                points: Sequence[int] = (1,), batch_sizes: Sequence[int] = (1,)) -> float:

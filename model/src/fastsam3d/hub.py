@@ -47,6 +47,7 @@ from typing import Optional
 
 from ._sniff import CheckpointError, sniff
 from .atomic import atomic_path
+from .errors import FastSAM3DError
 
 __all__ = [
     "ENV_CACHE",
@@ -81,7 +82,7 @@ _URL_DIR = "urls"  # URL downloads: <cache>/urls/<hash of the URL>/<file name>
 ProgressCallback = Callable[[int, Optional[int]], Optional[bool]]  # noqa: UP045 (Python 3.9)
 
 
-class HubError(RuntimeError):
+class HubError(FastSAM3DError, RuntimeError):
     """Base class of the errors raised by this module."""
 
 

@@ -17,12 +17,21 @@ from typing import Any
 
 import numpy as np
 
+from .errors import VolumeError
+
 __all__ = ["NIFTI_SUFFIXES", "is_nifti", "read_nifti", "write_nifti", "form_disagreement"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # sform/qform positions closer than this are the same frame (float32 storage is ~1e-5 mm)
 _SAME_FRAME_MM = 0.01
 _CODES = {0: "unknown", 1: "scanner", 2: "aligned", 3: "talairach", 4: "mni", 5: "template"}
+
+
+def is_orthogonal(ijk_to_ras: Any, tol: float = 1e-6) -> bool:
+    """Whether the matrix's voxel axes are perpendicular (no shear)."""
+    a = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    a = a / np.linalg.norm(a, axis=0)
+    return bool(np.allclose(a.T @ a, np.eye(3), atol=tol))
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -62,8 +71,6 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
     Raises VolumeError for a truncated, corrupt or non-3D file; warns when the sform and qform
     disagree (naming which one is used) or when neither is set.
     """
-    from .volume import VolumeError
-
     nib = _nibabel()
     p = Path(path)
     try:
@@ -110,8 +117,6 @@ def write_nifti(path: str | os.PathLike, array_kji: np.ndarray, ijk_to_ras: np.n
     affine is ``ijk_to_ras``; otherwise both forms get ``ijk_to_ras`` with code 1 (scanner), and
     a sheared (non-orthogonal) matrix, which a qform cannot hold, is written as the sform alone.
     """
-    from .volume import is_orthogonal
-
     nib = _nibabel()
     data = np.ascontiguousarray(np.asarray(array_kji).transpose(2, 1, 0))
     if data.dtype == np.bool_:

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import FastSAM3DError
+
 __all__ = ["Prompts", "PromptError", "read_prompts", "parse_prompts"]
 
 Point = tuple[tuple[float, float, float], bool]
 
 
-class PromptError(ValueError):
+class PromptError(FastSAM3DError, ValueError):
     """A prompt file that does not follow the schema (the message names the entry)."""
 
 

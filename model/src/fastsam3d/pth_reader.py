@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import FastSAM3DError
+
 __all__ = ["CheckpointReadError", "read_pth", "read_safetensors", "read_weights", "ALLOWED"]
 
 # numpy dtype of each storage class torch.save writes ("bfloat16" is read as uint16, widened)
@@ -40,7 +42,7 @@ _SAFETENSORS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
                 "BOOL": "bool"}
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(FastSAM3DError, RuntimeError):
     """A file that is not a readable checkpoint, or that holds more than tensors and plain
     containers (refused without running any of it)."""
 

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from . import wire
+from .errors import FastSAM3DError
 from .result import Result, SessionError
 from .volume import Volume, VolumeError
 
@@ -36,7 +37,7 @@ __all__ = ["RemoteSession", "RemoteEngine", "RemoteError", "SessionExpiredError"
 API_KEY_ENV = "FASTSAM3D_API_KEY"
 
 
-class RemoteError(RuntimeError):
+class RemoteError(FastSAM3DError, RuntimeError):
     """The server could not be reached or refused the request (``status``/``code`` say why)."""
 
     def __init__(self, message: str, status: int | None = None, code: str | None = None

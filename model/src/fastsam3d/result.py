@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import FastSAM3DError
+
 __all__ = ["Region", "Result", "SessionError", "paste_result"]
 
 Region = tuple[slice, slice, slice]
 
 
-class SessionError(ValueError):
+class SessionError(FastSAM3DError, ValueError):
     """A prompt or call the session cannot act on; the session's state is unchanged."""
 
 

@@ -61,7 +61,8 @@ from torch import nn
 from . import geometry as geo
 from . import paste as _paste
 from . import tiling
-from .fastpath import Runner, resolve_device
+from .device import resolve_device
+from .fastpath import Runner
 from .result import Region, Result, SessionError, paste_result
 from .tiling import Click as _Click
 from .tiling import State as _State

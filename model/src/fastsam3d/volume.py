@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
-from .nifti import NIFTI_SUFFIXES, is_nifti, read_nifti, write_nifti
+from .errors import VolumeError
+from .nifti import NIFTI_SUFFIXES, is_nifti, is_orthogonal, read_nifti, write_nifti
 
 __all__ = ["Volume", "VolumeError", "LPS_TO_RAS", "MASK_SUFFIXES", "check_output"]
 
@@ -40,10 +41,6 @@ def index_inside(ijk: Any, shape_kji: Any) -> bool:
     return bool(np.all(v >= -0.5) and np.all(v < size - 0.5))
 
 
-class VolumeError(ValueError):
-    """The image cannot be segmented as given (shape, values or geometry)."""
-
-
 # Formats that hold a 3D volume with its full geometry (origin, spacing, direction); a .dcm mask
 # is one multi-frame file. PNG, TIFF, VTK, JPEG ... lose the direction or a dimension.
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -59,13 +56,6 @@ def _itk_reason(err: BaseException) -> str:
     lines = [re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", ln) for ln in lines
              if ln and not ln.startswith("Reason: ")]
     return " ".join(lines) or str(err).strip()
-
-
-def is_orthogonal(ijk_to_ras: Any, tol: float = 1e-6) -> bool:
-    """Whether the matrix's voxel axes are perpendicular (no shear)."""
-    a = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
-    a = a / np.linalg.norm(a, axis=0)
-    return bool(np.allclose(a.T @ a, np.eye(3), atol=tol))
 
 
 def check_output(path: str | os.PathLike, ijk_to_ras: Any = None) -> None:
@@ -283,15 +273,21 @@ class Volume:
         if a.dtype == np.bool_:
             a = a.astype(np.uint8)
         with atomic_path(path) as tmp:
-            if is_nifti(tmp):
-                write_nifti(tmp, a, self.ijk_to_ras, self.nifti_header)
-            else:
-                import SimpleITK as sitk
+            try:
+                if is_nifti(tmp):
+                    write_nifti(tmp, a, self.ijk_to_ras, self.nifti_header)
+                else:
+                    import SimpleITK as sitk
 
-                try:
-                    sitk.WriteImage(self.to_sitk(a), str(tmp), useCompression=True)
-                except RuntimeError as err:
-                    raise OSError(f"cannot write {path}: {_itk_reason(err)}") from None
+                    try:
+                        sitk.WriteImage(self.to_sitk(a), str(tmp), useCompression=True)
+                    except RuntimeError as err:
+                        raise OSError(f"cannot write {path}: {_itk_reason(err)}") from None
+            except OSError as err:
+                if err.errno is None or err.filename is not None:
+                    raise
+                # nibabel's writes name no file ("[Errno 27] File too large"): name the output
+                raise OSError(err.errno, err.strerror, os.fspath(path)) from err
             self._check_written(tmp, path, a)
 
     def _check_written(self, tmp: Path, path: str | os.PathLike, array: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import FastSAM3DError
 from .result import Result
 
 __all__ = ["WireError", "CODECS", "available_codecs", "pick_codec", "compress", "decompress",
@@ -45,7 +46,7 @@ MAX_CHUNK_BYTES = 64 * 2**20
 DTYPES = ("|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
 
 
-class WireError(ValueError):
+class WireError(FastSAM3DError, ValueError):
     """A payload that does not follow the wire format (sizes, codec, shape, encoding)."""
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -42,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     modes = tuple(m for m in args.modes.split(",") if m)
     unknown = [m for m in modes if m not in bench.ALL_MODES]
     if unknown:
-        raise SystemExit(f"unknown mode(s) {unknown}; choose from {list(bench.ALL_MODES)}")
+        raise UsageError(f"unknown mode(s) {unknown}; choose from {list(bench.ALL_MODES)}")
     if args.repeats < 1:
-        raise SystemExit("--repeats must be at least 1")
+        raise UsageError("--repeats must be at least 1")
     out = bench.run(
         models=tuple(m for m in args.models.split(",") if m),
         device=args.device,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from ..errors import CommandError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,26 +34,20 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError, load_model, save_official, save_safetensors
-    from ..hub import HubError
-
-    def fail(msg: object) -> int:
-        print(f"fastsam3d convert: {msg}", file=sys.stderr)
-        return 1
+    from ..checkpoint import load_model, save_official, save_safetensors
 
     inputs = [Path(p) for p in (args.checkpoint, args.decoder) if p]
     if any(_same_file(args.out, p) or args.out.resolve() == p.resolve() for p in inputs):
-        return fail("refusing to overwrite an input checkpoint; choose another output path")
+        raise CommandError("refusing to overwrite an input checkpoint; choose another output "
+                           "path")
     if args.out.is_dir():
-        return fail(f"{args.out} is a directory; give the output file's name")
-    try:
-        model = load_model(args.checkpoint, config=args.config, decoder=args.decoder)
-    except (CheckpointError, HubError, ValueError) as exc:
-        return fail(exc)
+        raise CommandError(f"{args.out} is a directory; give the output file's name")
+    model = load_model(args.checkpoint, config=args.config, decoder=args.decoder)
     writer = save_safetensors if args.out.suffix == ".safetensors" else save_official
     try:
         writer(model, args.out)
     except OSError as exc:
-        return fail(f"cannot write {args.out} ({exc.strerror or exc}); nothing was changed")
+        raise CommandError(f"cannot write {args.out} ({exc.strerror or exc}); nothing was "
+                           "changed") from exc
     print(f"{model.config.summary()}\nwrote {args.out}")
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from fastsam3d import hub
+from fastsam3d.errors import EXIT_INTERRUPTED, CommandError, UsageError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -89,18 +89,16 @@ def _print_list(cache_dir: str | None, verify: bool) -> int:
 def run(args: argparse.Namespace) -> int:
     chosen = [args.name is not None, args.list, args.remove is not None]
     if sum(chosen) != 1:
-        msg = "fastsam3d download: give exactly one of NAME, --list, --remove NAME"
-        print(msg, file=sys.stderr)
-        return 2
+        raise UsageError("give exactly one of NAME, --list, --remove NAME")
+    if args.list:
+        return _print_list(args.cache_dir, args.verify)
+    if args.remove is not None:
+        if hub.remove(args.remove, dest_dir=args.cache_dir):
+            print(f"removed {args.remove}")
+        else:
+            print(f"{args.remove}: nothing cached")
+        return 0
     try:
-        if args.list:
-            return _print_list(args.cache_dir, args.verify)
-        if args.remove is not None:
-            if hub.remove(args.remove, dest_dir=args.cache_dir):
-                print(f"removed {args.remove}")
-            else:
-                print(f"{args.remove}: nothing cached")
-            return 0
         path = hub.download(
             args.name,
             sha256=args.sha256,
@@ -108,13 +106,9 @@ def run(args: argparse.Namespace) -> int:
             dest_dir=args.cache_dir,
             progress=not args.quiet,
         )
-        st = hub.cache_status(args.name, dest_dir=args.cache_dir)
     except KeyboardInterrupt:
-        print("fastsam3d download: interrupted; no partial file was kept", file=sys.stderr)
-        return 130
-    except (hub.HubError, ValueError) as e:
-        print(f"fastsam3d download: {e}", file=sys.stderr)
-        return 1
+        raise CommandError("interrupted; no partial file was kept", EXIT_INTERRUPTED) from None
+    st = hub.cache_status(args.name, dest_dir=args.cache_dir)
     print(f"path:   {path}")
     print(f"sha256: {st.recorded_sha256}")
     print(f"size:   {format_size(st.size)}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import CommandError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -33,30 +35,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError, load_model
+    from ..checkpoint import load_model
     from ..quantize import exporter_available
 
     if not exporter_available():
-        print("error: ONNX export needs onnx, onnxscript and onnxruntime: "
-              "pip install 'fastsam3d[onnx-export]'")
-        return 1
+        raise CommandError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                           "pip install 'fastsam3d[onnx-export]'")
     from ..onnx.export import export_onnx
 
-    try:
-        if args.fixture_weights:
-            from ..testing import fixture_model
+    if args.fixture_weights:
+        from ..testing import fixture_model
 
-            model = fixture_model(args.config or "fastsam3d")
-        else:
-            model = load_model(args.checkpoint, config=args.config, decoder=args.decoder)
-    except (CheckpointError, KeyError, ValueError) as exc:
-        print(f"error: {exc}")
-        return 1
-    try:
-        paths = export_onnx(model, args.out_dir, int8=not args.no_int8, overwrite=args.overwrite)
-    except FileExistsError as exc:
-        print(f"error: {exc}")
-        return 1
+        model = fixture_model(args.config or "fastsam3d")
+    else:
+        model = load_model(args.checkpoint, config=args.config, decoder=args.decoder)
+    paths = export_onnx(model, args.out_dir, int8=not args.no_int8, overwrite=args.overwrite)
     print(model.config.summary())
     for p in paths.values():
         print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")

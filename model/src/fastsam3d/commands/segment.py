@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fastsam3d.errors import CommandError, UsageError
+
 EXIT_NO_WEIGHTS = 3
 
 _PROMPTS_HELP = """\
@@ -84,17 +86,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-class _Usage(ValueError):
-    pass
-
-
 def _triple(text: str, what: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
-        raise _Usage(f"{what}: expected numbers like 10.5,-20,33 (got {text!r})") from None
+        raise UsageError(f"{what}: expected numbers like 10.5,-20,33 (got {text!r})") from None
     if len(vals) != 3 or not all(np.isfinite(vals)):
-        raise _Usage(f"{what}: expected three finite numbers R,A,S (got {text!r})")
+        raise UsageError(f"{what}: expected three finite numbers R,A,S (got {text!r})")
     return vals
 
 
@@ -106,14 +104,14 @@ def parse_point(text: str, lps: bool = False) -> tuple[list[float], bool]:
     """``"R,A,S"``, ``"R,A,S:+"`` or ``"R,A,S:-"`` -> (RAS point, positive)."""
     coords, _, sign = text.partition(":")
     if sign not in ("", "+", "-"):
-        raise _Usage(f"--point {text!r}: the suffix must be ':+' or ':-'")
+        raise UsageError(f"--point {text!r}: the suffix must be ':+' or ':-'")
     return _flip(_triple(coords, f"--point {text!r}"), lps), sign != "-"
 
 
 def parse_box(text: str, lps: bool = False) -> tuple[list[float], list[float]]:
     parts = text.split(",")
     if len(parts) != 6:
-        raise _Usage(f"--box {text!r}: expected six numbers R0,A0,S0,R1,A1,S1")
+        raise UsageError(f"--box {text!r}: expected six numbers R0,A0,S0,R1,A1,S1")
     a = _flip(_triple(",".join(parts[:3]), "--box"), lps)
     b = _flip(_triple(",".join(parts[3:]), "--box"), lps)
     return list(np.minimum(a, b)), list(np.maximum(a, b))
@@ -127,7 +125,7 @@ def read_prompts(path: str) -> tuple[list[tuple[list[float], bool]], tuple | Non
     try:
         prompts = read(path)
     except PromptError as e:
-        raise _Usage(f"--prompts {e}") from None
+        raise UsageError(f"--prompts {e}") from None
     box = None if prompts.box is None else (list(prompts.box[0]), list(prompts.box[1]))
     return [(list(p), positive) for p, positive in prompts.points], box
 
@@ -140,7 +138,7 @@ def _no_weights_message(name: str, reason: str) -> str:
     except Exception:  # the message must not fail
         where = "the fastsam3d cache"
     return (
-        f"fastsam3d segment: no weights for {name!r}: they are not in the cache ({where}) and "
+        f"no weights for {name!r}: they are not in the cache ({where}) and "
         f"could not be downloaded ({reason}).\n"
         f"  Get them with:  fastsam3d download {name}   (on a machine with network access; "
         f"copy the file into the cache or use it by path)\n"
@@ -151,7 +149,7 @@ def _no_weights_message(name: str, reason: str) -> str:
 
 
 def _load(args: argparse.Namespace, log: Any) -> Any:
-    """The model, or raises _NoWeights with the message to print."""
+    """The model, or a CommandError (status ``EXIT_NO_WEIGHTS``) saying how to get it."""
     from fastsam3d import hub
     from fastsam3d.checkpoint import load_model
 
@@ -166,7 +164,7 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
     try:
         cached = hub.cached_path(args.model)
     except ValueError as e:  # unknown name (check_args has refused those already)
-        raise _Usage(f"--model: {e}") from None
+        raise UsageError(f"--model: {e}") from None
     if cached is None:
         log(f"weights {args.model!r} are not cached: downloading (once)")
         try:
@@ -174,13 +172,10 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
         except KeyboardInterrupt:
             raise
         except Exception as e:  # no network, proxy, disk: all mean "no weights here"
-            raise _NoWeights(_no_weights_message(args.model, str(e).splitlines()[0])) from None
+            raise CommandError(_no_weights_message(args.model, str(e).splitlines()[0]),
+                               EXIT_NO_WEIGHTS) from None
     log(f"loading weights {args.model!r}")
     return load_model(args.model)
-
-
-class _NoWeights(RuntimeError):
-    pass
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -201,15 +196,15 @@ def _input_files(args: argparse.Namespace) -> list[Path]:
 def _check_output(path: Path, option: str, inputs: list[Path]) -> None:
     for src in inputs:
         if _same_file(path, src):
-            raise _Usage(f"{option} {path} is the input {src} (the same file): refusing to "
+            raise UsageError(f"{option} {path} is the input {src} (the same file): refusing to "
                          "write over an input")
     if path.is_dir():
-        raise _Usage(f"{option} {path} is a folder; give a file name")
+        raise UsageError(f"{option} {path} is a folder; give a file name")
     parent = path.parent
     if not parent.is_dir():
-        raise _Usage(f"{option}: folder {parent} does not exist")
+        raise UsageError(f"{option}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise _Usage(f"{option}: folder {parent} is not writable")
+        raise UsageError(f"{option}: folder {parent} is not writable")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -217,9 +212,9 @@ def check_args(args: argparse.Namespace) -> None:
     from fastsam3d.volume import VolumeError, check_output
 
     if not 1 <= args.label <= 65535:
-        raise _Usage(f"--label {args.label}: must be 1..65535 (0 is the background)")
+        raise UsageError(f"--label {args.label}: must be 1..65535 (0 is the background)")
     if args.max_crops < 1:
-        raise _Usage(f"--max-crops {args.max_crops}: must be at least 1")
+        raise UsageError(f"--max-crops {args.max_crops}: must be at least 1")
     if args.device != "auto":
         import torch
 
@@ -228,13 +223,13 @@ def check_args(args: argparse.Namespace) -> None:
         except (RuntimeError, ValueError):
             dev = None
         if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-            raise _Usage(f"--device {args.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+            raise UsageError(f"--device {args.device!r}: expected auto, cpu, cuda, cuda:N or mps")
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise _Usage(f"--device {args.device}: no CUDA device is available here")
+            raise UsageError(f"--device {args.device}: no CUDA device is available here")
         if dev.type == "mps" and not torch.backends.mps.is_available():
-            raise _Usage(f"--device {args.device}: no MPS device is available here")
+            raise UsageError(f"--device {args.device}: no MPS device is available here")
     if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise _Usage(f"--checkpoint: no such file {args.checkpoint}")
+        raise UsageError(f"--checkpoint: no such file {args.checkpoint}")
     if not args.checkpoint and not args.fixture_weights:
         from fastsam3d import hub
 
@@ -244,21 +239,21 @@ def check_args(args: argparse.Namespace) -> None:
             hint = ""
             if Path(args.model).suffix or os.sep in args.model or Path(args.model).exists():
                 hint = f"; for a checkpoint file use --checkpoint {args.model}"
-            raise _Usage(f"--model: {e}{hint}") from None
+            raise UsageError(f"--model: {e}{hint}") from None
     out = Path(args.out)
     try:
         check_output(out)
     except VolumeError as e:
-        raise _Usage(f"--out: {e}") from None
+        raise UsageError(f"--out: {e}") from None
     inputs = _input_files(args)
     _check_output(out, "--out", inputs)
     if args.preview:
         png = Path(args.preview)
         if _same_file(png, out):
-            raise _Usage("--preview and --out are the same file; give them different names")
+            raise UsageError("--preview and --out are the same file; give them different names")
         _check_output(png, "--preview", inputs)
         if png.suffix.lower() != ".png":
-            raise _Usage(f"--preview {png}: the preview is a PNG image; name it *.png")
+            raise UsageError(f"--preview {png}: the preview is a PNG image; name it *.png")
 
 
 def _extent(vol: Any) -> str:
@@ -303,12 +298,12 @@ def _remote_session(args: argparse.Namespace, log: Any) -> Any:
     from fastsam3d.remote import RemoteSession
 
     if args.fixture_weights or args.checkpoint or args.model != "fastsam3d":
-        raise _Usage("--server uses the server's model: drop --model/--checkpoint/"
+        raise UsageError("--server uses the server's model: drop --model/--checkpoint/"
                      "--fixture-weights")
     key = None
     if args.api_key_file:
         if not Path(args.api_key_file).is_file():
-            raise _Usage(f"--api-key-file: no such file {args.api_key_file}")
+            raise UsageError(f"--api-key-file: no such file {args.api_key_file}")
         key = Path(args.api_key_file).read_text().strip()
     log(f"connecting to {args.server}")
     session = RemoteSession(args.server, api_key=key, point_policy=args.point_policy,
@@ -338,102 +333,82 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    from fastsam3d.result import SessionError
     from fastsam3d.volume import Volume, VolumeError, check_output
 
     if not args.server:
         from fastsam3d.session import Session
 
+    points = [parse_point(p, args.lps) for p in args.point]
+    box = parse_box(args.box, args.lps) if args.box else None
+    if args.prompts:
+        more, fbox = read_prompts(args.prompts)
+        points += more
+        if fbox is not None:
+            if box is not None:
+                raise UsageError("give the box either with --box or in --prompts, not both")
+            box = fbox
+    if not points and box is None:
+        raise UsageError("no prompt: give at least one --point, a --box or --prompts")
+    if box is None and not any(positive for _, positive in points):
+        raise UsageError("only negative clicks: start with a positive click (or a box) on the "
+                     "object; negative clicks only remove parts of it")
+    check_args(args)
+    out = Path(args.out)
+    log(f"reading {args.image}")
+    vol = Volume.read(args.image, series=args.series)
+    log(f"{vol}; extent RAS mm: {_extent(vol)}")
     try:
-        points = [parse_point(p, args.lps) for p in args.point]
-        box = parse_box(args.box, args.lps) if args.box else None
-        if args.prompts:
-            more, fbox = read_prompts(args.prompts)
-            points += more
-            if fbox is not None:
-                if box is not None:
-                    raise _Usage("give the box either with --box or in --prompts, not both")
-                box = fbox
-        if not points and box is None:
-            raise _Usage("no prompt: give at least one --point, a --box or --prompts")
-        if box is None and not any(positive for _, positive in points):
-            raise _Usage("only negative clicks: start with a positive click (or a box) on the "
-                         "object; negative clicks only remove parts of it")
-        check_args(args)
-        out = Path(args.out)
-        log(f"reading {args.image}")
-        vol = Volume.read(args.image, series=args.series)
-        log(f"{vol}; extent RAS mm: {_extent(vol)}")
-        try:
-            check_output(out, vol.ijk_to_ras)
-        except VolumeError as e:
-            raise _Usage(f"--out: {e}") from None
-        _check_prompts_inside(vol, points, box, args.lps)
-        if args.server:
-            session = _remote_session(args, log)
-        else:
-            from fastsam3d.geometry import Lattice
+        check_output(out, vol.ijk_to_ras)
+    except VolumeError as e:
+        raise UsageError(f"--out: {e}") from None
+    _check_prompts_inside(vol, points, box, args.lps)
+    if args.server:
+        session = _remote_session(args, log)
+    else:
+        from fastsam3d.geometry import Lattice
 
-            Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
-            model = _load(args, log)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                session = Session(model, device=args.device, point_policy=args.point_policy,
-                                  max_crops=args.max_crops, warmup=False)
-        if not args.server and session.device.type == "cpu":
-            log("running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
-                "a second to seconds")
-        session.set_volume(vol)
-        result = None
-        if box is not None:
-            log(f"box {np.round(box[0], 1).tolist()} .. {np.round(box[1], 1).tolist()}")
-            result = session.add_box(*box)
-        for n, (p, positive) in enumerate(points):
-            log(f"click {n + 1}/{len(points)} {'+' if positive else '-'} "
-                f"RAS {np.round(p, 1).tolist()}")
-            result = session.add_point(p, positive=positive)
-        assert result is not None
-        if args.server:
-            session.close()  # frees the server's copy now rather than at its idle timeout
-        mask = result.full_mask()
-        label = np.zeros(vol.shape, dtype=np.uint8 if args.label < 256 else np.uint16)
-        label[mask] = args.label
-        vol.write(out, label)
-        ml = result.voxels * float(np.prod(vol.spacing)) / 1000
-        log(f"wrote {out}: {result.voxels} voxels ({ml:.1f} mL), {result.crops} crop(s)")
-        if not result.voxels:
-            log("note: the mask is empty: try a click nearer the object's centre, or fewer "
-                "negative clicks")
-        if result.at_crop_limit:
-            log(f"note: the mask reaches the edge of its last crop; the object may continue "
-                f"beyond the {args.max_crops}-crop limit (raise --max-crops to follow it)")
-        if args.preview:
-            from fastsam3d.preview import save_preview
+        Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
+        model = _load(args, log)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            session = Session(model, device=args.device, point_policy=args.point_policy,
+                              max_crops=args.max_crops, warmup=False)
+    if not args.server and session.device.type == "cpu":
+        log("running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
+            "a second to seconds")
+    session.set_volume(vol)
+    result = None
+    if box is not None:
+        log(f"box {np.round(box[0], 1).tolist()} .. {np.round(box[1], 1).tolist()}")
+        result = session.add_box(*box)
+    for n, (p, positive) in enumerate(points):
+        log(f"click {n + 1}/{len(points)} {'+' if positive else '-'} "
+            f"RAS {np.round(p, 1).tolist()}")
+        result = session.add_point(p, positive=positive)
+    assert result is not None
+    if args.server:
+        session.close()  # frees the server's copy now rather than at its idle timeout
+    mask = result.full_mask()
+    label = np.zeros(vol.shape, dtype=np.uint8 if args.label < 256 else np.uint16)
+    label[mask] = args.label
+    vol.write(out, label)
+    ml = result.voxels * float(np.prod(vol.spacing)) / 1000
+    log(f"wrote {out}: {result.voxels} voxels ({ml:.1f} mL), {result.crops} crop(s)")
+    if not result.voxels:
+        log("note: the mask is empty: try a click nearer the object's centre, or fewer "
+            "negative clicks")
+    if result.at_crop_limit:
+        log(f"note: the mask reaches the edge of its last crop; the object may continue "
+            f"beyond the {args.max_crops}-crop limit (raise --max-crops to follow it)")
+    if args.preview:
+        from fastsam3d.preview import save_preview
 
-            title = f"{Path(args.image).name}: {result.voxels} voxels, {ml:.1f} mL"
-            if args.fixture_weights:
-                title += "  [FIXTURE WEIGHTS - NOT A SEGMENTATION]"
-            from fastsam3d.atomic import atomic_path
+        title = f"{Path(args.image).name}: {result.voxels} voxels, {ml:.1f} mL"
+        if args.fixture_weights:
+            title += "  [FIXTURE WEIGHTS - NOT A SEGMENTATION]"
+        from fastsam3d.atomic import atomic_path
 
-            with atomic_path(args.preview) as tmp:
-                save_preview(vol, mask, tmp, points=points, box=box, title=title)
-            log(f"wrote {args.preview}")
-    except _Usage as e:
-        print(f"fastsam3d segment: {e}", file=sys.stderr)
-        return 2
-    except _NoWeights as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_NO_WEIGHTS
-    except (VolumeError, SessionError, FileNotFoundError) as e:
-        print(f"fastsam3d segment: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # writing failed (full disk, permissions): the previous file is kept
-        print(f"fastsam3d segment: {e} (outputs are renamed into place only when complete: "
-              "no existing file was replaced by a partial one)", file=sys.stderr)
-        return 1
-    except Exception as e:  # checkpoint problems and the like: one clear line, no traceback
-        if os.environ.get("FASTSAM3D_DEBUG"):
-            raise
-        print(f"fastsam3d segment: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        with atomic_path(args.preview) as tmp:
+            save_preview(vol, mask, tmp, points=points, box=box, title=title)
+        log(f"wrote {args.preview}")
     return 0

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import CommandError, UsageError
+
 API_KEY_ENV = "FASTSAM3D_API_KEY"
 MIN_KEY_LENGTH = 16
 
@@ -58,10 +60,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-class _Refused(ValueError):
-    pass
-
-
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
     if host == "localhost":
@@ -76,21 +74,21 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
     """The key from --api-key, --api-key-file or the environment; checked, never logged."""
     given = [x for x in (args.api_key, args.api_key_file) if x]
     if len(given) > 1:
-        raise _Refused("give the key either with --api-key or with --api-key-file, not both")
+        raise UsageError("give the key either with --api-key or with --api-key-file, not both")
     key = args.api_key
     if args.api_key_file:
         path = Path(args.api_key_file)
         if not path.is_file():
-            raise _Refused(f"--api-key-file: no such file {path}")
+            raise UsageError(f"--api-key-file: no such file {path}")
         key = path.read_text().strip()
     if key is None:
         key = os.environ.get(API_KEY_ENV) or None
     if key is not None and len(key) < MIN_KEY_LENGTH:
-        raise _Refused(f"the API key has {len(key)} characters; use at least "
+        raise UsageError(f"the API key has {len(key)} characters; use at least "
                        f"{MIN_KEY_LENGTH}, e.g. python -c \"import secrets; "
                        f"print(secrets.token_urlsafe(32))\"")
     if key is None and not is_loopback(args.host):
-        raise _Refused(f"refusing to listen on {args.host} without an API key: anyone who "
+        raise UsageError(f"refusing to listen on {args.host} without an API key: anyone who "
                        f"can reach it could use the GPU and see the images. Give "
                        f"--api-key-file PATH (or ${API_KEY_ENV}), or listen on 127.0.0.1")
     return key
@@ -114,37 +112,32 @@ def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    key = resolve_api_key(args)
+    for flag, value in (("--max-sessions", args.max_sessions),
+                        ("--max-crops", args.max_crops)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1")
+    if args.idle_timeout <= 0 or args.max_upload_mb <= 0:
+        raise UsageError("--idle-timeout and --max-upload-mb must be positive")
     try:
-        key = resolve_api_key(args)
-        for flag, value in (("--max-sessions", args.max_sessions),
-                            ("--max-crops", args.max_crops)):
-            if value < 1:
-                raise _Refused(f"{flag} must be at least 1")
-        if args.idle_timeout <= 0 or args.max_upload_mb <= 0:
-            raise _Refused("--idle-timeout and --max-upload-mb must be positive")
-        try:
-            import uvicorn
+        import uvicorn
 
-            from fastsam3d.serve import ServerConfig, create_app
-        except ImportError as e:
-            raise _Refused(f"the server needs the 'serve' extra ({e.name} is missing): "
-                           "pip install 'fastsam3d[serve]'") from None
-        from fastsam3d.fastpath import Runner, resolve_device
+        from fastsam3d.serve import ServerConfig, create_app
+    except ImportError as e:
+        raise UsageError(f"the server needs the 'serve' extra ({e.name} is missing): "
+                       "pip install 'fastsam3d[serve]'") from None
+    from fastsam3d.device import resolve_device
+    from fastsam3d.fastpath import Runner
 
-        from .segment import _NoWeights, _Usage
-
-        device = resolve_device(args.device)
-        try:
-            model, name = _model(args, log)
-        except (_Usage, _NoWeights) as e:
-            raise _Refused(str(e)) from None
-        runner = Runner(model, device, precision=args.precision)
-        config = ServerConfig(model_name=name, api_key=key, max_sessions=args.max_sessions,
-                              idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb,
-                              max_crops=args.max_crops, instance=args.instance)
-    except _Refused as e:
-        print(f"fastsam3d serve: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    try:
+        model, name = _model(args, log)
+    except CommandError as e:  # no weights: a usage error for the server
+        raise UsageError(str(e)) from None
+    runner = Runner(model, device, precision=args.precision)
+    config = ServerConfig(model_name=name, api_key=key, max_sessions=args.max_sessions,
+                          idle_timeout_s=args.idle_timeout, max_upload_mb=args.max_upload_mb,
+                          max_crops=args.max_crops, instance=args.instance)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log(f"serving {name} on {device} at http://{args.host}:{args.port} "

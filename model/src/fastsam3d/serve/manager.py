@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import FastSAM3DError
 from ..wire import VolumeAssembler
 
 log = logging.getLogger("fastsam3d.serve")
 
 
-class ApiError(Exception):
+class ApiError(FastSAM3DError):
     """An error the client gets as HTTP ``status`` with ``{"error": code, "message": ...}``."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
