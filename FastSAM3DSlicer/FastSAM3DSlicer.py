@@ -123,8 +123,11 @@ class SlicerInstallHost:
         return PyTorchUtils
 
     def _manager(self) -> Any:
-        return slicer.app.extensionsManagerModel() if hasattr(
-            slicer.app, "extensionsManagerModel") else None
+        return (
+            slicer.app.extensionsManagerModel()
+            if hasattr(slicer.app, "extensionsManagerModel")
+            else None
+        )
 
     def extension_installed(self, name: str) -> Any:
         manager = self._manager()
@@ -147,7 +150,8 @@ class SlicerInstallHost:
     def progress(self, text: str) -> bool:
         if self._dialog is None:
             self._dialog = slicer.util.createProgressDialog(
-                maximum=0, windowTitle=_("FastSAM3D setup"), labelText=text)
+                maximum=0, windowTitle=_("FastSAM3D setup"), labelText=text
+            )
         self._dialog.labelText = text
         return bool(self._dialog.wasCanceled)
 
@@ -240,8 +244,12 @@ class _SliceViews:
             pen = qt.QPen(color)
             pen.setWidth(2)
             painter.setPen(pen)
-            for x0, y0, x1, y1 in ((c, 0, c, c - 4), (c, c + 4, c, 22), (0, c, c - 4, c),
-                                   (c + 4, c, 22, c)):
+            for x0, y0, x1, y1 in (
+                (c, 0, c, c - 4),
+                (c, c + 4, c, 22),
+                (0, c, c - 4, c),
+                (c + 4, c, 22, c),
+            ):
                 painter.drawLine(x0, y0, x1, y1)
             painter.drawLine(22, 27, 31, 27)  # the sign, bottom right
             if positive:
@@ -341,9 +349,13 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in params.DEVICES:
             self.ui.deviceComboBox.addItem(name)
         self.ui.deviceComboBox.setCurrentIndex(params.DEVICES.index(self.preferences.device))
-        for w in (self.ui.downloadProgressBar, self.ui.cancelDownloadButton,
-                  self.ui.cpuWarningLabel, self.ui.localWeightsPathLineEdit,
-                  self.ui.localWeightsLabel):
+        for w in (
+            self.ui.downloadProgressBar,
+            self.ui.cancelDownloadButton,
+            self.ui.cpuWarningLabel,
+            self.ui.localWeightsPathLineEdit,
+            self.ui.localWeightsLabel,
+        ):
             w.setVisible(False)
 
         self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
@@ -355,17 +367,20 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.positivePointButton.toggled.connect(lambda on: self._onPolarityButton(on, True))
         self.ui.negativePointButton.toggled.connect(lambda on: self._onPolarityButton(on, False))
-        for button, action in ((self.ui.applyBoxButton, self.onApplyBox),
-                               (self.ui.undoButton, self.onUndo),
-                               (self.ui.resetSegmentButton, self.onResetSegment),
-                               (self.ui.clearButton, self.onClear),
-                               (self.ui.newSegmentButton, self.onNewSegment)):
+        for button, action in (
+            (self.ui.applyBoxButton, self.onApplyBox),
+            (self.ui.undoButton, self.onUndo),
+            (self.ui.resetSegmentButton, self.onResetSegment),
+            (self.ui.clearButton, self.onClear),
+            (self.ui.newSegmentButton, self.onNewSegment),
+        ):
             button.clicked.connect(self._guarded(action))
         self.ui.editableAreaComboBox.connect("activated(int)", self.onEditableAreaChosen)
         self.ui.overwriteModeComboBox.connect("activated(int)", self.onOverwriteChosen)
         self.ui.intensityMaskCheckBox.toggled.connect(self.onIntensityMaskChanged)
-        self.ui.intensityRangeWidget.connect("valuesChanged(double,double)",
-                                             self.onIntensityMaskChanged)
+        self.ui.intensityRangeWidget.connect(
+            "valuesChanged(double,double)", self.onIntensityMaskChanged
+        )
         editor.connect("currentSegmentIDChanged(QString)", self.onSegmentChanged)
 
         self.pollTimer = qt.QTimer()
@@ -374,8 +389,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
-        self.addObserver(interactionNode, interactionNode.InteractionModeChangedEvent,
-                         self.onInteractionModeChanged)
+        self.addObserver(
+            interactionNode,
+            interactionNode.InteractionModeChangedEvent,
+            self.onInteractionModeChanged,
+        )
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         layoutManager = slicer.app.layoutManager()
         if layoutManager is not None:  # new slice views appear with a new layout
@@ -390,8 +408,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = params.segment_editor_node(slicer.mrmlScene)
         if node is not self.editorNode:
             if self.editorNode is not None:
-                self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent,
-                                    self.onEditorNodeModified)
+                self.removeObserver(
+                    self.editorNode, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified
+                )
             self.editorNode = node
             self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(node)
             self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
@@ -476,8 +495,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.removeViewObservations()
         self._observeMaskingSegmentation(None)
         if self.editorNode is not None:
-            self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent,
-                                self.onEditorNodeModified)
+            self.removeObserver(
+                self.editorNode, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified
+            )
             self.editorNode = None
 
     def onSceneClosed(self, caller: Any = None, event: Any = None) -> None:
@@ -492,9 +512,13 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if node.GetActiveEffectName() and self.capture is not None and self.capture.active:
             # An editor effect (Paint, Draw...) takes left clicks in the views from now on.
-            self._setPrompting(False, message=_(
-                "Prompting paused while a Segment Editor effect is active; press A or X to "
-                "prompt again."))
+            self._setPrompting(
+                False,
+                message=_(
+                    "Prompting paused while a Segment Editor effect is active; press A or X to "
+                    "prompt again."
+                ),
+            )
         self._observeMaskingSegmentation(node.GetSegmentationNode())
         self._updateMaskingWidgets()
 
@@ -502,8 +526,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the "Inside <segment>" choices in step with the segments (added, renamed)."""
         if segmentation is self.maskingSegmentation:
             return
-        events = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
-                  slicer.vtkSegmentation.SegmentModified)
+        events = (
+            slicer.vtkSegmentation.SegmentAdded,
+            slicer.vtkSegmentation.SegmentRemoved,
+            slicer.vtkSegmentation.SegmentModified,
+        )
         if self.maskingSegmentation is not None:
             for e in events:
                 self.removeObserver(self.maskingSegmentation, e, self._onSegmentsChanged)
@@ -568,8 +595,12 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         w = self.ui.intensityRangeWidget
         try:
-            params.set_intensity_mask(self.editorNode, self.ui.intensityMaskCheckBox.checked,
-                                      w.minimumValue, w.maximumValue)
+            params.set_intensity_mask(
+                self.editorNode,
+                self.ui.intensityMaskCheckBox.checked,
+                w.minimumValue,
+                w.maximumValue,
+            )
         except ValueError as e:
             self._status(str(e))
 
@@ -589,8 +620,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """A slot that shows an unexpected error in Slicer's error display, not only the log."""
 
         def run(*args: Any) -> None:
-            with slicer.util.tryWithErrorDisplay(_("FastSAM3D: this action failed."),
-                                                 waitCursor=False):
+            with slicer.util.tryWithErrorDisplay(
+                _("FastSAM3D: this action failed."), waitCursor=False
+            ):
                 action()
 
         return run
@@ -621,9 +653,10 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._backendKeys = [k for k, _l in backends.CHOICES if k != backends.ONNX or usable]
         combo.setCurrentIndex(self._backendKeys.index(self.backend.kind))
         combo.blockSignals(False)
-        combo.toolTip = _("Where the network runs. Remote: a fastsam3d server (no PyTorch "
-                          "here). ONNX Runtime: this computer without PyTorch.") + (
-            "" if usable else "\n" + _("ONNX Runtime is not offered: ") + why)
+        combo.toolTip = _(
+            "Where the network runs. Remote: a fastsam3d server (no PyTorch "
+            "here). ONNX Runtime: this computer without PyTorch."
+        ) + ("" if usable else "\n" + _("ONNX Runtime is not offered: ") + why)
         self.ui.serverUrlLineEdit.text = self.backend.url
         self.ui.apiKeyLineEdit.text = self.backend.api_key
         self.ui.rememberApiKeyCheckBox.checked = self.backend.remember_key
@@ -678,8 +711,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             import concurrent.futures
 
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                future = pool.submit(backends.check_connection, self.backend.url,
-                                     self.backend.api_key)
+                future = pool.submit(
+                    backends.check_connection, self.backend.url, self.backend.api_key
+                )
                 waiting.wait_pumping(future, slicer.app.processEvents)
                 report = future.result()
         except Exception as e:  # noqa: BLE001 - shown to the user
@@ -692,10 +726,16 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showBackend(self) -> None:
         remote = self._backendKind() == "remote"
         self.ui.remoteSettingsWidget.setVisible(remote)
-        for w in (self.ui.weightsLabel, self.ui.weightsComboBox, self.ui.weightsStatusLabel,
-                  self.ui.weightsLicenseLabel, self.ui.downloadWeightsButton,
-                  self.ui.removeWeightsButton, self.ui.deviceSelectorLabel,
-                  self.ui.deviceComboBox):
+        for w in (
+            self.ui.weightsLabel,
+            self.ui.weightsComboBox,
+            self.ui.weightsStatusLabel,
+            self.ui.weightsLicenseLabel,
+            self.ui.downloadWeightsButton,
+            self.ui.removeWeightsButton,
+            self.ui.deviceSelectorLabel,
+            self.ui.deviceComboBox,
+        ):
             w.setVisible(not remote)
         if remote:  # shown again by _showWeightsStatus for "Local checkpoint file..."
             self.ui.localWeightsLabel.setVisible(False)
@@ -764,8 +804,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         silent; the rest through Slicer's pip helpers."""
         from FastSAM3DSlicerLib import install
 
-        outcome = install.install_dependencies(SlicerInstallHost(), resuming=bool(resuming),
-                                               missing=self._backendMissing)
+        outcome = install.install_dependencies(
+            SlicerInstallHost(), resuming=bool(resuming), missing=self._backendMissing
+        )
         ok = self._refreshDependencies()
         return outcome == install.DONE and ok
 
@@ -816,8 +857,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localWeightsPathLineEdit.setVisible(local)
         self.ui.localWeightsLabel.setVisible(local)
         self.ui.weightsLicenseLabel.text = choice.license_note
-        self.ui.weightsStatusLabel.text = choice.description if local else (
-            weights.status_text(choice.key)
+        self.ui.weightsStatusLabel.text = (
+            choice.description if local else (weights.status_text(choice.key))
         )
         self._updateButtons()
 
@@ -833,8 +874,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadWeightsButton.enabled = False
         try:
             probe = weights.SizeProbe(choice.key).start()
-            waiting.wait_pumping(probe, slicer.app.processEvents,
-                                 timeout=weights.SIZE_TIMEOUT_S)
+            waiting.wait_pumping(probe, slicer.app.processEvents, timeout=weights.SIZE_TIMEOUT_S)
             size = probe.size
         finally:
             self._probingSize = False
@@ -866,9 +906,7 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         waiting.wait_pumping(task, slicer.app.processEvents, timeout=PROGRESS_EVERY_S)
         if task.total:
             self.ui.downloadProgressBar.setValue(int(100 * task.done / task.total))
-            self.ui.downloadProgressBar.setFormat(
-                f"%p% of {weights.human_size(task.total)}"
-            )
+            self.ui.downloadProgressBar.setFormat(f"%p% of {weights.human_size(task.total)}")
         if not task.finished:
             return
         self.download = None
@@ -928,8 +966,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if choice is None and kind != "remote":
             return
         localPath = self.ui.localWeightsPathLineEdit.currentPath
-        if kind != "remote" and choice.key != engine.LOCAL_FILE and not weights.is_downloaded(
-                choice.key):
+        if (
+            kind != "remote"
+            and choice.key != engine.LOCAL_FILE
+            and not weights.is_downloaded(choice.key)
+        ):
             self.onDownloadWeights()
             self.ui.statusLabel.text = _("Load the model again once the download has finished.")
             return
@@ -948,8 +989,12 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from FastSAM3DSlicerLib import backends
 
             self.engineFuture = self.worker.submit(
-                backends.build_engine, self.backend,
-                choice.key if choice is not None else "", device, localPath or None)
+                backends.build_engine,
+                self.backend,
+                choice.key if choice is not None else "",
+                device,
+                localPath or None,
+            )
         self.ui.deviceLabel.text = _("loading...")
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         self.pollTimer.start()
@@ -1017,15 +1062,20 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         if kind in (qt.QEvent.Enter, qt.QEvent.MouseMove):
             obj.setCursor(self.views.cursor(capture.positive))  # Slicer resets it on hover
-        if kind not in (qt.QEvent.MouseButtonPress, qt.QEvent.MouseMove,
-                        qt.QEvent.MouseButtonRelease, qt.QEvent.MouseButtonDblClick):
+        if kind not in (
+            qt.QEvent.MouseButtonPress,
+            qt.QEvent.MouseMove,
+            qt.QEvent.MouseButtonRelease,
+            qt.QEvent.MouseButtonDblClick,
+        ):
             return False  # paint, wheel, keys...: the view's own
         left = qt.Qt.LeftButton
         view = sliceWidget.sliceView()
         key = sliceWidget.mrmlSliceNode().GetID()
         if kind == qt.QEvent.MouseButtonPress:
-            modifiers = (qt.Qt.ShiftModifier | qt.Qt.ControlModifier | qt.Qt.AltModifier
-                         | qt.Qt.MetaModifier)
+            modifiers = (
+                qt.Qt.ShiftModifier | qt.Qt.ControlModifier | qt.Qt.AltModifier | qt.Qt.MetaModifier
+            )
             if event.button() != left or (event.modifiers() & modifiers):
                 return False  # Shift/Ctrl-clicks keep Slicer's meaning (crosshair...)
             xy, ratio = self._displayXY(view, obj, event)
@@ -1042,8 +1092,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return False
             prompt = None
             try:
-                prompt = capture.release(key, self._displayXY(view, obj, event)[0],
-                                         sliceWidget.mrmlSliceNode())
+                prompt = capture.release(
+                    key, self._displayXY(view, obj, event)[0], sliceWidget.mrmlSliceNode()
+                )
             except ValueError as e:  # a box with no area
                 self._status(str(e))
             self._hideOutline()
@@ -1085,14 +1136,17 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showPolarity(self) -> None:
         active, positive = self.capture.active, self.capture.positive
-        for button, state in ((self.ui.positivePointButton, active and positive),
-                              (self.ui.negativePointButton, active and not positive)):
+        for button, state in (
+            (self.ui.positivePointButton, active and positive),
+            (self.ui.negativePointButton, active and not positive),
+        ):
             button.blockSignals(True)
             button.setChecked(state)
             button.blockSignals(False)
         sign = _("positive (green)") if positive else _("negative (red)")
         self.ui.polarityLabel.text = (
-            _("Prompting: click = {sign} point, drag = box").format(sign=sign) if active
+            _("Prompting: click = {sign} point, drag = box").format(sign=sign)
+            if active
             else _("Not prompting (A or X to start); next point: {sign}").format(sign=sign)
         )
 
@@ -1120,9 +1174,13 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInteractionModeChanged(self, caller: Any = None, event: Any = None) -> None:
         """Another tool (markups placement) took the views: let it have the clicks."""
         if caller.GetCurrentInteractionMode() != caller.ViewTransform and self.capture.active:
-            self._setPrompting(False, message=_(
-                "Prompting paused while another tool places markups; press A or X to prompt "
-                "again."))
+            self._setPrompting(
+                False,
+                message=_(
+                    "Prompting paused while another tool places markups; press A or X to prompt "
+                    "again."
+                ),
+            )
 
     def _savePreferences(self) -> None:
         from FastSAM3DSlicerLib import params
@@ -1140,8 +1198,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _sourceVolume(self) -> Any:
         editor = self.ui.segmentEditorWidget
-        return (editor.sourceVolumeNode() if hasattr(editor, "sourceVolumeNode")
-                else editor.masterVolumeNode())
+        return (
+            editor.sourceVolumeNode()
+            if hasattr(editor, "sourceVolumeNode")
+            else editor.masterVolumeNode()
+        )
 
     def _firstViewVolumeID(self) -> Any:
         for sliceWidget in _sliceWidgets():
@@ -1157,8 +1218,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor = self.ui.segmentEditorWidget
         volume = self._sourceVolume()
         viewVolume = slicer.mrmlScene.GetNodeByID(viewVolumeID) if viewVolumeID else None
-        target = interaction.ensure_target(slicer.mrmlScene, volume, editor.segmentationNode(),
-                                           segmentID, viewVolume)
+        target = interaction.ensure_target(
+            slicer.mrmlScene, volume, editor.segmentationNode(), segmentID, viewVolume
+        )
         if "segmentation" in target.created:
             editor.setSegmentationNode(target.segmentation)
         if volume is None:
@@ -1166,23 +1228,28 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if editor.currentSegmentID() != target.segment_id:
             editor.setCurrentSegmentID(target.segment_id)
         if target.created:
-            self._status(_("Created a new {what} for the prompts.").format(
-                what=_(" and ").join(target.created)))
+            self._status(
+                _("Created a new {what} for the prompts.").format(
+                    what=_(" and ").join(target.created)
+                )
+            )
         return target
 
     def _onPrompt(self, prompt: Any, viewVolumeID: Any) -> None:
         """A finished click or drag (called from the event loop, not from the view event)."""
         from FastSAM3DSlicerLib import interaction
 
-        with slicer.util.tryWithErrorDisplay(_("FastSAM3D could not use this prompt."),
-                                             waitCursor=False):
+        with slicer.util.tryWithErrorDisplay(
+            _("FastSAM3D could not use this prompt."), waitCursor=False
+        ):
             reason = interaction.refusal(self._pendingCount() + len(self.deferred))
             if reason:
                 self._status(reason)
                 return
             try:
-                target = self._ensureTarget(self.ui.segmentEditorWidget.currentSegmentID(),
-                                            viewVolumeID)
+                target = self._ensureTarget(
+                    self.ui.segmentEditorWidget.currentSegmentID(), viewVolumeID
+                )
             except interaction.NoVolumeError as e:
                 self._status(str(e))
                 return
@@ -1232,14 +1299,16 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             corners = prompt.box.corners()
             self._submit(lambda: self.logic.add_box(corners, tag=tag), tag, target)
         else:
-            self._submit(lambda: self.logic.add_point(prompt.world, prompt.positive, tag=tag),
-                         tag, target)
+            self._submit(
+                lambda: self.logic.add_point(prompt.world, prompt.positive, tag=tag), tag, target
+            )
 
     def _ensurePromptNode(self) -> Any:
         node = self.promptNode
         if node is None or node.GetScene() is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
-                                                      "FastSAM3D prompts")
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLMarkupsFiducialNode", "FastSAM3D prompts"
+            )
             node.SetAttribute(PROMPTS_ATTRIBUTE, "1")
             node.SetControlPointLabelFormat("")
             node.CreateDefaultDisplayNodes()
@@ -1281,12 +1350,17 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setLogicTarget(self, target: Any = None) -> bool:
         """Point the Lib at ``target`` (an interaction.Target) or the editor's selection."""
         if target is not None:
-            self.logic.set_target(target.volume, target.segmentation, target.segment_id,
-                                  self.editorNode)
+            self.logic.set_target(
+                target.volume, target.segmentation, target.segment_id, self.editorNode
+            )
             return True
         editor = self.ui.segmentEditorWidget
-        self.logic.set_target(self._sourceVolume(), editor.segmentationNode(),
-                              editor.currentSegmentID(), self.editorNode)
+        self.logic.set_target(
+            self._sourceVolume(),
+            editor.segmentationNode(),
+            editor.currentSegmentID(),
+            self.editorNode,
+        )
         return True
 
     def _submit(self, call: Callable[[], Any], tag: Any, target: Any = None) -> None:
@@ -1338,10 +1412,14 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self.engineFuture is not None:
                 self._pollEngine()
             if self.logic is not None and self.logic.busy:
-                self._showResults(self.logic.poll(pump=slicer.app.processEvents,
-                                                  max_s=PROGRESS_EVERY_S))
-            idle = (self.download is None and self.engineFuture is None
-                    and (self.logic is None or not self.logic.busy))
+                self._showResults(
+                    self.logic.poll(pump=slicer.app.processEvents, max_s=PROGRESS_EVERY_S)
+                )
+            idle = (
+                self.download is None
+                and self.engineFuture is None
+                and (self.logic is None or not self.logic.busy)
+            )
             if idle:
                 self.pollTimer.stop()
             self._updateButtons()
@@ -1363,7 +1441,8 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.error("FastSAM3D prediction failed: %s", item.error)
                 continue
             text = _("Last prompt: {total:.0f} ms (network {net:.0f} ms), {voxels} voxels").format(
-                total=1000 * item.total_s, net=1000 * item.inference_s, voxels=item.voxels)
+                total=1000 * item.total_s, net=1000 * item.inference_s, voxels=item.voxels
+            )
             kept = item.outside_edits
             if kept:
                 text += _("; kept {n} voxels edited outside FastSAM3D").format(n=kept)
@@ -1385,8 +1464,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _refuseWhileBusy(self) -> bool:
         if self.logic is not None and self.logic.busy:
-            self._status(_("Wait for the running prediction ({s} s) to finish.").format(
-                s=int(self.logic.busy_seconds())))
+            self._status(
+                _("Wait for the running prediction ({s} s) to finish.").format(
+                    s=int(self.logic.busy_seconds())
+                )
+            )
             return True
         return False
 
@@ -1447,8 +1529,11 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeleteSegment(self) -> None:
         editor = self.ui.segmentEditorWidget
         segmentation, segmentID = editor.segmentationNode(), editor.currentSegmentID()
-        segment = segmentation.GetSegmentation().GetSegment(segmentID) if (
-            segmentation is not None and segmentID) else None
+        segment = (
+            segmentation.GetSegmentation().GetSegment(segmentID)
+            if (segmentation is not None and segmentID)
+            else None
+        )
         if segment is None:
             self._status(_("No segment is selected."))
             return
@@ -1495,8 +1580,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         loading = self.engineFuture is not None
         downloading = self.download is not None
         self.ui.downloadWeightsButton.enabled = bool(self._weightChoices) and not downloading
-        self.ui.removeWeightsButton.enabled = (bool(self._weightChoices) and not downloading
-                                               and not busy and not loading)
+        self.ui.removeWeightsButton.enabled = (
+            bool(self._weightChoices) and not downloading and not busy and not loading
+        )
         self.ui.loadModelButton.enabled = not (loading or downloading or busy)
         self.ui.weightsComboBox.enabled = not (loading or downloading or busy)
         self.ui.deviceComboBox.enabled = not (loading or busy)
@@ -1508,8 +1594,9 @@ class FastSAM3DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class FastSAM3DSlicerLogic(ScriptedLoadableModuleLogic):
     """Slicer's module-logic slot; the real logic is FastSAM3DSlicerLib.logic.InteractiveLogic."""
 
-    def createInteractiveLogic(self, weights: str = "fastsam3d", device: str = "auto",
-                               localPath: str | None = None) -> Any:
+    def createInteractiveLogic(
+        self, weights: str = "fastsam3d", device: str = "auto", localPath: str | None = None
+    ) -> Any:
         from FastSAM3DSlicerLib.engine import FastSAM3DEngine
         from FastSAM3DSlicerLib.logic import InteractiveLogic
         from FastSAM3DSlicerLib.worker import InferenceWorker

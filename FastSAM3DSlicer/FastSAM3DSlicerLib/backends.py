@@ -57,6 +57,7 @@ class BackendError(FastSAM3DSlicerError, RuntimeError):
 
 # -- settings ------------------------------------------------------------------------------
 
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -78,9 +79,12 @@ class BackendSettings:
         kind = store.value(KIND_KEY)
         remember = _as_bool(store.value(REMEMBER_KEY))
         key = store.value(API_KEY_KEY) if remember else None
-        return cls(kind=str(kind) if kind in KINDS else LOCAL,
-                   url=str(store.value(URL_KEY) or ""),
-                   api_key=str(key or ""), remember_key=remember)
+        return cls(
+            kind=str(kind) if kind in KINDS else LOCAL,
+            url=str(store.value(URL_KEY) or ""),
+            api_key=str(key or ""),
+            remember_key=remember,
+        )
 
     def save(self, store: Any) -> None:
         """Write the choice; the key only when ``remember_key``, else any stored key is removed."""
@@ -96,6 +100,7 @@ class BackendSettings:
 
 
 # -- dependencies per backend --------------------------------------------------------------
+
 
 def requirements(kind: str) -> list[deps.Requirement]:
     """The packages ``kind`` needs, with what is installed now (from metadata, no imports)."""
@@ -121,6 +126,7 @@ def needs_torch(kind: str) -> bool:
 
 # -- the ONNX Runtime backend --------------------------------------------------------------
 
+
 def onnx_status() -> tuple[bool, str]:
     """(usable, why not): the ONNX backend is offered only when it can run without torch."""
     from .engine import ensure_fastsam3d_importable
@@ -131,8 +137,10 @@ def onnx_status() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"the bundled fastsam3d has no ONNX engine ({e})"
     if not getattr(onnx_pkg, ONNX_FLAG, False):
-        return False, ("this version of fastsam3d cannot run a session without PyTorch yet "
-                       "(its ONNX Runtime engine still needs PyTorch around it)")
+        return False, (
+            "this version of fastsam3d cannot run a session without PyTorch yet "
+            "(its ONNX Runtime engine still needs PyTorch around it)"
+        )
     if importlib.util.find_spec("onnxruntime") is None:
         return True, "onnxruntime is not installed yet (Install... adds it, no PyTorch)"
     return True, ""
@@ -158,8 +166,9 @@ class OnnxBackendEngine:
         self._warmed = False
 
     def new_session(self) -> Any:
-        session = self._fastsam3d.Session(self.runner, warmup=not self._warmed,
-                                          **self.session_options)
+        session = self._fastsam3d.Session(
+            self.runner, warmup=not self._warmed, **self.session_options
+        )
         self._warmed = True
         return session
 
@@ -171,6 +180,7 @@ class OnnxBackendEngine:
 
 
 # -- the remote backend --------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ConnectionReport:
@@ -208,13 +218,11 @@ def normalise_url(url: str) -> str:
     except ValueError:
         raise BackendError(f"{url!r} is not a server URL (bad port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BackendError(f"{url!r} is not a server URL; use http://HOST:PORT or "
-                           "https://HOST")
+        raise BackendError(f"{url!r} is not a server URL; use http://HOST:PORT or https://HOST")
     return text.rstrip("/")
 
 
-def check_connection(url: str, api_key: str | None, timeout: float = 10.0
-                    ) -> ConnectionReport:
+def check_connection(url: str, api_key: str | None, timeout: float = 10.0) -> ConnectionReport:
     """The panel's "Test connection": reachable, a fastsam3d server, ready, key accepted,
     a compatible version. Never raises for a server-side problem; the message says which."""
     from .engine import ensure_fastsam3d_importable
@@ -237,12 +245,19 @@ def check_connection(url: str, api_key: str | None, timeout: float = 10.0
         return ConnectionReport(False, _not_ours(url))
     if not compatible(fastsam3d.__version__, str(info["version"])):
         return ConnectionReport(
-            False, f"version mismatch: the server at {url} runs fastsam3d {info['version']}, "
-                   f"this module {fastsam3d.__version__}; update the older one", info)
+            False,
+            f"version mismatch: the server at {url} runs fastsam3d {info['version']}, "
+            f"this module {fastsam3d.__version__}; update the older one",
+            info,
+        )
     sessions = info.get("sessions")
     load = f", {sessions} session(s) open" if sessions is not None else ""
-    return ConnectionReport(True, f"connected: {info['model']} on {info.get('device', '?')} "
-                                  f"(fastsam3d {info['version']}{load})", info)
+    return ConnectionReport(
+        True,
+        f"connected: {info['model']} on {info.get('device', '?')} "
+        f"(fastsam3d {info['version']}{load})",
+        info,
+    )
 
 
 def _not_ours(url: str) -> str:
@@ -255,8 +270,11 @@ def _explain(url: str, e: Any, have_key: bool) -> str:
     if status is None:
         return f"unreachable: {text}"
     if status == 401:
-        return ("wrong API key: the server refused it" if have_key
-                else "the server needs an API key: enter it and test again")
+        return (
+            "wrong API key: the server refused it"
+            if have_key
+            else "the server needs an API key: enter it and test again"
+        )
     if status == 503:
         for why in ("warming up", "full", "shutting down"):
             if why in text:
@@ -282,8 +300,10 @@ class RemoteBackendEngine:
         self.device = str(server.get("device", "?"))
         host = urlsplit(url).hostname
         self.device_info = DeviceInfo(
-            self.device, f"{server.get('model', '?')} on {self.device} at {host} (remote)",
-            self.device == "cpu")
+            self.device,
+            f"{server.get('model', '?')} on {self.device} at {host} (remote)",
+            self.device == "cpu",
+        )
 
     def new_session(self) -> Any:
         return self._remote.new_session()
@@ -298,8 +318,14 @@ class RemoteBackendEngine:
 
 # -- building --------------------------------------------------------------------------------
 
-def build_engine(settings: BackendSettings, weights: str = "fastsam3d", device: str = "auto",
-                 local_path: str | None = None, **session_options: Any) -> Any:
+
+def build_engine(
+    settings: BackendSettings,
+    weights: str = "fastsam3d",
+    device: str = "auto",
+    local_path: str | None = None,
+    **session_options: Any,
+) -> Any:
     """The engine for ``settings`` (runs on the worker thread, like the local load).
 
     ``local``: :meth:`engine.FastSAM3DEngine.load`. ``remote``: the connection test first,
@@ -314,8 +340,7 @@ def build_engine(settings: BackendSettings, weights: str = "fastsam3d", device: 
         report = check_connection(settings.url, settings.api_key)
         if not report.ok:
             raise BackendError(report.message)
-        return RemoteBackendEngine(normalise_url(settings.url), settings.api_key,
-                                   **session_options)
+        return RemoteBackendEngine(normalise_url(settings.url), settings.api_key, **session_options)
     if settings.kind == ONNX:
         usable, why = onnx_status()
         if not usable or why:
@@ -334,7 +359,5 @@ def _cached_weights(weights: str) -> str:
 
     path = hub.cached_path(weights)
     if path is None:
-        raise BackendError(f"the {weights!r} weights are not downloaded yet; press Download "
-                           "first")
+        raise BackendError(f"the {weights!r} weights are not downloaded yet; press Download first")
     return str(path)
-

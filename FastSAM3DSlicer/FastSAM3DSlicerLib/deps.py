@@ -99,11 +99,13 @@ def python39_note(python: tuple = tuple(sys.version_info[:2])) -> str | None:
     """What Slicer 5.8 (Python 3.9) cannot do, for the panel and the install dialog."""
     if tuple(python[:2]) >= (3, 10):
         return None
-    return (f"Slicer 5.8 runs Python {python[0]}.{python[1]}, for which PyTorch "
-            f"{package_torch_requirement().lstrip('>=')} or newer does not exist: fastsam3d then "
-            "refuses to unpickle .pth weights (older PyTorch can be tricked into running code "
-            "from them), so only .safetensors checkpoints load here. Slicer 5.10 or newer "
-            "loads the downloadable weights.")
+    return (
+        f"Slicer 5.8 runs Python {python[0]}.{python[1]}, for which PyTorch "
+        f"{package_torch_requirement().lstrip('>=')} or newer does not exist: fastsam3d then "
+        "refuses to unpickle .pth weights (older PyTorch can be tricked into running code "
+        "from them), so only .safetensors checkpoints load here. Slicer 5.10 or newer "
+        "loads the downloadable weights."
+    )
 
 
 def torch_requirement() -> Requirement:
@@ -124,16 +126,24 @@ def plan_text(reqs: list[Requirement]) -> str:
     lines = ["FastSAM3D needs these Python packages, which are not installed yet:", ""]
     for r in reqs:
         have = f" (installed: {r.installed})" if r.installed else ""
-        how = ("through the PyTorch extension, which picks the build that matches your GPU "
-               "driver" if r.name == "torch" else "with pip")
+        how = (
+            "through the PyTorch extension, which picks the build that matches your GPU driver"
+            if r.name == "torch"
+            else "with pip"
+        )
         lines.append(f"  - {r.text}{have}: {how}")
     if not any(r.name == "torch" for r in reqs):  # e.g. the remote / ONNX backends
-        lines += ["", "pip downloads a few MB to a few tens of MB; PyTorch is not part of "
-                  "this installation."]
+        lines += [
+            "",
+            "pip downloads a few MB to a few tens of MB; PyTorch is not part of this installation.",
+        ]
         return "\n".join(lines)
-    lines += ["", "This downloads several hundred MB to a few GB (PyTorch with CUDA) and may take "
-              "minutes. Slicer may need to restart afterwards; the installation then resumes "
-              "when you open this module again."]
+    lines += [
+        "",
+        "This downloads several hundred MB to a few GB (PyTorch with CUDA) and may take "
+        "minutes. Slicer may need to restart afterwards; the installation then resumes "
+        "when you open this module again.",
+    ]
     note = python39_note()
     if note:
         lines += ["", note]
@@ -172,6 +182,8 @@ def prefer_bundled_fastsam3d() -> str | None:
     loaded = sys.modules.get("fastsam3d")
     origin = getattr(loaded, "__file__", None)
     if loaded is not None and origin and not Path(origin).resolve().is_relative_to(bundled):
-        return (f"Another fastsam3d package ({origin}) was imported before FastSAM3D's own "
-                f"({bundled / 'fastsam3d'}); restart Slicer so that the module uses its own.")
+        return (
+            f"Another fastsam3d package ({origin}) was imported before FastSAM3D's own "
+            f"({bundled / 'fastsam3d'}); restart Slicer so that the module uses its own."
+        )
     return None

@@ -73,8 +73,9 @@ class FastSAM3DEngine:
         self.session_options = session_options  # e.g. max_crops, propagate (fastsam3d.Session)
 
     @classmethod
-    def load(cls, weights: str, device: str = "auto", local_path: str | None = None
-             ) -> FastSAM3DEngine:
+    def load(
+        cls, weights: str, device: str = "auto", local_path: str | None = None
+    ) -> FastSAM3DEngine:
         """Load registry weights (already downloaded) or a local checkpoint file."""
         ensure_fastsam3d_importable()
         import fastsam3d
@@ -97,8 +98,7 @@ class FastSAM3DEngine:
         return cls(model, dev)
 
     @classmethod
-    def from_model(cls, model: Any, device: str = "cpu", **session_options: Any
-                   ) -> FastSAM3DEngine:
+    def from_model(cls, model: Any, device: str = "cpu", **session_options: Any) -> FastSAM3DEngine:
         """Wrap an already built network (tests use the fixture-weight network)."""
         ensure_fastsam3d_importable()
         from fastsam3d.device import resolve_device

@@ -59,15 +59,21 @@ def check_inside(
 
 
 def box_corners_inside(
-    ijk_to_ras: np.ndarray, shape_kji: Sequence[int], ras_min: Sequence[float],
+    ijk_to_ras: np.ndarray,
+    shape_kji: Sequence[int],
+    ras_min: Sequence[float],
     ras_max: Sequence[float],
 ) -> bool:
     """True when the axis-aligned RAS box overlaps the volume's footprint at all."""
     lo = np.minimum(ras_min, ras_max)
     hi = np.maximum(ras_min, ras_max)
     corners = np.array(
-        [[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]] for a in (0, 1) for b in (0, 1)
-         for c in (0, 1)]
+        [
+            [(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
+            for a in (0, 1)
+            for b in (0, 1)
+            for c in (0, 1)
+        ]
     )
     idx = np.array([ras_to_ijk(ijk_to_ras, c) for c in corners])
     dims = np.asarray(shape_kji[::-1], dtype=np.float64)

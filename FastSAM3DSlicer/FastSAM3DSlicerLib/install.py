@@ -61,18 +61,21 @@ def _version_tuple(text: str) -> tuple:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def version_problem(slicer_version: str,
-                    python_version: Sequence[int] = tuple(sys.version_info[:3])) -> str | None:
+def version_problem(
+    slicer_version: str, python_version: Sequence[int] = tuple(sys.version_info[:3])
+) -> str | None:
     """Why this Slicer cannot run FastSAM3D (shown to the user), or None when it can."""
     have = _version_tuple(slicer_version)
     python = tuple(python_version)[:2]
     if have and have[:2] >= MIN_SLICER and python >= MIN_PYTHON:
         return None
     need = ".".join(map(str, MIN_SLICER))
-    return (f"FastSAM3D needs 3D Slicer {need} or newer (Python "
-            f"{'.'.join(map(str, MIN_PYTHON))}+); this is Slicer {slicer_version or 'unknown'} "
-            f"with Python {'.'.join(map(str, python))}. Install a current Slicer from "
-            "https://download.slicer.org.")
+    return (
+        f"FastSAM3D needs 3D Slicer {need} or newer (Python "
+        f"{'.'.join(map(str, MIN_PYTHON))}+); this is Slicer {slicer_version or 'unknown'} "
+        f"with Python {'.'.join(map(str, python))}. Install a current Slicer from "
+        "https://download.slicer.org."
+    )
 
 
 # -- the pending-install record -------------------------------------------------------------
@@ -161,15 +164,17 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def torch_commands(pytorch_utils: Any, python: str | None = None,
-                   requirement: str | None = None) -> list[list[str]]:
+def torch_commands(
+    pytorch_utils: Any, python: str | None = None, requirement: str | None = None
+) -> list[list[str]]:
     """The commands the background install runs: light-the-torch if missing, then torch."""
     python = python or python_executable()
     commands = []
     if importlib.util.find_spec("light_the_torch") is None:
         commands.append([python, "-m", "pip", "install", LIGHT_THE_TORCH])
-    commands.append([python, "-m", "light_the_torch",
-                     *torch_install_arguments(pytorch_utils, requirement)])
+    commands.append(
+        [python, "-m", "light_the_torch", *torch_install_arguments(pytorch_utils, requirement)]
+    )
     return commands
 
 
@@ -181,8 +186,9 @@ class BackgroundInstall:
     GIL, so it fits ``waiting.wait_pumping``; ``cancel()`` terminates the running command.
     """
 
-    def __init__(self, commands: Sequence[Sequence[str]], env: dict | None = None,
-                 keep_lines: int = 200) -> None:
+    def __init__(
+        self, commands: Sequence[Sequence[str]], env: dict | None = None, keep_lines: int = 200
+    ) -> None:
         self.commands = [list(c) for c in commands]
         self.env = env
         self.lines: collections.deque = collections.deque(maxlen=keep_lines)
@@ -208,9 +214,15 @@ class BackgroundInstall:
                         break
                     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console on Windows
                     self._proc = subprocess.Popen(
-                        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL, env=self.env, text=True, errors="replace",
-                        creationflags=flags)
+                        command,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=self.env,
+                        text=True,
+                        errors="replace",
+                        creationflags=flags,
+                    )
                 self.lines.append("$ " + " ".join(command))
                 for line in self._proc.stdout:
                     if line.strip():
@@ -232,8 +244,9 @@ class BackgroundInstall:
 
     @property
     def ok(self) -> bool:
-        return self.finished and not self.cancelled and self.error is None and (
-            self.returncode == 0)
+        return (
+            self.finished and not self.cancelled and self.error is None and (self.returncode == 0)
+        )
 
     @property
     def elapsed(self) -> float:
@@ -344,32 +357,39 @@ class InstallHost:
 RESTART_TEXTS = {
     "extension-installed": "The PyTorch extension was installed. Slicer must restart to load it",
     "extension-not-loaded": "The PyTorch extension is installed, but Slicer has not loaded it "
-                            "yet. Slicer must restart to load it",
+    "yet. Slicer must restart to load it",
     "torch-upgraded": "PyTorch was upgraded, but this session still runs the old version. "
-                      "Slicer must restart to use the new one",
+    "Slicer must restart to use the new one",
 }
 
 
 def _ask_restart(host: InstallHost, pending: PendingInstall, why: str) -> str:
     pending.mark("restart")
-    text = (f"{RESTART_TEXTS[why]}; FastSAM3D then continues the installation when it opens "
-            "again.\n\nRestart Slicer now?")
+    text = (
+        f"{RESTART_TEXTS[why]}; FastSAM3D then continues the installation when it opens "
+        "again.\n\nRestart Slicer now?"
+    )
     if host.ask_restart(text):
         host.restart()
         return RESTARTING
-    host.info("FastSAM3D is not ready yet: restart Slicer when convenient; the installation "
-              "continues when you open FastSAM3D afterwards.")
+    host.info(
+        "FastSAM3D is not ready yet: restart Slicer when convenient; the installation "
+        "continues when you open FastSAM3D afterwards."
+    )
     return RESTART_PENDING
 
 
-def install_torch(host: InstallHost, pytorch_utils: Any,
-                  commands: list[list[str]] | None = None) -> str:
+def install_torch(
+    host: InstallHost, pytorch_utils: Any, commands: list[list[str]] | None = None
+) -> str:
     """Run light-the-torch in the background while the UI keeps running."""
     task = BackgroundInstall(commands or torch_commands(pytorch_utils)).start()
 
     def cancelled() -> bool:
-        label = (f"Installing PyTorch through the PyTorch extension "
-                 f"({task.elapsed:.0f} s; large CUDA builds take minutes).\n{task.last_line}")
+        label = (
+            f"Installing PyTorch through the PyTorch extension "
+            f"({task.elapsed:.0f} s; large CUDA builds take minutes).\n{task.last_line}"
+        )
         return host.progress(label[:400])
 
     try:
@@ -387,9 +407,12 @@ def install_torch(host: InstallHost, pytorch_utils: Any,
     return DONE
 
 
-def install_dependencies(host: InstallHost, resuming: bool = False,
-                         torch_commands_override: list[list[str]] | None = None,
-                         missing: Callable[[], list] | None = None) -> str:
+def install_dependencies(
+    host: InstallHost,
+    resuming: bool = False,
+    torch_commands_override: list[list[str]] | None = None,
+    missing: Callable[[], list] | None = None,
+) -> str:
     """The one first-use flow (the Widget's "Install..." button and the resume after restart).
 
     Returns DONE, CANCELLED, FAILED, RESTART_PENDING, RESTARTING or BUSY. Every outcome but
@@ -411,9 +434,12 @@ def install_dependencies(host: InstallHost, resuming: bool = False,
         _running = False
 
 
-def _install(host: InstallHost, resuming: bool,
-             torch_commands_override: list[list[str]] | None,
-             missing_now: Callable[[], list]) -> str:
+def _install(
+    host: InstallHost,
+    resuming: bool,
+    torch_commands_override: list[list[str]] | None,
+    missing_now: Callable[[], list],
+) -> str:
     pending = PendingInstall(host.store)
     problem = version_problem(host.slicer_version)
     if problem:
@@ -446,14 +472,18 @@ def _install(host: InstallHost, resuming: bool,
     still = missing_now()
     pending.clear()
     if still:
-        host.error("These packages are still missing after the installation: "
-                   + ", ".join(r.text for r in still) + ". See the Python console for details.")
+        host.error(
+            "These packages are still missing after the installation: "
+            + ", ".join(r.text for r in still)
+            + ". See the Python console for details."
+        )
         return FAILED
     return DONE
 
 
-def _torch_step(host: InstallHost, pending: PendingInstall,
-                commands: list[list[str]] | None) -> str:
+def _torch_step(
+    host: InstallHost, pending: PendingInstall, commands: list[list[str]] | None
+) -> str:
     utils = host.pytorch_utils()
     if utils is not None:
         loaded_before = "torch" in sys.modules  # an older torch this session cannot drop
@@ -465,14 +495,18 @@ def _torch_step(host: InstallHost, pending: PendingInstall,
     if installed:
         return _ask_restart(host, pending, "extension-not-loaded")
     if installed is None:
-        host.error("FastSAM3D needs the PyTorch extension: install 'PyTorch' from the "
-                   "Extensions Manager, restart Slicer and open FastSAM3D again.")
+        host.error(
+            "FastSAM3D needs the PyTorch extension: install 'PyTorch' from the "
+            "Extensions Manager, restart Slicer and open FastSAM3D again."
+        )
         return FAILED
     pending.mark("restart")  # the extension install itself may restart Slicer
     if not host.install_extension(PYTORCH_EXTENSION):
-        host.error("Could not install the PyTorch extension from the Extensions server. "
-                   "Install 'PyTorch' from the Extensions Manager, restart Slicer and open "
-                   "FastSAM3D again.")
+        host.error(
+            "Could not install the PyTorch extension from the Extensions server. "
+            "Install 'PyTorch' from the Extensions Manager, restart Slicer and open "
+            "FastSAM3D again."
+        )
         return FAILED
     return _ask_restart(host, pending, "extension-installed")
 
@@ -480,4 +514,3 @@ def _torch_step(host: InstallHost, pending: PendingInstall,
 def resume_at_startup(store: Any) -> bool:
     """The module's ``startupCompleted`` hook: reopen FastSAM3D to resume an install?"""
     return PendingInstall(store).resume_at_startup()
-

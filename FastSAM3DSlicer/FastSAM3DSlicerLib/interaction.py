@@ -203,8 +203,10 @@ class PromptCapture:
 def refusal(pending: int, limit: int = MAX_QUEUED_PROMPTS) -> str | None:
     """Why a new prompt is refused while ``pending`` prompts are predicting, or None."""
     if pending >= limit:
-        return (f"Still predicting {pending} prompts; this one was not placed. "
-                "Place it again when the segment has updated.")
+        return (
+            f"Still predicting {pending} prompts; this one was not placed. "
+            "Place it again when the segment has updated."
+        )
     return None
 
 
@@ -239,7 +241,10 @@ def new_segment(segmentation_node: Any) -> str:
 
 
 def ensure_target(
-    scene: Any, volume: Any, segmentation: Any, segment_id: str | None,
+    scene: Any,
+    volume: Any,
+    segmentation: Any,
+    segment_id: str | None,
     view_volume: Any = None,
 ) -> Target:
     """What the next prompt edits, creating a segmentation and a segment when none is chosen.
@@ -267,8 +272,22 @@ def ensure_target(
 
 
 __all__ = [
-    "BoxPrompt", "DRAG_THRESHOLD_PX", "MAX_QUEUED_PROMPTS", "NoVolumeError", "PointPrompt",
-    "PromptCapture", "SliceBox", "Target", "box_depth", "box_from_drag", "display_xy",
-    "ensure_target", "new_segment", "progress_text", "refusal", "set_roi_from_box",
-    "slice_axes", "xy_to_ras",
+    "BoxPrompt",
+    "DRAG_THRESHOLD_PX",
+    "MAX_QUEUED_PROMPTS",
+    "NoVolumeError",
+    "PointPrompt",
+    "PromptCapture",
+    "SliceBox",
+    "Target",
+    "box_depth",
+    "box_from_drag",
+    "display_xy",
+    "ensure_target",
+    "new_segment",
+    "progress_text",
+    "refusal",
+    "set_roi_from_box",
+    "slice_axes",
+    "xy_to_ras",
 ]

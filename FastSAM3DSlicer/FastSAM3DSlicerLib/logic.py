@@ -132,8 +132,9 @@ class PendingEdit:
     entry: _SegmentSession | None = None  # the session that computes it (not looked up again)
 
 
-def thicken_box(lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
-                ) -> tuple[np.ndarray, np.ndarray]:
+def thicken_box(
+    lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
+) -> tuple[np.ndarray, np.ndarray]:
     """Give a flat box depth: sides thinner than ``ratio`` x the largest grow to the largest.
 
     The session clips its result to the box, so a box one slice thick would give a one-slice
@@ -188,16 +189,17 @@ class InteractiveLogic:
     """
 
     def __init__(
-        self, engine: Engine, worker: InferenceWorker | None = None,
-        max_sessions: int = MAX_SESSIONS, memory_budget: int = SESSION_MEMORY_BUDGET,
+        self,
+        engine: Engine,
+        worker: InferenceWorker | None = None,
+        max_sessions: int = MAX_SESSIONS,
+        memory_budget: int = SESSION_MEMORY_BUDGET,
     ) -> None:
         self.engine = engine
         self.worker = worker or InferenceWorker()
         self.max_sessions = max_sessions
         self.memory_budget = memory_budget
-        self._sessions: collections.OrderedDict[tuple, _SegmentSession] = (
-            collections.OrderedDict()
-        )
+        self._sessions: collections.OrderedDict[tuple, _SegmentSession] = collections.OrderedDict()
         # One private volume copy per volume state, shared by its segments' sessions.
         self._arrays: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._queue = ResultQueue(self._apply, self._failed)
@@ -239,9 +241,12 @@ class InteractiveLogic:
     def _current(self, key: tuple) -> _SegmentSession | None:
         """The target's session if it is still valid for the target's nodes and this scene."""
         entry = self._sessions.get(key)
-        if (entry is None or entry.epoch != self._epoch
-                or entry.volume_node is not self.volume_node
-                or entry.segmentation_node is not self.segmentation_node):
+        if (
+            entry is None
+            or entry.epoch != self._epoch
+            or entry.volume_node is not self.volume_node
+            or entry.segmentation_node is not self.segmentation_node
+        ):
             return None
         return entry
 
@@ -275,8 +280,15 @@ class InteractiveLogic:
 
         # Built on the worker, not awaited: the first click's set-up (warm-up, upload) must not
         # freeze Slicer; the click queued behind it runs once it is done.
-        entry = _SegmentSession(self.worker.submit(build), signature, array, self.volume_node,
-                                self.segmentation_node, self.segment_id, self._epoch)
+        entry = _SegmentSession(
+            self.worker.submit(build),
+            signature,
+            array,
+            self.volume_node,
+            self.segmentation_node,
+            self.segment_id,
+            self._epoch,
+        )
         self._sessions.pop(key, None)
         self._sessions[key] = entry
         self._evict(keep=entry)
@@ -290,8 +302,7 @@ class InteractiveLogic:
         """Over the limit, drop the least recently used idle session, one without undo history
         first; dropping one with history is reported (m8: never silently)."""
         while len(self._sessions) > self._session_limit():
-            idle = [(k, e) for k, e in self._sessions.items()
-                    if e is not keep and e.unwritten == 0]
+            idle = [(k, e) for k, e in self._sessions.items() if e is not keep and e.unwritten == 0]
             if not idle:
                 return
             key, entry = next(((k, e) for k, e in idle if not e.history), idle[0])
@@ -310,8 +321,9 @@ class InteractiveLogic:
 
     # -- prompts ----------------------------------------------------------------------------
 
-    def add_point(self, world_ras: Sequence[float], positive: bool = True,
-                  tag: Any = None) -> PendingEdit:
+    def add_point(
+        self, world_ras: Sequence[float], positive: bool = True, tag: Any = None
+    ) -> PendingEdit:
         """Queue a click given in world RAS; refused (ValueError) when outside the volume.
 
         Prompts queue behind the ones in flight: they never fail because one is pending.
@@ -321,8 +333,9 @@ class InteractiveLogic:
         ijk_to_ras = mrml.volume_ijk_to_ras(self.volume_node)
         what = "positive point" if positive else "negative point"
         geometry.check_inside(ijk_to_ras, entry.array.shape, vol_ras, what)
-        prompt = Prompt("point", tuple(map(float, world_ras)), tuple(map(float, vol_ras)),
-                        positive, tag)
+        prompt = Prompt(
+            "point", tuple(map(float, world_ras)), tuple(map(float, vol_ras)), positive, tag
+        )
         future = self.worker.submit(_timed, entry, "add_point", tuple(vol_ras), positive)
         return self._enqueue(key, entry, prompt, future)
 
@@ -341,16 +354,22 @@ class InteractiveLogic:
                 "The box does not overlap the volume; draw it on the volume being segmented."
             )
         world = np.asarray(world_corners, float)
-        prompt = Prompt("box", (tuple(world.min(axis=0)), tuple(world.max(axis=0))),
-                        (tuple(lo), tuple(hi)), True, tag)
+        prompt = Prompt(
+            "box",
+            (tuple(world.min(axis=0)), tuple(world.max(axis=0))),
+            (tuple(lo), tuple(hi)),
+            True,
+            tag,
+        )
         future = self.worker.submit(_timed, entry, "add_box", tuple(lo), tuple(hi))
         return self._enqueue(key, entry, prompt, future)
 
     def add_roi(self, roi_node: slicer.vtkMRMLMarkupsROINode, tag: Any = None) -> PendingEdit:
         return self.add_box(mrml.roi_corners_world(roi_node), tag)
 
-    def _enqueue(self, key: tuple, entry: _SegmentSession, prompt: Prompt,
-                 future: Future) -> PendingEdit:
+    def _enqueue(
+        self, key: tuple, entry: _SegmentSession, prompt: Prompt, future: Future
+    ) -> PendingEdit:
         entry.unwritten += 1
         return self._queue.append(PendingEdit(key, prompt, future, time.perf_counter(), entry))
 
@@ -431,11 +450,17 @@ class InteractiveLogic:
         mask = np.asarray(result.mask, bool)
         keep, off, outside = self._user_voxels(entry, writer, image_to_seg, extent)
         voxels = entry.array[region] if settings.intensity_mask else None
-        undo = writer.write(entry.segment_id, region, mask & ~off, settings, keep=keep,
-                            region_voxels=voxels)
+        undo = writer.write(
+            entry.segment_id, region, mask & ~off, settings, keep=keep, region_voxels=voxels
+        )
         record = EditRecord(
-            pending.prompt, undo, region, inference_s,
-            time.perf_counter() - pending.submitted, int(mask.sum()), outside,
+            pending.prompt,
+            undo,
+            region,
+            inference_s,
+            time.perf_counter() - pending.submitted,
+            int(mask.sum()),
+            outside,
         )
         entry.history.append(record)
         # The session keeps a bounded undo history (fastsam3d.Session(max_undo=...)): keep ours
@@ -449,7 +474,10 @@ class InteractiveLogic:
         return record
 
     def _user_voxels(
-        self, entry: _SegmentSession, writer: mrml.SegmentWriter, image_to_seg: np.ndarray,
+        self,
+        entry: _SegmentSession,
+        writer: mrml.SegmentWriter,
+        image_to_seg: np.ndarray,
         extent: Sequence[int],
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """(keep, off, n): over ``extent``, the voxels the user owns (held before the session,
@@ -467,8 +495,9 @@ class InteractiveLogic:
         base = mrml.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
         expected, keep, off = base.copy(), base.copy(), np.zeros(shape, bool)
         for item in entry.timeline:
-            where = _overlap(item.extent if isinstance(item, _UserEdit) else item.undo.extent,
-                             extent)
+            where = _overlap(
+                item.extent if isinstance(item, _UserEdit) else item.undo.extent, extent
+            )
             if where is None:
                 continue
             theirs, ours = where
@@ -516,12 +545,14 @@ class InteractiveLogic:
         writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
         after = undo.after
         if not undo.empty and after is not None and entry.segment_id in undo.previous:
-            now = writer.read_segment(entry.segment_id, undo.image_to_segmentation,
-                                      undo.extent).astype(bool)
+            now = writer.read_segment(
+                entry.segment_id, undo.image_to_segmentation, undo.extent
+            ).astype(bool)
             changed_since = now != after
             previous = dict(undo.previous)
             previous[entry.segment_id] = np.where(
-                changed_since, now, previous[entry.segment_id].astype(bool)).astype(np.uint8)
+                changed_since, now, previous[entry.segment_id].astype(bool)
+            ).astype(np.uint8)
             undo = dataclasses.replace(undo, previous=previous)
         writer.restore(undo)
         return record.prompt

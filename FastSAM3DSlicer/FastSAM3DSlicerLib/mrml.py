@@ -325,12 +325,16 @@ class SegmentWriter:
         hi = [min(extent[2 * a + 1], have[2 * a + 1]) for a in range(3)]
         if any(lo[a] > hi[a] for a in range(3)):
             return out
-        src = view[lo[2] - have[4]: hi[2] - have[4] + 1,
-                   lo[1] - have[2]: hi[1] - have[2] + 1,
-                   lo[0] - have[0]: hi[0] - have[0] + 1]
-        out[lo[2] - extent[4]: hi[2] - extent[4] + 1,
-            lo[1] - extent[2]: hi[1] - extent[2] + 1,
-            lo[0] - extent[0]: hi[0] - extent[0] + 1] = src == segment.GetLabelValue()
+        src = view[
+            lo[2] - have[4] : hi[2] - have[4] + 1,
+            lo[1] - have[2] : hi[1] - have[2] + 1,
+            lo[0] - have[0] : hi[0] - have[0] + 1,
+        ]
+        out[
+            lo[2] - extent[4] : hi[2] - extent[4] + 1,
+            lo[1] - extent[2] : hi[1] - extent[2] + 1,
+            lo[0] - extent[0] : hi[0] - extent[0] + 1,
+        ] = src == segment.GetLabelValue()
         return out
 
     def _write_in_place(
@@ -349,8 +353,9 @@ class SegmentWriter:
         segment, layer, view, have = found
         if view is None:
             return False  # an empty layer: let Slicer allocate it
-        if any(extent[2 * a] < have[2 * a] or extent[2 * a + 1] > have[2 * a + 1]
-               for a in range(3)):
+        if any(
+            extent[2 * a] < have[2 * a] or extent[2 * a + 1] > have[2 * a + 1] for a in range(3)
+        ):
             # Slicer keeps layers at the segments' bounding box. Growing one here replaces its
             # data, which makes vtkSegmentation drop the derived representations (closed
             # surfaces) of every segment: fine when there are none (Show 3D off), else let
@@ -358,9 +363,11 @@ class SegmentWriter:
             if self._has_derived_representations():
                 return False
             view, have = self._grow_layer(layer, view, have, extent)
-        sub = view[extent[4] - have[4]: extent[5] - have[4] + 1,
-                   extent[2] - have[2]: extent[3] - have[2] + 1,
-                   extent[0] - have[0]: extent[1] - have[0] + 1]
+        sub = view[
+            extent[4] - have[4] : extent[5] - have[4] + 1,
+            extent[2] - have[2] : extent[3] - have[2] + 1,
+            extent[0] - have[0] : extent[1] - have[0] + 1,
+        ]
         label = segment.GetLabelValue()
         if label <= 0 or label > np.iinfo(sub.dtype).max:
             return False
@@ -390,7 +397,12 @@ class SegmentWriter:
         mode, value = (logic.MODE_MERGE_MASK, 1) if last else (logic.MODE_MERGE_MIN, 0)
         if not logic.SetBinaryLabelmapToSegment(
             _oriented_image(image_to_seg, one, np.full((1, 1, 1), value, np.uint8)),
-            self.segmentation_node, segment_id, mode, one, False, [],
+            self.segmentation_node,
+            segment_id,
+            mode,
+            one,
+            False,
+            [],
         ):
             raise RuntimeError(f"writing segment {segment_id!r} failed")
         return True
@@ -402,9 +414,12 @@ class SegmentWriter:
         source = segmentation.GetSourceRepresentationName()
         return any(
             name != source and segmentation.ContainsRepresentation(name)
-            for name in (slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName(),
-                         slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
-                         "Fractional labelmap", "Planar contour")
+            for name in (
+                slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName(),
+                slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(),
+                "Fractional labelmap",
+                "Planar contour",
+            )
         )
 
     def snapshot_segment(self, segment_id: str) -> tuple[slicer.vtkOrientedImageData, int]:
@@ -425,12 +440,12 @@ class SegmentWriter:
 
     @staticmethod
     def _grow_layer(
-        layer: slicer.vtkOrientedImageData, view: np.ndarray, have: Sequence[int],
+        layer: slicer.vtkOrientedImageData,
+        view: np.ndarray,
+        have: Sequence[int],
         extent: Sequence[int],
     ) -> tuple[np.ndarray, tuple[int, ...]]:
-        union = tuple(
-            (min if b % 2 == 0 else max)(int(have[b]), int(extent[b])) for b in range(6)
-        )
+        union = tuple((min if b % 2 == 0 else max)(int(have[b]), int(extent[b])) for b in range(6))
         grown = slicer.vtkOrientedImageData()
         grown.SetExtent(*union)
         m = vtk.vtkMatrix4x4()
@@ -441,9 +456,11 @@ class SegmentWriter:
             union[5] - union[4] + 1, union[3] - union[2] + 1, union[1] - union[0] + 1
         )
         new_view[:] = 0
-        new_view[have[4] - union[4]: have[5] - union[4] + 1,
-                 have[2] - union[2]: have[3] - union[2] + 1,
-                 have[0] - union[0]: have[1] - union[0] + 1] = view
+        new_view[
+            have[4] - union[4] : have[5] - union[4] + 1,
+            have[2] - union[2] : have[3] - union[2] + 1,
+            have[0] - union[0] : have[1] - union[0] + 1,
+        ] = view
         layer.DeepCopy(grown)
         scalars = layer.GetPointData().GetScalars()
         return numpy_support.vtk_to_numpy(scalars).reshape(new_view.shape), union
@@ -513,11 +530,13 @@ class SegmentWriter:
             source.SetExtent(*[int(e) for e in extent])
             source.SetImageToWorldMatrix(numpy_to_matrix(image_to_seg))
             source.AllocateScalars(vtk.VTK_FLOAT, 1)
-            numpy_support.vtk_to_numpy(source.GetPointData().GetScalars())[:] = (
-                np.asarray(region_voxels, np.float32).ravel()
-            )
-            intensity_range = [float(settings.intensity_range[0]),
-                               float(settings.intensity_range[1])]
+            numpy_support.vtk_to_numpy(source.GetPointData().GetScalars())[:] = np.asarray(
+                region_voxels, np.float32
+            ).ravel()
+            intensity_range = [
+                float(settings.intensity_range[0]),
+                float(settings.intensity_range[1]),
+            ]
         ok = self.segmentation_node.GenerateEditMask(
             forbidden,
             settings.mask_mode,
@@ -565,9 +584,7 @@ class SegmentWriter:
             raise ValueError(f"result mask has shape {mask.shape}, region needs {expected}")
         desired = mask | (np.asarray(keep, bool) if keep is not None else False)
         others = self._segments_to_overwrite(segment_id, settings)
-        before = {
-            s: self.read_segment(s, image_to_seg, extent) for s in [segment_id, *others]
-        }
+        before = {s: self.read_segment(s, image_to_seg, extent) for s in [segment_id, *others]}
         allowed = self.editable(segment_id, image_to_seg, extent, settings, region_voxels)
         new = np.where(allowed, desired, before[segment_id].astype(bool))
         gained = new & allowed & desired
@@ -615,7 +632,9 @@ class SegmentWriter:
 
 
 def read_labelmap(
-    labelmap: slicer.vtkOrientedImageData, label: int, image_to_seg: np.ndarray,
+    labelmap: slicer.vtkOrientedImageData,
+    label: int,
+    image_to_seg: np.ndarray,
     extent: Sequence[int],
 ) -> np.ndarray:
     """0/1 uint8 [k, j, i] of ``labelmap == label`` on the grid ``image_to_seg`` over ``extent``.

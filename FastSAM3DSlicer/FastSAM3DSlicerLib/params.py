@@ -80,8 +80,9 @@ def current_area_index(choices: list[AreaChoice], editor_node: Any) -> int:
     mode = int(editor_node.GetMaskMode())
     segment_id = editor_node.GetMaskSegmentID() or ""
     for n, choice in enumerate(choices):
-        if choice.mode == mode and (mode != _SEG.EditAllowedInsideSingleSegment
-                                    or choice.segment_id == segment_id):
+        if choice.mode == mode and (
+            mode != _SEG.EditAllowedInsideSingleSegment or choice.segment_id == segment_id
+        ):
             return n
     return -1
 

@@ -40,13 +40,16 @@ PHANTOM_NAME = "FastSAM3D self-test phantom"
 def skip_reason() -> str | None:
     """Why the self-test cannot run here (it then skips, it does not pass), or None."""
     if importlib.util.find_spec("torch") is None:
-        return ("torch is not installed: open FastSAM3D and install its dependencies, then "
-                "run the self-test again")
+        return (
+            "torch is not installed: open FastSAM3D and install its dependencies, then "
+            "run the self-test again"
+        )
     return None
 
 
-def synthetic_volume(scene: Any, shape_kji: tuple = (72, 80, 88), spacing: float = 1.5
-                     ) -> tuple[Any, np.ndarray]:
+def synthetic_volume(
+    scene: Any, shape_kji: tuple = (72, 80, 88), spacing: float = 1.5
+) -> tuple[Any, np.ndarray]:
     """A phantom volume added to ``scene``: a bright ellipsoid in noisy tissue, stored in LPS
     order (as DICOM CT is), so the RAS<->IJK path is not the identity. Returns the node and the
     ellipsoid's centre in RAS."""
@@ -57,8 +60,9 @@ def synthetic_volume(scene: Any, shape_kji: tuple = (72, 80, 88), spacing: float
     rng = np.random.default_rng(20241130)
     zz, yy, xx = np.mgrid[0:k, 0:j, 0:i].astype(np.float32)
     c = (np.array(shape_kji, np.float32) - 1) / 2
-    inside = (((zz - c[0]) / 9.0) ** 2 + ((yy - c[1]) / 12.0) ** 2
-              + ((xx - c[2]) / 15.0) ** 2) <= 1.0
+    inside = (
+        ((zz - c[0]) / 9.0) ** 2 + ((yy - c[1]) / 12.0) ** 2 + ((xx - c[2]) / 15.0) ** 2
+    ) <= 1.0
     array = (100.0 + 20.0 * rng.standard_normal(shape_kji)).astype(np.float32)
     array[inside] += 700.0
 
@@ -82,25 +86,30 @@ def load_engine(worker: Any) -> tuple[Any, str]:
 
     checkpoint = os.environ.get("FASTSAM3D_TEST_CHECKPOINT")
     if checkpoint:
-        return worker.call(engine.FastSAM3DEngine.load, engine.LOCAL_FILE, "auto",
-                           checkpoint), "checkpoint"
+        return worker.call(
+            engine.FastSAM3DEngine.load, engine.LOCAL_FILE, "auto", checkpoint
+        ), "checkpoint"
     if weights.is_downloaded("fastsam3d"):
         return worker.call(engine.FastSAM3DEngine.load, "fastsam3d", "auto"), "downloaded"
     engine.ensure_fastsam3d_importable()
     import fastsam3d.testing
 
     # No propagation: the fixture network's mask is arbitrary and would grow into neighbours.
-    return worker.call(engine.FastSAM3DEngine.from_model,
-                       fastsam3d.testing.fixture_model("fastsam3d"), "cpu",
-                       propagate=False), "fixture"
+    return worker.call(
+        engine.FastSAM3DEngine.from_model,
+        fastsam3d.testing.fixture_model("fastsam3d"),
+        "cpu",
+        propagate=False,
+    ), "fixture"
 
 
 def segment_array(segmentation: Any, volume: Any, segment_id: str) -> np.ndarray:
     """The segment on the volume's whole grid, bool [k, j, i]."""
     writer = mrml.SegmentWriter(segmentation, volume)
     k, j, i = mrml.volume_array_shape(volume)
-    return writer.read_segment(segment_id, writer.image_to_segmentation(),
-                               (0, i - 1, 0, j - 1, 0, k - 1)).astype(bool)
+    return writer.read_segment(
+        segment_id, writer.image_to_segmentation(), (0, i - 1, 0, j - 1, 0, k - 1)
+    ).astype(bool)
 
 
 def expected_segments(engine: Any, worker: Any, volume: Any, prompts: list) -> list[np.ndarray]:
@@ -128,14 +137,18 @@ def expected_segments(engine: Any, worker: Any, volume: Any, prompts: list) -> l
     return worker.call(run)
 
 
-def assert_same_voxels(test: unittest.TestCase, got: np.ndarray, want: np.ndarray,
-                       what: str, exact: bool) -> None:
+def assert_same_voxels(
+    test: unittest.TestCase, got: np.ndarray, want: np.ndarray, what: str, exact: bool
+) -> None:
     """Equal voxel for voxel (CPU); on a GPU a handful of boundary voxels may differ."""
     differ = int(np.count_nonzero(got != want))
     allowed = 0 if exact else max(1, int(1e-3 * max(1, np.count_nonzero(got | want))))
-    test.assertLessEqual(differ, allowed,
-                         f"{what}: {differ} voxels differ from the engine's own result "
-                         f"({int(got.sum())} in the segment, {int(want.sum())} expected)")
+    test.assertLessEqual(
+        differ,
+        allowed,
+        f"{what}: {differ} voxels differ from the engine's own result "
+        f"({int(got.sum())} in the segment, {int(want.sum())} expected)",
+    )
 
 
 # -- inside the application only ------------------------------------------------------------
@@ -198,8 +211,12 @@ def _pump_until(widget: Any, done: Any, what: str, timeout: float | None = None)
 def _written(widget: Any, n: int) -> Any:
     def done() -> bool:
         logic = widget.logic
-        return (logic is not None and not logic.busy and not getattr(widget, "deferred", ())
-                and len(logic.prompts()) >= n)
+        return (
+            logic is not None
+            and not logic.busy
+            and not getattr(widget, "deferred", ())
+            and len(logic.prompts()) >= n
+        )
 
     return done
 
@@ -249,8 +266,9 @@ def run_widget_prompt_test(test: Any) -> None:
     _pump_until(widget, lambda: widget.logic is not None, "the Widget to take the network")
     exact = str(engine.device) == "cpu"
     try:
-        _prompts_through_the_widget(test, widget, red, engine, kind, worker, exact,
-                                    volume, segmentation, segment_id, center)
+        _prompts_through_the_widget(
+            test, widget, red, engine, kind, worker, exact, volume, segmentation, segment_id, center
+        )
     finally:
         # The test's network (maybe the fixture one) must not stay loaded for the user.
         widget.onStopPrompting()
@@ -258,9 +276,19 @@ def run_widget_prompt_test(test: Any) -> None:
     test.delayDisplay("Test passed")
 
 
-def _prompts_through_the_widget(test: Any, widget: Any, red: Any, engine: Any, kind: str,
-                                worker: Any, exact: bool, volume: Any, segmentation: Any,
-                                segment_id: str, center: np.ndarray) -> None:
+def _prompts_through_the_widget(
+    test: Any,
+    widget: Any,
+    red: Any,
+    engine: Any,
+    kind: str,
+    worker: Any,
+    exact: bool,
+    volume: Any,
+    segmentation: Any,
+    segment_id: str,
+    center: np.ndarray,
+) -> None:
     mouse = _SliceViewMouse(red)
     widget.onPositive()  # what the "+" button and its shortcut do
     test.delayDisplay(f"Click on the phantom ({kind} weights on {engine.device})")
@@ -281,16 +309,21 @@ def _prompts_through_the_widget(test: Any, widget: Any, red: Any, engine: Any, k
     prompts = widget.logic.prompts()
     test.assertEqual([p.kind for p in prompts], ["point", "box"])
     want = expected_segments(engine, worker, volume, prompts)
-    assert_same_voxels(test, segment_array(segmentation, volume, segment_id), want[1],
-                       "after the box", exact)
+    assert_same_voxels(
+        test, segment_array(segmentation, volume, segment_id), want[1], "after the box", exact
+    )
 
     test.delayDisplay("Undo twice")
     widget.ui.undoButton.click()
-    assert_same_voxels(test, segment_array(segmentation, volume, segment_id), after_click,
-                       "after one undo", True)
+    assert_same_voxels(
+        test, segment_array(segmentation, volume, segment_id), after_click, "after one undo", True
+    )
     widget.ui.undoButton.click()
-    test.assertEqual(int(segment_array(segmentation, volume, segment_id).sum()), 0,
-                     "two undos must leave the segment empty, as before the prompts")
+    test.assertEqual(
+        int(segment_array(segmentation, volume, segment_id).sum()),
+        0,
+        "two undos must leave the segment empty, as before the prompts",
+    )
     if kind != "fixture":  # real weights: the clicked voxel belongs to the object
         ijk = np.linalg.solve(mrml.volume_ijk_to_ras(volume), np.array([*center, 1.0]))[:3]
         k, j, i = (int(round(v)) for v in ijk[::-1])

@@ -83,8 +83,9 @@ class ResultQueue:
     can run it anywhere (``Testing/slicer/benchmarks/bench_gil_latency.py``).
     """
 
-    def __init__(self, apply: Callable[[Any], Any],
-                 failed: Callable[[Any, BaseException], Any]) -> None:
+    def __init__(
+        self, apply: Callable[[Any], Any], failed: Callable[[Any, BaseException], Any]
+    ) -> None:
         self.items: collections.deque = collections.deque()
         self._apply = apply
         self._failed = failed
@@ -108,8 +109,12 @@ class ResultQueue:
             return 0.0
         return time.perf_counter() - self.items[0].submitted
 
-    def poll(self, timeout: float = POLL_WAIT_S, pump: Callable[[], Any] | None = None,
-             max_s: float | None = None) -> list[Any]:
+    def poll(
+        self,
+        timeout: float = POLL_WAIT_S,
+        pump: Callable[[], Any] | None = None,
+        max_s: float | None = None,
+    ) -> list[Any]:
         """Write every finished item, oldest first, after waiting up to ``timeout`` for one.
 
         The wait releases the GIL, so the worker runs while the main thread is here. With
@@ -127,8 +132,12 @@ class ResultQueue:
                 if self.items and timeout > 0:
                     wait_once(self.items[0].future, timeout)
                 done.extend(self._write_finished())
-                if (pump is None or not self.items or self.closed
-                        or (deadline is not None and time.perf_counter() >= deadline)):
+                if (
+                    pump is None
+                    or not self.items
+                    or self.closed
+                    or (deadline is not None and time.perf_counter() >= deadline)
+                ):
                     return done
                 pump()
         finally:

@@ -37,9 +37,15 @@ def choices() -> list[Choice]:
         for w in hub.list_weights()
     ]
     out.sort(key=lambda c: c.key != DEFAULT_WEIGHTS)
-    out.append(Choice(LOCAL_FILE, "Local checkpoint file...",
-                      "A .pth / .safetensors file of a FastSAM3D or SAM-Med3D network "
-                      "(for example one exported by fastsam3d-distill).", ""))
+    out.append(
+        Choice(
+            LOCAL_FILE,
+            "Local checkpoint file...",
+            "A .pth / .safetensors file of a FastSAM3D or SAM-Med3D network "
+            "(for example one exported by fastsam3d-distill).",
+            "",
+        )
+    )
     return out
 
 
@@ -91,8 +97,9 @@ class SizeProbe:
     def __init__(self, name_or_url: str, timeout: float = SIZE_TIMEOUT_S) -> None:
         self.size: int | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(name_or_url, timeout),
-                                        name="FastSAM3D-size", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(name_or_url, timeout), name="FastSAM3D-size", daemon=True
+        )
 
     def start(self) -> SizeProbe:
         self._thread.start()

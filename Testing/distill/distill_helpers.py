@@ -15,13 +15,25 @@ REPO = Path(__file__).resolve().parents[2]
 TEACHER = "fixture:sam-med3d-turbo-fastsam3d-block"
 # out_chans=48 shrinks the neck's 3x3x3 conv (2 GMAC at 384 channels) and the decoder; the
 # export test keeps 384 because fastsam3d.load_model detects configs with the real decoder.
-TEACHER_OVERRIDES = ["depth=4", "embed_dim=32", "num_heads=2", "window_size=0",
-                     "global_attn_indexes=", "out_chans=48"]
-STUDENT_OVERRIDES = ["depth=2", "embed_dim=32", "num_heads=2", "num_attn_free_blocks=1",
-                     "out_chans=48"]
+TEACHER_OVERRIDES = [
+    "depth=4",
+    "embed_dim=32",
+    "num_heads=2",
+    "window_size=0",
+    "global_attn_indexes=",
+    "out_chans=48",
+]
+STUDENT_OVERRIDES = [
+    "depth=2",
+    "embed_dim=32",
+    "num_heads=2",
+    "num_attn_free_blocks=1",
+    "out_chans=48",
+]
 TINY_STUDENT = dict(depth=2, embed_dim=32, num_heads=2, num_attn_free_blocks=1, out_chans=48)
-TINY_TEACHER = dict(depth=4, embed_dim=32, num_heads=2, window_size=0, global_attn_indexes=(),
-                    out_chans=48)
+TINY_TEACHER = dict(
+    depth=4, embed_dim=32, num_heads=2, window_size=0, global_attn_indexes=(), out_chans=48
+)
 
 
 def subprocess_env() -> dict[str, str]:
@@ -37,9 +49,23 @@ def subprocess_env() -> dict[str, str]:
 
 def distill_cli_args(out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "fastsam3d_distill.cli", "distill",
-        "--teacher", TEACHER, "--teacher-override", *TEACHER_OVERRIDES,
-        "--student-override", *STUDENT_OVERRIDES,
-        "--out", str(out), "--no-progress", "--no-tensorboard", "--precision", "fp32",
-        "--device", "cpu", *extra,
+        sys.executable,
+        "-m",
+        "fastsam3d_distill.cli",
+        "distill",
+        "--teacher",
+        TEACHER,
+        "--teacher-override",
+        *TEACHER_OVERRIDES,
+        "--student-override",
+        *STUDENT_OVERRIDES,
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        *extra,
     ]

@@ -15,40 +15,122 @@ from fastsam3d_distill.cli import main
 from fastsam3d_distill.engine import load_training_checkpoint
 from fastsam3d_distill.models import config_from_dict
 
-TINY = ["--teacher", TEACHER, "--teacher-override", *TEACHER_OVERRIDES,
-        "--student-override", *STUDENT_OVERRIDES]
+TINY = [
+    "--teacher",
+    TEACHER,
+    "--teacher-override",
+    *TEACHER_OVERRIDES,
+    "--student-override",
+    *STUDENT_OVERRIDES,
+]
 
 
 def test_cache_then_distill_from_cache_then_export(tmp_path):
     data, feats, run = tmp_path / "data", tmp_path / "feats", tmp_path / "run"
-    assert main(["synth", "--out", str(data), "--cases", "2", "--shape", "32", "36", "40",
-                 "--oblique", "10"]) == 0
-    assert main(["cache", *TINY, "--data", str(data), "--min-voxels", "20", "--out", str(feats),
-                 "--device", "cpu", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(data),
+                "--cases",
+                "2",
+                "--shape",
+                "32",
+                "36",
+                "40",
+                "--oblique",
+                "10",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "cache",
+                *TINY,
+                "--data",
+                str(data),
+                "--min-voxels",
+                "20",
+                "--out",
+                str(feats),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     index = json.loads((feats / "index.json").read_text(encoding="utf-8"))
     assert index["teacher_depth"] == 4 and index["n"] >= 4
-    assert main(["distill", *TINY, "--cache", str(feats), "--out", str(run), "--epochs", "1",
-                 "--batch-size", "2", "--precision", "fp32", "--device", "cpu",
-                 "--no-progress", "--no-tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                *TINY,
+                "--cache",
+                str(feats),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "2",
+                "--precision",
+                "fp32",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     ckpt = load_training_checkpoint(run / "final.pt")
     assert ckpt["task"] == "distill" and ckpt["progress"]["opt_step"] == index["n"] // 2
     # The exported student (tiny, so its config is passed explicitly) holds the trained encoder.
     cfg = config_from_dict(json.loads(ckpt["meta"])["student_config"])
     student = fastsam3d.load_model(str(run / "student.pth"), config=cfg)
     for k, v in ckpt["model"].items():
-        assert torch.equal(student.state_dict()["image_encoder." + k[len("student."):]], v)
+        assert torch.equal(student.state_dict()["image_encoder." + k[len("student.") :]], v)
     out = tmp_path / "again.pth"
-    assert main(["export", "--checkpoint", str(run / "last.pt"), "--base", TEACHER,
-                 "--base-override", *TEACHER_OVERRIDES, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--base",
+                TEACHER,
+                "--base-override",
+                *TEACHER_OVERRIDES,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     again = fastsam3d.load_model(str(out.with_suffix(".safetensors")), config=cfg)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in student.state_dict().items())
 
 
 def test_gpu_benchmark_smoke_mode_runs_on_cpu(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "distill/benchmarks/gpu_distill.py"), "--smoke",
-         "--minutes", "0.1", "--out", str(tmp_path)],
-        env=subprocess_env(), capture_output=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "distill/benchmarks/gpu_distill.py"),
+            "--smoke",
+            "--minutes",
+            "0.1",
+            "--out",
+            str(tmp_path),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     res = json.loads((tmp_path / "gpu_distill.json").read_text(encoding="utf-8"))
@@ -64,19 +146,52 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     """Review m2: every error was a ~23-line traceback."""
     assert main(["distill", "--out", str(tmp_path / "r"), "--synthetic", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fastsam3d-distill distill: error: give --teacher (a SAM-Med3D-turbo "
-                   "checkpoint) or --preset tiny"]
-    assert main(["evaluate", "--model", "x.pth", "--data", str(tmp_path / "nope"),
-                 "--out", str(tmp_path / "e")]) == 2
+    assert err == [
+        "fastsam3d-distill distill: error: give --teacher (a SAM-Med3D-turbo "
+        "checkpoint) or --preset tiny"
+    ]
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "x.pth",
+                "--data",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither a dataset folder nor a list file" in err[0]
 
 
 def test_preset_tiny_smoke_run_with_the_released_recipe(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["distill", "--preset", "tiny", "--synthetic", "2", "--out", str(run),
-                 "--max-steps", "1", "--device", "cpu", "--precision", "fp32",
-                 "--no-progress", "--no-tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--preset",
+                "tiny",
+                "--synthetic",
+                "2",
+                "--out",
+                str(run),
+                "--max-steps",
+                "1",
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "recipe released: loss=neck, init=random, grad_clip=0.0" in out
     ckpt = load_training_checkpoint(run / "final.pt")
@@ -106,11 +221,14 @@ def test_errors_share_one_root_and_one_mapping(tmp_path, capsys, monkeypatch):
     assert issubclass(fastsam3d_distill.DistillError, fastsam3d.FastSAM3DError)
     assert issubclass(fastsam3d_distill.DistillUsageError, ValueError)
     argv = ["export", "--checkpoint", "c.pt", "--base", "b.pth", "--out", str(tmp_path / "o")]
-    for exc, code, text in ((KeyboardInterrupt(), 130, "interrupted"),
-                            (fastsam3d.CheckpointError("not a checkpoint"), 2,
-                             "error: not a checkpoint")):
+    for exc, code, text in (
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (fastsam3d.CheckpointError("not a checkpoint"), 2, "error: not a checkpoint"),
+    ):
+
         def boom(args, exc=exc):
             raise exc
+
         monkeypatch.setattr(cli, "cmd_export", boom)
         assert main(argv) == code
         assert capsys.readouterr().err.strip() == f"fastsam3d-distill export: {text}"

@@ -55,8 +55,10 @@ def test_dice_edge_cases():
 
 
 def test_summary_reports_final_and_best_over_clicks():
-    recs = [{"structure": 1, "dice": [0.5, 0.9, 0.7, 0.6, 0.8] + [0.8] * 5},
-            {"structure": 2, "dice": [0.1, 0.2, 0.3, 0.4, 0.5] + [0.5] * 5}]
+    recs = [
+        {"structure": 1, "dice": [0.5, 0.9, 0.7, 0.6, 0.8] + [0.8] * 5},
+        {"structure": 2, "dice": [0.1, 0.2, 0.3, 0.4, 0.5] + [0.5] * 5},
+    ]
     s = summarise(recs)
     assert s["overall"]["final"]["1"] == pytest.approx(0.3)
     assert s["overall"]["final"]["3"] == pytest.approx(0.5)
@@ -131,8 +133,9 @@ def test_released_stage2_matches_the_released_interaction(crops):
 
     x = torch.randn(3, 1, 8, 8, 8)
     y = (torch.rand(3, 1, 8, 8, 8) > 0.5).float()
-    ref = torch.stack([DiceCELoss(sigmoid=True, squared_pred=True)(x[i : i + 1], y[i : i + 1])
-                       for i in range(3)])
+    ref = torch.stack(
+        [DiceCELoss(sigmoid=True, squared_pred=True)(x[i : i + 1], y[i : i + 1]) for i in range(3)]
+    )
     assert torch.allclose(dice_ce(x, y), ref, atol=1e-6)
 
     torch.manual_seed(0)

@@ -42,8 +42,7 @@ def test_nnunet_layout_and_list_file_find_the_same_cases(dataset_dir, tmp_path):
     assert [c.name for c in cases] == ["case_000", "case_001"]
     lst = tmp_path / "list.txt"
     lst.write_text("# image label\n" + "\n".join(f"{c.image}\t{c.label}" for c in cases) + "\n")
-    assert [(c.image, c.label) for c in read_list_file(lst)] == [(c.image, c.label)
-                                                                for c in cases]
+    assert [(c.image, c.label) for c in read_list_file(lst)] == [(c.image, c.label) for c in cases]
 
 
 def test_missing_label_is_an_error_naming_the_case(tmp_path):
@@ -115,8 +114,7 @@ def _copy_dataset(src, dst):
     return dst
 
 
-def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, tmp_path,
-                                                                   capsys):
+def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, tmp_path, capsys):
     import os
 
     from fastsam3d_distill.cli import main
@@ -126,21 +124,57 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
     cases = discover(data)
     samples = index_samples(cases, classes=[1, 2], min_voxels=1)
     prep = tmp_path / "prep"
-    assert main(["prepare", "--data", str(data), "--classes", "1", "2", "--min-voxels", "1",
-                 "--out", str(prep)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--data",
+                str(data),
+                "--classes",
+                "1",
+                "2",
+                "--min-voxels",
+                "1",
+                "--out",
+                str(prep),
+            ]
+        )
+        == 0
+    )
     for augment in (False, True):
         ref = CropDataset(cases, samples, augment=augment, seed=7)
-        got = PreparedCropDataset(prep, augment=augment, seed=7,
-                                  expect={"lattice_anchor": "centre", "classes": [1, 2]})
+        got = PreparedCropDataset(
+            prep, augment=augment, seed=7, expect={"lattice_anchor": "centre", "classes": [1, 2]}
+        )
         assert got.cases == cases and got.samples == samples
         for i in range(len(samples)):
             a, b = ref.get(i, epoch=3), got.get(i, epoch=3)
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
             assert a["image"].dtype == b["image"].dtype == torch.float32
     # stage 1 trains from it, through a DataLoader worker (collate into shared memory)
-    assert main(["distill", "--preset", "tiny", "--prepared", str(prep), "--classes", "1", "2",
-                 "--min-voxels", "1", "--out", str(tmp_path / "ok"), "--max-steps", "1",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--preset",
+                "tiny",
+                "--prepared",
+                str(prep),
+                "--classes",
+                "1",
+                "2",
+                "--min-voxels",
+                "1",
+                "--out",
+                str(tmp_path / "ok"),
+                "--max-steps",
+                "1",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     # the same settings again: reused as they are; other settings: refused
     stamp = os.stat(prep / "images.npy").st_mtime_ns
     prepare_crops(cases, samples, prep, classes=[1, 2], min_voxels=1)
@@ -155,6 +189,20 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
     os.utime(lab, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(ValueError, match=f"stale: case {cases[1].name}"):
         PreparedCropDataset(prep)
-    assert main(["distill", "--preset", "tiny", "--prepared", str(prep), "--out",
-                 str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--preset",
+                "tiny",
+                "--prepared",
+                str(prep),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "stale" in capsys.readouterr().err

@@ -29,8 +29,16 @@ def exported(tmp_path_factory, crops):
     init_student_from_teacher(student, teacher.image_encoder)
     s_cfg = fastsam3d.get_config("fastsam3d", **STUDENT)
     task = DistillTask(student, teacher.image_encoder, loss="neck", student_config=s_cfg)
-    cfg = TrainConfig(out_dir=str(tmp / "run"), epochs=1, batch_size=1, precision="fp32",
-                      device="cpu", resume=False, tensorboard=False, progress=False)
+    cfg = TrainConfig(
+        out_dir=str(tmp / "run"),
+        epochs=1,
+        batch_size=1,
+        precision="fp32",
+        device="cpu",
+        resume=False,
+        tensorboard=False,
+        progress=False,
+    )
     Trainer(task, TensorCropDataset(crops[0][:1]), cfg).fit()
     model = model_from_training_checkpoint(tmp / "run" / "final.pt", teacher)
     paths = export_model(model, tmp / "student.pth")

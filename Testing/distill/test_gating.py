@@ -114,10 +114,22 @@ def test_sample_gate_trains_in_the_engine(tmp_path, crops):
     teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
     student = fastsam3d.build_model("fastsam3d", **TINY_STUDENT).image_encoder.train()
     task = DistillTask(student, teacher, loss="neck")
-    cfg = TrainConfig(out_dir=str(tmp_path), epochs=4, batch_size=2, precision="fp32",
-                      device="cpu", resume=False, tensorboard=False, progress=False,
-                      log_every=1, gate=True, gate_mode="sample", gate_warmup=2,
-                      gate_min_backward=0.5, lr=1e-3)
+    cfg = TrainConfig(
+        out_dir=str(tmp_path),
+        epochs=4,
+        batch_size=2,
+        precision="fp32",
+        device="cpu",
+        resume=False,
+        tensorboard=False,
+        progress=False,
+        log_every=1,
+        gate=True,
+        gate_mode="sample",
+        gate_warmup=2,
+        gate_min_backward=0.5,
+        lr=1e-3,
+    )
     res = Trainer(task, TensorCropDataset(crops[0]), cfg).fit()
     assert res["gate"]["gate/backward_share"] >= 0.5
     assert res["opt_steps"] >= 2

@@ -106,8 +106,10 @@ def test_paper_loss_is_the_printed_formula(crops):
     batch = task.prepare({"image": crops[0][:2], "id": torch.tensor([0, 1])})
     with torch.no_grad():
         _, taps = student(batch["image"], return_taps=True)
-        norms = [(taps[s] - batch["t_taps"][:, task.teacher_taps.index(t)]).flatten(1).norm(dim=1)
-                 for s, t in task.pairs]
+        norms = [
+            (taps[s] - batch["t_taps"][:, task.teacher_taps.index(t)]).flatten(1).norm(dim=1)
+            for s, t in task.pairs
+        ]
         task.k = 2
         assert torch.allclose(task(batch), (norms[0] + norms[1]) / 2, rtol=1e-5)
     # No neck term: the neck gets no gradient, so DDP must look for unused parameters.
@@ -122,8 +124,9 @@ def test_cache_files_hold_only_their_sample(tmp_path, crops):
     """Review M1: each file stored a view of the whole batch's crop (4x the bytes at batch 4)."""
     teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
     ds = TensorCropDataset(crops[0][:4])
-    cache_teacher_features(teacher, ds, tmp_path, needed_teacher_taps(2, 4), batch_size=4,
-                           bf16=False)
+    cache_teacher_features(
+        teacher, ds, tmp_path, needed_teacher_taps(2, 4), batch_size=4, bf16=False
+    )
     rec = torch.load(tmp_path / "0000001.pt", weights_only=True)
     img = rec["image"]
     assert img.untyped_storage().nbytes() == img.numel() * img.element_size()
@@ -138,9 +141,15 @@ def test_cache_manifest_refuses_other_settings_and_teachers(tmp_path, crops):
     teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
     taps = needed_teacher_taps(2, 4)
     ds = TensorCropDataset(crops[0][:2])
-    args = SimpleNamespace(teacher="fixture:sam-med3d-turbo-fastsam3d-block",
-                           teacher_override=["depth=4"], synthetic=2, seed=0, classes=None,
-                           min_voxels=100, lattice_anchor="centre")
+    args = SimpleNamespace(
+        teacher="fixture:sam-med3d-turbo-fastsam3d-block",
+        teacher_override=["depth=4"],
+        synthetic=2,
+        seed=0,
+        classes=None,
+        min_voxels=100,
+        lattice_anchor="centre",
+    )
     man = cache_manifest(args, ds, taps, 4, bf16=False)
     cache_teacher_features(teacher, ds, tmp_path, taps, batch_size=2, bf16=False, manifest=man)
     cached = CachedFeatureDataset(tmp_path)

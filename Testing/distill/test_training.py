@@ -27,8 +27,15 @@ from fastsam3d_distill.stage2 import FinetuneTask
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(out_dir=str(tmp_path), precision="fp32", device="cpu", resume=False,
-                tensorboard=False, progress=False, log_every=1)
+    base = dict(
+        out_dir=str(tmp_path),
+        precision="fp32",
+        device="cpu",
+        resume=False,
+        tensorboard=False,
+        progress=False,
+        log_every=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -102,9 +109,30 @@ def _assert_same(a: dict, b: dict, atol: float, k_bias_atol: float | None = None
         assert worst_kb <= k_bias_atol, f"key-bias difference {worst_kb}"
 
 
-RUN = ["--synthetic", "4", "--epochs", "2", "--batch-size", "1", "--accum", "2",
-       "--ckpt-every", "2", "--k-every-steps", "2", "--log-every", "1", "--augment",
-       "--gate", "--gate-warmup", "3", "--gate-min-backward", "0.5", "--lr", "2e-3"]
+RUN = [
+    "--synthetic",
+    "4",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "1",
+    "--accum",
+    "2",
+    "--ckpt-every",
+    "2",
+    "--k-every-steps",
+    "2",
+    "--log-every",
+    "1",
+    "--augment",
+    "--gate",
+    "--gate-warmup",
+    "3",
+    "--gate-min-backward",
+    "0.5",
+    "--lr",
+    "2e-3",
+]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -143,17 +171,47 @@ def _free_port() -> int:
 
 def test_two_process_gloo_equals_one_process_with_global_batch(tmp_path):
     env = subprocess_env()
-    common = ["--synthetic", "4", "--epochs", "2", "--k-every-steps", "1", "--ckpt-every", "100",
-              "--log-every", "1",
-              "--augment", "--gate", "--gate-warmup", "2", "--gate-min-backward", "0.5"]
+    common = [
+        "--synthetic",
+        "4",
+        "--epochs",
+        "2",
+        "--k-every-steps",
+        "1",
+        "--ckpt-every",
+        "100",
+        "--log-every",
+        "1",
+        "--augment",
+        "--gate",
+        "--gate-warmup",
+        "2",
+        "--gate-min-backward",
+        "0.5",
+    ]
     one = tmp_path / "one"
-    subprocess.run(distill_cli_args(one, *common, "--batch-size", "2"), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        distill_cli_args(one, *common, "--batch-size", "2"),
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     two = tmp_path / "two"
     args = distill_cli_args(two, *common, "--batch-size", "1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
-                "fastsam3d_distill.cli", *args[3:]]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "fastsam3d_distill.cli",
+        *args[3:],
+    ]
     proc = subprocess.run(torchrun, env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     # 4 AdamW steps at lr 8e-4 bound how far a zero-gradient parameter can drift.
@@ -177,8 +235,9 @@ def test_gating_skips_backward_in_training_and_keeps_its_floor(tmp_path, crops):
     init_student_from_teacher(student, teacher)
     task = DistillTask(student, teacher, loss="neck")
     images, _ = crops
-    cfg = _cfg(tmp_path, epochs=6, batch_size=1, lr=1e-3, gate=True, gate_warmup=4,
-               gate_min_backward=0.6)
+    cfg = _cfg(
+        tmp_path, epochs=6, batch_size=1, lr=1e-3, gate=True, gate_warmup=4, gate_min_backward=0.6
+    )
     result = Trainer(task, TensorCropDataset(images), cfg).fit()
     log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     decisions = len(log) - 4
@@ -203,6 +262,7 @@ def test_code_faithful_variants_train(tmp_path, crops, mode):
 
 def test_resume_refuses_changed_settings_unless_applied(tmp_path, crops):
     """Review m1: a resume silently kept the old LR while recording the new one."""
+
     def trainer(**kw):
         torch.manual_seed(0)
         student = fastsam3d.build_model("fastsam3d", **TINY_STUDENT).image_encoder.train()
@@ -210,9 +270,10 @@ def test_resume_refuses_changed_settings_unless_applied(tmp_path, crops):
         images, _ = crops
         teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER).image_encoder
         task.__dict__["teacher"] = teacher.eval().requires_grad_(False)
-        cfg = _cfg(tmp_path, **{"resume": True, "batch_size": 2, "lr": 2e-3, "ckpt_every": 1,
-                                "epochs": 5,
-                                **kw})
+        cfg = _cfg(
+            tmp_path,
+            **{"resume": True, "batch_size": 2, "lr": 2e-3, "ckpt_every": 1, "epochs": 5, **kw},
+        )
         return Trainer(task, TensorCropDataset(images[:2]), cfg)
 
     trainer(max_steps=1).fit()
@@ -234,16 +295,43 @@ def test_two_process_ddp_bf16_allreduce_matches_one_process(tmp_path):
     """The DDP path itself (no gating): static graph, gradient bucket views, the bf16
     all-reduce hook. Same losses; the pre-clip gradient norm shows the hook averages."""
     env = subprocess_env()
-    common = ["--recipe", "ours", "--synthetic", "4", "--epochs", "1", "--k-every-steps", "1",
-              "--log-every", "1", "--ckpt-every", "100"]
+    common = [
+        "--recipe",
+        "ours",
+        "--synthetic",
+        "4",
+        "--epochs",
+        "1",
+        "--k-every-steps",
+        "1",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "100",
+    ]
     one = tmp_path / "one"
-    subprocess.run(distill_cli_args(one, *common, "--batch-size", "2"), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        distill_cli_args(one, *common, "--batch-size", "2"),
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     two = tmp_path / "two"
     args = distill_cli_args(two, *common, "--batch-size", "1", "--ddp-comm", "bf16")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
-                "fastsam3d_distill.cli", *args[3:]]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "fastsam3d_distill.cli",
+        *args[3:],
+    ]
     proc = subprocess.run(torchrun, env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     a = [json.loads(line) for line in open(one / "metrics.jsonl")]

@@ -98,8 +98,12 @@ def test_flex_dense_matches_einsum_on_sam_med3d_global_block():
 def test_flex_dense_without_rel_pos_and_on_cpu_training():
     grid = (4, 4, 4)
     q, k, v, terms, scale = random_qkv(grid, rel_pos=False)
-    assert rel_err(sa.flex_dense(q, k, v, None, scale, grid),
-                   masked_einsum(q, k, v, None, scale, None)) < 1e-5
+    assert (
+        rel_err(
+            sa.flex_dense(q, k, v, None, scale, grid), masked_einsum(q, k, v, None, scale, None)
+        )
+        < 1e-5
+    )
     # FlexAttention has no CPU backward: with gradients the same function runs via SDPA.
     q, k, v, terms, scale = random_qkv(grid)
     q.requires_grad_(True)
@@ -154,8 +158,14 @@ def test_dilated_block_members():
     grid = (16, 16, 16)
     row = sa.SparsePattern(((8, 2),)).mask(grid)[token(grid, (9, 2, 15))]
     c = coords(grid)
-    expected = ((c[:, 0] >= 8) & (c[:, 0] % 2 == 1) & (c[:, 1] < 8) & (c[:, 1] % 2 == 0)
-                & (c[:, 2] >= 8) & (c[:, 2] % 2 == 1))
+    expected = (
+        (c[:, 0] >= 8)
+        & (c[:, 0] % 2 == 1)
+        & (c[:, 1] < 8)
+        & (c[:, 1] % 2 == 0)
+        & (c[:, 2] >= 8)
+        & (c[:, 2] % 2 == 1)
+    )
     assert torch.equal(row, expected)
 
 
@@ -230,15 +240,22 @@ def test_full_pattern_equals_dense():
     q, k, v, terms, scale = random_qkv(grid)
     full = sa.SparsePattern(((0, 1),), impl="flex")
     assert float(full.density(grid)) == 1.0
-    assert rel_err(sa.sparse_attention(q, k, v, terms, scale, grid, full),
-                   masked_einsum(q, k, v, terms, scale, None)) < 1e-4
+    assert (
+        rel_err(
+            sa.sparse_attention(q, k, v, terms, scale, grid, full),
+            masked_einsum(q, k, v, terms, scale, None),
+        )
+        < 1e-4
+    )
 
 
 @pytest.mark.parametrize(
     "grid, branches",
-    [((8, 8, 8), ((4, 1), (8, 2), (16, 4))),
-     ((16, 16, 16), ((4, 1), (8, 2), (16, 4))),
-     ((8, 8, 8), ((2, 1), (0, 2), (0, 4)))],
+    [
+        ((8, 8, 8), ((4, 1), (8, 2), (16, 4))),
+        ((16, 16, 16), ((4, 1), (8, 2), (16, 4))),
+        ((8, 8, 8), ((2, 1), (0, 2), (0, 4))),
+    ],
 )
 def test_grouped_flash_math_matches_masked_einsum(grid, branches):
     q, k, v, terms, scale = random_qkv(grid, b=2, heads=2, hd=16, seed=5)
@@ -276,8 +293,7 @@ def test_set_attention_backend_round_trip(parity_input, fastsam3d_fixture, einsu
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     with torch.no_grad():
         fastsam3d.set_attention_backend(model, "sparse")
-        assert all(a.backend == "sparse" and a.sparse_pattern == sa.SparsePattern()
-                   for a in attns)
+        assert all(a.backend == "sparse" and a.sparse_pattern == sa.SparsePattern() for a in attns)
         sparse = model.image_encoder(x)
         # a pattern that keeps every key is dense attention again: the wiring passes the
         # same rel-pos terms to the sparse backend
@@ -291,7 +307,6 @@ def test_set_attention_backend_round_trip(parity_input, fastsam3d_fixture, einsu
     assert rel_err(sparse, dense) > 1e-3
     assert rel_err(sparse_full, dense) < 1e-4
     assert rel_err(back, dense) < 1e-4
-
 
 
 def test_every_backend_is_in_the_dispatch_table_and_unknown_names_fail():
@@ -344,15 +359,26 @@ def test_cuda_compiled_flex_paths_match_reference(g):
     with torch.no_grad():
         dense = masked_einsum(q, k, v, terms, scale, None)
         assert rel_err(sa.flex_dense(q, k, v, terms, scale, grid), dense) < tol
-        for kw in ({"impl": "flex"}, {"impl": "flex_union"}, {"impl": "flex", "flex_block": 64},
-                   {"impl": "auto"}):
+        for kw in (
+            {"impl": "flex"},
+            {"impl": "flex_union"},
+            {"impl": "flex", "flex_block": 64},
+            {"impl": "auto"},
+        ):
             pattern = sa.SparsePattern(**kw)
             ref = masked_einsum(q, k, v, terms, scale, pattern.mask(grid, q.device))
             out = sa.sparse_attention(q, k, v, terms, scale, grid, pattern)
             assert rel_err(out, ref) < tol, kw
             # bf16, as the fast path runs it
-            lo = sa.sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
-                                     tuple(t.bfloat16() for t in terms), scale, grid, pattern)
+            lo = sa.sparse_attention(
+                q.bfloat16(),
+                k.bfloat16(),
+                v.bfloat16(),
+                tuple(t.bfloat16() for t in terms),
+                scale,
+                grid,
+                pattern,
+            )
             assert rel_err(lo.float(), ref) < 3e-2, kw
 
 
@@ -361,8 +387,9 @@ def test_cuda_sparse_flex_gradients_match_reference():
     grid = (8, 8, 8)
     q, k, v, _, scale = random_qkv(grid, b=1, heads=2, hd=64, rel_pos=False)
     q, k, v = (t.cuda().requires_grad_(True) for t in (q, k, v))
-    tables = tuple((0.3 * torch.randn(15, 64, device="cuda")).requires_grad_(True)
-                   for _ in range(3))
+    tables = tuple(
+        (0.3 * torch.randn(15, 64, device="cuda")).requires_grad_(True) for _ in range(3)
+    )
     pattern = sa.SparsePattern(impl="flex")
     grads = []
     for run in ("flex", "reference"):

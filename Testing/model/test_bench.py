@@ -24,15 +24,36 @@ def run_cli(argv: list[str]) -> int:
 @pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU")
 def test_tiny_cpu_bench_writes_complete_json(tmp_path, capsys):
     out = tmp_path / "b.json"
-    rc = run_cli(["--device", "cpu", "--tiny", "--models", "fastsam3d", "--repeats", "2",
-                  "--warmup", "0", "--batch", "2", "--json", str(out)])
+    rc = run_cli(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--models",
+            "fastsam3d",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--batch",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text(encoding="utf-8"))
     env = data["environment"]
     assert env["torch"] and env["commit"] and env["device"] == "cpu"
     stages = data["stages"]
-    for stage in ("encoder/fastsam3d", "encoder_batch2/fastsam3d", "click", "click+paste",
-                  "first_mask", "further_click"):
+    for stage in (
+        "encoder/fastsam3d",
+        "encoder_batch2/fastsam3d",
+        "click",
+        "click+paste",
+        "first_mask",
+        "further_click",
+    ):
         assert set(stages[stage]) == {"reference", "exact", "fast"}, stage
         for res in stages[stage].values():
             assert res["runs"] == 2 and 0 < res["min_ms"] <= res["median_ms"] <= res["p90_ms"]
@@ -53,8 +74,13 @@ def test_time_fn_runs_setup_before_every_call_and_reports_order_statistics():
     import torch
 
     log: list[str] = []
-    res = bench.time_fn(lambda: log.append("fn"), torch.device("cpu"), repeats=3, warmup=1,
-                        setup=lambda: log.append("setup"))
+    res = bench.time_fn(
+        lambda: log.append("fn"),
+        torch.device("cpu"),
+        repeats=3,
+        warmup=1,
+        setup=lambda: log.append("setup"),
+    )
     assert log == ["setup", "fn"] * 4
     assert res["runs"] == 3 and res["min_ms"] <= res["median_ms"] <= res["p90_ms"]
 
@@ -63,9 +89,11 @@ def test_goals_and_ratios_bookkeeping():
     def ms(v):
         return {"median_ms": v}
 
-    stages = {"encoder/fastsam3d": {"reference": ms(4.0), "fast": ms(0.25)},
-              "click": {"reference": ms(3.0), "fast": ms(0.5)},
-              "first_mask": {"fast": ms(6.0)}}
+    stages = {
+        "encoder/fastsam3d": {"reference": ms(4.0), "fast": ms(0.25)},
+        "click": {"reference": ms(3.0), "fast": ms(0.5)},
+        "first_mask": {"fast": ms(6.0)},
+    }
     rat = bench.ratios(stages)
     assert rat == {"encoder/fastsam3d": 16.0, "click": 6.0}
     memory = {"peak_allocated_mb": 1500.0, "volume_on_device_mb": 300.0}

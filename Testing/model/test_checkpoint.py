@@ -44,9 +44,15 @@ def student():
 def test_full_model_container_with_namespace_args(tmp_path, student):
     # The official layout: prefixed keys plus pickled training metadata.
     path = tmp_path / "FastSAM3D.pth"
-    torch.save({"epoch": 3, "model_state_dict": student.state_dict(),
-                "args": argparse.Namespace(model_type="vit_b_ori", lr=8e-4),
-                "losses": [0.5, 0.4]}, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "model_state_dict": student.state_dict(),
+            "args": argparse.Namespace(model_type="vit_b_ori", lr=8e-4),
+            "losses": [0.5, 0.4],
+        },
+        path,
+    )
     model = load_model(path, config=fastsam3d.get_config("fastsam3d", **TINY))
     assert same_weights(model, student)
     assert not model.training
@@ -61,8 +67,11 @@ def test_detects_configs_from_keys_and_shapes():
 
 
 def test_encoder_only_file_merged_with_decoder_file(tmp_path, student):
-    enc = {k[len("image_encoder."):]: v for k, v in student.state_dict().items()
-           if k.startswith("image_encoder.")}
+    enc = {
+        k[len("image_encoder.") :]: v
+        for k, v in student.state_dict().items()
+        if k.startswith("image_encoder.")
+    }
     enc_path, dec_path = tmp_path / "6layers6heads_student.pth", tmp_path / "full.pth"
     torch.save({"model_state_dict": enc, "args": argparse.Namespace(depth=6)}, enc_path)
     other = tiny("fastsam3d")
@@ -130,8 +139,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model_state_dict": {}, "payload": _Exploit()}, f)
-    torch.save({"model_state_dict": {"x": torch.zeros(1)}, "payload": _Exploit()},
-               tmp_path / "evil_zip.pth")
+    torch.save(
+        {"model_state_dict": {"x": torch.zeros(1)}, "payload": _Exploit()},
+        tmp_path / "evil_zip.pth",
+    )
     for p in (path, tmp_path / "evil_zip.pth"):
         with pytest.raises(CheckpointError, match="refused"):
             load_model(p)
@@ -159,7 +170,10 @@ def test_registered_name_goes_through_the_verified_cache(tmp_path, monkeypatch, 
     save_official(student, src)
     monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "cache"))
     info = hub.get_weights_info("fastsam3d")
-    monkeypatch.setitem(hub._REGISTRY, "fastsam3d", dataclasses.replace(
-        info, url=Path(src).as_uri(), config="fastsam3d"))
+    monkeypatch.setitem(
+        hub._REGISTRY,
+        "fastsam3d",
+        dataclasses.replace(info, url=Path(src).as_uri(), config="fastsam3d"),
+    )
     model = load_model("fastsam3d", config=student.config)
     assert same_weights(model, student)

@@ -37,7 +37,8 @@ def test_bf16_encoder_masks_agree_with_fp32(name, parity_dir):
 def test_exact_runner_is_the_parity_path(parity_dir):
     golden = np.load(parity_dir / "parity.npz")
     emb = Runner(fixture_model("fastsam3d"), "cpu", "fp32").encode(
-        torch.from_numpy(golden["input"]))
+        torch.from_numpy(golden["input"])
+    )
     ref = golden["fastsam3d_embedding"]
     assert np.linalg.norm(emb.numpy() - ref) / np.linalg.norm(ref) < 1e-4
 

@@ -40,8 +40,12 @@ from fastsam3d.testing import fixture_model as _FIXTURE_MODEL
 REPO = Path(__file__).resolve().parents[2]
 DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
-MARKS = {"weights": r"needs weights", "gpu": r"needs (?:a )?CUDA GPUs?",
-         "network": r"needs network", "long": r"long-running"}
+MARKS = {
+    "weights": r"needs weights",
+    "gpu": r"needs (?:a )?CUDA GPUs?",
+    "network": r"needs network",
+    "long": r"long-running",
+}
 NOT_RUN = ("gpu", "network", "long")
 
 pytest.importorskip("SimpleITK")
@@ -110,6 +114,7 @@ def _commands() -> list[Command]:
 
 # --- the scratch folder the examples run in ---------------------------------------------------
 
+
 def _phantom() -> fastsam3d.Volume:
     """A head-like phantom covering every point the examples click (R -40..40, A -60..50,
     S 20..110 mm), small enough for one crop."""
@@ -148,16 +153,21 @@ def scratch(tmp_path_factory) -> Path:
     for z in range(image.GetSize()[2]):
         sl = image[:, :, z]
         pos = image.TransformIndexToPhysicalPoint((0, 0, z))
-        for tag, value in (("0020|0032", "\\".join(map(str, pos))),
-                           ("0020|0037", iop),
-                           ("0020|0013", str(z + 1)), ("0008|0060", "CT"),
-                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.42")):
+        for tag, value in (
+            ("0020|0032", "\\".join(map(str, pos))),
+            ("0020|0037", iop),
+            ("0020|0013", str(z + 1)),
+            ("0008|0060", "CT"),
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.42"),
+        ):
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(d / "dicom_dir" / f"s{z:03d}.dcm"))
         writer.Execute(sl)
-    (d / "prompts.json").write_text(json.dumps({"points": [{"ras": [12.5, -40, 88]},
-                                                           {"ras": [15, -42, 90],
-                                                            "positive": False}]}))
+    (d / "prompts.json").write_text(
+        json.dumps(
+            {"points": [{"ras": [12.5, -40, 88]}, {"ras": [15, -42, 90], "positive": False}]}
+        )
+    )
     save_official(_fixture("fastsam3d"), d / "FastSAM3D.pth")
     return d
 
@@ -168,8 +178,11 @@ def in_scratch(scratch, monkeypatch):
 
     monkeypatch.chdir(scratch)
     monkeypatch.setenv(hub.ENV_CACHE, str(scratch / "cache"))
-    monkeypatch.setattr(fastsam3d.testing, "fixture_model",
-                        lambda name="fastsam3d", device="cpu", **kw: _fixture(name).to(device))
+    monkeypatch.setattr(
+        fastsam3d.testing,
+        "fixture_model",
+        lambda name="fastsam3d", device="cpu", **kw: _fixture(name).to(device),
+    )
     return scratch
 
 
@@ -238,8 +251,9 @@ def test_shell_examples_run(cmd, in_scratch, capsys):
         try:
             _parser(prog).parse_args(args)
         except SystemExit as e:
-            pytest.fail(f"{where}: `{' '.join(cmd.argv)}` does not parse: "
-                        f"{capsys.readouterr().err} ({e})")
+            pytest.fail(
+                f"{where}: `{' '.join(cmd.argv)}` does not parse: {capsys.readouterr().err} ({e})"
+            )
         if prog == "fastsam3d-distill" or cmd.marks & set(NOT_RUN):
             return
         from fastsam3d.cli import main
@@ -257,9 +271,10 @@ def test_shell_examples_run(cmd, in_scratch, capsys):
         script = REPO / args[at]
         assert script.is_file(), f"{where}: no such script {script}"
         source = script.read_text(encoding="utf-8")
-        for opt in (a.split("=")[0] for a in args[at + 1:] if a.startswith("--")):
-            assert f'"{opt}"' in source or f"'{opt}'" in source, \
+        for opt in (a.split("=")[0] for a in args[at + 1 :] if a.startswith("--")):
+            assert f'"{opt}"' in source or f"'{opt}'" in source, (
                 f"{where}: {script.name} has no option {opt}"
+            )
     elif prog == "bash":
         script = REPO / args[0]
         assert script.is_file(), f"{where}: no such script {script}"
@@ -277,8 +292,9 @@ def test_submodules_are_reachable_after_a_plain_import():
     module has imported some of them already)."""
     import sys
 
-    code = ("import fastsam3d; fastsam3d.hub.download; fastsam3d.checkpoint.read_state_dict; "
-            "fastsam3d.testing.fixture_model; fastsam3d.volume.Volume")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import fastsam3d; fastsam3d.hub.download; fastsam3d.checkpoint.read_state_dict; "
+        "fastsam3d.testing.fixture_model; fastsam3d.volume.Volume"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -27,8 +27,9 @@ def _error_classes() -> list[tuple[str, str]]:
         module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ClassDef) and any(
-                    isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception"))
-                    for b in node.bases):
+                isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception"))
+                for b in node.bases
+            ):
                 found.append((module, node.name))
     return found
 
@@ -45,14 +46,25 @@ def test_every_package_error_derives_from_the_root():
         assert issubclass(cls, FastSAM3DError), f"{module}.{name} does not derive from the root"
 
 
-@pytest.mark.parametrize(("name", "builtin"), [
-    ("VolumeError", ValueError), ("SessionError", ValueError), ("PromptError", ValueError),
-    ("WireError", ValueError), ("UsageError", ValueError), ("CheckpointError", RuntimeError),
-    ("CheckpointReadError", RuntimeError), ("HubError", RuntimeError),
-    ("DownloadError", RuntimeError), ("ChecksumError", RuntimeError),
-    ("DownloadCancelled", RuntimeError), ("RemoteError", RuntimeError),
-    ("SessionExpiredError", RuntimeError), ("CommandError", FastSAM3DError),
-])
+@pytest.mark.parametrize(
+    ("name", "builtin"),
+    [
+        ("VolumeError", ValueError),
+        ("SessionError", ValueError),
+        ("PromptError", ValueError),
+        ("WireError", ValueError),
+        ("UsageError", ValueError),
+        ("CheckpointError", RuntimeError),
+        ("CheckpointReadError", RuntimeError),
+        ("HubError", RuntimeError),
+        ("DownloadError", RuntimeError),
+        ("ChecksumError", RuntimeError),
+        ("DownloadCancelled", RuntimeError),
+        ("RemoteError", RuntimeError),
+        ("SessionExpiredError", RuntimeError),
+        ("CommandError", FastSAM3DError),
+    ],
+)
 def test_public_errors_are_exported_and_keep_their_builtin_base(name, builtin):
     cls = getattr(fastsam3d, name)
     assert name in fastsam3d.__all__
@@ -69,24 +81,29 @@ def test_the_checkpoint_error_is_one_class_wherever_it_is_imported_from():
 def _raising(exc: BaseException):
     def func(args: argparse.Namespace) -> int:
         raise exc
+
     return func
 
 
-@pytest.mark.parametrize(("exc", "code", "message"), [
-    (UsageError("--label 0: must be 1..65535"), 2, "--label 0: must be 1..65535"),
-    (fastsam3d.VolumeError("img.nii is truncated"), 1, "img.nii is truncated"),
-    (fastsam3d.CheckpointError("not a checkpoint"), 1, "not a checkpoint"),
-    (fastsam3d.DownloadError("no network"), 1, "no network"),
-    (fastsam3d.RemoteError("server said 503"), 1, "server said 503"),
-    (fastsam3d.SessionError("no volume set"), 1, "no volume set"),
-    (ValueError("unknown name"), 1, "unknown name"),
-    (FileNotFoundError(2, "No such file or directory", "x.nii"), 1, "No such file"),
-    (CommandError("no weights for 'fastsam3d'", 3), 3, "no weights for 'fastsam3d'"),
-    (KeyboardInterrupt(), 130, "interrupted"),
-    (RuntimeError("bug"), 1, "RuntimeError: bug"),
-])
-def test_the_cli_maps_each_kind_of_error_to_its_exit_status(exc, code, message, capsys,
-                                                              monkeypatch):
+@pytest.mark.parametrize(
+    ("exc", "code", "message"),
+    [
+        (UsageError("--label 0: must be 1..65535"), 2, "--label 0: must be 1..65535"),
+        (fastsam3d.VolumeError("img.nii is truncated"), 1, "img.nii is truncated"),
+        (fastsam3d.CheckpointError("not a checkpoint"), 1, "not a checkpoint"),
+        (fastsam3d.DownloadError("no network"), 1, "no network"),
+        (fastsam3d.RemoteError("server said 503"), 1, "server said 503"),
+        (fastsam3d.SessionError("no volume set"), 1, "no volume set"),
+        (ValueError("unknown name"), 1, "unknown name"),
+        (FileNotFoundError(2, "No such file or directory", "x.nii"), 1, "No such file"),
+        (CommandError("no weights for 'fastsam3d'", 3), 3, "no weights for 'fastsam3d'"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (RuntimeError("bug"), 1, "RuntimeError: bug"),
+    ],
+)
+def test_the_cli_maps_each_kind_of_error_to_its_exit_status(
+    exc, code, message, capsys, monkeypatch
+):
     monkeypatch.delenv("FASTSAM3D_DEBUG", raising=False)
     args = argparse.Namespace(command="segment", func=_raising(exc))
     assert cli.run_command(args) == code
@@ -114,7 +131,8 @@ def test_commands_map_no_errors_themselves():
         for node in ast.walk(tree):
             if isinstance(node, ast.ExceptHandler) and node.body:
                 last = node.body[-1]
-                assert not (isinstance(last, ast.Return) and isinstance(last.value, ast.Constant)
-                            and type(last.value.value) is int), \
-                    f"{path.name}:{node.lineno} maps an error to an exit status"
-
+                assert not (
+                    isinstance(last, ast.Return)
+                    and isinstance(last.value, ast.Constant)
+                    and type(last.value.value) is int
+                ), f"{path.name}:{node.lineno} maps an error to an exit status"

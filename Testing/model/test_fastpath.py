@@ -33,11 +33,14 @@ def fastsam():
 
 
 # --- exact path -----------------------------------------------------------------------------
-@pytest.mark.parametrize("case,pts,labels,mask,multi", [
-    ("click1", "points1", "labels1", "zeros", False),
-    ("click3", "points3", "labels3", "click1", False),
-    ("multimask", "points3", "labels3", "click1", True),
-])
+@pytest.mark.parametrize(
+    "case,pts,labels,mask,multi",
+    [
+        ("click1", "points1", "labels1", "zeros", False),
+        ("click3", "points3", "labels3", "click1", False),
+        ("multimask", "points3", "labels3", "click1", True),
+    ],
+)
 def test_fp32_runner_click_is_the_parity_path(golden, fastsam, case, pts, labels, mask, multi):
     runner = Runner(fastsam, "cpu", "fp32")
     m = torch.zeros(1, 1, 32, 32, 32) if mask == "zeros" else golden["fastsam3d_click1_lowres"]
@@ -54,8 +57,12 @@ def test_padding_point_changes_logits(golden, fastsam):
     emb, c, lab = golden["fastsam3d_embedding"], golden["points1"], golden["labels1"]
     zeros = torch.zeros(1, 1, 32, 32, 32)
     plain, _ = runner.click(emb, c, lab, zeros)
-    padded, _ = runner.click(emb, torch.cat([c, torch.zeros_like(c)], 1),
-                             torch.cat([lab, -torch.ones_like(lab)], 1), zeros)
+    padded, _ = runner.click(
+        emb,
+        torch.cat([c, torch.zeros_like(c)], 1),
+        torch.cat([lab, -torch.ones_like(lab)], 1),
+        zeros,
+    )
     assert rel(padded, plain) > 1e-3
 
 
@@ -97,6 +104,7 @@ def test_cuda_fast_path_is_default_and_matches_its_eager_run(golden):
 # --- graph cache (CPU stand-in for capture) ---------------------------------------------------
 def fake_capture(calls: list):
     """Capture = static input clones + outputs written in place on replay, like a CUDA graph."""
+
     def capture(fn, example):
         calls.append(len(example))
         static = tuple(None if t is None else t.clone() for t in example)
@@ -105,7 +113,9 @@ def fake_capture(calls: list):
         def replay():
             for o, new in zip(outs, fn(*static)):
                 o.copy_(new)
+
         return Captured(replay, static, outs)
+
     return capture
 
 
@@ -152,8 +162,12 @@ def test_graph_cache_bounds_its_entries():
 def test_click_key_separates_signatures():
     c1, c2 = torch.zeros(1, 1, 3), torch.zeros(1, 2, 3)
     m = torch.zeros(1, 1, 32, 32, 32)
-    keys = {click_key(c1, m, False), click_key(c2, m, False), click_key(c1, None, False),
-            click_key(c1, m, True)}
+    keys = {
+        click_key(c1, m, False),
+        click_key(c2, m, False),
+        click_key(c1, None, False),
+        click_key(c1, m, True),
+    }
     assert len(keys) == 4
     assert click_key(c1, m, False) == click_key(torch.ones(1, 1, 3), m * 2, False)
 
@@ -192,8 +206,11 @@ def test_paste_field_matches_voxelwise_reference(mode):
     s = 8
     field = rng.normal(size=(s, s, s)).astype(np.float32)
     # crop axis 0 runs along region axis 2 (flipped), 1 along 0, 2 along 1; some voxels outside
-    maps = [(2, 7.5 - 0.7 * np.arange(6)), (0, -1.2 + 0.5 * np.arange(5)),
-            (1, 0.5 + 1.5 * np.arange(7))]
+    maps = [
+        (2, 7.5 - 0.7 * np.arange(6)),
+        (0, -1.2 + 0.5 * np.arange(5)),
+        (1, 0.5 + 1.5 * np.arange(7)),
+    ]
     plan = paste_plan(maps, s, mode)
     got = paste_field(torch.from_numpy(field), plan.axes, plan.mode, plan.tensors)
     assert got.shape == plan.shape == (5, 7, 6)
@@ -219,8 +236,14 @@ def test_click_and_paste_lands_on_the_original_grid(golden, fastsam):
     start = (-60, -70, -50)
     region, plan = crop_footprint(lat, m, start, shape)
     runner = Runner(fastsam, "cpu", "fp32")
-    low, _, mask = click_and_paste(runner, golden["fastsam3d_embedding"], golden["points1"],
-                                   golden["labels1"], torch.zeros(1, 1, 32, 32, 32), plan)
+    low, _, mask = click_and_paste(
+        runner,
+        golden["fastsam3d_embedding"],
+        golden["points1"],
+        golden["labels1"],
+        torch.zeros(1, 1, 32, 32, 32),
+        plan,
+    )
     assert mask.dtype == torch.bool and tuple(mask.shape) == plan.shape
     assert plan.shape == tuple(s.stop - s.start for s in region)
     field = geo.upsample_logits(low[:1, :1]).numpy()

@@ -24,8 +24,9 @@ def _rotation(angles: tuple[float, float, float]) -> np.ndarray:
 
 
 @st.composite
-def grids(draw: st.DrawFn, max_size: int = 24, max_angle: float = 0.6
-          ) -> tuple[np.ndarray, tuple[int, int, int]]:
+def grids(
+    draw: st.DrawFn, max_size: int = 24, max_angle: float = 0.6
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """An IJK->RAS matrix (axis permutation, flips, optional rotation, anisotropic spacing)
     and an array shape [k, j, i]."""
     perm = draw(st.permutations([0, 1, 2]))
@@ -34,8 +35,9 @@ def grids(draw: st.DrawFn, max_size: int = 24, max_angle: float = 0.6
     if draw(st.booleans()):
         # no subnormal angles: ITK's direction inverse breaks on 1e-313 cosines (torchio then
         # returns an all-zero image), which says nothing about our lattice
-        ang = draw(st.tuples(*[st.floats(-max_angle, max_angle, allow_subnormal=False)
-                               for _ in range(3)]))
+        ang = draw(
+            st.tuples(*[st.floats(-max_angle, max_angle, allow_subnormal=False) for _ in range(3)])
+        )
         base = _rotation(ang) @ base
     spacing = np.array(draw(st.tuples(*[st.floats(0.6, 3.5) for _ in range(3)])))
     m = np.eye(4)
@@ -106,17 +108,18 @@ def test_lattice_and_values_match_torchio(grid, seed) -> None:
     m, shape = grid
     rng = np.random.default_rng(seed)
     data = rng.normal(5, 2, size=shape).astype(np.float32)  # [k, j, i]
-    img = torchio.ScalarImage(tensor=torch.from_numpy(data.transpose(2, 1, 0).copy())[None],
-                              affine=m)
+    img = torchio.ScalarImage(
+        tensor=torch.from_numpy(data.transpose(2, 1, 0).copy())[None], affine=m
+    )
     subject = torchio.ToCanonical()(torchio.Resample(1.5)(torchio.Subject(image=img)))
     ref = subject.image.data[0].numpy()
     lat = geo.Lattice.for_volume(m, shape)
     assert lat.shape == ref.shape
     np.testing.assert_allclose(lat.affine, subject.image.affine, atol=1e-9)
-    crop = geo.sample_crop(torch.from_numpy(data)[None, None], lat, m, (0, 0, 0),
-                           size=max(ref.shape) + 2).numpy()
-    np.testing.assert_allclose(crop[: ref.shape[0], : ref.shape[1], : ref.shape[2]], ref,
-                               atol=1e-4)
+    crop = geo.sample_crop(
+        torch.from_numpy(data)[None, None], lat, m, (0, 0, 0), size=max(ref.shape) + 2
+    ).numpy()
+    np.testing.assert_allclose(crop[: ref.shape[0], : ref.shape[1], : ref.shape[2]], ref, atol=1e-4)
 
 
 def test_crop_start_centres_like_crop_or_pad() -> None:
@@ -126,8 +129,10 @@ def test_crop_start_centres_like_crop_or_pad() -> None:
     v = np.array([100, 90, 80])
     label = torch.zeros(1, 200, 200, 200)
     label[0, v[0], v[1], v[2]] = 1
-    subject = torchio.Subject(image=torchio.ScalarImage(tensor=label.clone(), affine=m),
-                              label=torchio.LabelMap(tensor=label, affine=m))
+    subject = torchio.Subject(
+        image=torchio.ScalarImage(tensor=label.clone(), affine=m),
+        label=torchio.LabelMap(tensor=label, affine=m),
+    )
     out = torchio.CropOrPad(128, mask_name="label")(subject)
     start = lat.crop_start(lat.index_to_ras(v + 0.3))
     np.testing.assert_allclose(out.image.affine, lat.crop_affine(start))
@@ -138,7 +143,8 @@ def test_znormalize_matches_torchio_and_guards_constant_crops() -> None:
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.normal(0, 3, size=(16, 16, 16)).astype(np.float32))
     ref = torchio.ZNormalization(masking_method=lambda t: t > 0)(
-        torchio.ScalarImage(tensor=x[None].clone())).data[0]
+        torchio.ScalarImage(tensor=x[None].clone())
+    ).data[0]
     torch.testing.assert_close(geo.znormalize(x), ref, atol=1e-5, rtol=1e-5)
     for const in (torch.zeros(8, 8, 8), torch.full((8, 8, 8), 7.0)):
         out = geo.znormalize(const)
@@ -202,8 +208,9 @@ def test_corner_anchor_matches_pre_2025_torchio(grid, seed) -> None:
     lat = geo.Lattice.for_volume(m, shape, anchor="corner")
     assert lat.shape == can.spatial_shape
     np.testing.assert_allclose(lat.affine, can.affine, atol=1e-6)
-    crop = geo.sample_crop(torch.from_numpy(data)[None, None], lat, m, (0, 0, 0),
-                           size=max(lat.shape) + 1).numpy()
+    crop = geo.sample_crop(
+        torch.from_numpy(data)[None, None], lat, m, (0, 0, 0), size=max(lat.shape) + 1
+    ).numpy()
     n0, n1, n2 = lat.shape
     np.testing.assert_allclose(crop[:n0, :n1, :n2], can.data[0].numpy(), atol=1e-4)
 
@@ -222,6 +229,7 @@ def test_footprint_box_equals_the_pointwise_footprint(grid, start) -> None:
     c = lat.ras_to_index(ijk @ m[:3, :3].T + m[:3, 3]) - np.array(start)
     inside = np.all((c >= -0.5) & (c < geo.CROP - 0.5), axis=1).reshape(shape)
     # voxel centres exactly on a crop face are decided by rounding; do not judge those
-    tie = np.any(np.isclose(c, -0.5, atol=1e-9) | np.isclose(c, geo.CROP - 0.5, atol=1e-9),
-                 axis=1).reshape(shape)
+    tie = np.any(
+        np.isclose(c, -0.5, atol=1e-9) | np.isclose(c, geo.CROP - 0.5, atol=1e-9), axis=1
+    ).reshape(shape)
     np.testing.assert_array_equal(got[~tie], inside[~tie])

@@ -25,8 +25,9 @@ CHUNK = 4096  # small stream chunks so that a 40 KiB body spans several reads
 def checkpoint_bytes(payload: bytes) -> bytes:
     """A valid safetensors file holding ``payload`` as one uint8 tensor (downloads are checked
     to be checkpoints before they are kept)."""
-    header = json.dumps({"w": {"dtype": "U8", "shape": [len(payload)],
-                               "data_offsets": [0, len(payload)]}}).encode()
+    header = json.dumps(
+        {"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header + payload
 
@@ -50,8 +51,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Type", "text/html" if mode == "html" else
-                         "application/octet-stream")
+        self.send_header(
+            "Content-Type", "text/html" if mode == "html" else "application/octet-stream"
+        )
         if mode == "chunked-drop":
             # Chunked body whose connection closes before the terminating zero-size chunk.
             self.send_header("Transfer-Encoding", "chunked")
@@ -128,7 +130,8 @@ def _leftovers(directory: Path) -> list[str]:
     if not directory.exists():
         return []
     return sorted(
-        p.name for p in directory.rglob("*")
+        p.name
+        for p in directory.rglob("*")
         if p.is_file() and p.name not in ("hashes.json", ".hashes.lock")
     )
 

@@ -30,27 +30,37 @@ def test_the_key_sets_the_frame(tmp_path):
     got, _ = _read(tmp_path, {"points": [{"lps": [20, 0, 30]}, {"ras": [20, 0, 30]}]})
     assert got == [([-20.0, 0.0, 30.0], True), ([20.0, 0.0, 30.0], True)]
     assert str(got[0][0][1]) == "0.0"
-    got, _ = _read(tmp_path, {"space": "lps", "points": [{"position": [20, 5, 30],
-                                                          "positive": False}, [1, 2, 3, 1]]})
+    got, _ = _read(
+        tmp_path,
+        {"space": "lps", "points": [{"position": [20, 5, 30], "positive": False}, [1, 2, 3, 1]]},
+    )
     assert got == [([-20.0, -5.0, 30.0], False), ([-1.0, -2.0, 3.0], True)]
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"points": [{"ras": [1, 2, 3]}, {"ras": [4, 5, 6], "positive": "false"}]},
-         "points[1].positive must be true or false, not the string 'false'"),
+        (
+            {"points": [{"ras": [1, 2, 3]}, {"ras": [4, 5, 6], "positive": "false"}]},
+            "points[1].positive must be true or false, not the string 'false'",
+        ),
         ({"points": [[1, 2, 3, "0"]]}, "points[0][3] (positive) must be true, false, 1 or 0"),
         ({"points": [[1, 2, 3, 2]]}, "points[0][3] (positive) must be true, false, 1 or 0"),
-        ({"points": [{"ras": ["10", 2, 3]}]}, "points[0].ras[0] must be a number, not the "
-                                               "string '10'"),
+        (
+            {"points": [{"ras": ["10", 2, 3]}]},
+            "points[0].ras[0] must be a number, not the string '10'",
+        ),
         ({"points": [{"ras": [True, 2, 3]}]}, "points[0].ras[0] must be a number, not true"),
-        ({"point": [{"ras": [1, 2, 3]}]}, "top level: unknown key 'point' (did you mean "
-                                          "'points'?)"),
+        (
+            {"point": [{"ras": [1, 2, 3]}]},
+            "top level: unknown key 'point' (did you mean 'points'?)",
+        ),
         ({"points": [{"RAS": [1, 2, 3]}]}, "points[0]: unknown key 'RAS' (did you mean 'ras'?)"),
         ({"points": [{"ras": [1, 2, 3], "lps": [1, 2, 3]}]}, "exactly one of 'ras', 'lps'"),
-        ({"space": "LPS", "points": [{"ras": [1, 2, 3]}]},
-         "points[0] is keyed 'ras' but the file says \"space\": 'LPS'"),
+        (
+            {"space": "LPS", "points": [{"ras": [1, 2, 3]}]},
+            "points[0] is keyed 'ras' but the file says \"space\": 'LPS'",
+        ),
         ({"space": "RAS", "points": [{"lps": [1, 2, 3]}]}, "keyed 'lps' but"),
         ({"points": 5}, "points must be a list, not int 5"),
         ({"points": [{"ras": [1, 2]}]}, "points[0].ras must be a list of three numbers"),
@@ -59,10 +69,24 @@ def test_the_key_sets_the_frame(tmp_path):
         ('{"points": [[1, 2, NaN]]}', "NaN is not a number JSON allows"),
         ('{"points": [], "points": [[1, 2, 3]]}', "key 'points' appears twice"),
     ],
-    ids=["positive-string", "flag-string", "flag-2", "coordinate-string", "coordinate-bool",
-         "unknown-top-key", "upper-case-key", "two-frames", "ras-in-lps-space",
-         "lps-in-ras-space", "points-int", "two-coordinates", "box-min-only", "box-extra-key",
-         "nan-literal", "duplicate-key"],
+    ids=[
+        "positive-string",
+        "flag-string",
+        "flag-2",
+        "coordinate-string",
+        "coordinate-bool",
+        "unknown-top-key",
+        "upper-case-key",
+        "two-frames",
+        "ras-in-lps-space",
+        "lps-in-ras-space",
+        "points-int",
+        "two-coordinates",
+        "box-min-only",
+        "box-extra-key",
+        "nan-literal",
+        "duplicate-key",
+    ],
 )
 def test_schema_violations_name_the_entry(tmp_path, data, message):
     """reliability #15 ("false" and "0" were positive clicks), #25; newcomer m9 (a typo key
@@ -93,8 +117,16 @@ def test_bad_prompt_files_exit_2_before_reading_the_image(tmp_path, capsys, kind
         prompts.write_text('{"points": 5}')
         message = "points must be a list"
     before = listing(tmp_path)
-    rc = main(["segment", str(tmp_path / "img.nrrd"), "--prompts", str(prompts), "--out",
-               str(tmp_path / "m.nii.gz")])
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "img.nrrd"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "m.nii.gz"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "reading" not in err
@@ -106,6 +138,13 @@ def test_only_negative_clicks_are_refused(tmp_path, capsys):
     """newcomer p7: a lone negative click gave '0 voxels', exit 0."""
     vol = blob_volume()
     vol.write(tmp_path / "img.nrrd")
-    rc = main(["segment", str(tmp_path / "img.nrrd"), "--point=-4,8,15:-", "--out",
-               str(tmp_path / "m.nii.gz")])
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "img.nrrd"),
+            "--point=-4,8,15:-",
+            "--out",
+            str(tmp_path / "m.nii.gz"),
+        ]
+    )
     assert rc == 2 and "only negative clicks" in capsys.readouterr().err

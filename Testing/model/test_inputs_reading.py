@@ -44,8 +44,11 @@ def _read_without_simpleitk(path, monkeypatch):
 def test_nifti_geometry_is_nibabels_rule_and_the_disagreement_is_named(tmp_path, monkeypatch):
     path = tmp_path / "nb.nii.gz"
     sform, _ = _disagreeing_nifti(path)
-    with pytest.warns(UserWarning, match=r"sform .*qform .*disagree by up to 12[23]\.\d mm; "
-                                         r"using the sform"):
+    with pytest.warns(
+        UserWarning,
+        match=r"sform .*qform .*disagree by up to 12[23]\.\d mm; "
+        r"using the sform",
+    ):
         vol = Volume.read(path)
     np.testing.assert_allclose(vol.ijk_to_ras, nib.load(str(path)).affine, atol=1e-5)
     np.testing.assert_allclose(vol.ijk_to_ras, sform, atol=1e-5)
@@ -79,8 +82,20 @@ def test_click_in_the_sform_frame_is_inside_and_the_mask_keeps_the_header(tmp_pa
     sform, qform = _disagreeing_nifti(path)
     centre = sform[:3, :3] @ [12, 11, 10] + sform[:3, 3]
     out = tmp_path / "mask.nii.gz"
-    rc = main(["segment", str(path), "--point", ",".join(map(str, centre)), "--out", str(out),
-               "--fixture-weights", "--max-crops", "1", "-q"])
+    rc = main(
+        [
+            "segment",
+            str(path),
+            "--point",
+            ",".join(map(str, centre)),
+            "--out",
+            str(out),
+            "--fixture-weights",
+            "--max-crops",
+            "1",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "warning:" in err and "using the sform" in err and "UserWarning" not in err
@@ -119,8 +134,16 @@ def test_truncated_input_gives_exit_1_and_writes_nothing(tmp_path, capsys):
     blob = (tmp_path / "img.nii.gz").read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
     before = listing(tmp_path)
-    rc = main(["segment", str(tmp_path / "cut.nii.gz"), "--point", centre_point(vol),
-               "--out", str(tmp_path / "m.nii.gz")])
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "cut.nii.gz"),
+            "--point",
+            centre_point(vol),
+            "--out",
+            str(tmp_path / "m.nii.gz"),
+        ]
+    )
     assert rc == 1
     assert "cut.nii.gz is truncated or corrupt" in capsys.readouterr().err
     assert listing(tmp_path) == before
@@ -138,6 +161,7 @@ def test_truncated_nrrd_and_mha_are_refused(tmp_path):
 
 # --- sheared affines ------------------------------------------------------------------------
 
+
 def _sheared(tmp_path):
     m = np.diag([2.0, 2.0, 2.5, 1.0])
     m[0, 1] = 1.0  # i and j axes not perpendicular
@@ -150,8 +174,20 @@ def test_sheared_nifti_mask_gets_exactly_the_inputs_affine(tmp_path, capsys):
     """reliability #5: ITK coerced the direction to orthogonal, moving voxels by 7.8 mm."""
     m, vol = _sheared(tmp_path)
     out = tmp_path / "mask.nii.gz"
-    rc = main(["segment", str(tmp_path / "shear.nii.gz"), "--point", centre_point(vol),
-               "--out", str(out), "--fixture-weights", "--max-crops", "1", "-q"])
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "shear.nii.gz"),
+            "--point",
+            centre_point(vol),
+            "--out",
+            str(out),
+            "--fixture-weights",
+            "--max-crops",
+            "1",
+            "-q",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     np.testing.assert_allclose(nib.load(str(out)).affine, m, atol=1e-5)
     np.testing.assert_allclose(Volume.read(out).ijk_to_ras, m, atol=1e-5)
@@ -160,18 +196,28 @@ def test_sheared_nifti_mask_gets_exactly_the_inputs_affine(tmp_path, capsys):
 @pytest.mark.usefixtures("no_model")
 def test_sheared_image_to_a_format_that_cannot_hold_it_is_refused_up_front(tmp_path, capsys):
     m, vol = _sheared(tmp_path)
-    rc = main(["segment", str(tmp_path / "shear.nii.gz"), "--point", centre_point(vol),
-               "--out", str(tmp_path / "mask.nrrd")])
+    rc = main(
+        [
+            "segment",
+            str(tmp_path / "shear.nii.gz"),
+            "--point",
+            centre_point(vol),
+            "--out",
+            str(tmp_path / "mask.nrrd"),
+        ]
+    )
     assert rc == 2
     assert "sheared" in capsys.readouterr().err
     assert not (tmp_path / "mask.nrrd").exists()
     with pytest.raises(VolumeError, match="sheared"):
-        Volume.read(tmp_path / "shear.nii.gz").write(tmp_path / "mask.mha",
-                                                      np.zeros(vol.shape, np.uint8))
+        Volume.read(tmp_path / "shear.nii.gz").write(
+            tmp_path / "mask.mha", np.zeros(vol.shape, np.uint8)
+        )
     assert not (tmp_path / "mask.mha").exists()
 
 
 # --- DICOM series -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("positions", "orientation", "message"),
@@ -183,8 +229,9 @@ def test_sheared_image_to_a_format_that_cannot_hold_it_is_refused_up_front(tmp_p
     ],
     ids=["gap", "uneven", "stray-orientation", "duplicate-position"],
 )
-def test_irregular_dicom_series_is_refused_naming_the_positions(tmp_path, positions,
-                                                               orientation, message):
+def test_irregular_dicom_series_is_refused_naming_the_positions(
+    tmp_path, positions, orientation, message
+):
     """newcomer M2, reliability #6: read as a regular grid with invented spacing before."""
     folder = write_series(tmp_path / "series", positions, orientation=orientation)
     with pytest.raises(VolumeError, match=message):
@@ -201,8 +248,9 @@ def test_irregular_dicom_series_gives_exit_1_and_writes_nothing(tmp_path, capsys
 
 
 def test_localizer_images_are_left_out(tmp_path):
-    folder = write_series(tmp_path / "series", [0, 2, 4, 6, 8, 30], localizer=[5],
-                          orientation={5: "0\\1\\0\\0\\0\\1"})
+    folder = write_series(
+        tmp_path / "series", [0, 2, 4, 6, 8, 30], localizer=[5], orientation={5: "0\\1\\0\\0\\0\\1"}
+    )
     with pytest.warns(UserWarning, match="left out 1 localizer"):
         vol = Volume.read(folder)
     assert vol.shape == (5, 8, 9)
@@ -221,8 +269,11 @@ def test_several_series_are_named_and_one_can_be_chosen(tmp_path, capsys):
     folder = tmp_path / "study"
     write_series(folder, [0, 2, 4], uid="1.2.3.1", description="T1")
     write_series(folder, [0, 3, 6], uid="1.2.3.2", description="T2", first=10)
-    with pytest.raises(VolumeError, match=r"(?s)more than one is the largest.*1\.2\.3\.1 #?.*"
-                                          r"'T1'.*1\.2\.3\.2.*'T2'.*--series"):
+    with pytest.raises(
+        VolumeError,
+        match=r"(?s)more than one is the largest.*1\.2\.3\.1 #?.*"
+        r"'T1'.*1\.2\.3\.2.*'T2'.*--series",
+    ):
         Volume.read(folder)
     np.testing.assert_allclose(Volume.read(folder, series="1.2.3.2").spacing[2], 3.0, atol=1e-4)
     write_series(folder, [0, 2, 4, 6], uid="1.2.3.3", description="big", first=20)
@@ -249,14 +300,18 @@ def test_dicom_paths_that_are_not_a_series_folder_get_a_hint(tmp_path, kind):
 
 # --- images the engine cannot segment: VolumeError naming the problem -----------------------
 
+
 @pytest.mark.parametrize(
     ("array", "affine", "message"),
     [
         (np.zeros((3, 3, 3), "m8[s]"), np.eye(4), "real numbers"),
         (np.zeros((3, 3, 3)), np.diag([1e300, 1, 1, 1]), "not a plausible voxel size"),
         (np.zeros((2, 2, 2)), np.diag([0.5, 0.5, 0.5, 1]), "too small an image"),
-        (np.zeros((10, 10, 10)), np.diag([1000.0, 1000.0, 1000.0, 1]),
-         "larger than the model's 192 mm crop"),
+        (
+            np.zeros((10, 10, 10)),
+            np.diag([1000.0, 1000.0, 1000.0, 1]),
+            "larger than the model's 192 mm crop",
+        ),
     ],
     ids=["timedelta", "spacing-1e300", "extent-1mm", "voxels-1000mm"],
 )

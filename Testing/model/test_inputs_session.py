@@ -54,6 +54,7 @@ def _run(*targets) -> list[BaseException]:
                 fn()
             except BaseException as e:  # noqa: BLE001 (reported to the test)
                 errors.append(e)
+
         return go
 
     threads = [threading.Thread(target=wrap(fn, delay)) for fn, delay in targets]
@@ -112,8 +113,10 @@ def test_undo_history_is_bounded_and_configurable() -> None:
     s.set_volume(vol)
     rng = np.random.default_rng(0)
     for _ in range(10):
-        s.add_point(vol.ijk_to_ras_points(rng.uniform([15, 15, 10], [25, 25, 20])),
-                    positive=bool(rng.random() < 0.7))
+        s.add_point(
+            vol.ijk_to_ras_points(rng.uniform([15, 15, 10], [25, 25, 20])),
+            positive=bool(rng.random() < 0.7),
+        )
     assert len(s._history) == 4
     for _ in range(4):
         s.undo()
@@ -129,8 +132,10 @@ def test_undo_history_is_bounded_and_configurable() -> None:
 
 
 def test_embedding_cache_is_bounded() -> None:
-    vol = Volume(np.random.default_rng(1).random((60, 60, 300)).astype(np.float32) + 1,
-                 np.diag([1.5, 1.5, 1.5, 1.0]))
+    vol = Volume(
+        np.random.default_rng(1).random((60, 60, 300)).astype(np.float32) + 1,
+        np.diag([1.5, 1.5, 1.5, 1.0]),
+    )
     s = _session(max_crops=1, max_embeddings=2, propagate=False)
     s.set_volume(vol)
     for i in (30, 150, 270):  # crops 192 mm apart along R: a new embedding each
@@ -196,8 +201,10 @@ def test_non_finite_voxels_written_after_construction_are_refused() -> None:
 def test_non_finite_logits_raise_instead_of_an_empty_mask() -> None:
     model = ThresholdModel()
     decode = model.mask_decoder.forward
-    model.mask_decoder.forward = lambda *a, **k: (decode(*a, **k)[0] * float("nan"),
-                                                  torch.ones(1, 1))
+    model.mask_decoder.forward = lambda *a, **k: (
+        decode(*a, **k)[0] * float("nan"),
+        torch.ones(1, 1),
+    )
     vol = _ball()
     s = _session(model)
     s.set_volume(vol)

@@ -90,8 +90,7 @@ def server():
     srv.daemon_threads = True
     srv.routes = {}
     srv.url = f"http://127.0.0.1:{srv.server_port}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     watchdog = threading.Timer(60, srv.shutdown)
     watchdog.daemon = True
@@ -121,8 +120,7 @@ def _cache_files(cache: Path) -> list[str]:
     """Everything in the cache but the lock file: weights, records, partial downloads."""
     if not cache.exists():
         return []
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
-                  if p.name != ".hashes.lock")
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.name != ".hashes.lock")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,10 +175,16 @@ def test_cached_non_checkpoint_says_to_force(cache, monkeypatch, tmp_path):
     (cache / "FastSAM3D.pth").write_bytes(HTML)
     _registry(monkeypatch, (tmp_path / "gone.pth").as_uri())
     url = hub.get_weights_info("fastsam3d").url
-    record = {"sha256": hub.sha256_file(cache / "FastSAM3D.pth"), "size": len(HTML),
-              "url": url, "recorded": "2026-01-01T00:00:00+00:00", "pinned": False}
-    (cache / hub.HASHES_FILE).write_text(json.dumps({"format": 1,
-                                                     "files": {"FastSAM3D.pth": record}}))
+    record = {
+        "sha256": hub.sha256_file(cache / "FastSAM3D.pth"),
+        "size": len(HTML),
+        "url": url,
+        "recorded": "2026-01-01T00:00:00+00:00",
+        "pinned": False,
+    }
+    (cache / hub.HASHES_FILE).write_text(
+        json.dumps({"format": 1, "files": {"FastSAM3D.pth": record}})
+    )
     with pytest.raises(hub.HubError, match="HTML.*--force"):
         load_model("fastsam3d")
     assert hub.cache_status("fastsam3d", verify=True).verified is False
@@ -211,11 +215,17 @@ def test_registry_file_recorded_from_another_url_is_refused(cache, tmp_path, tin
     """A cache written before the namespaces: FastSAM3D.pth recorded from some other URL."""
     cache.mkdir()
     (cache / "FastSAM3D.pth").write_bytes(_torch_bytes({"model_state_dict": tiny_sd}))
-    record = {"sha256": hub.sha256_file(cache / "FastSAM3D.pth"), "size": 1,
-              "url": "http://example.invalid/FastSAM3D.pth", "recorded": "x", "pinned": False}
+    record = {
+        "sha256": hub.sha256_file(cache / "FastSAM3D.pth"),
+        "size": 1,
+        "url": "http://example.invalid/FastSAM3D.pth",
+        "recorded": "x",
+        "pinned": False,
+    }
     record["size"] = (cache / "FastSAM3D.pth").stat().st_size
-    (cache / hub.HASHES_FILE).write_text(json.dumps({"format": 1,
-                                                     "files": {"FastSAM3D.pth": record}}))
+    (cache / hub.HASHES_FILE).write_text(
+        json.dumps({"format": 1, "files": {"FastSAM3D.pth": record}})
+    )
     with pytest.raises(hub.ChecksumError, match="downloaded from http://example.invalid"):
         hub.cached_path("fastsam3d")
     with pytest.raises(hub.ChecksumError, match="--force"):
@@ -241,12 +251,14 @@ def test_name_in_the_working_directory_does_not_shadow_the_registry(
         sd = {k: v + 1.0 for k, v in tiny.state_dict().items()}  # other weights, same shapes
         save_official(sd, work / "fastsam3d")
     model = load_model("fastsam3d", config=tiny.config)  # the registry entry, verified
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                 tiny.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny.state_dict().values())
+    )
     if shadow == "file":  # the file itself is still reachable as a path
         local = load_model("./fastsam3d", config=tiny.config)
-        assert not torch.equal(next(iter(local.state_dict().values())),
-                               next(iter(tiny.state_dict().values())))
+        assert not torch.equal(
+            next(iter(local.state_dict().values())), next(iter(tiny.state_dict().values()))
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,21 +268,26 @@ def test_name_in_the_working_directory_does_not_shadow_the_registry(
 def _deflated(data: bytes) -> bytes:
     """The same torch zip archive, with every entry deflate-compressed (torch never does)."""
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, \
-            zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as src,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info.filename))
     return out.getvalue()
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (HTML, "HTML"),
-    (b"model weights, see https://example.org\n" * 3, "text file"),
-    (b"\x1f\x8b\x08\x00" + os.urandom(200), "compressed archive"),
-    (os.urandom(4096).replace(b"PK", b"pk").replace(b"\x80", b"\x81"), "unknown format"),
-    (b"", "empty"),
-    (None, "is a directory"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (HTML, "HTML"),
+        (b"model weights, see https://example.org\n" * 3, "text file"),
+        (b"\x1f\x8b\x08\x00" + os.urandom(200), "compressed archive"),
+        (os.urandom(4096).replace(b"PK", b"pk").replace(b"\x80", b"\x81"), "unknown format"),
+        (b"", "empty"),
+        (None, "is a directory"),
+    ],
+)
 def test_non_checkpoints_are_named_for_what_they_are(tmp_path, content, message):
     path = tmp_path / "weights.pth"
     if content is None:
@@ -301,17 +318,25 @@ def test_zip_that_would_inflate_is_refused_before_loading(tmp_path):
 _F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (_safetensors({"a": _F32}, b"\0" * 8, length=1 << 62), "header length"),
-    (_safetensors({"a": _F32, "b": {**_F32, "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
-    (_safetensors({"a": {**_F32, "shape": [3]}}, b"\0" * 8), "has 8 bytes"),
-    (_safetensors({"a": _F32}, b"\0" * 4), "outside"),
-    (_safetensors({"a": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 8]}},
-                  b"\0" * 8), "has 8 bytes"),
-    (_safetensors({"a": {**_F32, "dtype": "X9"}}, b"\0" * 8), "unknown dtype"),
-    (_safetensors({"a": {**_F32, "shape": [-2]}}, b"\0" * 8), "malformed shape"),
-    (struct.pack("<Q", 6) + b"{nope}" + b"\0" * 8, "not JSON"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_safetensors({"a": _F32}, b"\0" * 8, length=1 << 62), "header length"),
+        (_safetensors({"a": _F32, "b": {**_F32, "data_offsets": [4, 12]}}, b"\0" * 12), "overlap"),
+        (_safetensors({"a": {**_F32, "shape": [3]}}, b"\0" * 8), "has 8 bytes"),
+        (_safetensors({"a": _F32}, b"\0" * 4), "outside"),
+        (
+            _safetensors(
+                {"a": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 8]}},
+                b"\0" * 8,
+            ),
+            "has 8 bytes",
+        ),
+        (_safetensors({"a": {**_F32, "dtype": "X9"}}, b"\0" * 8), "unknown dtype"),
+        (_safetensors({"a": {**_F32, "shape": [-2]}}, b"\0" * 8), "malformed shape"),
+        (struct.pack("<Q", 6) + b"{nope}" + b"\0" * 8, "not JSON"),
+    ],
+)
 def test_malformed_safetensors_are_checkpoint_errors(tmp_path, data, message):
     for name in ("w.safetensors", "w.pth"):  # the bytes decide, not the suffix
         path = tmp_path / name
@@ -326,6 +351,7 @@ def test_malformed_safetensors_are_checkpoint_errors(tmp_path, data, message):
 
 def _no_building(monkeypatch) -> None:
     """Make any network construction fail loudly: the refusals must come before it."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a network was built for a file that should have been refused")
 
@@ -333,17 +359,29 @@ def _no_building(monkeypatch) -> None:
     monkeypatch.setattr(checkpoint, "_build_skeleton", refuse, raising=False)
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"image_encoder.blocks.99999.x": torch.zeros(1)}, "none for blocks"),
-    ({"image_encoder.blocks.0.norm2.weight": torch.zeros(65538)}, "width 65538"),
-    ({"image_encoder.blocks.70.x": torch.zeros(1),
-      **{f"image_encoder.blocks.{b}.x": torch.zeros(1) for b in range(1, 70)}}, "depth 71"),
-])
-def test_small_files_that_imply_huge_networks_are_refused_first(tmp_path, monkeypatch, extra,
-                                                                  message):
-    sd = {"image_encoder.blocks.0.norm2.weight": torch.zeros(768),
-          "image_encoder.neck.0.weight": torch.zeros(384), "mask_decoder.x": torch.zeros(1),
-          **extra}
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"image_encoder.blocks.99999.x": torch.zeros(1)}, "none for blocks"),
+        ({"image_encoder.blocks.0.norm2.weight": torch.zeros(65538)}, "width 65538"),
+        (
+            {
+                "image_encoder.blocks.70.x": torch.zeros(1),
+                **{f"image_encoder.blocks.{b}.x": torch.zeros(1) for b in range(1, 70)},
+            },
+            "depth 71",
+        ),
+    ],
+)
+def test_small_files_that_imply_huge_networks_are_refused_first(
+    tmp_path, monkeypatch, extra, message
+):
+    sd = {
+        "image_encoder.blocks.0.norm2.weight": torch.zeros(768),
+        "image_encoder.neck.0.weight": torch.zeros(384),
+        "mask_decoder.x": torch.zeros(1),
+        **extra,
+    }
     path = tmp_path / "deep.pth"
     torch.save(sd, path)
     assert path.stat().st_size < 300_000
@@ -419,8 +457,18 @@ def _malformed(tiny_sd: dict, kind: str) -> dict:
     return sd
 
 
-@pytest.mark.parametrize("kind", ["int-key", "non-int-block", "no-norm2", "no-neck",
-                                  "1d-rel-pos", "0d-norm2", "heads-do-not-divide"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "int-key",
+        "non-int-block",
+        "no-norm2",
+        "no-neck",
+        "1d-rel-pos",
+        "0d-norm2",
+        "heads-do-not-divide",
+    ],
+)
 def test_malformed_state_dicts_are_checkpoint_errors(tmp_path, tiny_sd, kind):
     path = tmp_path / f"{kind}.pth"
     torch.save({"model_state_dict": _malformed(tiny_sd, kind)}, path)
@@ -523,8 +571,9 @@ def _info(capsys) -> int:
     return rc
 
 
-@pytest.mark.parametrize("broken", ["cache-is-a-file", "record-is-a-directory",
-                                    "record-not-utf8", "lock-is-a-directory"])
+@pytest.mark.parametrize(
+    "broken", ["cache-is-a-file", "record-is-a-directory", "record-not-utf8", "lock-is-a-directory"]
+)
 def test_broken_cache_gives_hub_errors(tmp_path, monkeypatch, capsys, tiny, broken):
     src = save_safetensors(tiny, tmp_path / "src" / "FastSAM3D.safetensors")
     _registry(monkeypatch, src.as_uri())

@@ -33,14 +33,14 @@ def image(tmp_path):
 
 
 def _segment(path, vol, out, *extra):
-    return main(["segment", str(path), "--point", centre_point(vol), "--out", str(out), "-q",
-                 *extra])
+    return main(
+        ["segment", str(path), "--point", centre_point(vol), "--out", str(out), "-q", *extra]
+    )
 
 
 @pytest.mark.usefixtures("no_model")
 @pytest.mark.parametrize("name", ["m.png", "m.tif", "m.vtk", "m.txt", "m.npy", "m"])
-def test_output_formats_that_lose_the_geometry_are_refused_up_front(image, tmp_path, capsys,
-                                                                   name):
+def test_output_formats_that_lose_the_geometry_are_refused_up_front(image, tmp_path, capsys, name):
     """reliability #4 (.png/.tif/.vtk written flipped or 2D, exit 0) and #22 (.txt, .npy, no
     suffix failing only after the whole run)."""
     path, vol = image
@@ -81,8 +81,18 @@ def test_out_inside_a_dicom_folder_as_one_of_its_files_is_refused(tmp_path, caps
     folder = write_series(tmp_path / "series", [0, 2, 4])
     target = folder / "s001.dcm"
     before = target.read_bytes()
-    rc = main(["segment", str(folder), "--point", "-8,-9,2", "--out", str(folder / "x.nrrd"),
-               "--preview", str(target)])
+    rc = main(
+        [
+            "segment",
+            str(folder),
+            "--point",
+            "-8,-9,2",
+            "--out",
+            str(folder / "x.nrrd"),
+            "--preview",
+            str(target),
+        ]
+    )
     assert rc == 2 and "is the input" in capsys.readouterr().err
     assert target.read_bytes() == before
 
@@ -101,8 +111,7 @@ def test_out_inside_a_dicom_folder_as_one_of_its_files_is_refused(tmp_path, caps
         (["--device", "gpu"], "expected auto, cpu, cuda, cuda:N or mps"),
     ],
 )
-def test_bad_options_are_refused_before_reading_or_loading(image, tmp_path, capsys, extra,
-                                                           message):
+def test_bad_options_are_refused_before_reading_or_loading(image, tmp_path, capsys, extra, message):
     """reliability #22 / newcomer m7: these failed after the whole run, wrote an all-zero mask
     (--label 0) or overwrote the mask with the PNG (--preview = --out)."""
     path, vol = image
@@ -124,13 +133,15 @@ def test_out_that_is_a_folder_is_refused_up_front(image, tmp_path, capsys):
 
 @pytest.mark.usefixtures("no_model")
 def test_click_outside_is_refused_before_the_model_loads_with_the_extent_and_an_lps_hint(
-        image, tmp_path, capsys):
+    image, tmp_path, capsys
+):
     """reliability #22 (refused only after 24 s of model building), newcomer p4."""
     path, vol = image
     r, a, s = vol.ijk_to_ras_points([22, 11, 10])  # inside; (-r, -a, s) is not
     assert vol.contains([r, a, s]) and not vol.contains([-r, -a, s])
-    rc = main(["segment", str(path), "--point", f"{-r},{-a},{s}", "--out",
-               str(tmp_path / "m.nii.gz")])
+    rc = main(
+        ["segment", str(path), "--point", f"{-r},{-a},{s}", "--out", str(tmp_path / "m.nii.gz")]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "outside the volume (extent RAS mm: R " in err and "add --lps" in err
@@ -170,8 +181,9 @@ def test_full_disk_gives_nonzero_exit_and_keeps_the_previous_mask(tmp_path):
                        {centre_point(vol)!r}, "--out", {str(out)!r}, "--fixture-weights",
                        "--max-crops", "1", "-q"]))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1, proc.stderr
     assert "m.nii" in proc.stderr and "File too large" in proc.stderr
     assert out.read_bytes() == before
@@ -204,8 +216,9 @@ def test_preview_fills_a_mask_that_reaches_the_slice_edge(tmp_path):
 
     vol = blob_volume()
     png = tmp_path / "p.png"
-    save_preview(vol, np.ones(vol.shape, bool), png, points=[(vol.ijk_to_ras_points([12, 11, 10]),
-                                                              True)])
+    save_preview(
+        vol, np.ones(vol.shape, bool), png, points=[(vol.ijk_to_ras_points([12, 11, 10]), True)]
+    )
     rgb = imread(str(png))[..., :3]
     reddish = (rgb[..., 0] > rgb[..., 1] + 0.25) & (rgb[..., 0] > rgb[..., 2] + 0.25)
     assert reddish.mean() > 0.15, "the mask is not filled"
@@ -217,8 +230,18 @@ def test_click_outside_the_box_is_refused_up_front(image, tmp_path, capsys):
     reset) after the model had loaded."""
     path, vol = image
     r, a, s = vol.ijk_to_ras_points([12, 11, 10])
-    rc = main(["segment", str(path), "--box", f"{r - 5},{a - 5},{s - 5},{r + 5},{a + 5},{s + 5}",
-               "--point", f"{r + 8},{a},{s}", "--out", str(tmp_path / "m.nii.gz")])
+    rc = main(
+        [
+            "segment",
+            str(path),
+            "--box",
+            f"{r - 5},{a - 5},{s - 5},{r + 5},{a + 5},{s + 5}",
+            "--point",
+            f"{r + 8},{a},{s}",
+            "--out",
+            str(tmp_path / "m.nii.gz"),
+        ]
+    )
     assert rc == 1
     assert "outside the box" in capsys.readouterr().err
 
@@ -227,7 +250,17 @@ def test_click_outside_the_box_is_refused_up_front(image, tmp_path, capsys):
 def test_a_path_given_to_model_points_to_checkpoint(image, tmp_path, capsys):
     """newcomer m2: `--model ./FastSAM3D.pth` said 'unknown weights name' without a hint."""
     path, vol = image
-    rc = main(["segment", str(path), "--point", centre_point(vol), "--out",
-               str(tmp_path / "m.nii.gz"), "--model", "./FastSAM3D.pth"])
+    rc = main(
+        [
+            "segment",
+            str(path),
+            "--point",
+            centre_point(vol),
+            "--out",
+            str(tmp_path / "m.nii.gz"),
+            "--model",
+            "./FastSAM3D.pth",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "use --checkpoint ./FastSAM3D.pth" in err and "reading" not in err

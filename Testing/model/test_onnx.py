@@ -73,8 +73,13 @@ def test_ort_fp32_equals_the_reference_on_the_parity_cases(exported, golden):
     assert eng.providers == {"encoder": "CPUExecutionProvider", "click": "CPUExecutionProvider"}
     assert rel(eng.encode(golden["input"]), golden["fastsam3d_embedding"]) < 1e-4
     for case, (pts, labels, mask, multi) in CASES.items():
-        low, iou = eng.click(golden["fastsam3d_embedding"], golden[pts], golden[labels],
-                             mask_for(golden, mask), multi)
+        low, iou = eng.click(
+            golden["fastsam3d_embedding"],
+            golden[pts],
+            golden[labels],
+            mask_for(golden, mask),
+            multi,
+        )
         assert low.shape == golden[f"fastsam3d_{case}_lowres"].shape, case
         assert rel(low, golden[f"fastsam3d_{case}_lowres"]) < 1e-4, case
         assert rel(iou, golden[f"fastsam3d_{case}_iou"]) < 1e-4, case
@@ -109,8 +114,10 @@ def test_int8_masks_agree_with_fp32_and_fp32_stays_exact(golden, int8, exact, pt
     b, _ = int8.click(e8, c, lab, zeros)
     logit_err = float((a - b).norm() / a.norm())
     big = [F.interpolate(t, size=128, mode="trilinear") > 0 for t in (a, b)]
-    print(f"int8 {pts}: embedding rel err {emb_err:.2e}, logits rel err {logit_err:.2e}, "
-          f"Dice {dice(*big):.4f}")
+    print(
+        f"int8 {pts}: embedding rel err {emb_err:.2e}, logits rel err {logit_err:.2e}, "
+        f"Dice {dice(*big):.4f}"
+    )
     assert logit_err < 5e-2
     assert dice(*big) >= 0.99
 

@@ -63,8 +63,9 @@ def _oblique(affine: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def _reference(model, data_ijk: np.ndarray, affine: np.ndarray, click_ras: np.ndarray):
     """SAM-Med3D's recipe with torchio; returns (mask [k, j, i], z-normed crop, crop affine)."""
-    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(data_ijk)[None],
-                                                affine=affine))
+    subject = tio.Subject(
+        image=tio.ScalarImage(tensor=torch.from_numpy(data_ijk)[None], affine=affine)
+    )
     subject = tio.ToCanonical()(tio.Resample(1.5)(subject))
     can = subject.image.affine
     v = np.floor(np.linalg.solve(can, np.r_[click_ras, 1.0])[:3] + 0.5).astype(int)
@@ -76,17 +77,24 @@ def _reference(model, data_ijk: np.ndarray, affine: np.ndarray, click_ras: np.nd
     x = subject.image.data[None].float()
     point = torch.from_numpy(np.argwhere(subject.label.data[0].numpy())).float()[None]
     emb = model.image_encoder(x)
-    sparse, dense = model.prompt_encoder(points=(point, torch.ones(1, 1, dtype=torch.long)),
-                                         boxes=None, masks=torch.zeros(1, 1, 32, 32, 32))
-    low, _ = model.mask_decoder(image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
-                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                multimask_output=False)
+    sparse, dense = model.prompt_encoder(
+        points=(point, torch.ones(1, 1, dtype=torch.long)),
+        boxes=None,
+        masks=torch.zeros(1, 1, 32, 32, 32),
+    )
+    low, _ = model.mask_decoder(
+        image_embeddings=emb,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
     up = F.interpolate(low[:, :1], size=(128, 128, 128), mode="trilinear", align_corners=False)
     roi = (torch.sigmoid(up[0]) > 0.5).to(torch.uint8)
     back = tio.Resample((data_ijk.shape, affine))(
-        tio.Subject(mask=tio.LabelMap(tensor=roi, affine=subject.image.affine)))
-    return back.mask.data[0].numpy().transpose(2, 1, 0).astype(bool), x[0, 0], \
-        subject.image.affine
+        tio.Subject(mask=tio.LabelMap(tensor=roi, affine=subject.image.affine))
+    )
+    return back.mask.data[0].numpy().transpose(2, 1, 0).astype(bool), x[0, 0], subject.image.affine
 
 
 @pytest.mark.parametrize("oblique", [False, True], ids=["axis-aligned", "oblique"])
@@ -117,6 +125,8 @@ def test_session_matches_torchio_reference(mni, networks, oblique, network) -> N
 
     mask = result.full_mask()
     assert ref_mask.sum() > 1000 and mask.sum() > 1000
-    print(f"{network} {'oblique' if oblique else 'axis-aligned'}: Dice vs reference "
-          f"{dice(mask, ref_mask):.4f}")
+    print(
+        f"{network} {'oblique' if oblique else 'axis-aligned'}: Dice vs reference "
+        f"{dice(mask, ref_mask):.4f}"
+    )
     assert dice(mask, ref_mask) >= 0.97

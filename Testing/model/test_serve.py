@@ -32,8 +32,10 @@ from fastsam3d.session import Session
 from fastsam3d.testing import fixture_model
 from fastsam3d.volume import Volume, VolumeError
 
-pytestmark = [pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU"),
-              pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU"),
+    pytest.mark.timeout(120),
+]
 
 KEY = "test-key-0123456789abcdef"
 
@@ -53,8 +55,11 @@ def serving(runner: Runner, **config: object) -> Iterator[SimpleNamespace]:
     """The app under uvicorn on a free loopback port, in a thread; stopped on exit."""
     config.setdefault("warmup", False)
     app = create_app(runner, ServerConfig(**config))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=20))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=20
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -63,8 +68,9 @@ def serving(runner: Runner, **config: object) -> Iterator[SimpleNamespace]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, server=server,
-                              app=app, thread=thread)
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}", port=port, server=server, app=app, thread=thread
+        )
     finally:
         server.should_exit = True
         thread.join(30)
@@ -72,8 +78,7 @@ def serving(runner: Runner, **config: object) -> Iterator[SimpleNamespace]:
 
 @pytest.fixture(scope="module")
 def srv(runners: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    with serving(runners.server, api_key=KEY, max_sessions=8, max_upload_mb=4,
-                 warmup=True) as s:
+    with serving(runners.server, api_key=KEY, max_sessions=8, max_upload_mb=4, warmup=True) as s:
         yield s
 
 
@@ -95,14 +100,17 @@ def _same(a, b) -> None:
 def _steps(vol: Volume) -> list:
     c = vol.ijk_to_ras_points(np.array([28.0, 24.0, 20.0]))
     lo, hi = vol.ijk_to_ras_points([18.0, 14.0, 12.0]), vol.ijk_to_ras_points([38.0, 34.0, 28.0])
-    return [lambda s: s.add_point(c),
-            lambda s: s.add_point(c + [4.0, 0, 0], False),
-            lambda s: s.add_point(c - [0, 5.0, 2.0]),
-            lambda s: s.undo(),
-            lambda s: s.add_box(lo, hi),
-            lambda s: s.add_point((lo + hi) / 2 + 1.0),
-            lambda s: s.undo(), lambda s: s.undo(),
-            lambda s: s.reset()]
+    return [
+        lambda s: s.add_point(c),
+        lambda s: s.add_point(c + [4.0, 0, 0], False),
+        lambda s: s.add_point(c - [0, 5.0, 2.0]),
+        lambda s: s.undo(),
+        lambda s: s.add_box(lo, hi),
+        lambda s: s.add_point((lo + hi) / 2 + 1.0),
+        lambda s: s.undo(),
+        lambda s: s.undo(),
+        lambda s: s.reset(),
+    ]
 
 
 def _local(runners: SimpleNamespace, **kw: object) -> Session:
@@ -111,8 +119,12 @@ def _local(runners: SimpleNamespace, **kw: object) -> Session:
 
 # --- identical results --------------------------------------------------------------------
 def test_remote_and_local_sessions_give_identical_results(srv, runners) -> None:
-    vols = [_volume(), _volume(dtype=np.int16, centre=(20, 30, 18)).like(
-        _volume(dtype=np.int16, centre=(20, 30, 18)).array.astype(">i2"))]
+    vols = [
+        _volume(),
+        _volume(dtype=np.int16, centre=(20, 30, 18)).like(
+            _volume(dtype=np.int16, centre=(20, 30, 18)).array.astype(">i2")
+        ),
+    ]
     # small chunks: the volume travels in several requests (430 KB float32 -> 7 chunks)
     with RemoteSession(srv.url, api_key=KEY, chunk_bytes=2**16) as remote:
         local = _local(runners)
@@ -130,8 +142,13 @@ def test_remote_and_local_sessions_give_identical_results(srv, runners) -> None:
 
 def test_session_options_reach_the_server(srv, runners) -> None:
     vol = _volume()
-    opts = dict(point_policy="accumulate", max_crops=2, propagate=False,
-                paste_interpolation="linear", lattice_anchor="corner")
+    opts = dict(
+        point_policy="accumulate",
+        max_crops=2,
+        propagate=False,
+        paste_interpolation="linear",
+        lattice_anchor="corner",
+    )
     with RemoteSession(srv.url, api_key=KEY, **opts) as remote:
         assert remote.ping()["point_policy"] == "accumulate"
         local = _local(runners, **opts)
@@ -154,31 +171,42 @@ def test_bad_prompts_get_the_local_errors(srv, runners) -> None:
     with RemoteSession(srv.url, api_key=KEY) as remote:
         local = _local(runners)
         for s in (remote, local):  # before any volume
-            assert _error(lambda s=s: s.add_point(c)) == (SessionError, "no volume: call "
-                                                          "set_volume(volume) first")
+            assert _error(lambda s=s: s.add_point(c)) == (
+                SessionError,
+                "no volume: call set_volume(volume) first",
+            )
         flat = Volume(np.full((8, 8, 8), 3.0, np.float32), np.eye(4))
         assert _error(lambda: remote.set_volume(flat)) == _error(lambda: local.set_volume(flat))
         assert _error(lambda: remote.set_volume(flat))[0] is VolumeError
         assert _error(lambda: remote.set_volume("x")) == _error(lambda: local.set_volume("x"))
         remote.set_volume(vol)
         local.set_volume(vol)
-        bad = [lambda s: s.add_point([1e4, 0.0, 0.0]),
-               lambda s: s.add_point([float("nan"), 0.0, 0.0]),
-               lambda s: s.add_point([1.0, 2.0]),
-               lambda s: s.add_box(c + 5, c - 5),
-               lambda s: s.add_box(c + 1e4, c + 2e4),
-               lambda s: s.undo()]
+        bad = [
+            lambda s: s.add_point([1e4, 0.0, 0.0]),
+            lambda s: s.add_point([float("nan"), 0.0, 0.0]),
+            lambda s: s.add_point([1.0, 2.0]),
+            lambda s: s.add_box(c + 5, c - 5),
+            lambda s: s.add_box(c + 1e4, c + 2e4),
+            lambda s: s.undo(),
+        ]
         for fn in bad:
             r, lo = _error(lambda fn=fn: fn(remote)), _error(lambda fn=fn: fn(local))
             assert r[0] is SessionError and lo[0] is SessionError
-            assert r[1].replace("[", "(").replace("]", ")") == \
-                lo[1].replace("[", "(").replace("]", ")")
+            assert r[1].replace("[", "(").replace("]", ")") == lo[1].replace("[", "(").replace(
+                "]", ")"
+            )
         # nothing changed: the next good click still matches
         _same(remote.add_point(c), local.add_point(c))
 
 
-def _raw(srv, method: str, path: str, body: bytes | None = None, key: str | None = KEY,
-         headers: dict | None = None) -> tuple[int, dict]:
+def _raw(
+    srv,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    key: str | None = KEY,
+    headers: dict | None = None,
+) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
     h = dict(headers or {})
     if key:
@@ -191,18 +219,34 @@ def _raw(srv, method: str, path: str, body: bytes | None = None, key: str | None
 
 
 def test_malformed_payloads_unknown_sessions_and_keys(srv) -> None:
-    st, body = _raw(srv, "POST", "/v1/sessions", b"{not json",
-                    headers={"Content-Type": "application/json"})
+    st, body = _raw(
+        srv, "POST", "/v1/sessions", b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert st == 422 and body["error"] == "malformed"
     for field in ("model", "checkpoint", "path"):
-        st, body = _raw(srv, "POST", "/v1/sessions", json.dumps({field: "/etc/passwd"}).encode(),
-                        headers={"Content-Type": "application/json"})
+        st, body = _raw(
+            srv,
+            "POST",
+            "/v1/sessions",
+            json.dumps({field: "/etc/passwd"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         assert st == 422 and field in body["message"] and "cannot name them" in body["message"]
-    st, body = _raw(srv, "POST", "/v1/sessions", json.dumps({"max_crops": 99}).encode(),
-                    headers={"Content-Type": "application/json"})
+    st, body = _raw(
+        srv,
+        "POST",
+        "/v1/sessions",
+        json.dumps({"max_crops": 99}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     assert st == 422 and "server's limit 8" in body["message"]
-    st, body = _raw(srv, "POST", "/v1/sessions/nope/points", b'{"ras": [0, 0, 0]}',
-                    headers={"Content-Type": "application/json"})
+    st, body = _raw(
+        srv,
+        "POST",
+        "/v1/sessions/nope/points",
+        b'{"ras": [0, 0, 0]}',
+        headers={"Content-Type": "application/json"},
+    )
     assert (st, body["error"]) == (404, "unknown_session")
     with RemoteSession(srv.url, api_key=KEY) as remote:
         p = f"/v1/sessions/{remote.id}"
@@ -211,10 +255,16 @@ def test_malformed_payloads_unknown_sessions_and_keys(srv) -> None:
         assert st == 422 and "ras" in body["message"]
         st, body = _raw(srv, "PUT", p + "/volume/chunks/0", b"xx")
         assert st == 422 and "POST the volume header first" in body["message"]
-        hdr = {"shape": [40, 48, 56], "dtype": "<f4", "ijk_to_ras": np.eye(4).tolist(),
-               "codec": "zlib", "chunk_bytes": 2**16}
-        st, body = _raw(srv, "POST", p + "/volume", json.dumps({**hdr, "dtype": "<c16"}).encode(),
-                        headers=js)
+        hdr = {
+            "shape": [40, 48, 56],
+            "dtype": "<f4",
+            "ijk_to_ras": np.eye(4).tolist(),
+            "codec": "zlib",
+            "chunk_bytes": 2**16,
+        }
+        st, body = _raw(
+            srv, "POST", p + "/volume", json.dumps({**hdr, "dtype": "<c16"}).encode(), headers=js
+        )
         assert st == 422 and "dtype" in body["message"]
         st, body = _raw(srv, "POST", p + "/volume", json.dumps(hdr).encode(), headers=js)
         assert st == 200 and body["chunks"] == 7
@@ -264,13 +314,24 @@ def test_limits_give_clear_http_errors(runners) -> None:
         assert info.value.status == 413
         assert "exceeds the server's upload limit of 0.25 MB" in str(info.value)
         assert a.volume is small and a.undo().shape == before.shape  # the old volume is kept
-        st, body = _raw(srv, "POST", f"/v1/sessions/{a.id}/points", b"x" * 100_000, key=None,
-                        headers={"Content-Type": "application/json"})
+        st, body = _raw(
+            srv,
+            "POST",
+            f"/v1/sessions/{a.id}/points",
+            b"x" * 100_000,
+            key=None,
+            headers={"Content-Type": "application/json"},
+        )
         assert (st, body["error"]) == (413, "too_large")
         # the same without Content-Length (chunked transfer): counted as it arrives
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-        conn.request("POST", f"/v1/sessions/{a.id}/points", body=iter([b"x" * 50_000] * 2),
-                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            f"/v1/sessions/{a.id}/points",
+            body=iter([b"x" * 50_000] * 2),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
         resp = conn.getresponse()
         assert resp.status == 413 and json.loads(resp.read())["error"] == "too_large"
         conn.close()
@@ -322,9 +383,20 @@ def test_concurrent_sessions_and_clicks_never_corrupt_state(srv, runners) -> Non
         c = vol.ijk_to_ras_points(np.array([28.0, 24.0, 20.0]))
         body = json.dumps({"ras": c.tolist(), "positive": True}).encode()
         codes: list[int] = []
-        clicks = [threading.Thread(target=lambda: codes.append(_raw(
-            srv, "POST", f"/v1/sessions/{remote.id}/points", body,
-            headers={"Content-Type": "application/json"})[0])) for _ in range(5)]
+        clicks = [
+            threading.Thread(
+                target=lambda: codes.append(
+                    _raw(
+                        srv,
+                        "POST",
+                        f"/v1/sessions/{remote.id}/points",
+                        body,
+                        headers={"Content-Type": "application/json"},
+                    )[0]
+                )
+            )
+            for _ in range(5)
+        ]
         for t in clicks:
             t.start()
         for t in clicks:
@@ -361,8 +433,9 @@ def test_shutdown_drains_clicks_in_flight(runners, monkeypatch) -> None:
             s.set_volume(vol)
         monkeypatch.setattr(Session, "add_point", slow)
         got: list = []
-        threads = [threading.Thread(target=lambda s=s: got.append(s.add_point(c)))
-                   for s in sessions]
+        threads = [
+            threading.Thread(target=lambda s=s: got.append(s.add_point(c))) for s in sessions
+        ]
         for t in threads:
             t.start()
         time.sleep(0.2)  # all three are in flight (one running, two queued)
@@ -393,10 +466,20 @@ def test_logs_hold_no_image_data_or_usable_ids(srv, caplog) -> None:
     assert not any(KEY in t for t in text)
 
 
-@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.3.2.1", True),
-                                           ("::1", True), ("[::1]", True), ("localhost", True),
-                                           ("0.0.0.0", False), ("::", False),
-                                           ("10.1.2.3", False), ("gpu-host", False)])
+@pytest.mark.parametrize(
+    "host,loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("gpu-host", False),
+    ],
+)
 def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
     from fastsam3d.commands.serve import is_loopback
 
@@ -424,9 +507,21 @@ def test_segment_command_on_a_server(srv, runners, tmp_path) -> None:
     keyfile = tmp_path / "key"
     keyfile.write_text(KEY + "\n")
     out = tmp_path / "mask.nii.gz"
-    rc = cli.main(["segment", str(tmp_path / "img.nii.gz"), "--point",
-                   ",".join(f"{x:.6f}" for x in c), "--out", str(out), "--server", srv.url,
-                   "--api-key-file", str(keyfile), "-q"])
+    rc = cli.main(
+        [
+            "segment",
+            str(tmp_path / "img.nii.gz"),
+            "--point",
+            ",".join(f"{x:.6f}" for x in c),
+            "--out",
+            str(out),
+            "--server",
+            srv.url,
+            "--api-key-file",
+            str(keyfile),
+            "-q",
+        ]
+    )
     assert rc == 0
     local = _local(runners)
     local.set_volume(img)

@@ -211,8 +211,12 @@ def test_large_box_uses_several_crops() -> None:
 # --- bad input: a clear error, nothing changed -------------------------------------------------
 def test_calls_before_set_volume() -> None:
     s = _session()
-    for call in (lambda: s.add_point((0, 0, 0)), lambda: s.add_box((0, 0, 0), (1, 1, 1)),
-                 s.undo, s.reset):
+    for call in (
+        lambda: s.add_point((0, 0, 0)),
+        lambda: s.add_box((0, 0, 0), (1, 1, 1)),
+        s.undo,
+        s.reset,
+    ):
         with pytest.raises(SessionError, match="set_volume"):
             call()
 
@@ -328,8 +332,9 @@ def test_partial_upsample_gives_the_same_mask_as_the_full_one() -> None:
         t = type(tile)(tile.start, low)
         start, part = s._upsampled_part(t)
         region = tuple(slice(0, n) for n in vol.shape)
-        full = geo.sample_field((geo.upsample_logits(low) > 0)[None], t.start, s.lattice,
-                                vol.ijk_to_ras, region)[0]
+        full = geo.sample_field(
+            (geo.upsample_logits(low) > 0)[None], t.start, s.lattice, vol.ijk_to_ras, region
+        )[0]
         ours = geo.sample_field((part > 0)[None], start, s.lattice, vol.ijk_to_ras, region)[0]
         assert torch.equal(full, ours), trial
 

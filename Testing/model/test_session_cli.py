@@ -44,9 +44,25 @@ def test_segment_writes_mask_on_the_image_grid_and_a_preview(image, tmp_path, ca
     lps = [-centre[0], -centre[1], centre[2]]
     prompts.write_text(json.dumps({"space": "LPS", "points": [{"lps": lps, "positive": False}]}))
     out, png = tmp_path / "mask.nii.gz", tmp_path / "preview.png"
-    rc = main(["segment", str(path), "--point", ",".join(map(str, centre)), "--prompts",
-               str(prompts), "--out", str(out), "--preview", str(png), "--fixture-weights",
-               "--max-crops", "1", "--label", "4"])
+    rc = main(
+        [
+            "segment",
+            str(path),
+            "--point",
+            ",".join(map(str, centre)),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--preview",
+            str(png),
+            "--fixture-weights",
+            "--max-crops",
+            "1",
+            "--label",
+            "4",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "NOT a segmentation" in err and "click 2/2 -" in err
@@ -95,8 +111,17 @@ def test_refuses_to_overwrite_the_input_and_reports_bad_clicks(image, tmp_path, 
     before = path.read_bytes()
     assert main(["segment", str(path), "--point", "0,0,0", "--out", str(path)]) == 2
     assert path.read_bytes() == before
-    rc = main(["segment", str(path), "--point", "900,0,0", "--out", str(tmp_path / "m.nrrd"),
-               "--fixture-weights"])
+    rc = main(
+        [
+            "segment",
+            str(path),
+            "--point",
+            "900,0,0",
+            "--out",
+            str(tmp_path / "m.nrrd"),
+            "--fixture-weights",
+        ]
+    )
     assert rc == 1 and "outside the volume" in capsys.readouterr().err
 
 
@@ -112,8 +137,23 @@ def test_checkpoint_path_gives_the_same_mask_as_the_model_it_holds(image, tmp_pa
     outs = []
     for extra in (["--checkpoint", str(ckpt)], ["--fixture-weights"]):
         out = tmp_path / f"m{len(outs)}.nii.gz"
-        assert main(["segment", str(path), "--point", point, "--out", str(out), "-q",
-                     "--max-crops", "1", *extra]) == 0
+        assert (
+            main(
+                [
+                    "segment",
+                    str(path),
+                    "--point",
+                    point,
+                    "--out",
+                    str(out),
+                    "-q",
+                    "--max-crops",
+                    "1",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         outs.append(Volume.read(out).array)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert outs[0].any()
@@ -130,6 +170,22 @@ def test_checkpoint_named_like_a_registry_entry_is_the_file(image, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     save_official(fixture_model("fastsam3d"), tmp_path / "fastsam3d")
     point = ",".join(map(str, vol.ijk_to_ras_points([12, 11, 10])))
-    assert main(["segment", str(path), "--point", point, "--out", "m.nii.gz", "-q",
-                 "--max-crops", "1", "--checkpoint", "fastsam3d"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(path),
+                "--point",
+                point,
+                "--out",
+                "m.nii.gz",
+                "-q",
+                "--max-crops",
+                "1",
+                "--checkpoint",
+                "fastsam3d",
+            ]
+        )
+        == 0
+    )
     assert Volume.read(tmp_path / "m.nii.gz").array.any()

@@ -32,14 +32,21 @@ class _Prompt(nn.Module):
 
     def forward(self, points, boxes, masks):
         coords, labels = points
-        self._owner[0].prompts.append((coords.clone(), labels.clone(),
-                                       None if masks is None else masks.clone()))
+        self._owner[0].prompts.append(
+            (coords.clone(), labels.clone(), None if masks is None else masks.clone())
+        )
         return (coords, labels), masks
 
 
 class _Decoder(nn.Module):
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                dense_prompt_embeddings, multimask_output):
+    def forward(
+        self,
+        image_embeddings,
+        image_pe,
+        sparse_prompt_embeddings,
+        dense_prompt_embeddings,
+        multimask_output,
+    ):
         x = image_embeddings
         pooled = F.avg_pool3d(x, 4)
         mid = (x.amin() + x.amax()) / 2

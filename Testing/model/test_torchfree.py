@@ -33,7 +33,7 @@ VARIANTS = {  # parity key -> registry config
 
 # Runs inside the torch-free venv (and, for the in-process test, here): argv = checkpoint,
 # parity npz, work dir. Prints one line per check.
-CHECK = textwrap.dedent('''
+CHECK = textwrap.dedent("""
     import sys
     from pathlib import Path
     import numpy as np
@@ -59,12 +59,15 @@ CHECK = textwrap.dedent('''
                        golden[key + "_click1_lowres"], True)
     print("multimask", rel(low, golden[key + "_multimask_lowres"]))
     print("torch imported:", "torch" in sys.modules)
-''')
+""")
 
 
 def _parse(stdout: str) -> dict:
-    return {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in stdout.splitlines()
-            if line.strip()}
+    return {
+        line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1]
+        for line in stdout.splitlines()
+        if line.strip()
+    }
 
 
 def _checkpoint(tmp_path: Path, config: str) -> Path:
@@ -79,10 +82,23 @@ def test_templates_cover_every_registered_config():
 def test_template_graphs_filled_from_a_pth_equal_the_reference(tmp_path, parity_dir, key):
     ckpt = _checkpoint(tmp_path, VARIANTS[key])
     obj = read_weights(ckpt)
-    assert match_template(obj["model_state_dict"], obj["args"].block_style)["config"] == \
-        VARIANTS[key]
-    run = subprocess.run([sys.executable, "-c", CHECK, str(ckpt), str(parity_dir / "parity.npz"),
-                          str(tmp_path / "g"), key], capture_output=True, text=True, timeout=600)
+    assert (
+        match_template(obj["model_state_dict"], obj["args"].block_style)["config"] == VARIANTS[key]
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHECK,
+            str(ckpt),
+            str(parity_dir / "parity.npz"),
+            str(tmp_path / "g"),
+            key,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     res = _parse(run.stdout)
     for check in ("embedding", "click1", "multimask"):
@@ -90,9 +106,14 @@ def test_template_graphs_filled_from_a_pth_equal_the_reference(tmp_path, parity_
 
 
 def test_template_build_refuses_weights_that_fit_no_graph(tmp_path):
-    sd = {k: v.numpy() for k, v in fixture_model("fastsam3d", depth=1, embed_dim=48,
-                                                 num_heads=1, num_attn_free_blocks=1)
-          .state_dict().items()}
+    sd = {
+        k: v.numpy()
+        for k, v in fixture_model(
+            "fastsam3d", depth=1, embed_dim=48, num_heads=1, num_attn_free_blocks=1
+        )
+        .state_dict()
+        .items()
+    }
     with pytest.raises(ValueError, match="fit none of the graph templates"):
         build_from_weights(sd, tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -110,8 +131,12 @@ def test_int8_from_template_agrees(tmp_path, parity_dir):
 
 def _pypi_reachable(python: str) -> bool:
     try:
-        r = subprocess.run([python, "-m", "pip", "index", "versions", "onnxruntime"],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [python, "-m", "pip", "index", "versions", "onnxruntime"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
@@ -128,21 +153,37 @@ def test_segment_engine_in_a_venv_without_torch(tmp_path, parity_dir):
         pytest.skip("the package index is unreachable: cannot build a torch-free venv")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([*pip, "numpy", "onnxruntime", "onnx"], capture_output=True, text=True,
-                       timeout=400, env=env)
+    r = subprocess.run(
+        [*pip, "numpy", "onnxruntime", "onnx"], capture_output=True, text=True, timeout=400, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     src = tmp_path / "model"  # a copy: building in place would leave build/ in the checkout
-    shutil.copytree(REPO / "model", src,
-                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    r = subprocess.run([*pip, "--no-deps", str(src)], capture_output=True,
-                       text=True, timeout=300, env=env)
+    shutil.copytree(
+        REPO / "model", src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
+    r = subprocess.run(
+        [*pip, "--no-deps", str(src)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     probe = subprocess.run([py, "-c", "import torch"], capture_output=True, env=env)
     assert probe.returncode != 0, "torch is importable in the isolated venv"
     ckpt = _checkpoint(tmp_path, "fastsam3d")
-    run = subprocess.run([py, "-c", CHECK, str(ckpt), str(parity_dir / "parity.npz"),
-                          str(tmp_path / "g"), "fastsam3d"], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            py,
+            "-c",
+            CHECK,
+            str(ckpt),
+            str(parity_dir / "parity.npz"),
+            str(tmp_path / "g"),
+            "fastsam3d",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     res = _parse(run.stdout)
     assert res["torch imported:"] == "False"
@@ -156,8 +197,21 @@ def test_segment_engine_in_a_venv_without_torch(tmp_path, parity_dir):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"model_state_dict": {"x": torch.zeros(1)}, "p": Exploit()}, evil)
-    run = subprocess.run([py, "-c", CHECK, str(evil), str(parity_dir / "parity.npz"),
-                          str(tmp_path / "g2"), "fastsam3d"], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            py,
+            "-c",
+            CHECK,
+            str(evil),
+            str(parity_dir / "parity.npz"),
+            str(tmp_path / "g2"),
+            "fastsam3d",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode != 0 and "refused" in run.stderr
     assert not (tmp_path / "pwned").exists()

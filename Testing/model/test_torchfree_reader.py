@@ -55,8 +55,7 @@ def test_dtypes_views_shared_storage_and_parameters(tmp_path):
     path = tmp_path / "d.pth"
     torch.save(data, path)
     got = read_pth(path)
-    for k in ("f16", "f64", "i64", "u8", "bool", "transposed", "slice", "whole", "empty",
-              "scalar"):
+    for k in ("f16", "f64", "i64", "u8", "bool", "transposed", "slice", "whole", "empty", "scalar"):
         assert got[k].shape == tuple(data[k].shape), k
         assert np.array_equal(got[k], data[k].numpy()), k
     assert np.array_equal(got["bf16"], data["bf16"].float().numpy())

@@ -40,8 +40,9 @@ def test_nifti_read_matches_nibabel_geometry(tmp_path) -> None:
     np.testing.assert_allclose(vol.array, data.transpose(2, 1, 0))
     np.testing.assert_allclose(vol.ijk_to_ras, m, atol=1e-4)
     # the position of a voxel agrees between the two conventions
-    np.testing.assert_allclose(vol.ijk_to_ras_points([3, 2, 1]), m[:3, :3] @ [3, 2, 1] + m[:3, 3],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        vol.ijk_to_ras_points([3, 2, 1]), m[:3, :3] @ [3, 2, 1] + m[:3, 3], atol=1e-4
+    )
 
 
 def test_dicom_folder_is_read_as_one_volume(tmp_path) -> None:

@@ -37,12 +37,15 @@ def test_volume_round_trip_in_chunks(codec: str, dtype: str) -> None:
 def test_bad_headers_are_named() -> None:
     a = np.zeros((4, 5, 6), np.float32)
     good = wire.volume_header(a, np.eye(4), "zlib", wire.MIN_CHUNK_BYTES)
-    for change, words in [({"shape": [4, 5]}, "three integers"),
-                          ({"shape": [4, 5, 0]}, "positive"),
-                          ({"shape": [4.0, 5, 6]}, "three integers"),
-                          ({"dtype": "<c8"}, "dtype"), ({"dtype": "O"}, "dtype"),
-                          ({"codec": "lzma"}, "codec"),
-                          ({"chunk_bytes": 10}, "chunk_bytes")]:
+    for change, words in [
+        ({"shape": [4, 5]}, "three integers"),
+        ({"shape": [4, 5, 0]}, "positive"),
+        ({"shape": [4.0, 5, 6]}, "three integers"),
+        ({"dtype": "<c8"}, "dtype"),
+        ({"dtype": "O"}, "dtype"),
+        ({"codec": "lzma"}, "codec"),
+        ({"chunk_bytes": 10}, "chunk_bytes"),
+    ]:
         with pytest.raises(wire.WireError, match=words):
             wire.VolumeAssembler({**good, **change}, 2**30)
     with pytest.raises(OverflowError, match="exceeds the server's upload limit of 1 MB"):
@@ -106,14 +109,15 @@ def test_result_round_trip_and_checks() -> None:
 
 def test_client_side_imports_without_torch() -> None:
     """RemoteSession, Result and the wire format must work where torch is absent (Slicer)."""
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import fastsam3d\n"
-            "from fastsam3d import RemoteSession, Result, SessionError, VolumeError, "
-            "paste_result, Volume\n"
-            "from fastsam3d.remote import check_server\n"
-            "import fastsam3d.wire\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import fastsam3d\n"
+        "from fastsam3d import RemoteSession, Result, SessionError, VolumeError, "
+        "paste_result, Volume\n"
+        "from fastsam3d.remote import check_server\n"
+        "import fastsam3d.wire\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -41,15 +41,21 @@ from fastsam3d_distill.stage1 import (  # noqa: E402
 from fastsam3d_distill.stage2 import FinetuneTask  # noqa: E402
 from fastsam3d_distill.synthetic import synthetic_crops  # noqa: E402
 
-T = dict(depth=4, embed_dim=32, num_heads=2, window_size=0, global_attn_indexes=(),
-         out_chans=48)
+T = dict(depth=4, embed_dim=32, num_heads=2, window_size=0, global_attn_indexes=(), out_chans=48)
 S = dict(depth=2, embed_dim=32, num_heads=2, num_attn_free_blocks=1, out_chans=48)
 
 
 def _cfg(**kw: object) -> TrainConfig:
-    base = dict(out_dir=tempfile.mkdtemp(prefix="cpu_recipes_"), precision="fp32",
-                device="cpu", resume=False, tensorboard=False, progress=False, log_every=1,
-                checkpoints=False)
+    base = dict(
+        out_dir=tempfile.mkdtemp(prefix="cpu_recipes_"),
+        precision="fp32",
+        device="cpu",
+        resume=False,
+        tensorboard=False,
+        progress=False,
+        log_every=1,
+        checkpoints=False,
+    )
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -60,12 +66,15 @@ def feature_error(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.T
     task.k = len(task.pairs)
     b = task.prepare({"image": x})
     neck, _ = student(x, return_taps=True)
-    return {"neck_mse": float((neck - b["t_neck"]).pow(2).mean()),
-            "pairs_mse": float(task(b).mean())}
+    return {
+        "neck_mse": float((neck - b["t_neck"]).pow(2).mean()),
+        "pairs_mse": float(task(b).mean()),
+    }
 
 
-def stage1_variants(teacher: torch.nn.Module, train: torch.Tensor, held: torch.Tensor,
-                    steps: int) -> dict:
+def stage1_variants(
+    teacher: torch.nn.Module, train: torch.Tensor, held: torch.Tensor, steps: int
+) -> dict:
     variants = {
         "released (neck, random init, no clip)": ("neck", 0.0, "random", 0.0),
         "paper (norm, k pairs, random init, no clip)": ("paper", 0.0, "random", 0.0),
@@ -81,17 +90,24 @@ def stage1_variants(teacher: torch.nn.Module, train: torch.Tensor, held: torch.T
             init_student_from_teacher(student, teacher)
         task = DistillTask(student, teacher, loss=loss, neck_weight=neck_w, k_every_steps=10)
         t0 = time.perf_counter()
-        Trainer(task, TensorCropDataset(train), _cfg(epochs=10**6, max_steps=steps,
-                                                     batch_size=2, grad_clip=clip)).fit()
-        out[name] = {**feature_error(student.eval(), teacher, held),
-                     "seconds": time.perf_counter() - t0}
+        Trainer(
+            task,
+            TensorCropDataset(train),
+            _cfg(epochs=10**6, max_steps=steps, batch_size=2, grad_clip=clip),
+        ).fit()
+        out[name] = {
+            **feature_error(student.eval(), teacher, held),
+            "seconds": time.perf_counter() - t0,
+        }
         print(f"[stage1] {name}: {out[name]}", flush=True)
     return out
 
 
 def smoothed(xs: list[float], w: int) -> list[float]:
-    return [sum(xs[max(0, i - w + 1): i + 1]) / len(xs[max(0, i - w + 1): i + 1])
-            for i in range(len(xs))]
+    return [
+        sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1])
+        for i in range(len(xs))
+    ]
 
 
 def gating(make_task, dataset, steps: int, batch: int, window: int) -> dict:
@@ -101,21 +117,34 @@ def gating(make_task, dataset, steps: int, batch: int, window: int) -> dict:
     for mode in ("off", "sample", "batch"):
         torch.manual_seed(0)
         task = make_task()
-        cfg = _cfg(epochs=10**6, max_micro_steps=steps, batch_size=batch, lr=1e-3,
-                   gate=mode != "off", gate_mode=mode if mode != "off" else "sample",
-                   gate_warmup=max(2 * (len(dataset) // batch), steps // 5))
+        cfg = _cfg(
+            epochs=10**6,
+            max_micro_steps=steps,
+            batch_size=batch,
+            lr=1e-3,
+            gate=mode != "off",
+            gate_mode=mode if mode != "off" else "sample",
+            gate_warmup=max(2 * (len(dataset) // batch), steps // 5),
+        )
         tr = Trainer(task, dataset, cfg)
         res = tr.fit()
         h = tr.history
-        runs[mode] = {"t": [r["time"] for r in h], "loss": smoothed([r["loss"] for r in h],
-                                                                     window),
-                      "gate": res["gate"], "seconds": res["seconds"]}
-    target = min(runs["off"]["loss"][len(runs["off"]["loss"]) // 2:])
+        runs[mode] = {
+            "t": [r["time"] for r in h],
+            "loss": smoothed([r["loss"] for r in h], window),
+            "gate": res["gate"],
+            "seconds": res["seconds"],
+        }
+    target = min(runs["off"]["loss"][len(runs["off"]["loss"]) // 2 :])
     out: dict = {"target_loss": target}
     for mode, r in runs.items():
         hit = next((t for t, v in zip(r["t"], r["loss"]) if v <= target), None)
-        out[mode] = {"seconds_to_target": hit, "run_seconds": r["seconds"],
-                     "final_smoothed_loss": r["loss"][-1], **r["gate"]}
+        out[mode] = {
+            "seconds_to_target": hit,
+            "run_seconds": r["seconds"],
+            "final_smoothed_loss": r["loss"][-1],
+            **r["gate"],
+        }
     base = out["off"]["seconds_to_target"]
     for mode in ("sample", "batch"):
         hit = out[mode]["seconds_to_target"]
@@ -125,8 +154,9 @@ def gating(make_task, dataset, steps: int, batch: int, window: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--stage1-steps", type=int, default=30)
     ap.add_argument("--gate-steps", type=int, default=160)
@@ -136,9 +166,13 @@ def main() -> int:
     teacher = fixture_model("sam-med3d-turbo-fastsam3d-block", **T).image_encoder.eval()
     teacher.requires_grad_(False)
     images, labels = synthetic_crops(10, seed=0)
-    result: dict = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-                    "machine": "shared 2-core CPU VM, 1 thread", "scale": "tiny networks "
-                    "(teacher 4x32, student 2x32), 8 training + 2 held-out 128^3 crops, fp32"}
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "machine": "shared 2-core CPU VM, 1 thread",
+        "scale": "tiny networks "
+        "(teacher 4x32, student 2x32), 8 training + 2 held-out 128^3 crops, fp32",
+    }
     result["stage1"] = stage1_variants(teacher, images[:8], images[8:], args.stage1_steps)
 
     # Gating, stage 1 with cached targets (the teacher's outputs precomputed, fixed k).
@@ -153,8 +187,12 @@ def main() -> int:
         def get_batch(self, idx: list[int], epoch: int) -> dict:
             i = torch.as_tensor(idx)
             tap_ids = needed_teacher_taps(2, 4)
-            return {"image": images[i], "id": list(idx), "t_neck": neck[i],
-                    "t_taps": torch.stack([taps[t][i] for t in tap_ids], 1)}
+            return {
+                "image": images[i],
+                "id": list(idx),
+                "t_neck": neck[i],
+                "t_taps": torch.stack([taps[t][i] for t in tap_ids], 1),
+            }
 
     def s1_task() -> DistillTask:
         st = fastsam3d.build_model("fastsam3d", **S).image_encoder.train()
@@ -166,8 +204,9 @@ def main() -> int:
         m = fastsam3d.build_model("fastsam3d", **S)
         return FinetuneTask(m, n_clicks=3, clicks="released")
 
-    result["gating_stage2"] = gating(s2_task, TensorCropDataset(images[:8], labels[:8]),
-                                     args.ft_steps, 2, 8)
+    result["gating_stage2"] = gating(
+        s2_task, TensorCropDataset(images[:8], labels[:8]), args.ft_steps, 2, 8
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_recipes.json").write_text(json.dumps(result, indent=1))

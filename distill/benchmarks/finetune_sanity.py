@@ -53,24 +53,42 @@ def main() -> int:
     before = evaluate_crops(model, ho, n_clicks=5, device=a.device)
     model.train()
     task = FinetuneTask(model, n_clicks=a.clicks)
-    cfg = TrainConfig(out_dir=str(out / "run"), epochs=10**6, max_steps=a.steps, batch_size=2,
-                      lr=1e-3, device=a.device, resume=False, progress=False, log_every=5,
-                      checkpoints=False)
+    cfg = TrainConfig(
+        out_dir=str(out / "run"),
+        epochs=10**6,
+        max_steps=a.steps,
+        batch_size=2,
+        lr=1e-3,
+        device=a.device,
+        resume=False,
+        progress=False,
+        log_every=5,
+        checkpoints=False,
+    )
     t0 = time.perf_counter()
     res = Trainer(task, tr, cfg).fit()
     after = evaluate_crops(model.eval(), ho, n_clicks=5, device=a.device)
     after_orig = evaluate_volumes(model, ho_cases, ho.samples, n_clicks=5, device=a.device)
     write_report({"crop": after, "original": after_orig}, out / "eval_after")
     report = {
-        "steps": res["opt_steps"], "train_samples": len(tr), "heldout_samples": len(ho),
+        "steps": res["opt_steps"],
+        "train_samples": len(tr),
+        "heldout_samples": len(ho),
         "train_seconds": time.perf_counter() - t0,
-        "before": summarise(before)["overall"], "after": summarise(after)["overall"],
+        "before": summarise(before)["overall"],
+        "after": summarise(after)["overall"],
         "after_original_grid": summarise(after_orig)["overall"],
     }
     (out / "finetune_sanity.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("steps", "train_seconds")}))
-    print("before", report["before"]["final"], "after", report["after"]["final"],
-          "after (original grid)", report["after_original_grid"]["final"])
+    print(
+        "before",
+        report["before"]["final"],
+        "after",
+        report["after"]["final"],
+        "after (original grid)",
+        report["after_original_grid"]["final"],
+    )
     return 0
 
 

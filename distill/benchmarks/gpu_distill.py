@@ -33,8 +33,11 @@ import time
 from pathlib import Path
 
 # NVLink multicast stays off (on shared hosts a multicast user can take GPUs out of service).
-for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-               ("NVSHMEM_DISABLE_NVLS", "1")):
+for _k, _v in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
     os.environ.setdefault(_k, _v)
 
 HERE = Path(__file__).resolve()
@@ -67,8 +70,9 @@ from fastsam3d_distill.stage1 import (  # noqa: E402
 
 TEACHER = "sam-med3d-turbo-fastsam3d-block"
 STUDENT = "fastsam3d"
-TINY_T = dict(depth=4, embed_dim=32, num_heads=2, window_size=0, global_attn_indexes=(),
-              out_chans=48)
+TINY_T = dict(
+    depth=4, embed_dim=32, num_heads=2, window_size=0, global_attn_indexes=(), out_chans=48
+)
 TINY_S = dict(depth=2, embed_dim=32, num_heads=2, num_attn_free_blocks=1, out_chans=48)
 
 
@@ -83,8 +87,9 @@ def make_crops(n: int, device: torch.device, seed: int = 0, size: int = 128) -> 
         coarse = torch.randn(1, 1, 8, 8, 8, generator=g).to(device)
         fine = torch.randn(1, 1, 32, 32, 32, generator=g).to(device)
         vol = F.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=False)
-        vol = vol + 0.2 * F.interpolate(fine, size=(size,) * 3, mode="trilinear",
-                                        align_corners=False)
+        vol = vol + 0.2 * F.interpolate(
+            fine, size=(size,) * 3, mode="trilinear", align_corners=False
+        )
         r = torch.rand(3, generator=g).to(device) * 0.2 + 0.8
         body = (xx / r[0]) ** 2 + (yy / r[1]) ** 2 + (zz / r[2]) ** 2 <= 1
         vol = torch.where(body, 2.0 + vol[0, 0], torch.zeros((), device=device))
@@ -114,14 +119,19 @@ def throughput(history: list[dict], batch_global: int) -> dict:
     a, b = recs[0], recs[-1]
     vols = (b["micro_step"] - a["micro_step"]) * batch_global
     dt = b["time"] - a["time"]
-    return {"volumes_per_s": vols / dt if dt > 0 else float("nan"), "measured_s": dt,
-            "volumes": vols}
+    return {
+        "volumes_per_s": vols / dt if dt > 0 else float("nan"),
+        "measured_s": dt,
+        "volumes": vols,
+    }
 
 
 def first_reach(hist: list[dict], sm: list[float], level: float, window: int) -> float | None:
     """Time at which the smoothed curve first reaches ``level`` (after one full window)."""
-    return next((h["time"] for n, (h, v) in enumerate(zip(hist, sm))
-                 if n + 1 >= window and v <= level), None)
+    return next(
+        (h["time"] for n, (h, v) in enumerate(zip(hist, sm)) if n + 1 >= window and v <= level),
+        None,
+    )
 
 
 def spikes(sm: list[float], window: int, factor: float = 10.0) -> int:
@@ -146,8 +156,9 @@ def rebase(history: list[dict]) -> list[dict]:
     return [{**h, "time": h["time"] - t0} for h in history]
 
 
-def maybe_compile(module: torch.nn.Module, enabled: bool, name: str, notes: list[str],
-                  probe) -> None:
+def maybe_compile(
+    module: torch.nn.Module, enabled: bool, name: str, notes: list[str], probe
+) -> None:
     """Compile in place and run ``probe(module)`` once (compilation is lazy: this is where it
     happens, outside the measured runs). Any failure reverts to eager and is recorded."""
     if enabled:
@@ -162,20 +173,46 @@ def maybe_compile(module: torch.nn.Module, enabled: bool, name: str, notes: list
     probe(module)  # warm-up (cuDNN/cuBLAS heuristics, allocator) outside the measured runs
 
 
-def run_phase(name: str, task: DistillTask, dataset, args, env, seconds: float,
-              gate: bool = False, max_micro: int = 0, log_every: int = 0,
-              workers: int = 0) -> dict:
+def run_phase(
+    name: str,
+    task: DistillTask,
+    dataset,
+    args,
+    env,
+    seconds: float,
+    gate: bool = False,
+    max_micro: int = 0,
+    log_every: int = 0,
+    workers: int = 0,
+) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"gpu_distill_{name}_"))
     cfg = TrainConfig(
-        out_dir=str(out), epochs=10**6, batch_size=args.batch, accum=1, lr=args.lr,
-        ddp_comm=args.ddp_comm, num_workers=workers, gate_mode=args.gate_mode,
-        weight_decay=0.1, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
-        precision="bf16" if args.bf16 else "fp32", seed=2023,
-        log_every=log_every or args.log_every, device=str(env.device), resume=False,
-        tensorboard=False, progress=False, checkpoints=False, max_seconds=seconds,
-        max_micro_steps=max_micro, gate=gate, gate_warmup=args.gate_warmup,
+        out_dir=str(out),
+        epochs=10**6,
+        batch_size=args.batch,
+        accum=1,
+        lr=args.lr,
+        ddp_comm=args.ddp_comm,
+        num_workers=workers,
+        gate_mode=args.gate_mode,
+        weight_decay=0.1,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+        precision="bf16" if args.bf16 else "fp32",
+        seed=2023,
+        log_every=log_every or args.log_every,
+        device=str(env.device),
+        resume=False,
+        tensorboard=False,
+        progress=False,
+        checkpoints=False,
+        max_seconds=seconds,
+        max_micro_steps=max_micro,
+        gate=gate,
+        gate_warmup=args.gate_warmup,
         gate_threshold=args.gate_threshold,
-        gate_min_backward=args.gate_min_backward if args.gate_min_backward == "auto"
+        gate_min_backward=args.gate_min_backward
+        if args.gate_min_backward == "auto"
         else float(args.gate_min_backward),
     )
     if env.device.type == "cuda":
@@ -206,8 +243,9 @@ def nifti_dataset(root: Path, n_cases: int, shape: tuple[int, int, int], env) ->
     return CropDataset(cases, samples)
 
 
-def prepared_dataset(root: Path, n_cases: int, shape: tuple[int, int, int], env,
-                     workers: int) -> tuple[object, float]:
+def prepared_dataset(
+    root: Path, n_cases: int, shape: tuple[int, int, int], env, workers: int
+) -> tuple[object, float]:
     """The NIfTI dataset of :func:`nifti_dataset`, prepared once by rank 0 (every case decoded
     once, crops stored memory-mapped) and opened by every rank; (dataset, prepare seconds)."""
     from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
@@ -216,8 +254,7 @@ def prepared_dataset(root: Path, n_cases: int, shape: tuple[int, int, int], env,
     t0 = time.perf_counter()
     prep = root.parent / (root.name + "_prepared")
     if env.is_main:
-        prepare_crops(nds.cases, nds.samples, prep, min_voxels=100,
-                      workers=workers * env.world)
+        prepare_crops(nds.cases, nds.samples, prep, min_voxels=100, workers=workers * env.world)
     if env.distributed:
         torch.distributed.barrier()
     t_prep = time.perf_counter() - t0
@@ -228,11 +265,15 @@ def _write_case(job: tuple[str, int, tuple[int, int, int]]) -> None:
     from fastsam3d_distill.synthetic import make_phantom, write_nifti
 
     root, c, shape = job
-    ph = make_phantom(shape=shape, spacing=(1.0, 1.0, 1.0), seed=c, oblique_deg=5.0,
-                      n_ellipsoids=6, n_tubes=2)
+    ph = make_phantom(
+        shape=shape, spacing=(1.0, 1.0, 1.0), seed=c, oblique_deg=5.0, n_ellipsoids=6, n_tubes=2
+    )
     name = f"case_{c:03d}"
-    write_nifti(ph, Path(root) / "imagesTr" / f"{name}_0000.nii.gz",
-                Path(root) / "labelsTr" / f"{name}.nii.gz")
+    write_nifti(
+        ph,
+        Path(root) / "imagesTr" / f"{name}_0000.nii.gz",
+        Path(root) / "labelsTr" / f"{name}.nii.gz",
+    )
 
 
 def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
@@ -246,10 +287,15 @@ def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
     idx = list(range(env.rank, n, env.world))
     order = [idx[(k * 7919) % len(idx)] for k in range(len(idx))]  # shuffled, no volume reuse
     batches = [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)] * 50
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                        collate_fn=collate, persistent_workers=False,
-                        prefetch_factor=4 if workers else None,
-                        multiprocessing_context=worker_context() if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context=worker_context() if workers else None,
+    )
     it = iter(loader)
     next(it)  # worker start-up is not the steady state
     t0, vols = time.perf_counter(), 0
@@ -267,46 +313,78 @@ def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--minutes", type=float, default=8.0, help="total wall budget (approx.)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[DEFAULT_GPU_BATCH["distill"]],
-                    help="per-process batch sizes to measure (online + cached for each; the "
-                         "first also for gating and the NIfTI path)")
-    ap.add_argument("--ddp-comm", choices=["fp32", "bf16"], default="fp32",
-                    help="gradient all-reduce precision")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_GPU_BATCH["distill"]],
+        help="per-process batch sizes to measure (online + cached for each; the "
+        "first also for gating and the NIfTI path)",
+    )
+    ap.add_argument(
+        "--ddp-comm", choices=["fp32", "bf16"], default="fp32", help="gradient all-reduce precision"
+    )
     ap.add_argument("--gate-mode", choices=["sample", "batch"], default="sample")
-    ap.add_argument("--ft-batches", type=int, nargs="+",
-                    default=[DEFAULT_GPU_BATCH["finetune"]],
-                    help="per-process batch sizes for the stage-2 (finetune) phase")
+    ap.add_argument(
+        "--ft-batches",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_GPU_BATCH["finetune"]],
+        help="per-process batch sizes for the stage-2 (finetune) phase",
+    )
     ap.add_argument("--nifti-cases", type=int, default=32, help="8 structures each")
     ap.add_argument("--nifti-shape", type=int, nargs=3, default=[160, 192, 160])
     ap.add_argument("--workers", type=int, default=14, help="DataLoader workers per process")
-    ap.add_argument("--nifti-dir", default="",
-                    help="where the NIfTI dataset goes (default: <tmp>/gpu_distill_nifti, "
-                         "shared by the ranks of one host)")
-    ap.add_argument("--global-batch", type=int, default=0,
-                    help="fix the global batch instead (per-process = global / processes), "
-                         "for scaling runs")
+    ap.add_argument(
+        "--nifti-dir",
+        default="",
+        help="where the NIfTI dataset goes (default: <tmp>/gpu_distill_nifti, "
+        "shared by the ranks of one host)",
+    )
+    ap.add_argument(
+        "--global-batch",
+        type=int,
+        default=0,
+        help="fix the global batch instead (per-process = global / processes), for scaling runs",
+    )
     ap.add_argument("--crops", type=int, default=64, help="distinct synthetic crops")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--warmup-steps", type=int, default=100, help="linear LR warm-up")
-    ap.add_argument("--grad-clip", type=float, default=1.0,
-                    help="global grad-norm clip (0 = off); without it lr 8e-4 at batch 16 in "
-                         "bf16 spiked by 10^4x on the H200")
+    ap.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="global grad-norm clip (0 = off); without it lr 8e-4 at batch 16 in "
+        "bf16 spiked by 10^4x on the H200",
+    )
     ap.add_argument("--gate-warmup", type=int, default=100, help="micro-batches")
-    ap.add_argument("--gate-threshold", type=float, default=0.0,
-                    help="skip when mean(loss/baseline) <= 1 + threshold")
+    ap.add_argument(
+        "--gate-threshold",
+        type=float,
+        default=0.0,
+        help="skip when mean(loss/baseline) <= 1 + threshold",
+    )
     ap.add_argument("--gate-min-backward", default="auto", help="'auto' or a share in [0, 1]")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ddp", action="store_true", help="launched by torchrun (multi-GPU)")
-    ap.add_argument("--phases", nargs="+", default=["online", "cached", "gating"],
-                    choices=["online", "cached", "gating", "nifti", "prepared", "finetune"])
+    ap.add_argument(
+        "--phases",
+        nargs="+",
+        default=["online", "cached", "gating"],
+        choices=["online", "cached", "gating", "nifti", "prepared", "finetune"],
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few seconds")
-    ap.add_argument("--device", default="auto",
-                    help="auto: cuda (cpu with --smoke); 'cpu' runs the real sizes on the CPU")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="auto: cuda (cpu with --smoke); 'cpu' runs the real sizes on the CPU",
+    )
     args = ap.parse_args()
     if args.smoke:
         args.batches, args.crops, args.compile = [2], 4, False
@@ -321,8 +399,9 @@ def main() -> int:
     args.bf16 = env.device.type == "cuda"
     if args.global_batch:
         if args.global_batch % env.world:
-            raise SystemExit(f"--global-batch {args.global_batch} is not divisible by "
-                             f"{env.world} processes")
+            raise SystemExit(
+                f"--global-batch {args.global_batch} is not divisible by {env.world} processes"
+            )
         args.batches = [args.global_batch // env.world]
     args.batch = args.batches[0]
     if args.ddp and env.world == 1 and env.is_main:
@@ -361,7 +440,6 @@ def main() -> int:
         weights[phase] = 0.0
         return share
 
-
     t_over = TINY_T if args.smoke else {}
     s_over = TINY_S if args.smoke else {}
     teacher = fixture_model(TEACHER, device=dev, **t_over).image_encoder.eval()
@@ -390,22 +468,40 @@ def main() -> int:
     def fresh_task(teacher_or_none, k_start: int = 1, k_every_steps: int = 0) -> DistillTask:
         st = copy.deepcopy(student0)
         maybe_compile(st, args.compile, "student", student_notes, probe_student)
-        return DistillTask(st, teacher_or_none, loss="paper-mse", k_start=k_start,
-                           k_every_steps=k_every_steps,
-                           teacher_depth=len(teacher.blocks), student_config=s_cfg)
+        return DistillTask(
+            st,
+            teacher_or_none,
+            loss="paper-mse",
+            k_start=k_start,
+            k_every_steps=k_every_steps,
+            teacher_depth=len(teacher.blocks),
+            student_config=s_cfg,
+        )
 
     result: dict = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "world_size": env.world, "batches_per_process": args.batches, "crops": args.crops,
+        "world_size": env.world,
+        "batches_per_process": args.batches,
+        "crops": args.crops,
         "teacher": TEACHER + (" (tiny)" if args.smoke else ""),
         "student": STUDENT + (" (tiny)" if args.smoke else ""),
         "weights": "teacher: fastsam3d.testing parity recipe; student: initialised from it",
-        "torch": torch.__version__, "compile": args.compile, "precision":
-        "bf16 autocast" if args.bf16 else "fp32", "notes": notes,
-        "ddp": {"gradient_as_bucket_view": True, "comm": args.ddp_comm,
-                "static_graph": "yes (paper-mse loss, no gating)"},
-        "optimiser": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.1,
-                      "warmup_steps": args.warmup_steps, "grad_clip": args.grad_clip},
+        "torch": torch.__version__,
+        "compile": args.compile,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
+        "notes": notes,
+        "ddp": {
+            "gradient_as_bucket_view": True,
+            "comm": args.ddp_comm,
+            "static_graph": "yes (paper-mse loss, no gating)",
+        },
+        "optimiser": {
+            "name": "AdamW",
+            "lr": args.lr,
+            "weight_decay": 0.1,
+            "warmup_steps": args.warmup_steps,
+            "grad_clip": args.grad_clip,
+        },
         "runs": {},
     }
 
@@ -414,15 +510,20 @@ def main() -> int:
         r = run_phase(name, task, dataset, args, env, seconds_for(name), workers=workers)
         res = {
             **throughput(r["history"], args.batch * env.world),
-            "micro_steps": r["micro_steps"], "wall_s": r["seconds"],
+            "micro_steps": r["micro_steps"],
+            "wall_s": r["seconds"],
             "peak_memory_gib": r.get("peak_memory_gib"),
             "layout_aligned": r.get("layout_aligned"),
-            "loss_curve": [(h["micro_step"], h["time"], h["loss"], h["distill/k"])
-                           for h in r["history"]],
+            "loss_curve": [
+                (h["micro_step"], h["time"], h["loss"], h["distill/k"]) for h in r["history"]
+            ],
         }
         if env.is_main:
-            print(f"[{name}] {res['volumes_per_s']:.1f} volumes/s, peak "
-                  f"{res['peak_memory_gib'] or 0:.1f} GiB", flush=True)
+            print(
+                f"[{name}] {res['volumes_per_s']:.1f} volumes/s, peak "
+                f"{res['peak_memory_gib'] or 0:.1f} GiB",
+                flush=True,
+            )
         return res
 
     cached_ds = None
@@ -449,15 +550,24 @@ def main() -> int:
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
             # Every process caches all crops into its own folder (no shared disk assumed).
-            cache_teacher_features(teacher, TensorCropDataset(images.cpu()), cache_dir, taps,
-                                   device=dev, batch_size=min(b, 16), bf16=args.bf16)
+            cache_teacher_features(
+                teacher,
+                TensorCropDataset(images.cpu()),
+                cache_dir,
+                taps,
+                device=dev,
+                batch_size=min(b, 16),
+                bf16=args.bf16,
+            )
             t_cache = time.perf_counter() - t0
             cached_ds = CachedFeatureDataset(cache_dir, preload=True, device=str(dev))
             per_vol = sum(v.numel() * v.element_size() for v in cached_ds.items[0].values())
             result["cache"] = {
-                "seconds_incl_disk_and_compile": t_cache, "volumes": args.crops,
+                "seconds_incl_disk_and_compile": t_cache,
+                "volumes": args.crops,
                 "volumes_per_s_incl_disk": args.crops / t_cache,
-                "bytes_per_volume": per_vol, "teacher_blocks_cached": taps,
+                "bytes_per_volume": per_vol,
+                "teacher_blocks_cached": taps,
             }
         if "cached" in args.phases:
             task = fresh_task(None, k_every_steps=50)
@@ -485,14 +595,21 @@ def main() -> int:
             model = model.to(dev).train()
             task = FinetuneTask(model, n_clicks=11, clicks="released")
             r = run_phase(f"finetune@{b}", task, fds, args, env, seconds_for(f"finetune@{b}"))
-            res = {**throughput(r["history"], b * env.world), "micro_steps": r["micro_steps"],
-                   "batch_per_process": b, "batch_global": b * env.world,
-                   "peak_memory_gib": r.get("peak_memory_gib"),
-                   "loss_curve": [(h["micro_step"], h["time"], h["loss"]) for h in r["history"]]}
+            res = {
+                **throughput(r["history"], b * env.world),
+                "micro_steps": r["micro_steps"],
+                "batch_per_process": b,
+                "batch_global": b * env.world,
+                "peak_memory_gib": r.get("peak_memory_gib"),
+                "loss_curve": [(h["micro_step"], h["time"], h["loss"]) for h in r["history"]],
+            }
             result["finetune"][str(b)] = res
             if env.is_main:
-                print(f"[finetune@{b}] {res['volumes_per_s']:.1f} volumes/s, peak "
-                      f"{res['peak_memory_gib'] or 0:.1f} GiB", flush=True)
+                print(
+                    f"[finetune@{b}] {res['volumes_per_s']:.1f} volumes/s, peak "
+                    f"{res['peak_memory_gib'] or 0:.1f} GiB",
+                    flush=True,
+                )
             del task, model
         args.batch = args.batches[0]
 
@@ -507,34 +624,50 @@ def main() -> int:
         res = timed_phase("nifti", task, nds, workers=args.workers)
         del task
         result["nifti"] = {
-            "cases": args.nifti_cases, "shape_kji": args.nifti_shape, "spacing_mm": 1.0,
-            "samples": len(nds), "format": "nii.gz (float32 image, int16 label)",
-            "write_and_index_s": t_write, "loader": lr_, "training": res,
+            "cases": args.nifti_cases,
+            "shape_kji": args.nifti_shape,
+            "spacing_mm": 1.0,
+            "samples": len(nds),
+            "format": "nii.gz (float32 image, int16 label)",
+            "write_and_index_s": t_write,
+            "loader": lr_,
+            "training": res,
         }
         if env.is_main:
-            print(f"[loader] {lr_['volumes_per_s']:.1f} volumes/s with {args.workers} workers "
-                  "per process", flush=True)
+            print(
+                f"[loader] {lr_['volumes_per_s']:.1f} volumes/s with {args.workers} workers "
+                "per process",
+                flush=True,
+            )
 
     # the same NIfTI files prepared once (`fastsam3d-distill prepare`): workers only slice
     if "prepared" in args.phases:
         root = Path(args.nifti_dir or Path(tempfile.gettempdir()) / "gpu_distill_nifti")
         t0 = time.perf_counter()
-        pds, t_prep = prepared_dataset(root, args.nifti_cases, tuple(args.nifti_shape), env,
-                                       args.workers)
+        pds, t_prep = prepared_dataset(
+            root, args.nifti_cases, tuple(args.nifti_shape), env, args.workers
+        )
         t_all = time.perf_counter() - t0
         lr_ = loader_rate(pds, args.batch, args.workers, seconds_for("prep_loader"), env)
         task = fresh_task(teacher, k_every_steps=50)
         res = timed_phase("prepared", task, pds, workers=args.workers)
         del task
         result["prepared"] = {
-            "cases": args.nifti_cases, "shape_kji": args.nifti_shape, "samples": len(pds),
+            "cases": args.nifti_cases,
+            "shape_kji": args.nifti_shape,
+            "samples": len(pds),
             "format": "images.npy float32 + targets.npy uint8, memory-mapped",
-            "prepare_s": t_prep, "write_index_prepare_s": t_all, "loader": lr_,
+            "prepare_s": t_prep,
+            "write_index_prepare_s": t_all,
+            "loader": lr_,
             "training": res,
         }
         if env.is_main:
-            print(f"[prepared] prepare {t_prep:.1f} s; loader {lr_['volumes_per_s']:.1f} "
-                  f"volumes/s with {args.workers} workers per process", flush=True)
+            print(
+                f"[prepared] prepare {t_prep:.1f} s; loader {lr_['volumes_per_s']:.1f} "
+                f"volumes/s with {args.workers} workers per process",
+                flush=True,
+            )
 
     # 3. gating at equal final loss (cached features, fixed objective k = depth) ------------
     if "gating" in args.phases:
@@ -542,10 +675,10 @@ def main() -> int:
         # Every micro-batch is logged (the gate syncs each step anyway), so the smoothed curve
         # averages over whole epochs of distinct crops.
         base_task, gated_task = fresh_task(None, k_start=depth), fresh_task(None, k_start=depth)
-        base = run_phase("base", base_task, cached_ds, args, env, seconds_for("base"),
-                         log_every=1)
-        gated = run_phase("gated", gated_task, cached_ds, args, env, seconds_for("gated"),
-                          gate=True, log_every=1)
+        base = run_phase("base", base_task, cached_ds, args, env, seconds_for("base"), log_every=1)
+        gated = run_phase(
+            "gated", gated_task, cached_ds, args, env, seconds_for("gated"), gate=True, log_every=1
+        )
         window = max(8, 4 * math.ceil(args.crops / (args.batch * env.world)))
         hb, hg = rebase(base["history"]), rebase(gated["history"])
         sb = smoothed([h["loss"] for h in hb], window)
@@ -556,14 +689,19 @@ def main() -> int:
         # late, worse value the target.
         levels = {}
         for frac in (0.25, 0.5, 0.75, 1.0):
-            vals = [v for n, (h, v) in enumerate(zip(hb, sb))
-                    if n + 1 >= window and h["time"] <= frac * t_base]
+            vals = [
+                v
+                for n, (h, v) in enumerate(zip(hb, sb))
+                if n + 1 >= window and h["time"] <= frac * t_base
+            ]
             if vals:
                 level = min(vals)
                 tb = first_reach(hb, sb, level, window)
                 tg = first_reach(hg, sg, level, window)
                 levels[str(frac)] = {
-                    "loss": level, "baseline_s": tb, "gated_s": tg,
+                    "loss": level,
+                    "baseline_s": tb,
+                    "gated_s": tg,
                     "time_saved": (1 - tg / tb) if (tg is not None and tb) else None,
                 }
         final = levels.get("1.0", {})
@@ -571,32 +709,45 @@ def main() -> int:
         at_base_time = [v for h, v in zip(hg, sg) if h["time"] <= t_base]
         result["gating"] = {
             "objective": f"paper loss, all {depth} block pairs + neck (fixed k)",
-            "gate_settings": {"warmup": args.gate_warmup, "threshold": args.gate_threshold,
-                              "min_backward": args.gate_min_backward},
+            "gate_settings": {
+                "warmup": args.gate_warmup,
+                "threshold": args.gate_threshold,
+                "min_backward": args.gate_min_backward,
+            },
             "times": "seconds since each run's first log record (excludes compile/warm-up)",
             "smoothing_window_records": window,
             "levels": levels,
-            "baseline": {"final_loss_smoothed": sb[-1] if sb else float("nan"),
-                         "best_loss_smoothed": final.get("loss"), "wall_s": t_base,
-                         "spikes": spikes(sb, window),
-                         "micro_steps": base["micro_steps"], "opt_steps": base["opt_steps"]},
-            "gated": {"final_loss_smoothed": sg[-1] if sg else float("nan"),
-                      "wall_s": hg[-1]["time"] if hg else float("nan"),
-                      "micro_steps": gated["micro_steps"], "opt_steps": gated["opt_steps"],
-                      "time_to_baseline_best_loss_s": reach, "spikes": spikes(sg, window),
-                      "loss_smoothed_at_baseline_wall_time":
-                          at_base_time[-1] if at_base_time else None,
-                      **gated["gate"]},
+            "baseline": {
+                "final_loss_smoothed": sb[-1] if sb else float("nan"),
+                "best_loss_smoothed": final.get("loss"),
+                "wall_s": t_base,
+                "spikes": spikes(sb, window),
+                "micro_steps": base["micro_steps"],
+                "opt_steps": base["opt_steps"],
+            },
+            "gated": {
+                "final_loss_smoothed": sg[-1] if sg else float("nan"),
+                "wall_s": hg[-1]["time"] if hg else float("nan"),
+                "micro_steps": gated["micro_steps"],
+                "opt_steps": gated["opt_steps"],
+                "time_to_baseline_best_loss_s": reach,
+                "spikes": spikes(sg, window),
+                "loss_smoothed_at_baseline_wall_time": at_base_time[-1] if at_base_time else None,
+                **gated["gate"],
+            },
             "time_saved_at_equal_loss": final.get("time_saved"),
             "baseline_curve": [(h["micro_step"], h["time"], h["loss"]) for h in hb],
-            "gated_curve": [(h["micro_step"], h["time"], h["loss"], h["gate/backward_share"])
-                            for h in hg],
+            "gated_curve": [
+                (h["micro_step"], h["time"], h["loss"], h["gate/backward_share"]) for h in hg
+            ],
         }
         if env.is_main:
             saved = result["gating"]["time_saved_at_equal_loss"]
-            print(f"[gating] backward share {gated['gate']['gate/backward_share']:.2f}, time "
-                  f"saved at equal loss: {'not reached' if saved is None else f'{saved:.1%}'}",
-                  flush=True)
+            print(
+                f"[gating] backward share {gated['gate']['gate/backward_share']:.2f}, time "
+                f"saved at equal loss: {'not reached' if saved is None else f'{saved:.1%}'}",
+                flush=True,
+            )
 
     notes.extend(sorted(set(student_notes)))
     result["total_wall_s"] = time.perf_counter() - t_begin
@@ -625,8 +776,11 @@ def plot(result: dict, path: Path) -> None:
     for key in ("online", "cached"):
         if key in result:
             c = np.array(result[key]["loss_curve"], dtype=float)
-            axes[0].plot(c[:, 0], c[:, 2], label=f"{key} teacher features "
-                         f"({result[key]['volumes_per_s']:.0f} vol/s)")
+            axes[0].plot(
+                c[:, 0],
+                c[:, 2],
+                label=f"{key} teacher features ({result[key]['volumes_per_s']:.0f} vol/s)",
+            )
     axes[0].set_xlabel("micro-batch")
     axes[0].set_ylabel("distillation loss (progressive k)")
     axes[0].set_yscale("log")

@@ -36,8 +36,9 @@ from fastsam3d_distill.engine import init_distributed  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True, help="JSON file")
     ap.add_argument("--cases", type=int, default=4)
     ap.add_argument("--shape", type=int, nargs=3, default=[160, 192, 160])
@@ -61,22 +62,31 @@ def main() -> int:
     for labels in (True, False):
         ds = PreparedCropDataset(tmp / "prepared", labels=labels)
         res[labels] = loader_rate(ds, args.batch, args.workers, args.seconds, env)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+    ).stdout.strip()
     out = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit,
         "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch thread, {args.workers} workers",
-        "torch": torch.__version__, "cases": args.cases, "shape_kji": args.shape,
-        "samples": len(samples), "batch": args.batch,
-        "nifti_per_sample": nifti, "prepare_s": t_prep,
-        "prepared_with_labels": res[True], "prepared_images_only": res[False],
+        f"{torch.get_num_threads()} torch thread, {args.workers} workers",
+        "torch": torch.__version__,
+        "cases": args.cases,
+        "shape_kji": args.shape,
+        "samples": len(samples),
+        "batch": args.batch,
+        "nifti_per_sample": nifti,
+        "prepare_s": t_prep,
+        "prepared_with_labels": res[True],
+        "prepared_images_only": res[False],
         "speedup": res[True]["volumes_per_s"] / nifti["volumes_per_s"],
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"NIfTI per sample {nifti['volumes_per_s']:.2f} volumes/s; prepared "
-          f"{res[True]['volumes_per_s']:.1f} (with labels), {res[False]['volumes_per_s']:.1f} "
-          f"(images only); prepare {t_prep:.1f} s for {len(samples)} samples")
+    print(
+        f"NIfTI per sample {nifti['volumes_per_s']:.2f} volumes/s; prepared "
+        f"{res[True]['volumes_per_s']:.1f} (with labels), {res[False]['volumes_per_s']:.1f} "
+        f"(images only); prepare {t_prep:.1f} s for {len(samples)} samples"
+    )
     return 0
 
 

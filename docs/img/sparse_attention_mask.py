@@ -55,10 +55,19 @@ def main() -> None:
     labels = [f"branch {b}" for b in pattern.branches]
     handles = [Patch(color=c, label=lab) for c, lab in zip(COLOURS[1:4], labels)]
     handles.append(Patch(color=COLOURS[4], label="query"))
-    fig.legend(handles=handles, loc="lower center", ncol=4, bbox_to_anchor=(0.5, 0.0),
-               fontsize=9, frameon=False)
-    fig.suptitle("3D sparse attention, default pattern (block, dilation) = "
-                 + ", ".join(str(b) for b in pattern.branches), fontsize=10)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=4,
+        bbox_to_anchor=(0.5, 0.0),
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle(
+        "3D sparse attention, default pattern (block, dilation) = "
+        + ", ".join(str(b) for b in pattern.branches),
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.09, 1, 0.95))
     out = Path(__file__).with_suffix(".png")
     fig.savefig(out, dpi=110)

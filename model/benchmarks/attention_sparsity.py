@@ -84,9 +84,9 @@ def _bias_rows(terms, start: int, stop: int) -> torch.Tensor:
     b, h, d, hh, w, _ = t_d.shape
     rows = torch.arange(start, stop, device=t_d.device)
     qd, qh, qw = rows // (hh * w), (rows // w) % hh, rows % w
-    bd = t_d[:, :, qd, qh, qw]                       # (B, h, R, kw)
-    bh = t_h[:, :, qd, qh]                           # (B, h, R, kd, kw)
-    bw = t_w[:, :, qd, qh]                           # (B, h, R, kh, kw)
+    bd = t_d[:, :, qd, qh, qw]  # (B, h, R, kw)
+    bh = t_h[:, :, qd, qh]  # (B, h, R, kd, kw)
+    bw = t_w[:, :, qd, qh]  # (B, h, R, kh, kw)
     bias = bd[:, :, :, None, None, :] + bh[:, :, :, :, None, :] + bw[:, :, :, None, :, :]
     return bias.reshape(b, h, len(rows), -1)
 
@@ -95,24 +95,40 @@ def methods(pattern: sa.SparsePattern, scale: float, grid, with_flash: bool, on_
     flex = sa.SparsePattern(pattern.branches, impl="flex")
     union = sa.SparsePattern(pattern.branches, impl="flex_union")
     out = {
-        "sdpa_bias": (False, lambda q, k, v, t: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=dense_bias(t).to(q.dtype), scale=scale)),
-        "sdpa_nobias": (False, lambda q, k, v, t: F.scaled_dot_product_attention(
-            q, k, v, scale=scale)),
+        "sdpa_bias": (
+            False,
+            lambda q, k, v, t: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=dense_bias(t).to(q.dtype), scale=scale
+            ),
+        ),
+        "sdpa_nobias": (
+            False,
+            lambda q, k, v, t: F.scaled_dot_product_attention(q, k, v, scale=scale),
+        ),
         "flex_dense": (False, lambda q, k, v, t: sa.flex_dense(q, k, v, t, scale, grid)),
-        "sparse_flex": (True, lambda q, k, v, t: sa.sparse_attention(
-            q, k, v, t, scale, grid, flex)),
-        "sparse_flex_union": (True, lambda q, k, v, t: sa.sparse_attention(
-            q, k, v, t, scale, grid, union)),
+        "sparse_flex": (
+            True,
+            lambda q, k, v, t: sa.sparse_attention(q, k, v, t, scale, grid, flex),
+        ),
+        "sparse_flex_union": (
+            True,
+            lambda q, k, v, t: sa.sparse_attention(q, k, v, t, scale, grid, union),
+        ),
     }
     if on_cuda:
         # 64-token tiles match the 4^3 groups; flex may refuse tiles below its kernel block.
         b64 = sa.SparsePattern(pattern.branches, impl="flex", flex_block=64)
-        out["sparse_flex_b64"] = (True, lambda q, k, v, t: sa.sparse_attention(
-            q, k, v, t, scale, grid, b64))
+        out["sparse_flex_b64"] = (
+            True,
+            lambda q, k, v, t: sa.sparse_attention(q, k, v, t, scale, grid, b64),
+        )
     if with_flash:
-        out["sparse_flash"] = (True, lambda q, k, v, t: sa.sparse_grouped(
-            q, k, v, t, scale, grid, pattern, sa.flash_group_kernel))
+        out["sparse_flash"] = (
+            True,
+            lambda q, k, v, t: sa.sparse_grouped(
+                q, k, v, t, scale, grid, pattern, sa.flash_group_kernel
+            ),
+        )
     return out
 
 
@@ -122,8 +138,9 @@ def block_stats(pattern: sa.SparsePattern, grid, device: torch.device) -> dict:
     try:
         plan = flex._flex_plan(pattern.branches, pattern.flex_block, grid, device)
         union = flex._flex_union_plan(pattern.branches, pattern.flex_block, grid, device)
-        stats["sparse_flex_blocks_computed"] = sum(1 - bm.block_mask.sparsity() / 100
-                                                  for bm in plan)
+        stats["sparse_flex_blocks_computed"] = sum(
+            1 - bm.block_mask.sparsity() / 100 for bm in plan
+        )
         stats["sparse_flex_branches_run"] = len(plan)
         stats["sparse_flex_union_blocks_computed"] = 1 - union.block_mask.sparsity() / 100
     except Exception as e:  # noqa: BLE001 - recorded, the table goes on
@@ -134,8 +151,9 @@ def block_stats(pattern: sa.SparsePattern, grid, device: torch.device) -> dict:
 def check_grad(g: int, heads: int, hd: int, pattern, device: torch.device) -> dict:
     """One backward through the sparse flex path vs the masked reference (fp32)."""
     grid, (q, k, v, _), _ = make_inputs(g, heads, hd, torch.float32, device)
-    tables = tuple((0.05 * torch.randn(2 * g - 1, hd, device=device)).requires_grad_(True)
-                   for _ in range(3))
+    tables = tuple(
+        (0.05 * torch.randn(2 * g - 1, hd, device=device)).requires_grad_(True) for _ in range(3)
+    )
     q = q.clone().requires_grad_(True)
     scale = hd**-0.5
     flex = sa.SparsePattern(pattern.branches, impl="flex")
@@ -162,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--branches", default="4,1;8,2;16,4",
-                   help="sparse pattern as 'block,dilation;...' (block 0 = whole axis)")
+    p.add_argument(
+        "--branches",
+        default="4,1;8,2;16,4",
+        help="sparse pattern as 'block,dilation;...' (block 0 = whole axis)",
+    )
     p.add_argument("--quick", action="store_true", help="8^3 only, 5 runs (CPU smoke test)")
-    p.add_argument("--check-grad", action="store_true",
-                   help="also check gradients through the sparse flex path (smallest grid)")
+    p.add_argument(
+        "--check-grad",
+        action="store_true",
+        help="also check gradients through the sparse flex path (smallest grid)",
+    )
     p.add_argument("--out", type=Path, help="directory for attention_sparsity.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -179,28 +203,40 @@ def main(argv: list[str] | None = None) -> int:
     with_flash = device.type == "cuda" and sa.flash_available()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     meta = {
-        "benchmark": "attention_sparsity", "date": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "torch": torch.__version__, "device": str(device),
-        "device_name": gpu or platform.machine(), "dtype": str(dtype).replace("torch.", ""),
-        "heads": args.heads, "head_dim": args.head_dim, "runs": args.runs,
-        "pattern": pattern.describe(), "flash_attn": sa.flash_available(),
+        "benchmark": "attention_sparsity",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": gpu or platform.machine(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "runs": args.runs,
+        "pattern": pattern.describe(),
+        "flash_attn": sa.flash_available(),
     }
     print(json.dumps(meta, indent=1))
     results = []
     for g in args.grids:
         grid, (q32, k32, v32, t32), (q, k, v, terms) = make_inputs(
-            g, args.heads, args.head_dim, dtype, device)
+            g, args.heads, args.head_dim, dtype, device
+        )
         mask = pattern.mask(grid, device)
         with torch.no_grad():
             ref_dense = reference(q32, k32, v32, t32, scale, None)
             ref_sparse = reference(q32, k32, v32, t32, scale, mask)
-        row = {"grid": g, "tokens": g**3, "density": pattern.density(grid),
-               **block_stats(pattern, grid, device)}
+        row = {
+            "grid": g,
+            "tokens": g**3,
+            "density": pattern.density(grid),
+            **block_stats(pattern, grid, device),
+        }
         if device.type == "cuda":
             torch.cuda.synchronize()
-        for name, (is_sparse, fn) in methods(pattern, scale, grid, with_flash,
-                                                   device.type == "cuda").items():
+        for name, (is_sparse, fn) in methods(
+            pattern, scale, grid, with_flash, device.type == "cuda"
+        ).items():
             entry = dict(row, method=name)
             try:
                 with torch.no_grad():
@@ -208,15 +244,18 @@ def main(argv: list[str] | None = None) -> int:
                     ref = ref_sparse if is_sparse else ref_dense
                     if name != "sdpa_nobias":
                         entry["rel_err_vs_fp32"] = float(
-                            (out.float() - ref).abs().max() / ref.abs().max())
+                            (out.float() - ref).abs().max() / ref.abs().max()
+                        )
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    ts = timed(lambda fn=fn, a=(q, k, v, terms): fn(*a), args.runs, args.warmup,
-                               device)
+                    ts = timed(
+                        lambda fn=fn, a=(q, k, v, terms): fn(*a), args.runs, args.warmup, device
+                    )
                 if device.type == "cuda":
                     entry["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                entry.update(median_ms=statistics.median(ts), p10_ms=_pct(ts, 10),
-                             p90_ms=_pct(ts, 90))
+                entry.update(
+                    median_ms=statistics.median(ts), p10_ms=_pct(ts, 10), p90_ms=_pct(ts, 90)
+                )
             except Exception as e:  # noqa: BLE001 - one failing method must not hide the rest
                 entry["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -252,25 +291,31 @@ def _print_row(e: dict) -> None:
     if "error" in e:
         print(f"{e['grid']:>3}^3 {e['method']:<18} ERROR {e['error']}", file=sys.stderr)
     else:
-        print(f"{e['grid']:>3}^3 {e['method']:<18} {e['median_ms']:9.4f} ms  "
-              f"err {e.get('rel_err_vs_fp32', float('nan')):.2e}")
+        print(
+            f"{e['grid']:>3}^3 {e['method']:<18} {e['median_ms']:9.4f} ms  "
+            f"err {e.get('rel_err_vs_fp32', float('nan')):.2e}"
+        )
 
 
 def table(results: list[dict]) -> str:
     """Markdown table: one row per grid, one column per method (median ms)."""
     names = list(dict.fromkeys(r["method"] for r in results))
-    lines = ["| grid (tokens) | sparse density | " + " | ".join(names) + " |",
-             "|---|---|" + "---|" * len(names)]
+    lines = [
+        "| grid (tokens) | sparse density | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for g in dict.fromkeys(r["grid"] for r in results):
         rows = {r["method"]: r for r in results if r["grid"] == g}
         first = next(iter(rows.values()))
         cells = []
         for n in names:
             r = rows.get(n)
-            cells.append("n/a" if r is None else "error" if "error" in r
-                         else f"{r['median_ms']:.3f} ms")
-        lines.append(f"| {g}^3 ({g**3}) | {100 * first['density']:.1f}% | "
-                     + " | ".join(cells) + " |")
+            cells.append(
+                "n/a" if r is None else "error" if "error" in r else f"{r['median_ms']:.3f} ms"
+            )
+        lines.append(
+            f"| {g}^3 ({g**3}) | {100 * first['density']:.1f}% | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 

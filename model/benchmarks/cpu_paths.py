@@ -60,20 +60,37 @@ def cpu_flags() -> dict:
             flags = set(line.split(":", 1)[1].split())
         if line.startswith("model name") and not model:
             model = line.split(":", 1)[1].strip()
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-              "amx_int8")
-    return {"model": model, "logical_cpus": os.cpu_count(),
-            "flags": {f: f in flags for f in wanted}}
+    wanted = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "amx_bf16",
+        "amx_int8",
+    )
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "flags": {f: f in flags for f in wanted},
+    }
 
 
 def time_modes(modes: tuple[str, ...], repeats: int, warmup: int) -> dict:
     """One bench.run over every mode (same process, same volume), load before and after."""
     before = load()
     t0 = time.perf_counter()
-    res = bench.run(models=("fastsam3d",), device="cpu", repeats=repeats, warmup=warmup,
-                    modes=modes, batch=0, session=True)
-    res["load"] = {"before": before, "after": load(),
-                   "seconds": round(time.perf_counter() - t0, 1)}
+    res = bench.run(
+        models=("fastsam3d",),
+        device="cpu",
+        repeats=repeats,
+        warmup=warmup,
+        modes=modes,
+        batch=0,
+        session=True,
+    )
+    res["load"] = {"before": before, "after": load(), "seconds": round(time.perf_counter() - t0, 1)}
     return res
 
 
@@ -86,8 +103,10 @@ def real_volumes(names: list[str]) -> dict:
             from nilearn import datasets
 
             img = datasets.load_mni152_template(resolution=1)
-            vols["mni152_t1"] = (np.asarray(img.get_fdata(), np.float32).transpose(2, 1, 0),
-                                 img.affine)
+            vols["mni152_t1"] = (
+                np.asarray(img.get_fdata(), np.float32).transpose(2, 1, 0),
+                img.affine,
+            )
         except Exception as exc:  # noqa: BLE001 - report and go on
             print(f"MNI152 unavailable: {exc}")
     if "mricron" in names:
@@ -95,8 +114,10 @@ def real_volumes(names: list[str]) -> dict:
 
         for path in sorted(glob.glob("/usr/share/mricron/templates/ch2.nii*"))[:1]:
             img = nib.load(path)
-            vols["mricron_ch2"] = (np.asarray(img.get_fdata(), np.float32).transpose(2, 1, 0),
-                                   img.affine)
+            vols["mricron_ch2"] = (
+                np.asarray(img.get_fdata(), np.float32).transpose(2, 1, 0),
+                img.affine,
+            )
     if "invesalius" in names:
         vols.update(invesalius_ct())
     return vols
@@ -113,8 +134,11 @@ def invesalius_ct() -> dict:
     if not path.exists():
         return {}
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as tar:
-        members = [m for m in tar.getmembers() if m.isfile()
-                   and Path(m.name).name in ("main.plist", "matrix.dat")]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and Path(m.name).name in ("main.plist", "matrix.dat")
+        ]
         for m in members:
             tar.extract(m, tmp, filter="data")
         main = next(Path(tmp).rglob("main.plist"))
@@ -146,8 +170,11 @@ def agreement(runners: dict, crop: torch.Tensor) -> dict:
     for name in ("int8", "ort-fp32"):
         r = runners[name]
         e = r.encode(crop)
-        worst = {"embedding_rel": float((e - e32).norm() / e32.norm()), "logits_rel": 0.0,
-                 "dice_min": 1.0}
+        worst = {
+            "embedding_rel": float((e - e32).norm() / e32.norm()),
+            "logits_rel": 0.0,
+            "dice_min": 1.0,
+        }
         prev32 = prev = torch.zeros(1, 1, 32, 32, 32)
         for pt in ((64, 64, 64), (40, 70, 60), (80, 50, 72)):
             c = torch.tensor([[pt]], dtype=torch.float32)
@@ -168,8 +195,11 @@ def agreement(runners: dict, crop: torch.Tensor) -> dict:
 
 def accuracy(volume_names: list[str], parity: Path | None) -> dict:
     model = fixture_model("fastsam3d")
-    runners = {"exact": Runner(model, "cpu", "fp32"), "int8": Runner(model, "cpu", "int8"),
-               "ort-fp32": Runner(model, "cpu", "fp32", backend="onnxruntime")}
+    runners = {
+        "exact": Runner(model, "cpu", "fp32"),
+        "int8": Runner(model, "cpu", "int8"),
+        "ort-fp32": Runner(model, "cpu", "fp32", backend="onnxruntime"),
+    }
     cases: dict = {}
     if parity is not None and parity.exists():
         g = np.load(parity)
@@ -181,18 +211,22 @@ def accuracy(volume_names: list[str], parity: Path | None) -> dict:
     summary = {}
     for path in ("int8", "ort-fp32"):
         vals = [c[path] for c in cases.values()]
-        summary[path] = {"dice_min": min(v["dice_min"] for v in vals),
-                         "logits_rel_max": max(v["logits_rel"] for v in vals),
-                         "embedding_rel_max": max(v["embedding_rel"] for v in vals),
-                         "cases": len(vals)}
+        summary[path] = {
+            "dice_min": min(v["dice_min"] for v in vals),
+            "logits_rel_max": max(v["logits_rel"] for v in vals),
+            "embedding_rel_max": max(v["embedding_rel"] for v in vals),
+            "cases": len(vals),
+        }
     return {"cases": cases, "summary": summary}
 
 
 def table(out: dict) -> str:
     stages = out["timing"]["stages"]
     modes = [m for m in MODES if any(m in stages.get(s, {}) for s in STAGES)]
-    lines = ["| stage | " + " | ".join(f"{m} (ms)" for m in modes) + " |",
-             "|---|" + "---|" * len(modes)]
+    lines = [
+        "| stage | " + " | ".join(f"{m} (ms)" for m in modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
     for s in STAGES:
         cells = []
         for m in modes:
@@ -210,30 +244,42 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--accuracy", action="store_true")
     ap.add_argument("--volumes", default="mni152,mricron,invesalius")
-    ap.add_argument("--parity", type=Path,
-                    default=HERE.parents[2] / "shared" / "parity" / "parity.npz")
+    ap.add_argument(
+        "--parity", type=Path, default=HERE.parents[2] / "shared" / "parity" / "parity.npz"
+    )
     ap.add_argument("--label", default=platform.node())
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {"label": args.label, "cpu": cpu_flags(), "threads": args.threads,
-                 "native_bf16": cpu_has_fast_bf16(), "load_start": load()}
+    out: dict = {
+        "label": args.label,
+        "cpu": cpu_flags(),
+        "threads": args.threads,
+        "native_bf16": cpu_has_fast_bf16(),
+        "load_start": load(),
+    }
     try:
         import onnxruntime
 
         out["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         out["onnxruntime"] = None
-    fast = Runner(fixture_model("fastsam3d", depth=1, embed_dim=48, num_heads=1,
-                                num_attn_free_blocks=1), "cpu")
+    fast = Runner(
+        fixture_model("fastsam3d", depth=1, embed_dim=48, num_heads=1, num_attn_free_blocks=1),
+        "cpu",
+    )
     out["auto_precision"] = fast.precision
     modes = tuple(m for m in args.modes.split(",") if m)
     out["timing"] = time_modes(modes, args.repeats, args.warmup) if modes else {"stages": {}}
-    medians = {s: {m: r["median_ms"] for m, r in v.items()}
-               for s, v in out["timing"]["stages"].items()}
+    medians = {
+        s: {m: r["median_ms"] for m, r in v.items()} for s, v in out["timing"]["stages"].items()
+    }
     out["medians_ms"] = medians
-    out["goals_2threads"] = {f"{s} <= {lim} ms": {m: v <= lim for m, v in medians[s].items()}
-                             for s, lim in GOALS.items() if s in medians}
+    out["goals_2threads"] = {
+        f"{s} <= {lim} ms": {m: v <= lim for m, v in medians[s].items()}
+        for s, lim in GOALS.items()
+        if s in medians
+    }
     if args.accuracy:
         out["accuracy"] = accuracy(args.volumes.split(","), args.parity)
     out["load_end"] = load()

@@ -44,8 +44,11 @@ def ct_volume(shape=(300, 512, 512), spacing=(0.75, 0.75, 1.0)) -> Volume:
     rng = np.random.default_rng(0)
     body = ((i - 256) / 220.0) ** 2 + ((j - 256) / 170.0) ** 2 < 1
     arr = np.broadcast_to(np.where(body, 40, -1000).astype(np.int16), shape).copy()
-    for ci, cj, ck, r, hu in [(180, 230, 150, 60, 120), (330, 250, 120, 35, 200),
-                              (256, 330, 200, 25, 700)]:
+    for ci, cj, ck, r, hu in [
+        (180, 230, 150, 60, 120),
+        (330, 250, 120, 35, 200),
+        (256, 330, 200, 25, 700),
+    ]:
         ball = ((i - ci) ** 2 + (j - cj) ** 2 + ((k - ck) * 1.33) ** 2) < r**2
         arr[ball] = hu
     arr += rng.integers(-20, 20, size=shape, dtype=np.int16)
@@ -96,8 +99,9 @@ def main() -> int:
         first.append(dt)
         # parts, measured separately on the same crop
         start = lat.crop_start(p)
-        t_crop, crop = timed(lambda s=start: geo.znormalize(
-            geo.sample_crop(session._tensor, lat, vol.ijk_to_ras, s)))
+        t_crop, crop = timed(
+            lambda s=start: geo.znormalize(geo.sample_crop(session._tensor, lat, vol.ijk_to_ras, s))
+        )
         with torch.inference_mode():
             t_enc, emb = timed(lambda c=crop: session.model.image_encoder(c[None, None]))
         parts["crop"].append(t_crop)
@@ -110,8 +114,9 @@ def main() -> int:
             dt, _ = timed(lambda q=q, c=c: session.add_point(q, positive=c % 3 != 2))
             further.append(dt)
         tile = next(iter(session._state.tiles.values()))
-        t_dec, _ = timed(lambda t=tile, s=start: session._decode(
-            s, [session._state.clicks[-1]], t.logits))
+        t_dec, _ = timed(
+            lambda t=tile, s=start: session._decode(s, [session._state.clicks[-1]], t.logits)
+        )
         further_dec.append(t_dec)
     parts["decoder"] = further_dec
 
@@ -131,20 +136,25 @@ def main() -> int:
         session._last_region = None
         times = [timed(lambda st=state: session._render(st))[0] for _ in range(5)]
         res = session._render(state)
-        paste_by_size[f"{diameter_mm}mm"] = {"ms_median": round(statistics.median(times) * 1000, 1),
-                                             "region_voxels": int(np.prod(res.mask.shape))}
+        paste_by_size[f"{diameter_mm}mm"] = {
+            "ms_median": round(statistics.median(times) * 1000, 1),
+            "region_voxels": int(np.prod(res.mask.shape)),
+        }
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(HERE),
         "host": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
-        "device": str(session.device) + (f" ({torch.cuda.get_device_name()})"
-                                         if session.device.type == "cuda" else ""),
+        "device": str(session.device)
+        + (f" ({torch.cuda.get_device_name()})" if session.device.type == "cuda" else ""),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
-        "volume": {"shape_kji": list(vol.shape), "dtype": str(vol.array.dtype),
-                   "spacing_ijk_mm": vol.spacing.round(3).tolist()},
+        "volume": {
+            "shape_kji": list(vol.shape),
+            "dtype": str(vol.array.dtype),
+            "spacing_ijk_mm": vol.spacing.round(3).tolist(),
+        },
         "model": "fastsam3d (fixture weights)",
         "set_volume_ms": round(t_set * 1000, 1),
         "first_mask_ms_median": round(statistics.median(first) * 1000, 1),

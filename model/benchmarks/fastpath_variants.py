@@ -48,9 +48,11 @@ def kernel_profile(fn, steps: int = 5) -> dict:
             total += t
             count += 1
     top = sorted(per.items(), key=lambda kv: -kv[1][1])[:15]
-    return {"kernels_per_call": count / steps, "kernel_ms_per_call": total / steps / 1e3,
-            "top": [{"name": k[:90], "calls": v[0] / steps, "ms": v[1] / steps / 1e3}
-                    for k, v in top]}
+    return {
+        "kernels_per_call": count / steps,
+        "kernel_ms_per_call": total / steps / 1e3,
+        "top": [{"name": k[:90], "calls": v[0] / steps, "ms": v[1] / steps / 1e3} for k, v in top],
+    }
 
 
 def main() -> None:
@@ -78,16 +80,22 @@ def main() -> None:
                 g = r.graphs.entries[key]
                 res["replay_only"] = time_fn(g.replay, dev, args.repeats, 20)
                 out["sdpa"][f"{name}/{label}"] = res
-                print(f"{name} encoder graph, SDPA {label}: {res['median_ms']:.3f} ms "
-                      f"(replay alone {res['replay_only']['median_ms']:.3f})", flush=True)
+                print(
+                    f"{name} encoder graph, SDPA {label}: {res['median_ms']:.3f} ms "
+                    f"(replay alone {res['replay_only']['median_ms']:.3f})",
+                    flush=True,
+                )
             except Exception as exc:  # noqa: BLE001 - a backend may not support the bias
                 out["sdpa"][f"{name}/{label}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(f"{name} SDPA {label}: {type(exc).__name__}: {str(exc)[:200]}")
         r = Runner(model, dev, "bf16", graphs=False)
         prof = kernel_profile(lambda r=r: r.encode(crop))
         out["profile"][f"encoder/{name}"] = prof
-        print(f"{name} eager bf16 encoder: {prof['kernels_per_call']:.0f} kernels, "
-              f"{prof['kernel_ms_per_call']:.3f} ms of kernel time", flush=True)
+        print(
+            f"{name} eager bf16 encoder: {prof['kernels_per_call']:.0f} kernels, "
+            f"{prof['kernel_ms_per_call']:.3f} ms of kernel time",
+            flush=True,
+        )
         for row in prof["top"][:12]:
             print(f"   {row['ms']:.4f} ms  x{row['calls']:.0f}  {row['name']}")
         if name == names[0]:
@@ -96,8 +104,13 @@ def main() -> None:
             coords, labels, mask = _click_inputs(dev)
             a = (emb, coords, labels, mask)
             ref = None
-            for cp, sdpa in (("fp32", "default"), ("fp32", "math"), ("tf32", "math"),
-                             ("bf16", "default"), ("bf16", "math")):
+            for cp, sdpa in (
+                ("fp32", "default"),
+                ("fp32", "math"),
+                ("tf32", "math"),
+                ("bf16", "default"),
+                ("bf16", "math"),
+            ):
                 rc = Runner(model, dev, "bf16", click_precision=cp)
                 if sdpa == "math":
                     with sdpa_kernel([SDPBackend.MATH]):
@@ -111,14 +124,20 @@ def main() -> None:
                 res["replay_only"] = time_fn(rc.graphs.entries[key].replay, dev, args.repeats, 20)
                 res["rel_err_vs_fp32"] = float((low - ref).norm() / ref.norm())
                 out["click"][cp] = res
-                print(f"click graph {cp}: {res['median_ms']:.3f} ms (replay alone "
-                      f"{res['replay_only']['median_ms']:.3f}), rel err vs fp32 "
-                      f"{res['rel_err_vs_fp32']:.2e}", flush=True)
+                print(
+                    f"click graph {cp}: {res['median_ms']:.3f} ms (replay alone "
+                    f"{res['replay_only']['median_ms']:.3f}), rel err vs fp32 "
+                    f"{res['rel_err_vs_fp32']:.2e}",
+                    flush=True,
+                )
             re = Runner(model, dev, "bf16", graphs=False)
             prof = kernel_profile(lambda r=re, a=a: r.click(*a))
             out["profile"]["click"] = prof
-            print(f"eager fp32 click: {prof['kernels_per_call']:.0f} kernels, "
-                  f"{prof['kernel_ms_per_call']:.3f} ms of kernel time", flush=True)
+            print(
+                f"eager fp32 click: {prof['kernels_per_call']:.0f} kernels, "
+                f"{prof['kernel_ms_per_call']:.3f} ms of kernel time",
+                flush=True,
+            )
             for row in prof["top"][:12]:
                 print(f"   {row['ms']:.4f} ms  x{row['calls']:.0f}  {row['name']}")
         del model

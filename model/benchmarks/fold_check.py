@@ -47,9 +47,12 @@ def main() -> int:
                 "exact_rel_err_vs_golden": float(np.linalg.norm(e32 - ref) / np.linalg.norm(ref)),
                 "fast_rel_err_vs_golden": float(np.linalg.norm(e16 - ref) / np.linalg.norm(ref)),
             }
-            print(f"{name:16s} {backend:5s} fast encoder {res[backend]['fast']['median_ms']:.3f} ms"
-                  f"  exact err {res[backend]['exact_rel_err_vs_golden']:.2e}"
-                  f"  fast err {res[backend]['fast_rel_err_vs_golden']:.2e}", flush=True)
+            print(
+                f"{name:16s} {backend:5s} fast encoder {res[backend]['fast']['median_ms']:.3f} ms"
+                f"  exact err {res[backend]['exact_rel_err_vs_golden']:.2e}"
+                f"  fast err {res[backend]['fast_rel_err_vs_golden']:.2e}",
+                flush=True,
+            )
         out["models"][name] = res
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fold_check.json").write_text(json.dumps(out, indent=2))

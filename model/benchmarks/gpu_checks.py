@@ -32,12 +32,17 @@ from fastsam3d.bench import click_and_paste, crop_footprint, environment, paste_
 from fastsam3d.fastpath import Runner
 from fastsam3d.testing import fixture_model
 
-VARIANTS = {"fastsam3d": "fastsam3d", "sammed3d": "sam-med3d-turbo",
-            "sammed3d_fastsam3d_block": "sam-med3d-turbo-fastsam3d-block"}
-CASES = {"click1": ("points1", "labels1", "zeros", False),
-         "click3": ("points3", "labels3", "click1", False),
-         "nomask": ("points1", "labels1", None, False),
-         "multimask": ("points3", "labels3", "click1", True)}
+VARIANTS = {
+    "fastsam3d": "fastsam3d",
+    "sammed3d": "sam-med3d-turbo",
+    "sammed3d_fastsam3d_block": "sam-med3d-turbo-fastsam3d-block",
+}
+CASES = {
+    "click1": ("points1", "labels1", "zeros", False),
+    "click3": ("points3", "labels3", "click1", False),
+    "nomask": ("points1", "labels1", None, False),
+    "multimask": ("points3", "labels3", "click1", True),
+}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,14 +80,26 @@ def main() -> int:
         fast = Runner(model, dev, "bf16")
         e32 = exact.encode(x)
         e16 = fast.encode(x)
-        check(f"{var} exact embedding vs golden", rel(e32, g[f"{var}_embedding"]),
-              rel(e32, g[f"{var}_embedding"]) < 1e-4, "< 1e-4")
-        check(f"{var} fast embedding vs golden", rel(e16, g[f"{var}_embedding"]),
-              rel(e16, g[f"{var}_embedding"]) < 2e-2, "< 2e-2")
+        check(
+            f"{var} exact embedding vs golden",
+            rel(e32, g[f"{var}_embedding"]),
+            rel(e32, g[f"{var}_embedding"]) < 1e-4,
+            "< 1e-4",
+        )
+        check(
+            f"{var} fast embedding vs golden",
+            rel(e16, g[f"{var}_embedding"]),
+            rel(e16, g[f"{var}_embedding"]) < 2e-2,
+            "< 2e-2",
+        )
         with torch.inference_mode():
             eager16 = fast._encode_eager(x)[0]
-        check(f"{var} encoder graph replay vs eager", rel(e16, eager16),
-              rel(e16, eager16) < 1e-3, "< 1e-3")
+        check(
+            f"{var} encoder graph replay vs eager",
+            rel(e16, eager16),
+            rel(e16, eager16) < 1e-3,
+            "< 1e-3",
+        )
         for case, (pts, lab, mk, multi) in CASES.items():
             c, lab_t = g[pts].to(dev), g[lab].to(dev)
             mask = {"zeros": torch.zeros(1, 1, 32, 32, 32, device=dev), None: None}.get(mk)
@@ -90,8 +107,12 @@ def main() -> int:
                 mask = g[f"{var}_click1_lowres"].to(dev)
             gold = g[f"{var}_{case}_lowres"]
             lo32, _ = exact.click(g[f"{var}_embedding"].to(dev), c, lab_t, mask, multi)
-            check(f"{var} {case} exact logits vs golden", rel(lo32, gold), rel(lo32, gold) < 1e-4,
-                  "< 1e-4")
+            check(
+                f"{var} {case} exact logits vs golden",
+                rel(lo32, gold),
+                rel(lo32, gold) < 1e-4,
+                "< 1e-4",
+            )
             lo, iou = fast.click(e16, c, lab_t, mask, multi)
             r = rel(lo, gold)
             check(f"{var} {case} fast logits vs golden", r, r < 2e-2, "< 2e-2")
@@ -99,17 +120,29 @@ def main() -> int:
             check(f"{var} {case} fast 128^3 mask Dice vs golden", d, d >= 0.99, ">= 0.99")
             with torch.inference_mode():
                 lo_e, _ = fast._click_eager(e16, c, lab_t, mask, multi)
-            check(f"{var} {case} click graph replay vs eager", rel(lo, lo_e),
-                  rel(lo, lo_e) < 1e-4, "< 1e-4")
+            check(
+                f"{var} {case} click graph replay vs eager",
+                rel(lo, lo_e),
+                rel(lo, lo_e) < 1e-4,
+                "< 1e-4",
+            )
         if var == "fastsam3d":
             c, lab_t = g["points1"].to(dev), g["labels1"].to(dev)
             zeros = torch.zeros(1, 1, 32, 32, 32, device=dev)
             plain, _ = fast.click(e16, c, lab_t, zeros)
-            padded, _ = fast.click(e16, torch.cat([c, torch.zeros_like(c)], 1),
-                                   torch.cat([lab_t, -torch.ones_like(lab_t)], 1), zeros)
+            padded, _ = fast.click(
+                e16,
+                torch.cat([c, torch.zeros_like(c)], 1),
+                torch.cat([lab_t, -torch.ones_like(lab_t)], 1),
+                zeros,
+            )
             r = rel(padded, plain)
-            check("a label -1 padding point changes the logits (graphs per point count)", r,
-                  r > 1e-3, "> 1e-3")
+            check(
+                "a label -1 padding point changes the logits (graphs per point count)",
+                r,
+                r > 1e-3,
+                "> 1e-3",
+            )
             vol, centre = synthetic_ct()
             lat = geo.Lattice.for_volume(vol.ijk_to_ras, vol.shape)
             start = lat.crop_start(centre)
@@ -125,8 +158,13 @@ def main() -> int:
                 ref = geo.sample_field(field, start, lat, vol.ijk_to_ras, region, "nearest")[0]
                 ref = ref & geo.footprint(lat, vol.ijk_to_ras, region, [start], dev)
                 diff = int((m_graph != ref.bool()).sum())
-                check(f"click+paste vs the session's sample_field+footprint ({m_graph.numel()} "
-                      f"voxels, {int(ref.sum())} set; voxels differing)", diff, diff == 0, "== 0")
+                check(
+                    f"click+paste vs the session's sample_field+footprint ({m_graph.numel()} "
+                    f"voxels, {int(ref.sum())} set; voxels differing)",
+                    diff,
+                    diff == 0,
+                    "== 0",
+                )
             except TypeError as exc:  # geometry without the nearest mode
                 print(f"SKIP  session paste comparison: {exc}")
             for n in (2, 3):
@@ -142,8 +180,9 @@ def main() -> int:
     print(f"\n{'PASS' if ok else 'FAIL'}: {sum(c['pass'] for c in checks)}/{len(checks)} checks")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_checks.json").write_text(json.dumps(
-            {"environment": environment(dev), "pass": ok, "checks": checks}, indent=2))
+        (args.out / "gpu_checks.json").write_text(
+            json.dumps({"environment": environment(dev), "pass": ok, "checks": checks}, indent=2)
+        )
     return 0 if ok else 1
 
 

@@ -57,8 +57,7 @@ def make_cases(shape: tuple[int, int, int], variants: int, clicks: int) -> list[
     cases = []
     for v in range(variants):
         vol, centre = synthetic_ct(shape, seed=v)
-        vol = Volume(np.clip(np.round(vol.array), -1024, 3071).astype(np.int16),
-                     vol.ijk_to_ras)
+        vol = Volume(np.clip(np.round(vol.array), -1024, 3071).astype(np.int16), vol.ijk_to_ras)
         rng = np.random.default_rng(100 + v)
         prompts = [(centre.tolist(), True)]
         for n in range(1, clicks):
@@ -99,14 +98,19 @@ def quantiles(ms: list[float]) -> dict:
     if not ms:
         return {}
     a = np.asarray(ms)
-    return {"n": len(ms), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p95_ms": round(float(np.percentile(a, 95)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "max_ms": round(float(a.max()), 2), "mean_ms": round(float(a.mean()), 2)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p95_ms": round(float(np.percentile(a, 95)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "max_ms": round(float(a.max()), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
 
 
-def run_level(url: str, n_users: int, cases: list[dict], think_ms: float, options: dict,
-              deadline: float) -> dict:
+def run_level(
+    url: str, n_users: int, cases: list[dict], think_ms: float, options: dict, deadline: float
+) -> dict:
     barrier = threading.Barrier(n_users + 1)
     lock = threading.Lock()
     clicks: list[float] = []
@@ -129,8 +133,10 @@ def run_level(url: str, n_users: int, cases: list[dict], think_ms: float, option
                 with lock:
                     uploads.append(time.perf_counter() - t0)
                 barrier.wait(timeout)
-                ops = [(lambda p=p, pos=pos: s.add_point(p, positive=pos))
-                       for p, pos in case["prompts"]] + [s.undo]
+                ops = [
+                    (lambda p=p, pos=pos: s.add_point(p, positive=pos))
+                    for p, pos in case["prompts"]
+                ] + [s.undo]
                 for k, (op, want) in enumerate(zip(ops, case["expected"])):
                     if think_ms:
                         time.sleep(rnd.uniform(0.5, 1.5) * think_ms / 1e3)
@@ -178,23 +184,34 @@ def run_level(url: str, n_users: int, cases: list[dict], think_ms: float, option
     poll.join(5)
     ops_done = len(clicks) + len(first) + len(undos)
     span = (max(ends) - t_clicks) if ends else float("nan")
-    peak = {k: max((s.get(k) or 0) for s in samples) if samples else None
-            for k in ("rss_mb", "cuda_allocated_mb", "cuda_reserved_mb", "queued", "sessions")}
+    peak = {
+        k: max((s.get(k) or 0) for s in samples) if samples else None
+        for k in ("rss_mb", "cuda_allocated_mb", "cuda_reserved_mb", "queued", "sessions")
+    }
     busy = (samples[-1]["busy_s"] - samples[0]["busy_s"]) if len(samples) > 1 else None
     return {
-        "users": n_users, "think_ms": think_ms,
-        "clicks": quantiles(clicks + first), "further_clicks": quantiles(clicks),
-        "first_clicks": quantiles(first), "undo": quantiles(undos),
+        "users": n_users,
+        "think_ms": think_ms,
+        "clicks": quantiles(clicks + first),
+        "further_clicks": quantiles(clicks),
+        "first_clicks": quantiles(first),
+        "undo": quantiles(undos),
         "server_timing": {k: quantiles(v) for k, v in server.items()},
-        "upload_s": {"p50": round(float(np.median(uploads)), 3) if uploads else None,
-                     "max": round(max(uploads), 3) if uploads else None},
-        "ops": ops_done, "click_phase_s": round(span, 3),
+        "upload_s": {
+            "p50": round(float(np.median(uploads)), 3) if uploads else None,
+            "max": round(max(uploads), 3) if uploads else None,
+        },
+        "ops": ops_done,
+        "click_phase_s": round(span, 3),
         "throughput_ops_per_s": round(ops_done / span, 1) if ends else None,
         "server_busy_s": None if busy is None else round(busy, 3),
-        "checked": ops_done, "mismatches": len(mismatches),
+        "checked": ops_done,
+        "mismatches": len(mismatches),
         "min_dice_of_mismatches": min((m["dice"] for m in mismatches), default=None),
-        "errors": errors[:5], "error_count": len(errors),
-        "server_peak": peak, "level_s": round(time.perf_counter() - t_start, 2),
+        "errors": errors[:5],
+        "error_count": len(errors),
+        "server_peak": peak,
+        "level_s": round(time.perf_counter() - t_start, 2),
     }
 
 
@@ -206,12 +223,22 @@ def main() -> int:
     ap.add_argument("--users", default="1,8,32,64")
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--variants", type=int, default=2, help="different volumes/click sets")
-    ap.add_argument("--think-ms", type=float, default=500.0,
-                    help="mean pause before each click (uniform 0.5x..1.5x); 0 = closed loop")
-    ap.add_argument("--saturation", action="store_true",
-                    help="also run the largest N closed-loop (think time 0)")
-    ap.add_argument("--no-propagate", action="store_true",
-                    help="one crop per object (bounds the fixture network's large masks)")
+    ap.add_argument(
+        "--think-ms",
+        type=float,
+        default=500.0,
+        help="mean pause before each click (uniform 0.5x..1.5x); 0 = closed loop",
+    )
+    ap.add_argument(
+        "--saturation",
+        action="store_true",
+        help="also run the largest N closed-loop (think time 0)",
+    )
+    ap.add_argument(
+        "--no-propagate",
+        action="store_true",
+        help="one crop per object (bounds the fixture network's large masks)",
+    )
     ap.add_argument("--time-limit", type=float, default=600.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -231,12 +258,33 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     raw_mb = int(np.prod(shape)) * 2 / 2**20
     log_path = Path(args.out).with_suffix(".server.log")
-    cmd = [sys.executable, "-m", "fastsam3d.cli", "serve", "--fixture-weights", "--model",
-           args.model, "--device", args.device, "--host", "127.0.0.1", "--port", str(port),
-           "--max-sessions", str(max(users) + 4), "--max-upload-mb", str(int(raw_mb) + 8),
-           "--log-level", "warning"]
-    server = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastsam3d.cli",
+        "serve",
+        "--fixture-weights",
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-sessions",
+        str(max(users) + 4),
+        "--max-upload-mb",
+        str(int(raw_mb) + 8),
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(
+        cmd,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     levels = []
     try:  # the server warms up while the volumes and the local references are made
         t0 = time.perf_counter()
@@ -267,11 +315,14 @@ def main() -> int:
             r = run_level(url, n, cases, think, options, deadline)
             levels.append(r)
             c = r["clicks"]
-            print(f"N={n:3d} think={think:.0f}ms: clicks p50 {c.get('p50_ms')} p95 "
-                  f"{c.get('p95_ms')} p99 {c.get('p99_ms')} ms, {r['throughput_ops_per_s']} "
-                  f"ops/s, upload p50 {r['upload_s']['p50']} s, mismatches "
-                  f"{r['mismatches']}/{r['checked']}, errors {r['error_count']}, server peak "
-                  f"{r['server_peak']}", flush=True)
+            print(
+                f"N={n:3d} think={think:.0f}ms: clicks p50 {c.get('p50_ms')} p95 "
+                f"{c.get('p95_ms')} p99 {c.get('p99_ms')} ms, {r['throughput_ops_per_s']} "
+                f"ops/s, upload p50 {r['upload_s']['p50']} s, mismatches "
+                f"{r['mismatches']}/{r['checked']}, errors {r['error_count']}, server peak "
+                f"{r['server_peak']}",
+                flush=True,
+            )
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -280,16 +331,28 @@ def main() -> int:
             server.kill()
             server.wait()
     env["load_average_after"] = os.getloadavg()
-    out = {"benchmark": "serve_load", "env": env,
-           "config": {"shape_kji": shape, "dtype": "int16", "model": args.model,
-                      "weights": "fixture", "clicks": args.clicks, "variants": args.variants,
-                      "think_ms": args.think_ms, "options": options,
-                      "protocol": "each user: create session, upload volume; barrier; "
-                                  f"{args.clicks} clicks + 1 undo, each after a think time "
-                                  "uniform in [0.5, 1.5] x think_ms; client-side round trip"},
-           "prep_s": round(prep_s, 1), "server_ready_s": round(ready_s, 1),
-           "server_exit_code": server.returncode, "levels": levels,
-           "total_s": round(time.monotonic() - t_begin, 1)}
+    out = {
+        "benchmark": "serve_load",
+        "env": env,
+        "config": {
+            "shape_kji": shape,
+            "dtype": "int16",
+            "model": args.model,
+            "weights": "fixture",
+            "clicks": args.clicks,
+            "variants": args.variants,
+            "think_ms": args.think_ms,
+            "options": options,
+            "protocol": "each user: create session, upload volume; barrier; "
+            f"{args.clicks} clicks + 1 undo, each after a think time "
+            "uniform in [0.5, 1.5] x think_ms; client-side round trip",
+        },
+        "prep_s": round(prep_s, 1),
+        "server_ready_s": round(ready_s, 1),
+        "server_exit_code": server.returncode,
+        "levels": levels,
+        "total_s": round(time.monotonic() - t_begin, 1),
+    }
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return 0 if all(r["mismatches"] == 0 and r["error_count"] == 0 for r in levels) else 1

@@ -38,16 +38,25 @@ def main() -> int:
             print(f"grid {g}^3 {impl:10s} fp32 rel err vs masked einsum: {err:.2e}")
         for i, br in enumerate(flex._flex_plan(pat.branches, pat.flex_block, grid, dev)):
             qp, kp, vp = (x.index_select(2, br.perm) for x in (q, k, v))
-            o, lse = flex._flex(qp, kp, vp, flex._score_mod(terms, br.coords), br.block_mask,
-                              scale, lse=True)
+            o, lse = flex._flex(
+                qp, kp, vp, flex._score_mod(terms, br.coords), br.block_mask, scale, lse=True
+            )
             # the same branch through the eager (unfused, natural-log) implementation
-            o_ref, aux = flex_attention(qp, kp, vp, score_mod=flex._score_mod(terms, br.coords),
-                                        block_mask=br.block_mask, scale=scale,
-                                        return_aux=AuxRequest(lse=True))
+            o_ref, aux = flex_attention(
+                qp,
+                kp,
+                vp,
+                score_mod=flex._score_mod(terms, br.coords),
+                block_mask=br.block_mask,
+                scale=scale,
+                return_aux=AuxRequest(lse=True),
+            )
             fin = torch.isfinite(aux.lse)
-            print(f"  branch {i}: out err {rel(o, o_ref):.2e}, lse err "
-                  f"{rel(lse[fin], aux.lse[fin]):.2e}, mean lse ratio "
-                  f"{float(lse[fin].mean() / aux.lse[fin].mean()):.4f}")
+            print(
+                f"  branch {i}: out err {rel(o, o_ref):.2e}, lse err "
+                f"{rel(lse[fin], aux.lse[fin]):.2e}, mean lse ratio "
+                f"{float(lse[fin].mean() / aux.lse[fin].mean()):.4f}"
+            )
     print("PASS" if not bad else "FAIL")
     return int(bool(bad))
 

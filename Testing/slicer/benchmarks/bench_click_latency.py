@@ -26,8 +26,9 @@ def main(device: str = "cpu", refinements: int = 5) -> None:
     import fastsam3d.testing
 
     warnings.simplefilter("ignore", RuntimeWarning)
-    engine = FastSAM3DEngine.from_model(fastsam3d.testing.fixture_model("fastsam3d", device),
-                                        device=device, propagate=False)
+    engine = FastSAM3DEngine.from_model(
+        fastsam3d.testing.fixture_model("fastsam3d", device), device=device, propagate=False
+    )
     scene = build_scene(shape_kji=(130, 256, 256), spacing=(1.0, 1.0, 1.3))
     logic = InteractiveLogic(engine)
     logic.set_target(scene.volume, scene.segmentation, scene.target)
@@ -44,8 +45,10 @@ def main(device: str = "cpu", refinements: int = 5) -> None:
     med = statistics.median
     print(f"device {engine.device_info.description}; volume 256x256x130")
     print(f"first click {1000 * wall_first:.0f} ms (network {1000 * first.inference_s:.0f} ms)")
-    print(f"refinement clicks: {1000 * med(totals):.0f} ms (network {1000 * med(nets):.0f} ms),"
-          f" median of {refinements}")
+    print(
+        f"refinement clicks: {1000 * med(totals):.0f} ms (network {1000 * med(nets):.0f} ms),"
+        f" median of {refinements}"
+    )
     logic.close()
 
 

@@ -146,22 +146,28 @@ def _load_engine(device: str) -> Any:
     prepare the engine, warm one session (CUDA graphs, cuDNN plans)."""
     import fastsam3d.testing
 
-    engine = FastSAM3DEngine.from_model(fastsam3d.testing.fixture_model("fastsam3d", device),
-                                        device=device, propagate=False)
+    engine = FastSAM3DEngine.from_model(
+        fastsam3d.testing.fixture_model("fastsam3d", device), device=device, propagate=False
+    )
     engine.new_session()
     return engine
 
 
 def one(target: Any, mode: str, offset: tuple, positive: bool, limit_s: float) -> dict:
-    out, ticks = click_to_written(lambda: target.submit(offset, positive), target.poller, mode,
-                                  limit_s=limit_s)
+    out, ticks = click_to_written(
+        lambda: target.submit(offset, positive), target.poller, mode, limit_s=limit_s
+    )
     if len(out) != 1 or isinstance(out[0], BaseException) or not hasattr(out[0], "total_s"):
         if target.poller.busy:  # legacy run cut at limit_s: drop the click, note it
             target.poller.wait()
             return {"mode": mode, "ms": None, "ticks": ticks, "cut_at_s": limit_s}
         raise RuntimeError(f"{mode} click failed: {out}")
-    return {"mode": mode, "ms": 1000 * out[0].total_s, "net_ms": 1000 * out[0].inference_s,
-            "ticks": ticks}
+    return {
+        "mode": mode,
+        "ms": 1000 * out[0].total_s,
+        "net_ms": 1000 * out[0].inference_s,
+        "ticks": ticks,
+    }
 
 
 def summary(rows: list, mode: str) -> dict:
@@ -169,9 +175,13 @@ def summary(rows: list, mode: str) -> dict:
     ticks = [r["ticks"] for r in rows if r["mode"] == mode]
     if not ms:
         return {"n": 0, "cut": len(ticks)}
-    return {"n": len(ms), "median_ms": round(statistics.median(ms), 2),
-            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2),
-            "median_ticks": statistics.median(ticks)}
+    return {
+        "n": len(ms),
+        "median_ms": round(statistics.median(ms), 2),
+        "min_ms": round(min(ms), 2),
+        "max_ms": round(max(ms), 2),
+        "median_ticks": statistics.median(ticks),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -182,8 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--first", type=int, default=2, help="first clicks (new object) per mode")
     ap.add_argument("--legacy", type=int, default=1, help="legacy refinement clicks")
     ap.add_argument("--legacy-limit", type=float, default=20.0)
-    ap.add_argument("--loads", type=int, default=1,
-                    help="model loads (build + engine + warm session) per waiting mode")
+    ap.add_argument(
+        "--loads",
+        type=int,
+        default=1,
+        help="model loads (build + engine + warm session) per waiting mode",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -197,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     if backend == "auto":
         backend = "mrml" if has_slicer_core() else "queue"
     engine = FastSAM3DEngine.from_model(
-        fastsam3d.testing.fixture_model("fastsam3d", args.device), device=args.device,
+        fastsam3d.testing.fixture_model("fastsam3d", args.device),
+        device=args.device,
         propagate=False,
     )
     target = (MrmlTarget if backend == "mrml" else QueueTarget)(engine)
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in range(args.legacy):
         rows["legacy"].append(one(target, "legacy", (1, 1 + n, 0), True, args.legacy_limit))
     for n in range(args.first):
-        for mode in (("free", "slicer") if n % 2 == 0 else ("slicer", "free")):
+        for mode in ("free", "slicer") if n % 2 == 0 else ("slicer", "free"):
             target.new_object()
             rows["first"].append(one(target, mode, (0, 0, 0), True, 600))
     target.close()
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     worker = InferenceWorker()
     modes = ["free", "tick", "pumped"]
     for n in range(args.loads):  # model loading on the worker, waited for as the Widget may
-        for mode in modes[n % 3:] + modes[:n % 3]:  # rotate the order: same load for each
+        for mode in modes[n % 3 :] + modes[: n % 3]:  # rotate the order: same load for each
             future = worker.submit(_load_engine, args.device)
             s, ticks = future_done(future, mode)
             rows["load"].append({"mode": mode, "ms": 1000 * s, "ticks": ticks})
@@ -232,14 +247,19 @@ def main(argv: list[str] | None = None) -> dict:
         **bench.environment(dev),
         "machine": platform.node() and platform.platform(),
         "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+        "load_average": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
         else None,
         "device_description": engine.device_info.description,
         "backend": backend,
         "volume_kji": list(SHAPE),
         "model": "fastsam3d, fixture weights (timing only)",
-        "loop": {"gap_s": GAP_S, "pump_s": PUMP_S, "poll_wait_s": POLL_WAIT_S,
-                 "legacy_timer_s": GAP_S},
+        "loop": {
+            "gap_s": GAP_S,
+            "pump_s": PUMP_S,
+            "poll_wait_s": POLL_WAIT_S,
+            "legacy_timer_s": GAP_S,
+        },
         "refine": {m: summary(rows["refine"], m) for m in ("free", "slicer")},
         "first_click": {m: summary(first, m) for m in ("free", "slicer")},
         "legacy_refine": summary(rows["legacy"], "legacy"),
@@ -250,9 +270,23 @@ def main(argv: list[str] | None = None) -> dict:
     r = out["refine"]
     ratio = r["slicer"]["median_ms"] / r["free"]["median_ms"]
     out["refine_ratio_slicer_over_free"] = round(ratio, 3)
-    print(json.dumps({k: out[k] for k in ("device_description", "backend", "refine",
-                                          "first_click", "legacy_refine", "model_load",
-                                          "refine_ratio_slicer_over_free")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: out[k]
+                for k in (
+                    "device_description",
+                    "backend",
+                    "refine",
+                    "first_click",
+                    "legacy_refine",
+                    "model_load",
+                    "refine_ratio_slicer_over_free",
+                )
+            },
+            indent=1,
+        )
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1) + "\n")

@@ -36,8 +36,11 @@ class CropEngine(StubEngine):
 
 def main(shape=(300, 512, 512), clicks=8) -> None:
     t0 = time.perf_counter()
-    scene = build_scene(shape_kji=shape, spacing=(0.8, 0.8, 1.0),
-                        other_block=(slice(100, 180), slice(200, 300), slice(200, 300)))
+    scene = build_scene(
+        shape_kji=shape,
+        spacing=(0.8, 0.8, 1.0),
+        other_block=(slice(100, 180), slice(200, 300), slice(200, 300)),
+    )
     print(f"scene {shape[::-1]} (i,j,k) built in {time.perf_counter() - t0:.1f} s")
     logic = InteractiveLogic(CropEngine())
     logic.set_target(scene.volume, scene.segmentation, scene.target)
@@ -48,8 +51,11 @@ def main(shape=(300, 512, 512), clicks=8) -> None:
     totals, writes, undos = [], [], []
     rng = np.random.default_rng(0)
     for _ in range(clicks):
-        ijk = (256 + rng.integers(-40, 40), 256 + rng.integers(-40, 40),
-               150 + rng.integers(-30, 30))
+        ijk = (
+            256 + rng.integers(-40, 40),
+            256 + rng.integers(-40, 40),
+            150 + rng.integers(-30, 30),
+        )
         t0 = time.perf_counter()
         logic.add_point(scene.world_of_ijk(ijk), bool(rng.integers(0, 2)))
         (rec,) = logic.wait()
@@ -60,9 +66,11 @@ def main(shape=(300, 512, 512), clicks=8) -> None:
         logic.undo()
         undos.append(time.perf_counter() - t0)
     med = statistics.median
-    print(f"per click, region 129^3: total {1000 * med(totals):.0f} ms, "
-          f"MRML write incl. undo snapshot {1000 * med(writes):.0f} ms, "
-          f"undo {1000 * med(undos):.0f} ms (medians of {clicks})")
+    print(
+        f"per click, region 129^3: total {1000 * med(totals):.0f} ms, "
+        f"MRML write incl. undo snapshot {1000 * med(writes):.0f} ms, "
+        f"undo {1000 * med(undos):.0f} ms (medians of {clicks})"
+    )
     logic.close()
 
 

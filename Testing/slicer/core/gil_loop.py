@@ -67,8 +67,14 @@ def click_to_written(
     return out, ticks
 
 
-def future_done(future: Any, mode: str, gap_s: float = GAP_S, pump_s: float = PUMP_S,
-                tick_s: float = 0.5, limit_s: float = 600.0) -> tuple[float, int]:
+def future_done(
+    future: Any,
+    mode: str,
+    gap_s: float = GAP_S,
+    pump_s: float = PUMP_S,
+    tick_s: float = 0.5,
+    limit_s: float = 600.0,
+) -> tuple[float, int]:
     """Wait for a worker ``future`` (model loading, a download) with the main loop of ``mode``.
 
     ``free``: a blocking wait. ``tick``: each timer tick is one ``waiting.wait_once`` of

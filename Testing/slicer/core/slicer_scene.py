@@ -31,9 +31,11 @@ from FastSAM3DSlicerLib import mrml  # noqa: E402
 def rotation(axis: str, degrees: float) -> np.ndarray:
     a = np.deg2rad(degrees)
     c, s = np.cos(a), np.sin(a)
-    m = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]],
-         "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
-         "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    m = {
+        "x": [[1, 0, 0], [0, c, -s], [0, s, c]],
+        "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+        "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]],
+    }[axis]
     return np.array(m, float)
 
 
@@ -99,8 +101,9 @@ def _oriented(ijk_to_world: np.ndarray, values: np.ndarray) -> object:
     return img
 
 
-def build_scene(shape_kji=(36, 40, 44), spacing=(1.3, 0.9, 2.1), other_block=None,
-                mrml_scene=None) -> Scene:
+def build_scene(
+    shape_kji=(36, 40, 44), spacing=(1.3, 0.9, 2.1), other_block=None, mrml_scene=None
+) -> Scene:
     """The test scene; in ``mrml_scene`` when given (e.g. after Clear: node IDs are reused)."""
     mrml.ensure_segmentation_converters()
     scene = mrml_scene if mrml_scene is not None else slicer.vtkMRMLScene()
@@ -112,8 +115,8 @@ def build_scene(shape_kji=(36, 40, 44), spacing=(1.3, 0.9, 2.1), other_block=Non
     array = (np.where(blob < 1, 300, 40) + rng.normal(0, 5, shape_kji)).astype(np.int16)
 
     # Oblique direction matrix with axes permuted (i ~ S, j ~ R, k ~ A) and a reflection.
-    directions = rotation("z", 25) @ rotation("x", -15) @ np.array(
-        [[0, 1, 0], [0, 0, -1], [1, 0, 0]], float
+    directions = (
+        rotation("z", 25) @ rotation("x", -15) @ np.array([[0, 1, 0], [0, 0, -1], [1, 0, 0]], float)
     )
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3, :3] = directions @ np.diag(spacing)
@@ -149,15 +152,18 @@ def build_scene(shape_kji=(36, 40, 44), spacing=(1.3, 0.9, 2.1), other_block=Non
     kb, jb, ib = other_block or (slice(2, 10), slice(3, 12), slice(4, 15))
     other_mask[kb, jb, ib] = True
     ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        _oriented(to_world @ ijk_to_ras, other_mask), segmentation, other,
+        _oriented(to_world @ ijk_to_ras, other_mask),
+        segmentation,
+        other,
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
     )
     assert ok
 
     points = slicer.vtkMRMLMarkupsFiducialNode()
     scene.AddNode(points)
-    return Scene(scene, volume, transform, segmentation, points, target, other, ijk_to_ras,
-                 to_world)
+    return Scene(
+        scene, volume, transform, segmentation, points, target, other, ijk_to_ras, to_world
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,8 +215,9 @@ class SphereSession:
         center = np.round(ijk[:3][::-1]).astype(int)
         region = self._region(center)
         zz, yy, xx = np.ogrid[region]
-        ball = ((zz - center[0]) ** 2 + (yy - center[1]) ** 2 + (xx - center[2]) ** 2
-                <= self.RADIUS**2)
+        ball = (zz - center[0]) ** 2 + (yy - center[1]) ** 2 + (
+            xx - center[2]
+        ) ** 2 <= self.RADIUS**2
         full = self.state[-1].copy()
         full[region] = full[region] | ball if positive else full[region] & ~ball
         self.state.append(full)

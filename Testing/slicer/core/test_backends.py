@@ -40,8 +40,10 @@ from FastSAM3DSlicerLib import backends, deps, install  # noqa: E402
 from FastSAM3DSlicerLib.engine import FastSAM3DEngine  # noqa: E402
 from FastSAM3DSlicerLib.logic import FailedEdit, InteractiveLogic  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU"),
-              pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU"),
+    pytest.mark.timeout(180),
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +53,13 @@ def runner():
 
 @pytest.fixture(scope="module")
 def srv(runner):
-    with serving(runner, api_key=KEY,
-                 max_sessions=8, max_upload_mb=16, warmup=True) as s:
+    with serving(runner, api_key=KEY, max_sessions=8, max_upload_mb=16, warmup=True) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def local_engine():
-    return FastSAM3DEngine.from_model(fixture_model("fastsam3d", **TINY), "cpu",
-                                      propagate=False)
+    return FastSAM3DEngine.from_model(fixture_model("fastsam3d", **TINY), "cpu", propagate=False)
 
 
 def remote_settings(srv, **kw) -> backends.BackendSettings:
@@ -136,8 +136,9 @@ def test_remote_path_imports_no_torch(srv):
                           "torch": [m for m in mods if m.split(".")[0] == "torch"],
                           "fastsam3d": [m for m in mods if m.startswith("fastsam3d")]}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, cwd=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=str(REPO)
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["blocked"], "the torch blocker did not work: the test would prove nothing"
@@ -206,9 +207,16 @@ def test_a_full_server_is_said_so(runner):
     assert not report.ok and "is full" in report.message
 
 
-@pytest.mark.parametrize(("client", "server", "ok"), [
-    ("0.1.0", "0.1.7", True), ("0.1.0", "0.2.0", False), ("1.2.0", "1.9.1", True),
-    ("1.0.0", "2.0.0", False), ("0.1.0", "garbage", False)])
+@pytest.mark.parametrize(
+    ("client", "server", "ok"),
+    [
+        ("0.1.0", "0.1.7", True),
+        ("0.1.0", "0.2.0", False),
+        ("1.2.0", "1.9.1", True),
+        ("1.0.0", "2.0.0", False),
+        ("0.1.0", "garbage", False),
+    ],
+)
 def test_version_rule(client, server, ok):
     assert backends.compatible(client, server) is ok
 
@@ -234,7 +242,11 @@ def test_settings_keep_the_key_in_memory_unless_remembered():
     assert "secret-key-123" not in json.dumps(store.data) and "secret" not in repr(s)
     back = backends.BackendSettings.load(store)
     assert (back.kind, back.url, back.api_key, back.remember_key) == (
-        "remote", "http://h:8000", "", False)
+        "remote",
+        "http://h:8000",
+        "",
+        False,
+    )
 
     s.remember_key = True
     s.save(store)
@@ -249,8 +261,15 @@ def test_settings_keep_the_key_in_memory_unless_remembered():
 
 
 def test_each_backend_installs_only_what_it_needs(monkeypatch):
-    versions = {"torch": None, "tqdm": None, "safetensors": None, "numpy": "2.0",
-                "zstandard": None, "onnxruntime": None, "onnx": None}
+    versions = {
+        "torch": None,
+        "tqdm": None,
+        "safetensors": None,
+        "numpy": "2.0",
+        "zstandard": None,
+        "onnxruntime": None,
+        "onnx": None,
+    }
     monkeypatch.setattr(deps, "_installed", lambda name: versions.get(name))
     assert [r.name for r in backends.missing("local")][0] == "torch"
     assert [r.name for r in backends.missing("remote")] == ["zstandard"]
@@ -280,8 +299,11 @@ def test_onnx_backend_is_offered_only_when_fastsam3d_runs_it_without_torch(monke
         with pytest.raises(backends.BackendError, match="ONNX Runtime backend unavailable"):
             backends.build_engine(backends.BackendSettings(kind=backends.ONNX))
     monkeypatch.setattr(fonnx, backends.ONNX_FLAG, True, raising=False)
-    monkeypatch.setattr(backends.importlib.util, "find_spec",
-                        lambda name: None if name == "onnxruntime" else object())
+    monkeypatch.setattr(
+        backends.importlib.util,
+        "find_spec",
+        lambda name: None if name == "onnxruntime" else object(),
+    )
     usable, why = backends.onnx_status()
     assert usable and "onnxruntime is not installed" in why
 
@@ -372,8 +394,12 @@ def test_panel_remote_asks_only_for_its_packages_and_never_for_torch(env, monkey
     assert [r.name for r in w._backendMissing()] == ["zstandard"]
 
 
-def test_panel_wrong_key_is_a_clear_error_and_never_logged(env, srv, monkeypatch,  # noqa: F811
-                                                           caplog):
+def test_panel_wrong_key_is_a_clear_error_and_never_logged(
+    env,  # noqa: F811
+    srv,
+    monkeypatch,
+    caplog,
+):
     errors = []
     monkeypatch.setattr(sys.modules["slicer"].util, "errorDisplay", errors.append, raising=False)
     secret = "wrong-secret-key-0123456789"
@@ -408,14 +434,19 @@ def test_onnx_backend_segments_through_the_lib_once_fastsam3d_offers_it(monkeypa
     monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
     assert backends.onnx_status() == (True, "")
     ckpt = tmp_path / "weights.safetensors"
-    engine = backends.build_engine(backends.BackendSettings(kind=backends.ONNX), "local-file",
-                                   local_path=str(ckpt), propagate=False)
+    engine = backends.build_engine(
+        backends.BackendSettings(kind=backends.ONNX),
+        "local-file",
+        local_path=str(ckpt),
+        propagate=False,
+    )
     assert asked == [str(ckpt)]
     assert engine.device == "cpu" and engine.device_info.is_cpu
     assert engine.device_info.description == "ONNX Runtime (CPUExecutionProvider)"
     after_onnx, undone = click(engine)
-    fp32 = FastSAM3DEngine.from_model(fixture_model("fastsam3d", **TINY), "cpu",
-                                      precision="fp32", propagate=False)
+    fp32 = FastSAM3DEngine.from_model(
+        fixture_model("fastsam3d", **TINY), "cpu", precision="fp32", propagate=False
+    )
     after_local, _ = click(fp32)
     assert after_local.any() and not undone.any()
     np.testing.assert_array_equal(after_onnx, after_local)

@@ -38,8 +38,13 @@ def test_editable_area_choices_round_trip_through_the_node(scene):
     node = params.segment_editor_node(scene.scene)
     choices = params.editable_area_choices(scene.segmentation)
     labels = [c.label for c in choices]
-    assert labels[:5] == ["Everywhere", "Inside all segments", "Inside all visible segments",
-                          "Outside all segments", "Outside all visible segments"]
+    assert labels[:5] == [
+        "Everywhere",
+        "Inside all segments",
+        "Inside all visible segments",
+        "Outside all segments",
+        "Outside all visible segments",
+    ]
     assert labels[5:] == ["Inside target", "Inside other"]
     for n, choice in enumerate(choices):
         params.set_editable_area(node, choice)
@@ -116,8 +121,9 @@ def test_missing_or_deleted_segment_is_created_existing_is_kept(scene):
     fresh = interaction.ensure_target(scene.scene, scene.volume, scene.segmentation, "")
     assert fresh.created == ("segment",) and fresh.segmentation is scene.segmentation
     scene.segmentation.GetSegmentation().RemoveSegment(fresh.segment_id)
-    again = interaction.ensure_target(scene.scene, scene.volume, scene.segmentation,
-                                      fresh.segment_id)
+    again = interaction.ensure_target(
+        scene.scene, scene.volume, scene.segmentation, fresh.segment_id
+    )
     assert again.created == ("segment",) and again.segment_id != fresh.segment_id
     assert scene.segmentation.GetSegmentation().GetNumberOfSegments() == n + 1
 

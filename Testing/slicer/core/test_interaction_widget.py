@@ -79,16 +79,38 @@ def fake_qt() -> types.ModuleType:
     qt = types.ModuleType("qt")
     qt.QObject = type("QObject", (), {"__init__": lambda self, *a: None})
     qt.QWidget = Anything
-    qt.QEvent = types.SimpleNamespace(Enter=10, MouseButtonPress=2, MouseButtonRelease=3,
-                                      MouseButtonDblClick=4, MouseMove=5, Wheel=31)
-    qt.Qt = types.SimpleNamespace(LeftButton=1, RightButton=2, MiddleButton=4, NoModifier=0,
-                                  ShiftModifier=0x02000000, ControlModifier=0x04000000,
-                                  AltModifier=0x08000000, MetaModifier=0x10000000,
-                                  BusyCursor=16, WaitCursor=3)
+    qt.QEvent = types.SimpleNamespace(
+        Enter=10,
+        MouseButtonPress=2,
+        MouseButtonRelease=3,
+        MouseButtonDblClick=4,
+        MouseMove=5,
+        Wheel=31,
+    )
+    qt.Qt = types.SimpleNamespace(
+        LeftButton=1,
+        RightButton=2,
+        MiddleButton=4,
+        NoModifier=0,
+        ShiftModifier=0x02000000,
+        ControlModifier=0x04000000,
+        AltModifier=0x08000000,
+        MetaModifier=0x10000000,
+        BusyCursor=16,
+        WaitCursor=3,
+    )
     qt.QTimer = FakeTimer
     qt.QSettings = FakeSettings
-    for name in ("QPixmap", "QPainter", "QPen", "QCursor", "QColor", "QShortcut",
-                 "QKeySequence", "QApplication"):
+    for name in (
+        "QPixmap",
+        "QPainter",
+        "QPen",
+        "QCursor",
+        "QColor",
+        "QShortcut",
+        "QKeySequence",
+        "QApplication",
+    ):
         setattr(qt, name, Anything())
     return qt
 
@@ -215,20 +237,28 @@ def env(monkeypatch, scene, stub_engine):
         m.SetElement(r, 3, float(center[r]))
     slice_node.UpdateMatrices()
     view = SliceWidget(slice_node, scene.volume.GetID())
-    layout = types.SimpleNamespace(sliceViewNames=lambda: ["Red"],
-                                   sliceWidget=lambda name: view if name == "Red" else None)
+    layout = types.SimpleNamespace(
+        sliceViewNames=lambda: ["Red"], sliceWidget=lambda name: view if name == "Red" else None
+    )
     messages = []
     loaded = widget_harness.load_widget(
-        monkeypatch, scene.scene,
+        monkeypatch,
+        scene.scene,
         app={"layoutManager": lambda: layout, "processEvents": lambda: None},
         util={"showStatusMessage": lambda m, d=0: messages.append(m)},
     )
     w = loaded.widget
     w.logic = InteractiveLogic(stub_engine)
     interaction_node = slicer.app.applicationLogic().GetInteractionNode()
-    yield types.SimpleNamespace(module=loaded.module, widget=w, view=view, scene=scene,
-                                messages=messages, qt=loaded.qt,
-                                interaction_node=interaction_node)
+    yield types.SimpleNamespace(
+        module=loaded.module,
+        widget=w,
+        view=view,
+        scene=scene,
+        messages=messages,
+        qt=loaded.qt,
+        interaction_node=interaction_node,
+    )
     if w.logic is not None:
         w.logic.close()
 
@@ -439,8 +469,11 @@ def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
     """Review M8/m10: the old scene's result is never written; nothing keeps its nodes."""
     w, scene = env.widget, env.scene
     editor = w.ui.segmentEditorWidget
-    editor.volume, editor.segmentation, editor.segment = (scene.volume, scene.segmentation,
-                                                          scene.target)
+    editor.volume, editor.segmentation, editor.segment = (
+        scene.volume,
+        scene.segmentation,
+        scene.target,
+    )
     w.onPositive()
     w._addMarker(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
     w.logic.set_target(scene.volume, scene.segmentation, scene.target)
@@ -456,8 +489,11 @@ def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
 def test_new_segment_visibility_and_delete_keys(env):
     w, scene = env.widget, env.scene
     editor = w.ui.segmentEditorWidget
-    editor.volume, editor.segmentation, editor.segment = (scene.volume, scene.segmentation,
-                                                          scene.target)
+    editor.volume, editor.segmentation, editor.segment = (
+        scene.volume,
+        scene.segmentation,
+        scene.target,
+    )
     segmentation = scene.segmentation.GetSegmentation()
     n = segmentation.GetNumberOfSegments()
     w.onNewSegment()  # N
@@ -481,8 +517,15 @@ def test_model_controls_are_disabled_while_predicting_or_loading(env):
     w.logic.set_target(scene.volume, scene.segmentation, scene.target)
     w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
     w._updateButtons()
-    for control in (ui.loadModelButton, ui.weightsComboBox, ui.deviceComboBox, ui.undoButton,
-                    ui.resetSegmentButton, ui.clearButton, ui.removeWeightsButton):
+    for control in (
+        ui.loadModelButton,
+        ui.weightsComboBox,
+        ui.deviceComboBox,
+        ui.undoButton,
+        ui.resetSegmentButton,
+        ui.clearButton,
+        ui.removeWeightsButton,
+    ):
         assert not control.enabled
     w.logic.wait()
     w.engineFuture = object()  # a model loading

@@ -114,8 +114,12 @@ def test_click_under_slicer_like_gil_loop_within_2x_of_free_main_thread():
         # The harness does catch starvation: the old poll (no wait, no pump) under the same
         # loop does not write a click within 2x of the free time.
         limit = 2 * free
-        out, t = click_to_written(lambda: logic.add_point(scene.world_of_ijk((33, 24, 20))),
-                                  logic, "legacy", limit_s=limit)
+        out, t = click_to_written(
+            lambda: logic.add_point(scene.world_of_ijk((33, 24, 20))),
+            logic,
+            "legacy",
+            limit_s=limit,
+        )
         assert out == [] or out[0].total_s > limit, (out, free)
         logic.wait()
         assert np.any(scene.segment(scene.target))
@@ -131,9 +135,11 @@ def test_worker_never_delays_app_exit_and_runs_in_order():
     from pathlib import Path
 
     lib = Path(__file__).resolve().parents[3] / "FastSAM3DSlicer"
-    code = (f"import sys, time; sys.path.insert(0, {str(lib)!r})\n"
-            "from FastSAM3DSlicerLib.worker import InferenceWorker\n"
-            "w = InferenceWorker(); w.submit(time.sleep, 60); time.sleep(0.2)\n")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(lib)!r})\n"
+        "from FastSAM3DSlicerLib.worker import InferenceWorker\n"
+        "w = InferenceWorker(); w.submit(time.sleep, 60); time.sleep(0.2)\n"
+    )
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     assert time.perf_counter() - t0 < 20

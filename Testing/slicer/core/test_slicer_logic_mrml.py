@@ -45,7 +45,7 @@ def test_click_writes_sphere_at_world_position_only_inside_region(scene, stub_en
     record = _click(logic, scene, world)
 
     # The stub saw the click in the volume's own RAS (parent transform undone).
-    (kind, ras, positive), = stub_engine.sessions[0].calls
+    ((kind, ras, positive),) = stub_engine.sessions[0].calls
     np.testing.assert_allclose(ras, (scene.ijk_to_ras @ np.array([*ijk, 1.0]))[:3], atol=1e-6)
     assert scene.segment_value_at_world(scene.target, world)
     after = scene.segment(scene.target)
@@ -83,7 +83,9 @@ def test_negative_click_removes_only_session_voxels_and_keeps_earlier_work(scene
     from slicer_scene import _oriented
 
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        _oriented(scene.to_world @ scene.ijk_to_ras, painted), scene.segmentation, scene.target,
+        _oriented(scene.to_world @ scene.ijk_to_ras, painted),
+        scene.segmentation,
+        scene.target,
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
     )
     logic = _logic(scene, stub_engine)
@@ -221,12 +223,12 @@ def test_click_on_each_slice_view_lands_on_its_voxel(scene, stub_engine, orienta
     xy_to_ras = mrml.matrix_to_numpy(view.GetXYToRAS())
     x, y = np.round((np.linalg.inv(xy_to_ras) @ np.array([*target, 1.0]))[:2])
     world = (xy_to_ras @ np.array([x, y, 0.0, 1.0]))[:3]
-    i, j, k = np.round(
-        np.linalg.inv(scene.to_world @ scene.ijk_to_ras) @ np.array([*world, 1.0])
-    )[:3].astype(int)
+    i, j, k = np.round(np.linalg.inv(scene.to_world @ scene.ijk_to_ras) @ np.array([*world, 1.0]))[
+        :3
+    ].astype(int)
     logic = _logic(scene, stub_engine)
     _click(logic, scene, world)
-    (_, ras, _), = stub_engine.sessions[0].calls
+    ((_, ras, _),) = stub_engine.sessions[0].calls
     np.testing.assert_allclose(
         ras, (np.linalg.inv(scene.to_world) @ np.array([*world, 1.0]))[:3], atol=1e-6
     )
@@ -327,7 +329,7 @@ def test_points_go_through_a_non_linear_volume_transform(scene, stub_engine):
     ijk = (20, 18, 15)
     world = scene.world_of_ijk(ijk) + 4.0  # the grid moves everything by +4 mm
     _click(logic, scene, world)
-    (_, ras, _), = stub_engine.sessions[0].calls
+    ((_, ras, _),) = stub_engine.sessions[0].calls
     np.testing.assert_allclose(ras, (scene.ijk_to_ras @ np.array([*ijk, 1.0]))[:3], atol=1e-3)
     assert scene.segment(scene.target)[ijk[2], ijk[1], ijk[0]]
 
@@ -381,13 +383,16 @@ def test_in_place_write_notifies_the_segmentation(scene):
     writer.write(scene.target, region, mask)  # first write allocates the layer (Slicer path)
     events = []
     segmentation = scene.segmentation.GetSegmentation()
-    tag = segmentation.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified,
-                                   lambda caller, event: events.append(event))
+    tag = segmentation.AddObserver(
+        slicer.vtkSegmentation.SourceRepresentationModified,
+        lambda caller, event: events.append(event),
+    )
     inner = mask[2:8, 2:8, 2:8].copy()  # inside the layer Slicer allocated (no growth)
     inner[2, 2, 2] = False
     inner[0, 1, 2] = False
-    assert writer._write_in_place(scene.target, writer.image_to_segmentation(),
-                                  (12, 17, 12, 17, 12, 17), inner)
+    assert writer._write_in_place(
+        scene.target, writer.image_to_segmentation(), (12, 17, 12, 17, 12, 17), inner
+    )
     segmentation.RemoveObserver(tag)
     assert events, "display and derived representations would not update"
     after = scene.segment(scene.target)

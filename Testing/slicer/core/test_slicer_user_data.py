@@ -41,7 +41,8 @@ def _paint(scene, segment_id, block, value=True):
     else:
         modifier, mode = np.where(mask, 0, 255), logic.MODE_MERGE_MIN
     ok = logic.SetBinaryLabelmapToSegment(
-        _oriented(_image_to_seg(scene), modifier), scene.segmentation, segment_id, mode)
+        _oriented(_image_to_seg(scene), modifier), scene.segmentation, segment_id, mode
+    )
     assert ok
     return mask
 
@@ -51,7 +52,8 @@ def _local_value(scene, segment_id, ijk) -> bool:
     volume voxel ``ijk`` mapped into that frame."""
     labelmap = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        scene.segmentation, segment_id, labelmap, False)
+        scene.segmentation, segment_id, labelmap, False
+    )
     m = vtk.vtkMatrix4x4()
     labelmap.GetWorldToImageMatrix(m)
     p = mrml.matrix_to_numpy(m) @ _image_to_seg(scene) @ np.array([*map(float, ijk), 1.0])
@@ -141,7 +143,8 @@ def test_m2_voxels_painted_between_clicks_are_kept(scene, stub_engine):
 
 
 def test_m2_voxels_erased_between_clicks_stay_erased_and_negative_clicks_still_work(
-        scene, stub_engine):
+    scene, stub_engine
+):
     logic = _logic(scene, stub_engine)
     _click_ijk(logic, scene, (20, 18, 15))
     before = scene.segment(scene.target)
@@ -210,7 +213,8 @@ def _closed_and_rebuilt(scene):
 
 @pytest.mark.parametrize("widget_forgets", [True, False], ids=["forget_sessions", "nodes-only"])
 def test_m8_result_for_a_closed_scene_is_dropped_not_written_into_the_new_one(
-        scene, stub_engine, widget_forgets):
+    scene, stub_engine, widget_forgets
+):
     # Old code: forget_sessions raised while busy (the Widget then kept the sessions) and the
     # stale result was written into the new scene's nodes that reuse the old IDs.
     logic = _logic(scene, stub_engine)
@@ -251,7 +255,8 @@ def test_m1_engine_change_while_busy_waits_for_the_work_in_flight(scene, stub_en
 
 
 def test_m8_sessions_are_evicted_by_memory_idle_without_history_first_and_reported(
-        scene, stub_engine):
+    scene, stub_engine
+):
     # Old code: the 5th segment silently dropped the least recently used session with its
     # undo history. Now the bound is memory (here: room for two volume copies).
     per_session = int(np.prod(scene.shape)) * 4

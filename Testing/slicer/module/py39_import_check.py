@@ -24,10 +24,25 @@ import types
 
 FAKE_ROOTS = {
     # numerical stack and optional IO (absent from a bare 3.9)
-    "torch", "numpy", "scipy", "safetensors", "SimpleITK", "nibabel", "tqdm", "triton",
-    "matplotlib", "torchio", "monai",
+    "torch",
+    "numpy",
+    "scipy",
+    "safetensors",
+    "SimpleITK",
+    "nibabel",
+    "tqdm",
+    "triton",
+    "matplotlib",
+    "torchio",
+    "monai",
     # what the Slicer application provides
-    "slicer", "vtk", "qt", "ctk", "SampleData", "PyTorchUtils", "SegmentEditorEffects",
+    "slicer",
+    "vtk",
+    "qt",
+    "ctk",
+    "SampleData",
+    "PyTorchUtils",
+    "SegmentEditorEffects",
 }
 VERSIONS = {"torch": "2.13.0", "numpy": "2.0.0"}
 
@@ -143,8 +158,10 @@ def main(argv):
         except Exception as e:  # noqa: BLE001 - reported per module
             failed += 1
             where = traceback.extract_tb(e.__traceback__)[-1]
-            print(f"FAIL {name}: {type(e).__name__}: {e} "
-                  f"({where.filename}:{where.lineno}: {where.line})")
+            print(
+                f"FAIL {name}: {type(e).__name__}: {e} "
+                f"({where.filename}:{where.lineno}: {where.line})"
+            )
         else:
             print(f"OK {name}")
     return 1 if failed else 0

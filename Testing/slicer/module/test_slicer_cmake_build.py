@@ -27,7 +27,9 @@ def build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("extension-build")
     proc = subprocess.run(
         ["cmake", "-S", str(REPO), "-B", str(out), f"-DSlicer_DIR={STUB}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -41,10 +43,13 @@ def test_package_layout(build):
     assert (modules / "Resources" / "UI" / "FastSAM3DSlicer.ui").is_file()
     assert (modules / "Resources" / "Icons" / "FastSAM3DSlicer.png").is_file()
     src = REPO / "model" / "src" / "fastsam3d"
-    expected = {p.relative_to(src).as_posix() for p in src.rglob("*.py")
-                if "__pycache__" not in p.parts}
-    got = {p.relative_to(modules / "fastsam3d").as_posix()
-           for p in (modules / "fastsam3d").rglob("*.py")}
+    expected = {
+        p.relative_to(src).as_posix() for p in src.rglob("*.py") if "__pycache__" not in p.parts
+    }
+    got = {
+        p.relative_to(modules / "fastsam3d").as_posix()
+        for p in (modules / "fastsam3d").rglob("*.py")
+    }
     assert got == expected
     tests = (build / "tests.txt").read_text(encoding="utf-8").split()
     assert [Path(t).name for t in tests] == ["FastSAM3DSlicer.py"]
@@ -58,7 +63,13 @@ def test_installed_lib_finds_the_installed_fastsam3d(build, tmp_path):
         "import importlib.util; print(importlib.util.find_spec('fastsam3d').origin)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code, str(modules)], capture_output=True,
-                          text=True, cwd=tmp_path, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(modules)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).resolve().is_relative_to(modules.resolve())

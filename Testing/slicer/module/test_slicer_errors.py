@@ -39,4 +39,5 @@ def test_lib_errors_keep_their_builtin_base():
     for name, (_, bases) in _classes().items():
         if name != ROOT:
             assert {"ValueError", "RuntimeError"} & set(bases) or any(
-                b.endswith("Error") and b != ROOT for b in bases), name
+                b.endswith("Error") and b != ROOT for b in bases
+            ), name

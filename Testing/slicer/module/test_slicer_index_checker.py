@@ -47,10 +47,8 @@ REPO = Path(__file__).resolve().parents[3]
 VENDOR = Path(__file__).resolve().parent / "third_party" / "extensions_index"
 EXTENSION = "FastSAM3DSlicer"
 VENDORED_SHA256 = {  # the table in third_party/extensions_index/README.md
-    "check_description_files.py":
-        "b53a643d22302b9b5ce3f937e08b42118f04327f59872a67ab364163f10e56bd",
-    "slicer-extension-catalog-entry-schema-v1.0.2.json":
-        "07107db15382ab027bf00dcffdd03ae859a43a4ea167a522b5fcaee5c14641a2",
+    "check_description_files.py": "b53a643d22302b9b5ce3f937e08b42118f04327f59872a67ab364163f10e56bd",  # noqa: E501
+    "slicer-extension-catalog-entry-schema-v1.0.2.json": "07107db15382ab027bf00dcffdd03ae859a43a4ea167a522b5fcaee5c14641a2",  # noqa: E501
     "PyTorch.json": "f77536914d4e311eb6c4bcd28139eab8f6b4858fe22795cfe6e67e580e6a31e9",
 }
 # The one construct newer than Python 3.11 in the checker: a backslash inside an f-string
@@ -58,12 +56,17 @@ VENDORED_SHA256 = {  # the table in third_party/extensions_index/README.md
 # Index CI runs Python 3.12; CI here may run 3.11, so only that line is rewritten, in memory,
 # into the same output. The file on disk stays byte-identical (test_vendored_files_unmodified).
 _CATEGORIES = "for category in sorted(extensions_for_categories.keys())"
-_PY312_LINE = ("""    print(f"[\\n{'\\n'.join(f'    "{category}",' """ + _CATEGORIES
-               + """)}\\n]")""")
-_PY311_LINE = ("""    print("[\\n" + "\\n".join(f'    "{category}",' """ + _CATEGORIES
-               + """) + "\\n]")""")
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@localhost", "GIT_CONFIG_NOSYSTEM": "1"}
+_PY312_LINE = """    print(f"[\\n{'\\n'.join(f'    "{category}",' """ + _CATEGORIES + """)}\\n]")"""
+_PY311_LINE = (
+    """    print("[\\n" + "\\n".join(f'    "{category}",' """ + _CATEGORIES + """) + "\\n]")"""
+)
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@localhost",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@localhost",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 
 
 def load_checker() -> types.ModuleType:
@@ -79,15 +82,29 @@ def load_checker() -> types.ModuleType:
 
 
 def _git(*args: str, cwd: Path) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=60,
-                   env={**os.environ, **GIT_ENV})
+    subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, **GIT_ENV},
+    )
 
 
 def snapshot(dest: Path, replace: dict[str, str] | None = None) -> Path:
     """This working tree (tracked and untracked-but-not-ignored files) committed on `main`."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True, timeout=60).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         src = REPO / rel
         if src.is_file():
@@ -114,8 +131,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body, ctype = json.dumps({"names": self.topics}).encode(), "application/json"
         elif parts[0] == "raw" and len(parts) > 4:
             rev, rel = parts[3], "/".join(parts[4:])
-            shown = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=self.snapshot_dir,
-                                   capture_output=True, timeout=30)
+            shown = subprocess.run(
+                ["git", "show", f"{rev}:{rel}"],
+                cwd=self.snapshot_dir,
+                capture_output=True,
+                timeout=30,
+            )
             if shown.returncode == 0:
                 body = shown.stdout
                 ctype = mimetypes.guess_type(rel)[0] or "text/plain; charset=utf-8"
@@ -144,12 +165,18 @@ def local_index(snapshot_dir: Path, topics: list[str]):
     owner, name = urllib.parse.urlsplit(entry["scm_url"]).path.strip("/").split("/")[:2]
     name = name.removesuffix(".git")
     routes = [
-        (r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/([^/]+)",
-         base + "/schema/{0}"),
-        (rf"https://api\.github\.com/repos/{owner}/{name}/topics",
-         base + f"/repos/{owner}/{name}/topics"),
-        (rf"https://raw\.githubusercontent\.com/{owner}/{name}/(.+)",
-         base + f"/raw/{owner}/{name}/{{0}}"),
+        (
+            r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/([^/]+)",
+            base + "/schema/{0}",
+        ),
+        (
+            rf"https://api\.github\.com/repos/{owner}/{name}/topics",
+            base + f"/repos/{owner}/{name}/topics",
+        ),
+        (
+            rf"https://raw\.githubusercontent\.com/{owner}/{name}/(.+)",
+            base + f"/raw/{owner}/{name}/{{0}}",
+        ),
     ]
     real_get = requests.get
     calls: list[str] = []
@@ -162,12 +189,23 @@ def local_index(snapshot_dir: Path, topics: list[str]):
                 return real_get(target.format(*m.groups()), *args, **kwargs)
         raise AssertionError(f"the checker tried to reach {url}, which this test does not serve")
 
-    saved = {k: os.environ.get(k) for k in
-             ("GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0", "GIT_CONFIG_VALUE_0", "GIT_ALLOW_PROTOCOL")}
-    os.environ.update({  # git clone <scm_url> -> the snapshot; no other protocol allowed
-        "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{snapshot_dir.as_uri()}.insteadOf",
-        "GIT_CONFIG_VALUE_0": entry["scm_url"], "GIT_ALLOW_PROTOCOL": "file",
-    })
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "GIT_CONFIG_COUNT",
+            "GIT_CONFIG_KEY_0",
+            "GIT_CONFIG_VALUE_0",
+            "GIT_ALLOW_PROTOCOL",
+        )
+    }
+    os.environ.update(
+        {  # git clone <scm_url> -> the snapshot; no other protocol allowed
+            "GIT_CONFIG_COUNT": "1",
+            "GIT_CONFIG_KEY_0": f"url.{snapshot_dir.as_uri()}.insteadOf",
+            "GIT_CONFIG_VALUE_0": entry["scm_url"],
+            "GIT_ALLOW_PROTOCOL": "file",
+        }
+    )
     requests.get = fake_get
     try:
         yield calls
@@ -182,8 +220,9 @@ def local_index(snapshot_dir: Path, topics: list[str]):
         httpd.server_close()
 
 
-def run_checker(tmp_path: Path, snapshot_dir: Path, topics: list[str],
-                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, list[str]]:
+def run_checker(
+    tmp_path: Path, snapshot_dir: Path, topics: list[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, list[str]]:
     """The Index CI's invocation: `check_description_files.py <Extension>.json` in the index."""
     index = tmp_path / "index"
     index.mkdir()
@@ -216,10 +255,19 @@ def test_vendored_files_unmodified():
 def test_index_checker_passes_on_this_checkout(tmp_path, checkout_snapshot, monkeypatch):
     rc, out, calls = run_checker(tmp_path, checkout_snapshot, ["3d-slicer-extension"], monkeypatch)
     assert ":x:" not in out and rc == 0, out
-    for check in ("Clone repository", "Check repository size", "Check JSON schema",
-                  "Check JSON file format", "Check extension name", "Check category",
-                  "Check git repository name", "Check git repository topics",
-                  "Check SCM URL syntax", "Check CMakeLists.txt content", "Check license file"):
+    for check in (
+        "Clone repository",
+        "Check repository size",
+        "Check JSON schema",
+        "Check JSON file format",
+        "Check extension name",
+        "Check category",
+        "Check git repository name",
+        "Check git repository topics",
+        "Check SCM URL syntax",
+        "Check CMakeLists.txt content",
+        "Check license file",
+    ):
         assert f":white_check_mark: {check} completed successfully" in out, check
     assert "Extension icon URL: https://raw.githubusercontent.com/" in out
     assert "Extension screenshot URL: https://raw.githubusercontent.com/" in out
@@ -235,12 +283,15 @@ def test_index_checker_rejects_urls_built_from_cmake_variables(tmp_path, monkeyp
     m = re.search(r'set\(EXTENSION_ICONURL "(https://\S+?/main)/', text)
     assert m, "expected a literal raw.githubusercontent.com icon URL"
     old = text.replace(m.group(1), "${FASTSAM3D_RAW}").replace(
-        "project(FastSAM3DSlicer)", f'project(FastSAM3DSlicer)\nset(FASTSAM3D_RAW "{m.group(1)}")')
+        "project(FastSAM3DSlicer)", f'project(FastSAM3DSlicer)\nset(FASTSAM3D_RAW "{m.group(1)}")'
+    )
     snap = snapshot(tmp_path / "snap", replace={"CMakeLists.txt": old})
     rc, out, _ = run_checker(tmp_path, snap, ["3d-slicer-extension"], monkeypatch)
     assert rc == 1
-    assert "EXTENSION_ICONURL '${FASTSAM3D_RAW}/Resources/Icons/FastSAM3DSlicer.png' should be " \
-           "a valid URL starting with 'http'" in out
+    assert (
+        "EXTENSION_ICONURL '${FASTSAM3D_RAW}/Resources/Icons/FastSAM3DSlicer.png' should be "
+        "a valid URL starting with 'http'" in out
+    )
 
 
 def test_index_checker_needs_the_topic_and_the_images(tmp_path, checkout_snapshot, monkeypatch):

@@ -44,8 +44,17 @@ class Store:
 
 
 class Host(install.InstallHost):
-    def __init__(self, *, utils=None, extension=False, restart_now=False, confirm=True,
-                 install_ok=True, cancel_after=None, pip=None) -> None:
+    def __init__(
+        self,
+        *,
+        utils=None,
+        extension=False,
+        restart_now=False,
+        confirm=True,
+        install_ok=True,
+        cancel_after=None,
+        pip=None,
+    ) -> None:
         self.store = Store()
         self.slicer_version = "5.12.3"
         self.utils, self.extension, self.restart_now = utils, extension, restart_now
@@ -212,11 +221,18 @@ def test_torch_installs_in_the_background_while_the_ui_is_pumped(have, tmp_path,
         "print('Collecting torch', flush=True)\n"
         "time.sleep(1.0)\n"
         f"pathlib.Path({str(marker)!r}).write_text('2.13.0')\n"
-        "print('Successfully installed torch-2.13.0', flush=True)\n")
+        "print('Successfully installed torch-2.13.0', flush=True)\n"
+    )
     real_installed = deps._installed
-    monkeypatch.setattr(deps, "_installed", lambda name: (
-        marker.read_text(encoding="utf-8") if name == "torch" and marker.exists()
-        else real_installed(name)))
+    monkeypatch.setattr(
+        deps,
+        "_installed",
+        lambda name: (
+            marker.read_text(encoding="utf-8")
+            if name == "torch" and marker.exists()
+            else real_installed(name)
+        ),
+    )
     host = Host(utils=types.SimpleNamespace(), pip=lambda reqs: have.update(safetensors="0.4.5"))
     outcome = install.install_dependencies(host, torch_commands_override=[slow])
     assert outcome == install.DONE, host.calls
@@ -248,15 +264,17 @@ def test_cancel_stops_the_installer(have, tmp_path):
     host = Host(utils=types.SimpleNamespace(), cancel_after=3)
     started = time.monotonic()
     assert install.install_dependencies(host, torch_commands_override=[forever]) == (
-        install.CANCELLED)
+        install.CANCELLED
+    )
     assert time.monotonic() - started < 30
     assert "pip_install" not in host.kinds()
     assert not install.PendingInstall(host.store).active
 
 
 def test_installer_failure_shows_its_output(have):
-    failing = _child("print('ERROR: No matching distribution found for torch>=2.4')\n"
-                     "raise SystemExit(3)\n")
+    failing = _child(
+        "print('ERROR: No matching distribution found for torch>=2.4')\nraise SystemExit(3)\n"
+    )
     host = Host(utils=types.SimpleNamespace())
     assert install.install_dependencies(host, torch_commands_override=[failing]) == install.FAILED
     kind, text = host.calls[-1]
@@ -269,7 +287,8 @@ def test_upgrading_an_imported_torch_asks_for_a_restart(have, tmp_path, monkeypa
     ok = _child("print('Successfully installed torch-2.13.0')")
     host = Host(utils=types.SimpleNamespace())
     assert install.install_dependencies(host, torch_commands_override=[ok]) == (
-        install.RESTART_PENDING)
+        install.RESTART_PENDING
+    )
     asked = [c[1] for c in host.calls if c[0] == "ask_restart"]
     assert len(asked) == 1 and "PyTorch was upgraded" in asked[0]
 
@@ -277,10 +296,16 @@ def test_upgrading_an_imported_torch_asks_for_a_restart(have, tmp_path, monkeypa
 def test_light_the_torch_gets_pytorchutils_arguments():
     class PyTorchUtilsLogic:  # SlicerPyTorch's PyTorchUtils.py (e1c85cc), the part we call
         @staticmethod
-        def _getPipInstallArguments(forceComputationBackend=None, torchVersionRequirement=None,
-                                    torchvisionVersionRequirement=None):
-            args = ["install", "torch" + (torchVersionRequirement or ""),
-                    "torchvision" + (torchvisionVersionRequirement or "")]
+        def _getPipInstallArguments(
+            forceComputationBackend=None,
+            torchVersionRequirement=None,
+            torchvisionVersionRequirement=None,
+        ):
+            args = [
+                "install",
+                "torch" + (torchVersionRequirement or ""),
+                "torchvision" + (torchvisionVersionRequirement or ""),
+            ]
             if forceComputationBackend is not None:
                 args.append(f"--pytorch-computation-backend={forceComputationBackend}")
             return args
@@ -306,8 +331,12 @@ def test_pip_ensure_is_found_without_import_slicer_loading_it(monkeypatch):
     # `import slicer` does not set slicer.packaging: the old getattr() never found it.
     monkeypatch.delattr(slicer, "packaging", raising=False)
     install.pip_installer(lambda text: pytest.fail("fell back to pip_install"))(["tqdm>=4.60"])
-    assert seen == [(["tqdm>=4.60"], {"requester": "FastSAM3D", "prompt_install": False,
-                                      "skip_in_testing": False})]
+    assert seen == [
+        (
+            ["tqdm>=4.60"],
+            {"requester": "FastSAM3D", "prompt_install": False, "skip_in_testing": False},
+        )
+    ]
 
 
 def test_pip_ensure_gets_only_the_options_it_has(monkeypatch):
@@ -331,8 +360,17 @@ def test_pip_install_is_the_fallback(monkeypatch):
 
 
 # Imported by the Slicer code paths but provided by Slicer itself, or optional by design.
-SLICER_BUNDLED = {"qt", "ctk", "slicer", "vtk", "numpy", "SimpleITK", "SampleData",
-                  "PyTorchUtils", "SegmentEditorEffects"}
+SLICER_BUNDLED = {
+    "qt",
+    "ctk",
+    "slicer",
+    "vtk",
+    "numpy",
+    "SimpleITK",
+    "SampleData",
+    "PyTorchUtils",
+    "SegmentEditorEffects",
+}
 OPTIONAL = {
     "flash_attn": "an optional accelerator, probed with flash_available()",
     "nibabel": "file reading when SimpleITK is absent (Slicer bundles SimpleITK)",
@@ -362,8 +400,9 @@ def test_every_package_the_module_imports_is_installed_by_the_dependency_step():
     installed = {"torch"} | {deps.parse(r)[0] for r in deps.PIP_REQUIREMENTS}
     from FastSAM3DSlicerLib import backends  # the remote / ONNX backends' own steps
 
-    installed |= {deps.parse(r)[0]
-                  for r in backends.REMOTE_REQUIREMENTS + backends.ONNX_REQUIREMENTS}
+    installed |= {
+        deps.parse(r)[0] for r in backends.REMOTE_REQUIREMENTS + backends.ONNX_REQUIREMENTS
+    }
     assert third_party - set(OPTIONAL) <= installed, third_party - set(OPTIONAL) - installed
     assert "safetensors" in installed  # checkpoint.py reads .safetensors files
 
@@ -401,8 +440,14 @@ def test_bundled_fastsam3d_wins_over_an_installed_one(tmp_path):
         "import fastsam3d; print(fastsam3d.__file__)"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}  # like a pip install in Slicer
-    proc = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(MODULE_DIR)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     origin = Path(proc.stdout.strip()).resolve()
     assert origin == (REPO / "model" / "src" / "fastsam3d" / "__init__.py").resolve()
@@ -472,14 +517,19 @@ def _widget_env(monkeypatch, *, version=(5, 12), manager=None, restart_answer=Fa
     dialogs = []
     util = {
         "confirmOkCancelDisplay": lambda text, **k: dialogs.append(("confirm", text)) or True,
-        "confirmYesNoDisplay": lambda text, **k: dialogs.append(("restart?", text))
-        or restart_answer,
+        "confirmYesNoDisplay": lambda text, **k: (
+            dialogs.append(("restart?", text)) or restart_answer
+        ),
         "infoDisplay": lambda text, **k: dialogs.append(("info", text)),
         "errorDisplay": lambda text, **k: dialogs.append(("error", text)),
         "restart": lambda: dialogs.append(("restart",)),
     }
-    app = {"majorVersion": version[0], "minorVersion": version[1],
-           "testingEnabled": lambda: False, "extensionsManagerModel": lambda: manager}
+    app = {
+        "majorVersion": version[0],
+        "minorVersion": version[1],
+        "testingEnabled": lambda: False,
+        "extensionsManagerModel": lambda: manager,
+    }
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the extension is not loaded
     env = widget_harness.load_widget(monkeypatch, slicer.vtkMRMLScene(), app=app, util=util)
     env.dialogs = dialogs
@@ -548,8 +598,11 @@ def test_widget_download_dialog_waits_for_the_size_with_the_ui_live(have, monkey
     env.widget._weightChoices = [weights.Choice("fastsam3d", "FastSAM3D", "", "terms")]
     env.widget.ui.weightsComboBox.currentIndex = 0
     confirmations = []
-    monkeypatch.setattr(sys.modules["slicer"].util, "confirmOkCancelDisplay",
-                        lambda text, **k: confirmations.append(text) or False)
+    monkeypatch.setattr(
+        sys.modules["slicer"].util,
+        "confirmOkCancelDisplay",
+        lambda text, **k: confirmations.append(text) or False,
+    )
     env.widget.onDownloadWeights()
     assert len(pumps) >= 5
     assert confirmations and "12.1 KB" in confirmations[0]

@@ -18,6 +18,7 @@ from FastSAM3DSlicerLib.worker import InferenceWorker  # noqa: E402
 
 engine.ensure_fastsam3d_importable()  # the source-checkout fallback, as in Slicer
 
+
 def _checkpoint_bytes() -> bytes:
     """A real PyTorch checkpoint file of ~4 MiB (several of the hub's 1 MiB reads), so that
     the hub's download check (issue 11) accepts it as a checkpoint."""
@@ -47,7 +48,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         self._head()
         for i in range(0, len(PAYLOAD), 1 << 16):
-            self.wfile.write(PAYLOAD[i:i + (1 << 16)])
+            self.wfile.write(PAYLOAD[i : i + (1 << 16)])
             self.wfile.flush()
             time.sleep(self.delay)
 
@@ -111,8 +112,9 @@ def test_dependency_check_reads_metadata_and_explains_the_plan():
 def test_worker_runs_tasks_in_order_on_one_thread():
     worker = InferenceWorker()
     seen = []
-    futures = [worker.submit(lambda n=n: (seen.append(n), threading.get_ident())[1])
-               for n in range(20)]
+    futures = [
+        worker.submit(lambda n=n: (seen.append(n), threading.get_ident())[1]) for n in range(20)
+    ]
     idents = {f.result() for f in futures}
     assert seen == list(range(20))
     assert idents == {worker.thread_id} and threading.get_ident() not in idents

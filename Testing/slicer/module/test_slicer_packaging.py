@@ -23,11 +23,24 @@ INDEX_JSON = REPO / "FastSAM3DSlicer.json"
 SLICER_PROVIDED = {"qt", "ctk", "slicer", "vtk", "SampleData", "PyTorchUtils"}
 LIB_FILE_SCOPE_ALLOWED = SLICER_PROVIDED | {"numpy"}
 # The accepted categories include these (Slicer/ExtensionsIndex check_description_files.py).
-ACCEPTED_CATEGORIES = {"Segmentation", "Active Learning", "Utilities", "Registration",
-                       "Quantification", "Deep Learning"}
+ACCEPTED_CATEGORIES = {
+    "Segmentation",
+    "Active Learning",
+    "Utilities",
+    "Registration",
+    "Quantification",
+    "Deep Learning",
+}
 INDEX_PROPERTIES = {  # schema v1.0.2: name -> JSON type
-    "$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-    "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int,
+    "$schema": str,
+    "category": str,
+    "scm_url": str,
+    "scm_revision": str,
+    "scm_type": str,
+    "build_dependencies": list,
+    "build_subdirectory": str,
+    "enabled": bool,
+    "tier": int,
     "dicom_support_rule": (str, dict, list),
 }
 INDEX_REQUIRED = ("$schema", "category", "scm_url")
@@ -68,9 +81,15 @@ def test_top_level_cmake_has_every_index_field():
     sets = cmake_sets(REPO / "CMakeLists.txt")
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"project\(\s*FastSAM3DSlicer\s*\)", text)
-    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
-                  "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
-                  "EXTENSION_DEPENDS"):
+    for field in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
         assert sets.get(field, "").strip(), f"{field} missing or empty"
     assert sets["EXTENSION_CATEGORY"] == "Segmentation"
     assert sets["EXTENSION_DEPENDS"].split() == ["PyTorch"]
@@ -81,9 +100,13 @@ def test_top_level_cmake_has_every_index_field():
     # m15: the 5.10+ extension template's CMake range (SlicerConfig sets its own policies).
     assert text.startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)")
     assert "example.com" not in text and "TemplateKey" not in text
-    for needed in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
-                   "add_subdirectory(FastSAM3DSlicer)", "${Slicer_EXTENSION_GENERATE_CONFIG}",
-                   "${Slicer_EXTENSION_CPACK}"):
+    for needed in (
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(FastSAM3DSlicer)",
+        "${Slicer_EXTENSION_GENERATE_CONFIG}",
+        "${Slicer_EXTENSION_CPACK}",
+    ):
         assert needed in text, needed
 
 
@@ -140,7 +163,8 @@ def test_index_json_is_valid_and_matches_cmake():
         assert isinstance(value, INDEX_PROPERTIES[key]), key
     assert re.fullmatch(
         r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
-        r"slicer-extension-catalog-entry-schema-v1\.0\.2\.json#?", entry["$schema"]
+        r"slicer-extension-catalog-entry-schema-v1\.0\.2\.json#?",
+        entry["$schema"],
     )
     sets = cmake_sets(REPO / "CMakeLists.txt")
     assert entry["category"] == sets["EXTENSION_CATEGORY"]
@@ -155,13 +179,23 @@ def test_index_json_is_valid_and_matches_cmake():
 
 def test_index_json_against_schema_with_jsonschema():
     jsonschema = pytest.importorskip("jsonschema")
-    props = {k: {"type": {str: "string", list: "array", bool: "boolean", int: "integer"}.get(
-        v, ["string", "object", "array"])} for k, v in INDEX_PROPERTIES.items()}
+    props = {
+        k: {
+            "type": {str: "string", list: "array", bool: "boolean", int: "integer"}.get(
+                v, ["string", "object", "array"]
+            )
+        }
+        for k, v in INDEX_PROPERTIES.items()
+    }
     props["build_dependencies"]["items"] = {"type": "string"}
     props["scm_type"]["enum"] = ["git", "local"]
     props["tier"].update(minimum=1, maximum=5)
-    schema = {"type": "object", "required": list(INDEX_REQUIRED), "properties": props,
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "required": list(INDEX_REQUIRED),
+        "properties": props,
+        "additionalProperties": False,
+    }
     jsonschema.validate(json.loads(INDEX_JSON.read_text(encoding="utf-8")), schema)
 
 
@@ -201,8 +235,18 @@ def test_no_third_party_imports_or_work_at_module_import_time():
     # The module file's top level holds only imports, constants, classes and small helpers.
     tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8"))
     for node in tree.body:
-        assert isinstance(node, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef,
-                                 ast.Assign, ast.Try, ast.Expr)), ast.dump(node)[:80]
+        assert isinstance(
+            node,
+            (
+                ast.Import,
+                ast.ImportFrom,
+                ast.ClassDef,
+                ast.FunctionDef,
+                ast.Assign,
+                ast.Try,
+                ast.Expr,
+            ),
+        ), ast.dump(node)[:80]
         if isinstance(node, ast.Expr):
             assert isinstance(node.value, ast.Constant), "code executed at import time"
 
@@ -237,17 +281,26 @@ def test_self_test_is_registered_and_exists():
     assert "add_subdirectory(Python)" in testing_cmake
     tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8"))
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    for name in ("FastSAM3DSlicer", "FastSAM3DSlicerWidget", "FastSAM3DSlicerLogic",
-                 "FastSAM3DSlicerTest"):
+    for name in (
+        "FastSAM3DSlicer",
+        "FastSAM3DSlicerWidget",
+        "FastSAM3DSlicerLogic",
+        "FastSAM3DSlicerTest",
+    ):
         assert name in classes, name
-    methods = {f.name for f in classes["FastSAM3DSlicerTest"].body
-               if isinstance(f, ast.FunctionDef)}
+    methods = {
+        f.name for f in classes["FastSAM3DSlicerTest"].body if isinstance(f, ast.FunctionDef)
+    }
     assert "runTest" in methods and any(m.startswith("test_") for m in methods)
 
 
 def test_no_weights_in_the_extension_sources():
-    found = [p for d in (MODULE_DIR, REPO / "Resources") for p in d.rglob("*")
-             if p.suffix in {".pth", ".pt", ".safetensors", ".ckpt"}]
+    found = [
+        p
+        for d in (MODULE_DIR, REPO / "Resources")
+        for p in d.rglob("*")
+        if p.suffix in {".pth", ".pt", ".safetensors", ".ckpt"}
+    ]
     assert not found, found
 
 
@@ -260,8 +313,13 @@ def test_source_checkout_puts_model_src_on_sys_path(tmp_path):
         "from FastSAM3DSlicerLib import engine; engine.ensure_fastsam3d_importable();"
         "import importlib.util; print(importlib.util.find_spec('fastsam3d').origin)"
     )
-    proc = subprocess.run([sys.executable, "-S", "-c", code, str(MODULE_DIR)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(MODULE_DIR)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     origin = Path(proc.stdout.strip()).resolve()
     assert origin == (REPO / "model" / "src" / "fastsam3d" / "__init__.py").resolve()
@@ -276,8 +334,10 @@ def test_widget_uses_only_names_the_lib_defines():
 
     tree = ast.parse((MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
-            "FastSAM3DSlicerLib"
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("FastSAM3DSlicerLib")
         ):
             module = importlib.import_module(node.module)
             for alias in node.names:
@@ -287,9 +347,12 @@ def test_widget_uses_only_names_the_lib_defines():
     logic = InteractiveLogic.__new__(InteractiveLogic)
     InteractiveLogic.__init__(logic, engine=None, worker=None)
     used = {
-        n.attr for n in ast.walk(tree)
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
-        and n.value.attr == "logic" and isinstance(n.value.value, ast.Name)
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Attribute)
+        and n.value.attr == "logic"
+        and isinstance(n.value.value, ast.Name)
         and n.value.value.id == "self"
     }
     assert used, "no self.logic.<name> found"
@@ -308,6 +371,10 @@ def test_placeholder_repository_is_marked_until_replaced():
         assert "PLACEHOLDER repository" in cmake
         assert placeholder in docs and "Before submitting to the Extensions Index" in docs
     urls = [entry["scm_url"], *re.findall(r'"(https://[^" ]+)', cmake)]
-    owners = {re.sub(r"https://(raw\.githubusercontent\.com|github\.com)/([^/]+)/([^/#]+).*",
-                     r"\2/\3", u).removesuffix(".git") for u in urls}
+    owners = {
+        re.sub(
+            r"https://(raw\.githubusercontent\.com|github\.com)/([^/]+)/([^/#]+).*", r"\2/\3", u
+        ).removesuffix(".git")
+        for u in urls
+    }
     assert len(owners) == 1, f"every URL must name the same repository: {owners}"

@@ -51,8 +51,10 @@ def test_expected_segments_match_what_the_lib_writes(monkeypatch):
     logic.add_point(center, True)
     assert not any(isinstance(r, FailedEdit) for r in logic.wait())
     after_point = selftest.segment_array(segmentation, volume, segment_id)
-    corners = np.array([center + np.array([a, b, c]) for a in (-20, 20) for b in (-20, 20)
-                        for c in (-20, 20)], float)
+    corners = np.array(
+        [center + np.array([a, b, c]) for a in (-20, 20) for b in (-20, 20) for c in (-20, 20)],
+        float,
+    )
     logic.add_box(corners)
     assert not any(isinstance(r, FailedEdit) for r in logic.wait())
     after_box = selftest.segment_array(segmentation, volume, segment_id)
@@ -65,15 +67,26 @@ def test_expected_segments_match_what_the_lib_writes(monkeypatch):
     selftest.assert_same_voxels(check, after_box, want[1], "after the box", exact=True)
 
     # The yardstick notices a different prompt (the point moved by 9 mm).
-    moved = [prompts[0].__class__(**{**prompts[0].__dict__, "volume_ras": tuple(
-        np.asarray(prompts[0].volume_ras) + (9.0, 0.0, 0.0))})]
+    moved = [
+        prompts[0].__class__(
+            **{
+                **prompts[0].__dict__,
+                "volume_ras": tuple(np.asarray(prompts[0].volume_ras) + (9.0, 0.0, 0.0)),
+            }
+        )
+    ]
     other = selftest.expected_segments(engine, worker, volume, moved)
     with pytest.raises(AssertionError, match="voxels differ from the engine's own result"):
         selftest.assert_same_voxels(check, after_point, other[0], "moved point", exact=True)
 
     assert logic.undo() is not None
-    selftest.assert_same_voxels(check, selftest.segment_array(segmentation, volume, segment_id),
-                                after_point, "after one undo", exact=True)
+    selftest.assert_same_voxels(
+        check,
+        selftest.segment_array(segmentation, volume, segment_id),
+        after_point,
+        "after one undo",
+        exact=True,
+    )
     assert logic.undo() is not None
     assert not selftest.segment_array(segmentation, volume, segment_id).any()
     logic.close()
@@ -81,8 +94,11 @@ def test_expected_segments_match_what_the_lib_writes(monkeypatch):
 
 def test_skips_without_torch(monkeypatch):
     real = selftest.importlib.util.find_spec
-    monkeypatch.setattr(selftest.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(
+        selftest.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch" else real(name, *a),
+    )
 
     class Case(unittest.TestCase):
         def runTest(self):  # noqa: N802
@@ -99,8 +115,9 @@ def test_the_module_test_class_runs_the_selftest():
     test_ method (runUnitTest) and a runTest (Reload and Test), and not download anything."""
     source = (MODULE_DIR / "FastSAM3DSlicer.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)
-              and n.name == "FastSAM3DSlicerTest"]
+    (cls,) = [
+        n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FastSAM3DSlicerTest"
+    ]
     methods = {f.name: ast.unparse(f) for f in cls.body if isinstance(f, ast.FunctionDef)}
     tests = [name for name in methods if name.startswith("test_")]
     assert tests and all("selftest.run_widget_prompt_test" in methods[t] for t in tests)
@@ -139,7 +156,8 @@ def test_selftest_drives_the_widget_with_qt_stood_in(monkeypatch):
     case.run(result)
     try:
         assert not result.errors and not result.failures and not result.skipped, (
-            result.errors or result.failures or result.skipped)
+            result.errors or result.failures or result.skipped
+        )
         assert case.messages[-1] == "Test passed"
         assert env.widget.logic is None  # the test's network does not stay loaded
     finally:

@@ -9,8 +9,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 UI = REPO / "FastSAM3DSlicer" / "Resources" / "UI" / "FastSAM3DSlicer.ui"
 MODULE = REPO / "FastSAM3DSlicer" / "FastSAM3DSlicer.py"
-QT_BUILTIN = {"QWidget", "QLabel", "QPushButton", "QComboBox", "QProgressBar", "QCheckBox",
-              "QSpinBox", "QDoubleSpinBox", "QLineEdit", "QGroupBox", "QFrame"}
+QT_BUILTIN = {
+    "QWidget",
+    "QLabel",
+    "QPushButton",
+    "QComboBox",
+    "QProgressBar",
+    "QCheckBox",
+    "QSpinBox",
+    "QDoubleSpinBox",
+    "QLineEdit",
+    "QGroupBox",
+    "QFrame",
+}
 
 
 def ui_tree():
@@ -25,9 +36,13 @@ def names_used_by_code() -> set[str]:
     """Every ``self.ui.<name>`` in the module file (childWidgetVariables looks them up)."""
     used = set()
     for node in ast.walk(ast.parse(MODULE.read_text(encoding="utf-8"))):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
-                and node.value.value.id == "self"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
             used.add(node.attr)
     return used
 
@@ -88,8 +103,25 @@ def called_names(func: ast.FunctionDef) -> set[str]:
 #: setup_shortcuts): with both extensions loaded, a key both claim fires neither (review m5).
 NNINTERACTIVE_KEYS = {"p", "b", "l", "s", "e", "r", "t", "v", "delete", "ctrl+z"}
 #: Keys Slicer's slice views use (vtkMRMLSliceIntersectionWidget, vtkSlicerMarkupsWidget).
-SLICE_VIEW_KEYS = {"g", "t", "f", "b", "v", "r", "s", "delete", "backspace", "left", "right",
-                   "up", "down", "[", "]", "{", "}"}
+SLICE_VIEW_KEYS = {
+    "g",
+    "t",
+    "f",
+    "b",
+    "v",
+    "r",
+    "s",
+    "delete",
+    "backspace",
+    "left",
+    "right",
+    "up",
+    "down",
+    "[",
+    "]",
+    "{",
+    "}",
+}
 
 
 def test_shortcuts_avoid_nninteractive_and_slice_view_keys():
@@ -105,9 +137,13 @@ def test_every_shortcut_calls_a_widget_method_and_buttons_show_their_key():
     for key, method in table.items():
         assert method in methods, (key, method)
     names = {w.get("name"): w for w in ui_tree().iter("widget")}
-    for name, key in (("positivePointButton", "A"), ("negativePointButton", "X"),
-                      ("undoButton", "U"), ("resetSegmentButton", "C"),
-                      ("newSegmentButton", "N")):
+    for name, key in (
+        ("positivePointButton", "A"),
+        ("negativePointButton", "X"),
+        ("undoButton", "U"),
+        ("resetSegmentButton", "C"),
+        ("newSegmentButton", "N"),
+    ):
         assert key in table
         text = names[name].find("property[@name='text']/string").text
         assert f"({key})" in text, (name, text)
@@ -128,7 +164,8 @@ def test_leaving_the_module_stops_effects_views_and_prompting():
     assert effect and isinstance(effect[0].args[0], ast.Constant)
     assert effect[0].args[0].value is None
     assert {"removeViewObservations", "_stopViews", "_removeShortcuts"} <= called_names(
-        methods["exit"])
+        methods["exit"]
+    )
     assert {"_setPrompting", "_removeViewFilters"} <= called_names(methods["_stopViews"])
     assert {"_stopViews", "_shutdownWork", "removeObservers"} <= called_names(methods["cleanup"])
     assert {"_stopViews", "_shutdownWork"} <= called_names(methods["onAboutToQuit"])
@@ -149,6 +186,10 @@ def test_editor_uses_the_segment_editor_singleton():
     assert "segment_editor_node" in called_names(methods["_selectEditorNode"])
     assert "SetSingletonTag" not in MODULE.read_text(encoding="utf-8")
     names = widget_names(ui_tree())
-    for name in ("editableAreaComboBox", "intensityMaskCheckBox", "intensityRangeWidget",
-                 "overwriteModeComboBox"):
+    for name in (
+        "editableAreaComboBox",
+        "intensityMaskCheckBox",
+        "intensityRangeWidget",
+        "overwriteModeComboBox",
+    ):
         assert name in names, name

@@ -41,8 +41,9 @@ class Button(harness.Widget):
             self.slot()
 
 
-def load_widget(monkeypatch: Any, scene: Any, *, app: dict | None = None,
-                util: dict | None = None) -> types.SimpleNamespace:
+def load_widget(
+    monkeypatch: Any, scene: Any, *, app: dict | None = None, util: dict | None = None
+) -> types.SimpleNamespace:
     """Import FastSAM3DSlicer.py against the stand-ins and build a Widget on ``scene``.
 
     ``app``/``util`` add or replace attributes of ``slicer.app`` / ``slicer.util``. Returns
@@ -59,16 +60,23 @@ def load_widget(monkeypatch: Any, scene: Any, *, app: dict | None = None,
 
     qt.QPointF = lambda x, y: types.SimpleNamespace(x=lambda: x, y=lambda: y)
     qt.QMouseEvent = lambda kind, pos, button, buttons, modifiers: harness.Event(
-        kind, button, buttons, modifiers, (pos.x(), pos.y()))
-    qt.QApplication = types.SimpleNamespace(sendEvent=send_event,
-                                            restoreOverrideCursor=lambda: None,
-                                            setOverrideCursor=lambda *a: None,
-                                            overrideCursor=lambda: None)
+        kind, button, buttons, modifiers, (pos.x(), pos.y())
+    )
+    qt.QApplication = types.SimpleNamespace(
+        sendEvent=send_event,
+        restoreOverrideCursor=lambda: None,
+        setOverrideCursor=lambda *a: None,
+        overrideCursor=lambda: None,
+    )
     qt.Qt.NoButton = 0
     monkeypatch.setitem(sys.modules, "qt", qt)
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
-                 "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+    for name in (
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleWidget",
+        "ScriptedLoadableModuleLogic",
+        "ScriptedLoadableModuleTest",
+    ):
         setattr(slm, name, type(name, (), {"__init__": lambda self, *a: None}))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
 
@@ -81,48 +89,67 @@ def load_widget(monkeypatch: Any, scene: Any, *, app: dict | None = None,
     slice_node.SetFieldOfView(160.0, 120.0, 1.0)  # 0.4 mm per pixel, axial
     red = harness.SliceWidget(slice_node, None)
     views[id(red.view)] = red
-    layout = types.SimpleNamespace(sliceWidget=lambda name: red if name == "Red" else None,
-                                   sliceViewNames=lambda: ["Red"])
+    layout = types.SimpleNamespace(
+        sliceWidget=lambda name: red if name == "Red" else None, sliceViewNames=lambda: ["Red"]
+    )
     interaction_node = scene.AddNewNodeByClass("vtkMRMLInteractionNode")
     app_attrs = dict(
-        processEvents=process_events, testingEnabled=lambda: True, layoutManager=lambda: layout,
+        processEvents=process_events,
+        testingEnabled=lambda: True,
+        layoutManager=lambda: layout,
         applicationLogic=lambda: types.SimpleNamespace(GetInteractionNode=lambda: interaction_node),
-        connect=lambda *a: calls.append(("connect",) + a), disconnect=lambda *a: None,
-        majorVersion=5, minorVersion=12, extensionsManagerModel=lambda: None)
+        connect=lambda *a: calls.append(("connect",) + a),
+        disconnect=lambda *a: None,
+        majorVersion=5,
+        minorVersion=12,
+        extensionsManagerModel=lambda: None,
+    )
     app_attrs.update(app or {})
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(**app_attrs), raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     util_attrs = {
-        "showStatusMessage": lambda *a: None, "setSliceViewerLayers": lambda **k: None,
+        "showStatusMessage": lambda *a: None,
+        "setSliceViewerLayers": lambda **k: None,
         "selectModule": lambda m: calls.append(("selectModule", m)),
         "selectedModule": lambda: "FastSAM3DSlicer",  # shown: the self-test calls enter()
         "tryWithErrorDisplay": lambda *a, **k: contextlib.nullcontext(),
-        "WaitCursor": contextlib.nullcontext, "mainWindow": lambda: None,
+        "WaitCursor": contextlib.nullcontext,
+        "mainWindow": lambda: None,
     }
     util_attrs.update(util or {})
     for name, value in util_attrs.items():
         monkeypatch.setattr(slicer.util, name, value, raising=False)
     spec = importlib.util.spec_from_file_location(
-        "FastSAM3DSlicer_under_stand_ins", REPO / "FastSAM3DSlicer" / "FastSAM3DSlicer.py")
+        "FastSAM3DSlicer_under_stand_ins", REPO / "FastSAM3DSlicer" / "FastSAM3DSlicer.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
     widget = module.FastSAM3DSlicerWidget(None)
     editor = harness.Editor()
     editor.owner = widget
-    widget.ui = UI(segmentEditorWidget=editor, statusLabel=harness.Widget(text=""),
-                   latencyLabel=harness.Widget(text=""),
-                   dependenciesStatusLabel=harness.Widget(text=""),
-                   deviceComboBox=harness.Widget(currentText="auto"),
-                   weightsComboBox=harness.Widget(currentIndex=-1),
-                   undoButton=Button(widget.onUndo))
+    widget.ui = UI(
+        segmentEditorWidget=editor,
+        statusLabel=harness.Widget(text=""),
+        latencyLabel=harness.Widget(text=""),
+        dependenciesStatusLabel=harness.Widget(text=""),
+        deviceComboBox=harness.Widget(currentText="auto"),
+        weightsComboBox=harness.Widget(currentIndex=-1),
+        undoButton=Button(widget.onUndo),
+    )
     widget.capture = interaction.PromptCapture()
     widget.preferences = params.Preferences()
     widget.pollTimer = harness.FakeTimer()
     widget._selectEditorNode()
-    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(
-        fastsam3dslicer=types.SimpleNamespace(
-            widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: widget))),
-        raising=False)
+    monkeypatch.setattr(
+        slicer,
+        "modules",
+        types.SimpleNamespace(
+            fastsam3dslicer=types.SimpleNamespace(
+                widgetRepresentation=lambda: types.SimpleNamespace(self=lambda: widget)
+            )
+        ),
+        raising=False,
+    )
     ns.module, ns.widget, ns.red, ns.qt = module, widget, red, qt
     return ns

@@ -14,5 +14,13 @@ from .gating import BackwardGate
 
 __version__ = "0.1.0"
 
-__all__ = ["BackwardGate", "DistEnv", "DistillError", "DistillUsageError", "TrainConfig", "Trainer",
-           "__version__", "init_distributed"]
+__all__ = [
+    "BackwardGate",
+    "DistEnv",
+    "DistillError",
+    "DistillUsageError",
+    "TrainConfig",
+    "Trainer",
+    "__version__",
+    "init_distributed",
+]

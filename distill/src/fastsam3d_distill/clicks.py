@@ -113,16 +113,15 @@ def random_error_click(
     coordinates (B, 3) long in array-axis order and labels (B,) long. A sample without errors
     repeats ``previous`` (the released code would fail there).
     """
-    pred = (torch.zeros_like(gt) if logits is None
-            else logits[:, 0] > RELEASED_THRESHOLD)
+    pred = torch.zeros_like(gt) if logits is None else logits[:, 0] > RELEASED_THRESHOLD
     fn = gt & ~pred
     err = (fn | (pred & ~gt)).flatten(1)
-    noise = torch.stack([torch.rand(gt.shape[1:], generator=g, device=gt.device)
-                         for g in generators]).flatten(1)
+    noise = torch.stack(
+        [torch.rand(gt.shape[1:], generator=g, device=gt.device) for g in generators]
+    ).flatten(1)
     idx = torch.where(err, noise, torch.full_like(noise, -1.0)).argmax(1)
     size = gt.shape[1:]
-    coords = torch.stack([idx // (size[1] * size[2]), (idx // size[2]) % size[1],
-                          idx % size[2]], 1)
+    coords = torch.stack([idx // (size[1] * size[2]), (idx // size[2]) % size[1], idx % size[2]], 1)
     labels = fn.flatten(1).gather(1, idx[:, None])[:, 0].long()
     if previous is not None:
         some = err.any(1)

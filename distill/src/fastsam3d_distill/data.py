@@ -61,15 +61,16 @@ def discover_nnunet(root: str | Path, split: str = "Tr") -> list[Case]:
     root = Path(root)
     img_dir, lab_dir = root / f"images{split}", root / f"labels{split}"
     if not img_dir.is_dir() or not lab_dir.is_dir():
-        raise FileNotFoundError(f"{root} is not an nnU-Net dataset: need {img_dir.name}/ and "
-                                f"{lab_dir.name}/")
+        raise FileNotFoundError(
+            f"{root} is not an nnU-Net dataset: need {img_dir.name}/ and {lab_dir.name}/"
+        )
     cases = []
     for img in sorted(img_dir.iterdir()):
         stem = _stem(img)
         if not stem.endswith("_0000"):
             continue
         name = stem[: -len("_0000")]
-        suffix = img.name[len(stem):]
+        suffix = img.name[len(stem) :]
         label = lab_dir / f"{name}{suffix}"
         if not label.exists():
             raise FileNotFoundError(f"case {name}: no label {label}")
@@ -149,12 +150,16 @@ def check_grids(cases: list[Case], atol: float = 1e-3) -> None:
     for case in cases:
         (si, ai), (sl, al) = _header(case.image), _header(case.label)
         if si != sl:
-            raise ValueError(f"case {case.name}: label shape {sl} differs from image shape "
-                             f"{si} ({case.label} vs {case.image})")
+            raise ValueError(
+                f"case {case.name}: label shape {sl} differs from image shape "
+                f"{si} ({case.label} vs {case.image})"
+            )
         if not np.allclose(ai, al, atol=atol):
             worst = float(np.abs(ai - al).max())
-            raise ValueError(f"case {case.name}: label affine differs from the image affine "
-                             f"(max difference {worst:.4g} mm; {case.label} vs {case.image})")
+            raise ValueError(
+                f"case {case.name}: label affine differs from the image affine "
+                f"(max difference {worst:.4g} mm; {case.label} vs {case.image})"
+            )
 
 
 def index_samples(
@@ -171,8 +176,11 @@ def index_samples(
         stored = json.loads(Path(cache).read_text())
         if stored.get("cases") == key:
             samples = [Sample(**s) for s in stored["samples"]]
-            return [s for s in samples if s.voxels >= min_voxels
-                    and (classes is None or s.value in classes)]
+            return [
+                s
+                for s in samples
+                if s.voxels >= min_voxels and (classes is None or s.value in classes)
+            ]
     samples = []
     for ci, case in enumerate(cases):
         lab, _ = load_array(case.label)
@@ -182,14 +190,17 @@ def index_samples(
                 samples.append(Sample(case=ci, value=int(v), voxels=int(c)))
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache).write_text(json.dumps({"cases": key,
-                                           "samples": [asdict(s) for s in samples]}))
-    return [s for s in samples if s.voxels >= min_voxels
-            and (classes is None or s.value in classes)]
+        Path(cache).write_text(json.dumps({"cases": key, "samples": [asdict(s) for s in samples]}))
+    return [
+        s for s in samples if s.voxels >= min_voxels and (classes is None or s.value in classes)
+    ]
 
 
 def crop_sample(
-    volume: torch.Tensor, affine: np.ndarray, label: np.ndarray, value: int,
+    volume: torch.Tensor,
+    affine: np.ndarray,
+    label: np.ndarray,
+    value: int,
     anchor: str = "centre",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image crop (1,128,128,128) z-normalised, binary target (1,128,128,128) float).
@@ -208,12 +219,14 @@ def crop_sample(
     mask = label == value
     if not mask.any():
         raise ValueError(f"label value {value} is absent")
-    lattice = (geo.Lattice.for_volume(affine, label.shape) if anchor == "centre"
-               else geo.Lattice.for_volume(affine, label.shape, anchor=anchor))
+    lattice = (
+        geo.Lattice.for_volume(affine, label.shape)
+        if anchor == "centre"
+        else geo.Lattice.for_volume(affine, label.shape, anchor=anchor)
+    )
     kji = np.argwhere(mask)
     corners = np.stack([kji.min(0), kji.max(0)])[:, ::-1].astype(np.float64)  # (i, j, k)
-    box = np.array([[a, b, c] for a in corners[:, 0] for b in corners[:, 1]
-                    for c in corners[:, 2]])
+    box = np.array([[a, b, c] for a in corners[:, 0] for b in corners[:, 1] for c in corners[:, 2]])
     ras = box @ affine[:3, :3].T + affine[:3, 3]
     lat = lattice.ras_to_index(ras)
     centre_ras = lattice.index_to_ras((lat.min(0) + lat.max(0)) / 2)
@@ -244,8 +257,10 @@ def build_augment(flip_prob: float = 0.5, intensity_prob: float = 0.5) -> Any:
     keys = ["image", "label"]
     steps = [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=a) for a in range(3)]
     if intensity_prob > 0:
-        steps += [RandScaleIntensityd(keys=["image"], factors=0.1, prob=intensity_prob),
-                  RandShiftIntensityd(keys=["image"], offsets=0.1, prob=intensity_prob)]
+        steps += [
+            RandScaleIntensityd(keys=["image"], factors=0.1, prob=intensity_prob),
+            RandShiftIntensityd(keys=["image"], offsets=0.1, prob=intensity_prob),
+        ]
     return Compose(steps)
 
 
@@ -298,11 +313,14 @@ class CropDataset(Dataset):
         img, aff = load_array(case.image)
         lab, lab_aff = load_array(case.label)
         if lab.shape != img.shape:
-            raise ValueError(f"case {case.name}: label shape {lab.shape} differs from image "
-                             f"shape {img.shape}")
+            raise ValueError(
+                f"case {case.name}: label shape {lab.shape} differs from image shape {img.shape}"
+            )
         if not np.allclose(lab_aff, aff, atol=1e-3):
-            raise ValueError(f"case {case.name}: label affine differs from the image affine "
-                             f"(max difference {float(np.abs(lab_aff - aff).max()):.4g} mm)")
+            raise ValueError(
+                f"case {case.name}: label affine differs from the image affine "
+                f"(max difference {float(np.abs(lab_aff - aff).max()):.4g} mm)"
+            )
         vol = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
         rec = (vol, aff, np.rint(lab).astype(np.int64))
         self._lru[ci] = rec
@@ -329,18 +347,33 @@ PREPARED_FORMAT = "fastsam3d-distill-prepared/1"
 def _case_stats(cases: list[Case]) -> list[dict[str, Any]]:
     """Each case with its files' sizes and modification times: what decides whether prepared
     crops (or an index) still describe the files on disk."""
-    return [{**asdict(c), "stat": [[os.stat(f).st_size, os.stat(f).st_mtime_ns]
-                                   for f in (c.image, c.label)]} for c in cases]
+    return [
+        {
+            **asdict(c),
+            "stat": [[os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in (c.image, c.label)],
+        }
+        for c in cases
+    ]
 
 
-def prepared_manifest(cases: list[Case], samples: list[Sample], anchor: str,
-                      classes: list[int] | None, min_voxels: int) -> dict[str, Any]:
+def prepared_manifest(
+    cases: list[Case],
+    samples: list[Sample],
+    anchor: str,
+    classes: list[int] | None,
+    min_voxels: int,
+) -> dict[str, Any]:
     """Everything that decides prepared crops: the source files (sizes, mtimes), the samples,
     the lattice anchor and the filters. Prepared data is used only if all agree."""
-    return {"format": PREPARED_FORMAT, "cases": _case_stats(cases),
-            "samples": [asdict(s) for s in samples], "lattice_anchor": anchor,
-            "classes": classes, "min_voxels": min_voxels,
-            "crop": [1, CROP, CROP, CROP]}
+    return {
+        "format": PREPARED_FORMAT,
+        "cases": _case_stats(cases),
+        "samples": [asdict(s) for s in samples],
+        "lattice_anchor": anchor,
+        "classes": classes,
+        "min_voxels": min_voxels,
+        "crop": [1, CROP, CROP, CROP],
+    }
 
 
 def _as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -377,8 +410,10 @@ def prepare_crops(
         complete = old.pop("complete", False)
         if old != manifest:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ValueError(f"{out} holds data prepared with other settings or from other "
-                             f"files ({', '.join(diff)} differ); use a new --out")
+            raise ValueError(
+                f"{out} holds data prepared with other settings or from other "
+                f"files ({', '.join(diff)} differ); use a new --out"
+            )
         if complete:
             return out
     elif out.exists() and any(out.iterdir()):
@@ -387,18 +422,24 @@ def prepare_crops(
     with atomic_path(man_path) as tmp:
         Path(tmp).write_text(json.dumps({**manifest, "complete": False}))
     n, c = len(samples), CROP
-    images = np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.float32,
-                                       shape=(n, 1, c, c, c))
-    targets = np.lib.format.open_memmap(out / "targets.npy", mode="w+", dtype=np.uint8,
-                                        shape=(n, 1, c, c, c))
+    images = np.lib.format.open_memmap(
+        out / "images.npy", mode="w+", dtype=np.float32, shape=(n, 1, c, c, c)
+    )
+    targets = np.lib.format.open_memmap(
+        out / "targets.npy", mode="w+", dtype=np.uint8, shape=(n, 1, c, c, c)
+    )
     ds = CropDataset(cases, samples, anchor=anchor, cache_volumes=1)
     # one batch per case: each worker decodes a case once and crops all its samples
     by_case: OrderedDict[int, list[int]] = OrderedDict()
     for i, s in enumerate(samples):
         by_case.setdefault(s.case, []).append(i)
-    loader = DataLoader(ds, batch_sampler=list(by_case.values()), num_workers=workers,
-                        collate_fn=_as_list,
-                        multiprocessing_context=worker_context() if workers else None)
+    loader = DataLoader(
+        ds,
+        batch_sampler=list(by_case.values()),
+        num_workers=workers,
+        collate_fn=_as_list,
+        multiprocessing_context=worker_context() if workers else None,
+    )
     for items in loader:
         for it in items:
             images[it["id"]] = it["image"].numpy()
@@ -435,29 +476,37 @@ class PreparedCropDataset(Dataset):
         self.labels = labels
         man_path = self.folder / "manifest.json"
         if not man_path.is_file():
-            raise FileNotFoundError(f"{folder}: no prepared data (manifest.json); run "
-                                    "`fastsam3d-distill prepare` first")
+            raise FileNotFoundError(
+                f"{folder}: no prepared data (manifest.json); run `fastsam3d-distill prepare` first"
+            )
         man = json.loads(man_path.read_text())
         if man.get("format") != PREPARED_FORMAT:
-            raise ValueError(f"{folder}: prepared data of format {man.get('format')!r}, this "
-                             f"version reads {PREPARED_FORMAT!r}; prepare again")
+            raise ValueError(
+                f"{folder}: prepared data of format {man.get('format')!r}, this "
+                f"version reads {PREPARED_FORMAT!r}; prepare again"
+            )
         if not man.get("complete"):
             raise ValueError(f"{folder}: preparation did not finish; run `prepare` again")
-        self.cases = [Case(name=c["name"], image=c["image"], label=c["label"])
-                      for c in man["cases"]]
+        self.cases = [
+            Case(name=c["name"], image=c["image"], label=c["label"]) for c in man["cases"]
+        ]
         for rec, case in zip(man["cases"], self.cases):
             for f, st in zip((case.image, case.label), rec["stat"]):
                 if not os.path.exists(f):
                     raise FileNotFoundError(f"{folder} is stale: case {case.name}'s {f} is gone")
                 now = [os.stat(f).st_size, os.stat(f).st_mtime_ns]
                 if now != st:
-                    raise ValueError(f"{folder} is stale: case {case.name}'s {f} changed since "
-                                     "it was prepared (size or modification time); prepare "
-                                     "again into a new folder")
+                    raise ValueError(
+                        f"{folder} is stale: case {case.name}'s {f} changed since "
+                        "it was prepared (size or modification time); prepare "
+                        "again into a new folder"
+                    )
         for key, want in (expect or {}).items():
             if man.get(key) != want:
-                raise ValueError(f"{folder} was prepared with {key}={man.get(key)!r}, this run "
-                                 f"asks for {want!r}; prepare again or match it")
+                raise ValueError(
+                    f"{folder} was prepared with {key}={man.get(key)!r}, this run "
+                    f"asks for {want!r}; prepare again or match it"
+                )
         self.samples = [Sample(**s) for s in man["samples"]]
         self.lattice_anchor = man["lattice_anchor"]
         self.augment = build_augment(intensity_prob=0.5 if intensity else 0.0) if augment else None
@@ -474,8 +523,10 @@ class PreparedCropDataset(Dataset):
 
     def _maps(self) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:
-            self._arrays = (np.load(self.folder / "images.npy", mmap_mode="r"),
-                            np.load(self.folder / "targets.npy", mmap_mode="r"))
+            self._arrays = (
+                np.load(self.folder / "images.npy", mmap_mode="r"),
+                np.load(self.folder / "targets.npy", mmap_mode="r"),
+            )
         return self._arrays
 
     def get(self, i: int, epoch: int = 0) -> dict[str, Any]:

@@ -155,8 +155,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             dest = None
             if in_worker and vals[0].device.type == "cpu":
                 shape = (len(vals), *vals[0].shape)
-                storage = vals[0]._typed_storage()._new_shared(math.prod(shape),
-                                                                device="cpu")
+                storage = vals[0]._typed_storage()._new_shared(math.prod(shape), device="cpu")
                 dest = vals[0].new(storage).resize_(shape)
             out[key] = torch.stack(vals, out=dest)
         elif isinstance(vals[0], (int, float, np.integer, np.floating)):
@@ -293,11 +292,28 @@ class TrainConfig:
 DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 32}
 
 # Settings a resumed run may change freely (how it runs, not what it computes).
-RESUME_FREE = frozenset({
-    "out_dir", "epochs", "max_steps", "batch_size", "ckpt_every", "log_every", "num_workers",
-    "device", "resume", "tensorboard", "progress", "timing", "max_micro_steps", "max_seconds",
-    "checkpoints", "prefetch", "apply_changes", "ddp_comm",
-})
+RESUME_FREE = frozenset(
+    {
+        "out_dir",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "ckpt_every",
+        "log_every",
+        "num_workers",
+        "device",
+        "resume",
+        "tensorboard",
+        "progress",
+        "timing",
+        "max_micro_steps",
+        "max_seconds",
+        "checkpoints",
+        "prefetch",
+        "apply_changes",
+        "ddp_comm",
+    }
+)
 
 
 class Task(nn.Module):
@@ -520,8 +536,11 @@ class Trainer:
         """Settings that differ from the checkpoint's run and change what it computes."""
         old_cfg = json.loads(ckpt["config"])
         new_cfg = json.loads(json.dumps(asdict(self.cfg)))
-        changes = {k: (old_cfg.get(k), v) for k, v in new_cfg.items()
-                   if k not in RESUME_FREE and old_cfg.get(k) != v}
+        changes = {
+            k: (old_cfg.get(k), v)
+            for k, v in new_cfg.items()
+            if k not in RESUME_FREE and old_cfg.get(k) != v
+        }
         old_meta = json.loads(ckpt.get("meta", "{}"))
         new_meta = json.loads(json.dumps(self.task.meta()))
         for k in sorted(set(old_meta) | set(new_meta)):
@@ -545,8 +564,9 @@ class Trainer:
             )
         changes = self._changes(ckpt)
         if changes and not self.cfg.apply_changes:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in
-                               ((k, *v) for k, v in sorted(changes.items())))
+            listed = "; ".join(
+                f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(changes.items()))
+            )
             raise ValueError(
                 f"{path}: this run's settings differ from the checkpoint's ({listed}); resume "
                 "with the same settings, pass --apply-changes to continue with the new ones "
@@ -555,15 +575,17 @@ class Trainer:
         missing, unexpected = self.task.load_state_dict(ckpt["model"], strict=False)
         trainable = set(self.task.trainable_state_dict())
         if unexpected or (set(missing) & trainable):
-            raise ValueError(f"checkpoint does not match the model: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise ValueError(
+                f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}"
+            )
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if changes:
             # The optimiser and schedule carry the old values: put the new ones in.
             for group in self.optimizer.param_groups:
-                group.update(weight_decay=self.cfg.weight_decay, betas=self.cfg.betas,
-                             initial_lr=self.cfg.lr)
+                group.update(
+                    weight_decay=self.cfg.weight_decay, betas=self.cfg.betas, initial_lr=self.cfg.lr
+                )
             self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
         self.epoch, self.batch_in_epoch = p["epoch"], p["batch_in_epoch"]
         self.opt_step, self.micro_step = p["opt_step"], p["micro_step"]
@@ -576,17 +598,24 @@ class Trainer:
         if p["world"] == self.env.world:
             _set_rng_state(rngs[self.env.rank])
         elif self.env.is_main:
-            print(f"[{self.task.name}] resuming a {p['world']}-process run on {self.env.world}: "
-                  "the global RNG streams restart (sampling, augmentation and clicks are "
-                  "seeded per sample and stay exact)")
+            print(
+                f"[{self.task.name}] resuming a {p['world']}-process run on {self.env.world}: "
+                "the global RNG streams restart (sampling, augmentation and clicks are "
+                "seeded per sample and stay exact)"
+            )
         if self.env.is_main:
             self._trim_metrics(self.micro_step)
             if changes:
                 msg = {k: {"was": a, "now": b} for k, (a, b) in changes.items()}
-                print(f"[{self.task.name}] resume: applying changed settings "
-                      f"{json.dumps(msg)}")
-                self._write_record({"event": "resume", "step": self.opt_step,
-                                    "micro_step": self.micro_step, "changed": msg})
+                print(f"[{self.task.name}] resume: applying changed settings {json.dumps(msg)}")
+                self._write_record(
+                    {
+                        "event": "resume",
+                        "step": self.opt_step,
+                        "micro_step": self.micro_step,
+                        "changed": msg,
+                    }
+                )
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -613,26 +642,43 @@ class Trainer:
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
 
-    def _push_log(self, ids: Sequence[int], losses: torch.Tensor, scalars: dict[str, float],
-                  bar: Any) -> None:
+    def _push_log(
+        self, ids: Sequence[int], losses: torch.Tensor, scalars: dict[str, float], bar: Any
+    ) -> None:
         """Queue a log record: gather on the device, copy without blocking, read it later."""
         dev = losses.device
-        flag = float(self.env.is_main and bool(self.cfg.max_seconds)
-                     and time.perf_counter() - self._t_start > self.cfg.max_seconds)
+        flag = float(
+            self.env.is_main
+            and bool(self.cfg.max_seconds)
+            and time.perf_counter() - self._t_start > self.cfg.max_seconds
+        )
         ids_t = torch.as_tensor(list(ids), dtype=torch.float64)
         if dev.type == "cuda":
             ids_t = ids_t.pin_memory().to(dev, non_blocking=True)
-        local = torch.stack([ids_t, losses.detach().double().reshape(-1),
-                             torch.full_like(losses.reshape(-1), flag, dtype=torch.float64)])
+        local = torch.stack(
+            [
+                ids_t,
+                losses.detach().double().reshape(-1),
+                torch.full_like(losses.reshape(-1), flag, dtype=torch.float64),
+            ]
+        )
         if self.env.distributed:
             parts = [torch.empty_like(local) for _ in range(self.env.world)]
             dist.all_gather(parts, local)
             local = torch.cat(parts, dim=1)
-        gn = (self.grad_norm if self.grad_norm is not None
-              else torch.full((1,), float("nan"), device=dev))
+        gn = (
+            self.grad_norm
+            if self.grad_norm is not None
+            else torch.full((1,), float("nan"), device=dev)
+        )
         payload = torch.cat([local.reshape(-1), gn.double().reshape(1)])
-        rec: dict[str, Any] = {"step": self.opt_step, "micro_step": self.micro_step + 1,
-                               "epoch": self.epoch, "scalars": scalars, "n": local.shape[1]}
+        rec: dict[str, Any] = {
+            "step": self.opt_step,
+            "micro_step": self.micro_step + 1,
+            "epoch": self.epoch,
+            "scalars": scalars,
+            "n": local.shape[1],
+        }
         if dev.type == "cuda":
             buf = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
             buf.copy_(payload, non_blocking=True)
@@ -662,9 +708,18 @@ class Trainer:
             loss = float(np.mean(losses))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4g}")
-            self._log({"loss": loss, "lr": rec["scalars"].pop("lr"), "epoch": rec["epoch"],
-                       **rec["scalars"], **({"grad_norm": gn} if math.isfinite(gn) else {})},
-                      step=rec["step"], micro_step=rec["micro_step"], t=t)
+            self._log(
+                {
+                    "loss": loss,
+                    "lr": rec["scalars"].pop("lr"),
+                    "epoch": rec["epoch"],
+                    **rec["scalars"],
+                    **({"grad_norm": gn} if math.isfinite(gn) else {}),
+                },
+                step=rec["step"],
+                micro_step=rec["micro_step"],
+                t=t,
+            )
 
     def _log(self, scalars: dict[str, float], step: int, micro_step: int, t: float) -> None:
         if not self.env.is_main:
@@ -680,8 +735,7 @@ class Trainer:
                     self.cfg.tensorboard = False
                     return
                 # purge_step: events of replayed steps (after a resume) are dropped.
-                self._writer = SummaryWriter(str(self.out / "tb"),
-                                             purge_step=self._resumed_micro)
+                self._writer = SummaryWriter(str(self.out / "tb"), purge_step=self._resumed_micro)
             for k, v in scalars.items():
                 self._writer.add_scalar(k, v, micro_step)
 
@@ -705,20 +759,25 @@ class Trainer:
         if self._loader is None:
             workers = self.cfg.num_workers
             extra: dict[str, Any] = (
-                {"persistent_workers": True, "prefetch_factor": self.cfg.prefetch,
-                 "multiprocessing_context": worker_context()}
-                if workers > 0 else {}
+                {
+                    "persistent_workers": True,
+                    "prefetch_factor": self.cfg.prefetch,
+                    "multiprocessing_context": worker_context(),
+                }
+                if workers > 0
+                else {}
             )
             self._loader = DataLoader(
-                _EpochDataset(self.dataset), batch_sampler=self._batch_sampler,
-                num_workers=workers, collate_fn=collate,
-                pin_memory=self.env.device.type == "cuda", **extra,
+                _EpochDataset(self.dataset),
+                batch_sampler=self._batch_sampler,
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=self.env.device.type == "cuda",
+                **extra,
             )
         yield from self._loader
 
-    def _gather(
-        self, ids: Sequence[int], losses: torch.Tensor
-    ) -> tuple[list[int], list[float]]:
+    def _gather(self, ids: Sequence[int], losses: torch.Tensor) -> tuple[list[int], list[float]]:
         """Every rank's (sample id, loss) pairs, in rank order; one small collective (waits)."""
         ids_t = torch.as_tensor(list(ids), dtype=torch.float64).to(losses.device)
         local = torch.stack([ids_t, losses.double().reshape(-1)])
@@ -746,9 +805,11 @@ class Trainer:
         static = self.task.static_graph and not self.cfg.gate
         dev_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.ddp = nn.parallel.DistributedDataParallel(
-            self.task, device_ids=dev_ids,
+            self.task,
+            device_ids=dev_ids,
             find_unused_parameters=self.task.find_unused and not static,
-            gradient_as_bucket_view=True, static_graph=static,
+            gradient_as_bucket_view=True,
+            static_graph=static,
         )
         if self.cfg.ddp_comm == "bf16":
             self.ddp.register_comm_hook(None, bf16_allreduce_hook)
@@ -806,8 +867,7 @@ class Trainer:
             or self._out_of_time
         )
 
-    def _micro_batch(self, batch: dict[str, Any], autocast: Any, want_log: bool,
-                     bar: Any) -> bool:
+    def _micro_batch(self, batch: dict[str, Any], autocast: Any, want_log: bool, bar: Any) -> bool:
         """Forward (+ backward unless gated away) of one micro-batch; True if a backward ran."""
         cfg = self.cfg
         timing = cfg.timing
@@ -866,8 +926,11 @@ class Trainer:
         """Refuse to mix a fresh run into a folder that holds another run's logs."""
         if self.cfg.resume and self.ckpt_path.exists():
             return
-        old = [p.name for p in (self.out / "metrics.jsonl", self.out / "tb", self.ckpt_path)
-               if p.exists()]
+        old = [
+            p.name
+            for p in (self.out / "metrics.jsonl", self.out / "tb", self.ckpt_path)
+            if p.exists()
+        ]
         if old and self.cfg.resume and not self.ckpt_path.exists():
             # A run that died before its first checkpoint: nothing to resume, its logs go.
             self._trim_metrics(0)
@@ -887,12 +950,9 @@ class Trainer:
         if cfg.resume and self.ckpt_path.exists():
             self.load(self.ckpt_path)
             if self.env.is_main:
-                print(f"[{self.task.name}] resumed from {self.ckpt_path} at step "
-                      f"{self.opt_step}")
+                print(f"[{self.task.name}] resumed from {self.ckpt_path} at step {self.opt_step}")
         kill_at = int(os.environ.get(_KILL_ENV, "0") or 0)
-        total = cfg.max_steps or math.ceil(
-            cfg.epochs * self.sampler.batches_per_epoch / cfg.accum
-        )
+        total = cfg.max_steps or math.ceil(cfg.epochs * self.sampler.batches_per_epoch / cfg.accum)
         bar = None
         if cfg.progress and self.env.is_main:
             from tqdm.auto import tqdm
@@ -933,8 +993,11 @@ class Trainer:
                     self.timing["optimizer_s"] += time.perf_counter() - t2
                     if bar is not None:
                         bar.update(1)
-                if cfg.checkpoints and self.window_backward == 0 and run_backward and (
-                    self.opt_step % cfg.ckpt_every == 0 or self._done()
+                if (
+                    cfg.checkpoints
+                    and self.window_backward == 0
+                    and run_backward
+                    and (self.opt_step % cfg.ckpt_every == 0 or self._done())
                 ):
                     self._drain(keep=0, bar=bar)  # every record up to here is on disk first
                     self.save()

@@ -52,9 +52,14 @@ def _released_click(
     return p, int(fn[tuple(p)])
 
 
-def _click_for(protocol: str, gt: np.ndarray, pred: np.ndarray | None,
-               logits: np.ndarray | None, k: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, int] | None:
+def _click_for(
+    protocol: str,
+    gt: np.ndarray,
+    pred: np.ndarray | None,
+    logits: np.ndarray | None,
+    k: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int] | None:
     if protocol == "released":
         return _released_click(gt, logits, k, rng)
     if k == 0:
@@ -101,8 +106,9 @@ def evaluate_crops(
                 history[0].append(nxt if nxt is not None else history[0][-1])
                 prev = low
         s = dataset.samples[i]
-        records.append({"sample": i, "case": dataset.cases[s.case].name, "structure": s.value,
-                        "dice": scores})
+        records.append(
+            {"sample": i, "case": dataset.cases[s.case].name, "structure": s.value, "dice": scores}
+        )
     return records
 
 
@@ -152,8 +158,9 @@ def evaluate_volumes(
                     nxt = _click_for(protocol, gt, pred, pred.astype(np.float32), c + 1, rng)
                     if nxt is not None:
                         point, positive = nxt[0], bool(nxt[1])
-            records.append({"sample": i, "case": cases[ci].name,
-                            "structure": samples[i].value, "dice": scores})
+            records.append(
+                {"sample": i, "case": cases[ci].name, "structure": samples[i].value, "dice": scores}
+            )
     return records
 
 
@@ -174,16 +181,21 @@ def summarise(records: list[dict[str, Any]], budgets: tuple[int, ...] = BUDGETS)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[str(r["structure"])].append(r)
-    return {"overall": reduce(records),
-            "per_structure": {k: reduce(v) for k, v in sorted(groups.items())}}
+    return {
+        "overall": reduce(records),
+        "per_structure": {k: reduce(v) for k, v in sorted(groups.items())},
+    }
 
 
 def write_report(results: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> Path:
     """``evaluation.json`` (summaries + per-sample Dice) and ``evaluation.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {grid: {"summary": summarise(recs), "samples": recs}
-              for grid, recs in results.items() if recs}
+    report = {
+        grid: {"summary": summarise(recs), "samples": recs}
+        for grid, recs in results.items()
+        if recs
+    }
     path = out / "evaluation.json"
     path.write_text(json.dumps(report, indent=1))
     import matplotlib
@@ -196,8 +208,12 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: str | Path) 
         d = np.array([r["dice"] for r in rep["samples"]])
         x = np.arange(1, d.shape[1] + 1)
         ax.plot(x, d.mean(0), marker="o", label=f"{grid}: Dice after click k")
-        ax.plot(x, np.maximum.accumulate(d, axis=1).mean(0), ls="--",
-                label=f"{grid}: best over clicks 1..k")
+        ax.plot(
+            x,
+            np.maximum.accumulate(d, axis=1).mean(0),
+            ls="--",
+            label=f"{grid}: best over clicks 1..k",
+        )
     ax.set_xlabel("clicks")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("mean Dice")

@@ -52,7 +52,7 @@ def model_from_training_checkpoint(ckpt_path: str | Path, base_spec: str | nn.Mo
         import fastsam3d
 
         enc = fastsam3d.build_model(cfg).image_encoder
-        enc.load_state_dict({k[len("student."):]: v for k, v in sd.items()}, strict=True)
+        enc.load_state_dict({k[len("student.") :]: v for k, v in sd.items()}, strict=True)
         return assemble_student(enc, cfg, base)
     if ckpt["task"] == "finetune":
         cfg = config_from_dict(meta["model_config"]) if meta.get("model_config") else base.config
@@ -62,8 +62,10 @@ def model_from_training_checkpoint(ckpt_path: str | Path, base_spec: str | nn.Mo
         model.image_encoder.load_state_dict(base.image_encoder.state_dict(), strict=True)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if unexpected or any(not k.startswith("image_encoder.") for k in missing):
-            raise ValueError(f"{ckpt_path}: unexpected {unexpected}, missing "
-                             f"{[k for k in missing if not k.startswith('image_encoder.')]}")
+            raise ValueError(
+                f"{ckpt_path}: unexpected {unexpected}, missing "
+                f"{[k for k in missing if not k.startswith('image_encoder.')]}"
+            )
         return model.eval()
     raise ValueError(f"{ckpt_path}: unknown stage {ckpt['task']!r}")
 
@@ -79,12 +81,16 @@ def export_model(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu")
-    written = [checkpoint.save_official(model, out_path, exported_by="fastsam3d-distill",
-                                        **metadata)]
+    written = [
+        checkpoint.save_official(model, out_path, exported_by="fastsam3d-distill", **metadata)
+    ]
     if safetensors:
         st = out_path.with_suffix(".safetensors")
-        written.append(checkpoint.save_safetensors(model, st, metadata={
-            "exported_by": "fastsam3d-distill", **metadata}))
+        written.append(
+            checkpoint.save_safetensors(
+                model, st, metadata={"exported_by": "fastsam3d-distill", **metadata}
+            )
+        )
     return written
 
 

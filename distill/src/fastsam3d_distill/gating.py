@@ -140,8 +140,9 @@ class BackwardGate:
         missing = need - self.post_backward - sum(keep)
         if missing > 0:
             # Order by ratio, highest first; ties by id so every rank picks the same samples.
-            order = sorted((j for j in range(n) if not keep[j]),
-                           key=lambda j: (-ratios[j], int(ids[j])))
+            order = sorted(
+                (j for j in range(n) if not keep[j]), key=lambda j: (-ratios[j], int(ids[j]))
+            )
             for j in order[:missing]:
                 keep[j] = True
         self.post_decisions += n
@@ -150,9 +151,11 @@ class BackwardGate:
 
     def _fix_floor(self) -> None:
         if self.min_backward_spec == "auto" and self.warmup_eligible == 0:
-            self.note = ("gate warm-up saw no sample twice, so the natural skip rate is unknown "
-                         "and the 'auto' floor is 1.0 (nothing is skipped): make --gate-warmup "
-                         "longer than one epoch or set --gate-min-backward")
+            self.note = (
+                "gate warm-up saw no sample twice, so the natural skip rate is unknown "
+                "and the 'auto' floor is 1.0 (nothing is skipped): make --gate-warmup "
+                "longer than one epoch or set --gate-min-backward"
+            )
         if self.min_backward_spec == "auto":
             r = self.natural_skip_rate
             self.floor = max(0.5, 1.0 - 0.5 * r)

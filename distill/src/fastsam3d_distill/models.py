@@ -72,10 +72,12 @@ def load_spec(
             return fastsam3d.load_model(spec, device=str(device), config=config)
         except (ValueError, KeyError, RuntimeError) as e:
             if _is_training_checkpoint(spec):
-                raise ValueError(f"{spec} is a fastsam3d-distill training checkpoint, not a "
-                                 "model: run `fastsam3d-distill export --checkpoint "
-                                 f"{spec} ...` first (or use the run's model.pth / "
-                                 "student.pth)") from None
+                raise ValueError(
+                    f"{spec} is a fastsam3d-distill training checkpoint, not a "
+                    "model: run `fastsam3d-distill export --checkpoint "
+                    f"{spec} ...` first (or use the run's model.pth / "
+                    "student.pth)"
+                ) from None
             raise ValueError(f"{spec}: {str(e).splitlines()[0] if str(e) else e!r}") from e
     raise FileNotFoundError(f"model checkpoint {spec} not found")
 

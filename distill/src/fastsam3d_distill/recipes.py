@@ -12,8 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 _RELEASED_FT = {
-    "clicks": 11, "click_rule": "released", "mask_only_rounds": True, "detach_prev": False,
-    "loss_reduction": "sum", "lr_milestones": [60, 90], "grad_clip": 0.0,
+    "clicks": 11,
+    "click_rule": "released",
+    "mask_only_rounds": True,
+    "detach_prev": False,
+    "loss_reduction": "sum",
+    "lr_milestones": [60, 90],
+    "grad_clip": 0.0,
     "intensity_jitter": False,
 }
 
@@ -28,9 +33,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "finetune": {
         "released": dict(_RELEASED_FT),
         "paper": dict(_RELEASED_FT),
-        "ours": {"clicks": 5, "click_rule": "ours", "mask_only_rounds": False,
-                 "detach_prev": True, "loss_reduction": "mean", "lr_milestones": [],
-                 "grad_clip": 1.0, "intensity_jitter": True},
+        "ours": {
+            "clicks": 5,
+            "click_rule": "ours",
+            "mask_only_rounds": False,
+            "detach_prev": True,
+            "loss_reduction": "mean",
+            "lr_milestones": [],
+            "grad_clip": 1.0,
+            "intensity_jitter": True,
+        },
     },
     "evaluate": {
         "released": {"protocol": "released"},
@@ -43,10 +55,20 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # 384-channel neck so that exported files load through fastsam3d.load_model.
 PRESETS: dict[str, dict[str, list[str]]] = {
     "tiny": {
-        "teacher_override": ["depth=4", "embed_dim=64", "num_heads=4",
-                             "global_attn_indexes=1,3", "out_chans=384"],
-        "student_override": ["depth=2", "embed_dim=64", "num_heads=2",
-                             "num_attn_free_blocks=1", "out_chans=384"],
+        "teacher_override": [
+            "depth=4",
+            "embed_dim=64",
+            "num_heads=4",
+            "global_attn_indexes=1,3",
+            "out_chans=384",
+        ],
+        "student_override": [
+            "depth=2",
+            "embed_dim=64",
+            "num_heads=2",
+            "num_attn_free_blocks=1",
+            "out_chans=384",
+        ],
     },
 }
 TINY_TEACHER_SPEC = "fixture:sam-med3d-turbo-fastsam3d-block"

@@ -134,8 +134,11 @@ class DistillTask(Task):
 
     def meta(self) -> dict[str, Any]:
         cfg = self.student_config
-        return {"student_config": config_to_dict(cfg) if cfg is not None else None,
-                "loss": self.loss_mode, "teacher_taps": self.teacher_taps}
+        return {
+            "student_config": config_to_dict(cfg) if cfg is not None else None,
+            "loss": self.loss_mode,
+            "teacher_taps": self.teacher_taps,
+        }
 
     # schedule --------------------------------------------------------------------------------
 
@@ -144,8 +147,9 @@ class DistillTask(Task):
             grown = step // self.k_every_steps
         else:
             grown = epoch // max(self.k_every_epochs, 1)
-        limit = (len(self.pairs) if self.loss_mode.startswith("paper")
-                 else len(self.released_pairs) + 1)
+        limit = (
+            len(self.pairs) if self.loss_mode.startswith("paper") else len(self.released_pairs) + 1
+        )
         self.k = min(self.k_start + grown, limit)
 
     def scalars(self) -> dict[str, float]:
@@ -180,14 +184,10 @@ class DistillTask(Task):
             return _mse_per_sample(self.student(x), t_neck)
         neck, taps = self.student(x, return_taps=True)
         if mode == "paper":  # (1/k) sum_i ||f_t^(2i) - f_s^(i)||, exactly as printed
-            terms = [
-                _norm_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
-            ]
+            terms = [_norm_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]]
             return torch.stack(terms, 0).mean(0)
         if mode == "paper-mse":  # ours: MSE per pair, plus the neck (all blocks learn at once)
-            terms = [
-                _mse_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]
-            ]
+            terms = [_mse_per_sample(taps[s], t_taps[:, col[t]]) for s, t in self.pairs[: self.k]]
             loss = torch.stack(terms, 0).mean(0)
             if self.neck_weight > 0:
                 loss = loss + self.neck_weight * _mse_per_sample(neck, t_neck)
@@ -234,20 +234,29 @@ def data_identity(dataset: Any, args: Any) -> str:
     else:
         files = [(c.image, c.label) for c in dataset.cases]
         stats = [[os.stat(f).st_size, os.stat(f).st_mtime_ns] for pair in files for f in pair]
-        key = {"files": files, "stats": stats,
-               "samples": [[x.case, x.value, x.voxels] for x in dataset.samples]}
+        key = {
+            "files": files,
+            "stats": stats,
+            "samples": [[x.case, x.value, x.voxels] for x in dataset.samples],
+        }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def cache_manifest(args: Any, dataset: Any, taps: list[int], teacher_depth: int,
-                   bf16: bool) -> dict[str, Any]:
+def cache_manifest(
+    args: Any, dataset: Any, taps: list[int], teacher_depth: int, bf16: bool
+) -> dict[str, Any]:
     """Everything that decides a cache's contents; a cache is reused only if all agree."""
     return {
-        "format": CACHE_FORMAT, "teacher": teacher_identity(args),
-        "data_sha256": data_identity(dataset, args), "n": len(dataset),
-        "classes": args.classes, "min_voxels": args.min_voxels,
-        "lattice_anchor": args.lattice_anchor, "precision": "bf16" if bf16 else "fp32",
-        "teacher_taps": list(taps), "teacher_depth": teacher_depth,
+        "format": CACHE_FORMAT,
+        "teacher": teacher_identity(args),
+        "data_sha256": data_identity(dataset, args),
+        "n": len(dataset),
+        "classes": args.classes,
+        "min_voxels": args.min_voxels,
+        "lattice_anchor": args.lattice_anchor,
+        "precision": "bf16" if bf16 else "fp32",
+        "teacher_taps": list(taps),
+        "teacher_depth": teacher_depth,
     }
 
 
@@ -288,11 +297,15 @@ def cache_teacher_features(
             old = {k: v for k, v in json.loads(index.read_text()).items() if k != "complete"}
             if old != manifest:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-                raise ValueError(f"{out} holds a feature cache made with other settings "
-                                 f"({', '.join(diff)} differ); use a new --out")
+                raise ValueError(
+                    f"{out} holds a feature cache made with other settings "
+                    f"({', '.join(diff)} differ); use a new --out"
+                )
         elif any(out.glob("*.pt")):
-            raise ValueError(f"{out} holds feature files without a manifest (another cache or "
-                             "an older version); use a new --out")
+            raise ValueError(
+                f"{out} holds feature files without a manifest (another cache or "
+                "an older version); use a new --out"
+            )
         elif rank == 0:
             _write_json(index, {**manifest, "complete": False})
     teacher_encoder = teacher_encoder.to(device).eval()
@@ -309,16 +322,18 @@ def cache_teacher_features(
         image = image.cpu()
         for j, i in enumerate(idx):
             # clone: a view would save the whole batch's storage into every file
-            rec = {"image": image[j].clone(), "t_taps": sel[j].clone(),
-                   "t_neck": neck[j].clone()}
+            rec = {"image": image[j].clone(), "t_taps": sel[j].clone(), "t_neck": neck[j].clone()}
             tmp = out / f".{i:07d}.pt.tmp"
             torch.save(rec, tmp)
             tmp.replace(out / f"{i:07d}.pt")
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank's files are on disk before "complete"
     if rank == 0:
-        meta = manifest or {"n": len(dataset), "teacher_taps": list(teacher_taps),
-                            "teacher_depth": len(teacher_encoder.blocks)}
+        meta = manifest or {
+            "n": len(dataset),
+            "teacher_taps": list(teacher_taps),
+            "teacher_depth": len(teacher_encoder.blocks),
+        }
         _write_json(index, {**meta, "complete": True})
     return out
 
@@ -336,14 +351,18 @@ class CachedFeatureDataset(Dataset):
             raise FileNotFoundError(f"{meta_path} missing: run the cache step first")
         self.meta = json.loads(meta_path.read_text())
         if not self.meta.get("complete", True):
-            raise ValueError(f"feature cache {self.dir} is incomplete (its `cache` run did not "
-                             "finish); re-run the same `cache` command to complete it")
+            raise ValueError(
+                f"feature cache {self.dir} is incomplete (its `cache` run did not "
+                "finish); re-run the same `cache` command to complete it"
+            )
         self.n = int(self.meta["n"])
         self.teacher_taps = list(self.meta["teacher_taps"])
         missing = [i for i in range(self.n) if not (self.dir / f"{i:07d}.pt").exists()]
         if missing:
-            raise FileNotFoundError(f"feature cache {self.dir} lacks {len(missing)} samples "
-                                    f"(first: {missing[0]}); re-run the cache step")
+            raise FileNotFoundError(
+                f"feature cache {self.dir} lacks {len(missing)} samples "
+                f"(first: {missing[0]}); re-run the cache step"
+            )
         self.items: list[dict[str, torch.Tensor]] | None = None
         self.direct_batches = preload
         if preload:
@@ -355,11 +374,15 @@ class CachedFeatureDataset(Dataset):
         """Refuse a cache made by another teacher (or one that does not record its teacher)."""
         made_by = self.meta.get("teacher")
         if made_by is None:
-            raise ValueError(f"feature cache {self.dir} does not record its teacher (an older "
-                             "version made it); re-run `cache` into a new folder")
+            raise ValueError(
+                f"feature cache {self.dir} does not record its teacher (an older "
+                "version made it); re-run `cache` into a new folder"
+            )
         if made_by != identity:
-            raise ValueError(f"feature cache {self.dir} was made by teacher {made_by}, not by "
-                             f"this --teacher {identity}; use the same teacher or re-run `cache`")
+            raise ValueError(
+                f"feature cache {self.dir} was made by teacher {made_by}, not by "
+                f"this --teacher {identity}; use the same teacher or re-run `cache`"
+            )
 
     def _read(self, i: int) -> dict[str, torch.Tensor]:
         return torch.load(self.dir / f"{i:07d}.pt", map_location="cpu", weights_only=True)
@@ -369,8 +392,12 @@ class CachedFeatureDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.items[i] if self.items is not None else self._read(i)
-        return {"image": rec["image"].float(), "t_taps": rec["t_taps"], "t_neck": rec["t_neck"],
-                "id": i}
+        return {
+            "image": rec["image"].float(),
+            "t_taps": rec["t_taps"],
+            "t_neck": rec["t_neck"],
+            "id": i,
+        }
 
     def get_batch(self, idx: list[int], epoch: int) -> dict[str, Any]:
         """Batching straight from the preloaded tensors (no DataLoader round trip)."""

@@ -114,8 +114,9 @@ class FinetuneTask(Task):
         if self.policy not in ("newest", "accumulate"):
             raise ValueError(f"point policy must be 'newest' or 'accumulate', got {self.policy!r}")
         if box_prob > 0 and not getattr(self.prompt_encoder, "supports_boxes", False):
-            raise ValueError("box training needs box embeddings: build the model with "
-                             "num_point_embeddings=4")
+            raise ValueError(
+                "box training needs box embeddings: build the model with num_point_embeddings=4"
+            )
         self.n_clicks, self.box_prob, self.seed = n_clicks, box_prob, seed
         self.epoch = 0
 
@@ -127,11 +128,17 @@ class FinetuneTask(Task):
         return self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
 
     def meta(self) -> dict[str, Any]:
-        return {"model_config": config_to_dict(self.config) if self.config is not None else None,
-                "policy": self.policy, "clicks": self.clicks, "n_clicks": self.n_clicks,
-                "mask_only_rounds": self.mask_only_rounds, "detach_prev": self.detach_prev,
-                "reduction": self.reduction, "lr_milestones": list(self.lr_milestones),
-                "box_prob": self.box_prob}
+        return {
+            "model_config": config_to_dict(self.config) if self.config is not None else None,
+            "policy": self.policy,
+            "clicks": self.clicks,
+            "n_clicks": self.n_clicks,
+            "mask_only_rounds": self.mask_only_rounds,
+            "detach_prev": self.detach_prev,
+            "reduction": self.reduction,
+            "lr_milestones": list(self.lr_milestones),
+            "box_prob": self.box_prob,
+        }
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoder = self.__dict__["encoder"]
@@ -160,8 +167,11 @@ class FinetuneTask(Task):
         dev = emb.device
         gens = device_generators(self.seed, self.epoch, ids, dev, salt=2)
         mask_only = [
-            int(torch.randint(2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i,
-                                                                    salt=4)))
+            int(
+                torch.randint(
+                    2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i, salt=4)
+                )
+            )
             for i in ids
         ]
         boxes = self._boxes(ids, gt, dev)
@@ -180,8 +190,9 @@ class FinetuneTask(Task):
                 coords, labels = hist_c[-1][:, None], hist_l[-1][:, None]
             else:
                 coords, labels = torch.stack(hist_c, 1), torch.stack(hist_l, 1)
-            no_points = [self.mask_only_rounds and (r == m or r == self.n_clicks - 1)
-                         for m in mask_only]
+            no_points = [
+                self.mask_only_rounds and (r == m or r == self.n_clicks - 1) for m in mask_only
+            ]
             low = torch.empty_like(prev) if any(no_points) else None
             for flag in (False, True):
                 rows = [b for b in range(n) if no_points[b] == flag]
@@ -191,16 +202,22 @@ class FinetuneTask(Task):
                     sel = slice(None)
                 else:
                     sel = torch.as_tensor(rows, device=dev)
-                out = decode(parts, emb[sel], None if flag else coords[sel],
-                             None if flag else labels[sel], prev[sel],
-                             None if boxes is None else boxes[sel])
+                out = decode(
+                    parts,
+                    emb[sel],
+                    None if flag else coords[sel],
+                    None if flag else labels[sel],
+                    prev[sel],
+                    None if boxes is None else boxes[sel],
+                )
                 if low is None:
                     low = out
                 else:
                     low = low.index_copy(0, torch.as_tensor(rows, device=dev), out.to(low.dtype))
             assert low is not None
-            up = F.interpolate(low.float(), size=gt_t.shape[2:], mode="trilinear",
-                               align_corners=False)
+            up = F.interpolate(
+                low.float(), size=gt_t.shape[2:], mode="trilinear", align_corners=False
+            )
             total = total + dice_ce(up, gt_t)
             prev = low.detach() if self.detach_prev else low
         return total if self.reduction == "sum" else total / self.n_clicks
@@ -224,16 +241,19 @@ class FinetuneTask(Task):
         gens = [sample_generator(self.seed, self.epoch, i, salt=2) for i in ids]
         # An empty target (a structure flipped or cropped away) gets a negative centre click.
         centre = np.asarray(gt.shape[1:]) // 2
-        history = [[(first_click(gt[b], gens[b]), 1)] if gt[b].any() else [(centre, 0)]
-                   for b in range(len(ids))]
+        history = [
+            [(first_click(gt[b], gens[b]), 1)] if gt[b].any() else [(centre, 0)]
+            for b in range(len(ids))
+        ]
         boxes = self._boxes(ids, gt_t[:, 0] > 0.5, dev)
         prev = torch.zeros(len(ids), 1, 32, 32, 32, device=dev, dtype=emb.dtype)
         total = torch.zeros(len(ids), device=dev)
         for it in range(self.n_clicks):
             coords, labels = prompts_for(history, self.policy, dev)
             low = decode((self.prompt_encoder, self.mask_decoder), emb, coords, labels, prev, boxes)
-            up = F.interpolate(low.float(), size=gt_t.shape[2:], mode="trilinear",
-                               align_corners=False)
+            up = F.interpolate(
+                low.float(), size=gt_t.shape[2:], mode="trilinear", align_corners=False
+            )
             total = total + dice_ce(up, gt_t)
             if it + 1 == self.n_clicks:
                 break

@@ -135,8 +135,9 @@ def write_nnunet_dataset(
     for c in range(n_cases):
         ph = make_phantom(seed=seed + c, **phantom_kw)  # type: ignore[arg-type]
         name = f"case_{c:03d}"
-        write_nifti(ph, root / "imagesTr" / f"{name}_0000.nii.gz",
-                    root / "labelsTr" / f"{name}.nii.gz")
+        write_nifti(
+            ph, root / "imagesTr" / f"{name}_0000.nii.gz", root / "labelsTr" / f"{name}.nii.gz"
+        )
     return root
 
 

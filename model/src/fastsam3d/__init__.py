@@ -49,9 +49,25 @@ __all__ = ["__version__", *_LAZY]
 
 # Submodules reachable as attributes after a plain `import fastsam3d` (fastsam3d.hub.download,
 # fastsam3d.checkpoint.save_official, fastsam3d.testing.fixture_model ...), imported on first use.
-_SUBMODULES = ("atomic", "bench", "build", "checkpoint", "dicom", "fastpath", "geometry", "hub",
-               "device", "errors", "modeling", "nifti", "preview", "prompts", "session",
-               "testing", "volume")
+_SUBMODULES = (
+    "atomic",
+    "bench",
+    "build",
+    "checkpoint",
+    "dicom",
+    "fastpath",
+    "geometry",
+    "hub",
+    "device",
+    "errors",
+    "modeling",
+    "nifti",
+    "preview",
+    "prompts",
+    "session",
+    "testing",
+    "volume",
+)
 
 
 def __getattr__(name: str) -> Any:

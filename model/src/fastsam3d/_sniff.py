@@ -28,8 +28,22 @@ __all__ = ["CheckpointError", "SAFETENSORS_DTYPES", "safetensors_header", "sniff
 
 #: bytes per element of every dtype a safetensors header may name
 SAFETENSORS_DTYPES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
-    "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 _MAX_HEADER = 100 << 20  # safetensors' own limit for the JSON header
 _ZIP_SLACK = 1 << 16  # zip bookkeeping may make the listed sizes exceed the file by a little
@@ -59,8 +73,9 @@ def sniff(path: str | os.PathLike[str], name: str | None = None) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         safetensors_header(path, shown)
         return "safetensors"
-    raise CheckpointError(f"{shown} is not a checkpoint (refused unread): it "
-                          f"{_describe(head, size)}")
+    raise CheckpointError(
+        f"{shown} is not a checkpoint (refused unread): it {_describe(head, size)}"
+    )
 
 
 def _describe(head: bytes, size: int) -> str:
@@ -68,11 +83,15 @@ def _describe(head: bytes, size: int) -> str:
     if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml")) or (
         stripped.startswith(b"<") and b"html" in head.lower()
     ):
-        return ("is an HTML/XML page (an error, login or captive-portal page served instead "
-                "of the file?)")
+        return (
+            "is an HTML/XML page (an error, login or captive-portal page served instead "
+            "of the file?)"
+        )
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return ("is a raw pickle or a pre-1.6 PyTorch file; only the zip format of torch.save "
-                "(torch >= 1.6) and safetensors are read. Re-save it with a current torch")
+        return (
+            "is a raw pickle or a pre-1.6 PyTorch file; only the zip format of torch.save "
+            "(torch >= 1.6) and safetensors are read. Re-save it with a current torch"
+        )
     if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
         return "is a compressed archive (gzip/bzip2/xz); unpack it first"
     try:
@@ -152,20 +171,25 @@ def safetensors_header(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise bad(f"tensor {name!r} has a malformed shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(o, int) and not isinstance(o, bool) for o in offsets
-        )):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise bad(f"tensor {name!r} has malformed data_offsets {offsets!r}")
         begin, end = offsets
         numel = 1
         for d in shape:
             numel *= d
         if not 0 <= begin <= end <= data:
-            raise bad(f"tensor {name!r} lies at bytes {begin}..{end}, outside the {data} "
-                      "data bytes (truncated file?)")
+            raise bad(
+                f"tensor {name!r} lies at bytes {begin}..{end}, outside the {data} "
+                "data bytes (truncated file?)"
+            )
         if end - begin != numel * SAFETENSORS_DTYPES[dtype]:
-            raise bad(f"tensor {name!r} is {dtype} {shape} ({numel} elements) but has "
-                      f"{end - begin} bytes")
+            raise bad(
+                f"tensor {name!r} is {dtype} {shape} ({numel} elements) but has {end - begin} bytes"
+            )
         ranges.append((begin, end, name))
     ranges.sort()
     for (_, e0, a), (b1, _, b) in zip(ranges, ranges[1:]):

@@ -75,8 +75,12 @@ def git_commit(path: Path | None = None) -> str:
         return os.environ["FASTSAM3D_COMMIT"]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=path or Path(__file__).parent,
-            capture_output=True, text=True, timeout=5, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=path or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -101,16 +105,30 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-            setup: Callable[[], object] | None = None) -> dict:
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    setup: Callable[[], object] | None = None,
+) -> dict:
     """Median / p90 / min in milliseconds of ``fn`` (see :func:`sample_times`)."""
     times = sorted(sample_times(fn, device, repeats, warmup, setup))
-    return {"median_ms": statistics.median(times), "p90_ms": times[math.ceil(0.9 * len(times)) - 1],
-            "min_ms": times[0], "runs": repeats}
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[math.ceil(0.9 * len(times)) - 1],
+        "min_ms": times[0],
+        "runs": repeats,
+    }
 
 
-def sample_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
-                 setup: Callable[[], object] | None = None) -> list[float]:
+def sample_times(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    setup: Callable[[], object] | None = None,
+) -> list[float]:
     """Per-call milliseconds of ``fn`` after warm-up: CUDA events on GPU (never host clocks
     around async work), perf_counter on CPU. ``setup`` runs before every call, outside the
     timed span (e.g. forgetting a cached crop)."""
@@ -162,8 +180,9 @@ def _mode_context(mode: str):  # noqa: ANN202 - a context manager
     return reference_kernels(mode == "reference")
 
 
-def synthetic_ct(shape: tuple[int, int, int] = CT_SHAPE, spacing: tuple[float, ...] = CT_SPACING,
-                 seed: int = 0) -> Any:
+def synthetic_ct(
+    shape: tuple[int, int, int] = CT_SHAPE, spacing: tuple[float, ...] = CT_SPACING, seed: int = 0
+) -> Any:
     """A CT-like volume: soft tissue (HU ~40) with noise, a brighter sphere (the object) and
     air outside a body ellipse. Returns (Volume, RAS centre of the sphere)."""
     from .volume import Volume
@@ -175,8 +194,11 @@ def synthetic_ct(shape: tuple[int, int, int] = CT_SHAPE, spacing: tuple[float, .
     arr = np.where(np.broadcast_to(body, shape), 40.0, -1000.0).astype(np.float32)
     c = np.array([k / 2, j / 2 + 0.1 * j, i / 2 - 0.1 * i])
     r_mm = 30.0
-    sphere = (((zz - c[0]) * spacing[2]) ** 2 + ((yy - c[1]) * spacing[1]) ** 2
-              + ((xx - c[2]) * spacing[0]) ** 2) <= r_mm**2
+    sphere = (
+        ((zz - c[0]) * spacing[2]) ** 2
+        + ((yy - c[1]) * spacing[1]) ** 2
+        + ((xx - c[2]) * spacing[0]) ** 2
+    ) <= r_mm**2
     arr[sphere] = 160.0
     arr += rng.normal(0, 10, size=arr.shape).astype(np.float32)
     ijk_to_ras = np.diag([spacing[0], spacing[1], spacing[2], 1.0])
@@ -206,8 +228,12 @@ class PastePlan:
     tensors: tuple[torch.Tensor, ...]
 
 
-def paste_plan(maps: Sequence[tuple[int, np.ndarray]], size: int = 128, mode: str = "nearest",
-               device: torch.device | str = "cpu") -> PastePlan:
+def paste_plan(
+    maps: Sequence[tuple[int, np.ndarray]],
+    size: int = 128,
+    mode: str = "nearest",
+    device: torch.device | str = "cpu",
+) -> PastePlan:
     """Build a :class:`PastePlan` from per-crop-axis ``(region axis, crop coordinates of the
     region's voxels along it)`` in float64 — ``fastsam3d.geometry.axis_maps`` minus the crop
     start."""
@@ -229,21 +255,24 @@ def paste_plan(maps: Sequence[tuple[int, np.ndarray]], size: int = 128, mode: st
             i0 = np.floor(cc)
             i1, w = np.minimum(i0 + 1, size - 1), cc - i0
         inside = (c >= -0.5) & (c < size - 0.5)
-        parts += [torch.as_tensor(i0.astype(np.int64), device=device),
-                  torch.as_tensor(i1.astype(np.int64), device=device),
-                  torch.as_tensor(w, dtype=torch.float32, device=device),
-                  torch.as_tensor(inside, device=device)]
+        parts += [
+            torch.as_tensor(i0.astype(np.int64), device=device),
+            torch.as_tensor(i1.astype(np.int64), device=device),
+            torch.as_tensor(w, dtype=torch.float32, device=device),
+            torch.as_tensor(inside, device=device),
+        ]
     return PastePlan(axes, tuple(shape), mode, tuple(parts))  # type: ignore[arg-type]
 
 
-def paste_field(field: torch.Tensor, axes: Sequence[int], mode: str,
-                tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def paste_field(
+    field: torch.Tensor, axes: Sequence[int], mode: str, tensors: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """(S, S, S) crop logits -> bool mask of the plan's region: separable gathers, threshold
     at 0, and only voxels inside the crop's footprint may be set."""
     x = field > 0 if mode == "nearest" else field.float()
     inside = None
     for a in range(3):
-        i0, i1, w, ok = tensors[4 * a: 4 * a + 4]
+        i0, i1, w, ok = tensors[4 * a : 4 * a + 4]
         if mode == "nearest":
             x = x.index_select(a, i0)
         else:
@@ -263,10 +292,15 @@ def paste_field(field: torch.Tensor, axes: Sequence[int], mode: str,
     return x.permute(*pos).contiguous()
 
 
-def click_and_paste(runner: Runner, embedding: torch.Tensor, coords: torch.Tensor,
-                    labels: torch.Tensor, mask_input: torch.Tensor | None, plan: PastePlan,
-                    multimask_output: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def click_and_paste(
+    runner: Runner,
+    embedding: torch.Tensor,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    mask_input: torch.Tensor | None,
+    plan: PastePlan,
+    multimask_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One click pasted into a region of the original volume, as one captured graph.
 
     ``plan`` (:func:`paste_plan`) says where the crop lands in the region. Returns
@@ -280,13 +314,26 @@ def click_and_paste(runner: Runner, embedding: torch.Tensor, coords: torch.Tenso
         field = geo.upsample_logits(low[:1, :1], size)
         return paste_field(field, plan.axes, plan.mode, tensors)
 
-    return runner.click_then(embedding, coords, labels, mask_input, post, plan.tensors,
-                             (plan.shape, plan.axes, plan.mode), multimask_output)
+    return runner.click_then(
+        embedding,
+        coords,
+        labels,
+        mask_input,
+        post,
+        plan.tensors,
+        (plan.shape, plan.axes, plan.mode),
+        multimask_output,
+    )
 
 
-def crop_footprint(lattice: geo.Lattice, ijk_to_ras: np.ndarray, start: tuple[int, int, int],
-                   shape_kji: tuple[int, ...], mode: str = "nearest",
-                   device: torch.device | str = "cpu") -> tuple[tuple[slice, ...], PastePlan]:
+def crop_footprint(
+    lattice: geo.Lattice,
+    ijk_to_ras: np.ndarray,
+    start: tuple[int, int, int],
+    shape_kji: tuple[int, ...],
+    mode: str = "nearest",
+    device: torch.device | str = "cpu",
+) -> tuple[tuple[slice, ...], PastePlan]:
     """The region of the original grid a crop covers, and the plan to paste into it.
 
     A fixed region per crop is what lets the click + paste graph replay click after click.
@@ -311,8 +358,15 @@ def _median(res: dict) -> float:
     return res["median_ms"]
 
 
-def bench_encoders(models: tuple[str, ...], device: torch.device, modes: tuple[str, ...],
-                   repeats: int, warmup: int, overrides: dict, batch: int) -> dict:
+def bench_encoders(
+    models: tuple[str, ...],
+    device: torch.device,
+    modes: tuple[str, ...],
+    repeats: int,
+    warmup: int,
+    overrides: dict,
+    batch: int,
+) -> dict:
     stages: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(1)
     crop = torch.randn(1, 1, 128, 128, 128, generator=gen).to(device)
@@ -333,8 +387,9 @@ def bench_encoders(models: tuple[str, ...], device: torch.device, modes: tuple[s
                 enc[mode]["precision"] = runner.precision
                 enc[mode]["prepare_s"] = round(prep, 3)
                 if crops is not None and name == models[0]:
-                    r = time_fn(lambda r=runner: r.encode(crops), device,
-                                max(2, repeats // 4), warmup)
+                    r = time_fn(
+                        lambda r=runner: r.encode(crops), device, max(2, repeats // 4), warmup
+                    )
                     r["volumes_per_s"] = batch / (r["median_ms"] / 1e3)
                     thr[mode] = r
             del runner
@@ -347,8 +402,15 @@ def bench_encoders(models: tuple[str, ...], device: torch.device, modes: tuple[s
     return stages
 
 
-def bench_clicks(name: str, device: torch.device, modes: tuple[str, ...], repeats: int,
-                 warmup: int, overrides: dict, volume_shape: tuple[int, int, int]) -> dict:
+def bench_clicks(
+    name: str,
+    device: torch.device,
+    modes: tuple[str, ...],
+    repeats: int,
+    warmup: int,
+    overrides: dict,
+    volume_shape: tuple[int, int, int],
+) -> dict:
     """One click, and one click with its paste into a CT crop's footprint."""
     model = fixture_model(name, device=device, **overrides)
     vol, centre = synthetic_ct(volume_shape)
@@ -364,16 +426,21 @@ def bench_clicks(name: str, device: torch.device, modes: tuple[str, ...], repeat
     for mode in modes:
         runner = _runner(model, device, mode)
         with _mode_context(mode):
-            click[mode] = time_fn(lambda r=runner: r.click(emb, coords, labels, mask), device,
-                                  repeats, warmup)
+            click[mode] = time_fn(
+                lambda r=runner: r.click(emb, coords, labels, mask), device, repeats, warmup
+            )
             if mode.startswith("fast"):
+
                 def fn(r: Runner = runner) -> object:
                     return click_and_paste(r, emb, coords, labels, mask, plan)
             else:
+
                 def fn(r: Runner = runner) -> object:
                     low, _ = r.click(emb, coords, labels, mask)
-                    return paste_field(geo.upsample_logits(low[:1, :1]), plan.axes, plan.mode,
-                                       plan.tensors)
+                    return paste_field(
+                        geo.upsample_logits(low[:1, :1]), plan.axes, plan.mode, plan.tensors
+                    )
+
             paste[mode] = time_fn(fn, device, repeats, warmup)
             paste[mode]["region_voxels"] = int(np.prod(shape))
         del runner
@@ -381,8 +448,15 @@ def bench_clicks(name: str, device: torch.device, modes: tuple[str, ...], repeat
     return {"click": click, "click+paste": paste}
 
 
-def bench_session(name: str, device: torch.device, modes: tuple[str, ...], repeats: int,
-                  warmup: int, overrides: dict, volume_shape: tuple[int, int, int]) -> dict:
+def bench_session(
+    name: str,
+    device: torch.device,
+    modes: tuple[str, ...],
+    repeats: int,
+    warmup: int,
+    overrides: dict,
+    volume_shape: tuple[int, int, int],
+) -> dict:
     """First mask of a new object and a further click, through the Session, per mode."""
     vol, centre = synthetic_ct(volume_shape)
     first: dict[str, dict] = {}
@@ -412,10 +486,12 @@ def bench_session(name: str, device: torch.device, modes: tuple[str, ...], repea
                 else:  # a session without that cache: a fresh volume forgets everything
                     s.set_volume(vol)
 
-            first[mode] = time_fn(lambda s=s: s.add_point(centre, True), device, repeats,
-                                  warmup, setup=forget)
+            first[mode] = time_fn(
+                lambda s=s: s.add_point(centre, True), device, repeats, warmup, setup=forget
+            )
             r = s.add_point(centre, True)
             first[mode]["mask_voxels"] = r.voxels
+
             def again(s: Any = s, count: list = [0]) -> None:  # noqa: B006 - a counter
                 count[0] += 1
                 offset = np.array([3.0, -3.0, 1.5]) * (count[0] % 5 - 2)
@@ -430,7 +506,8 @@ def bench_session(name: str, device: torch.device, modes: tuple[str, ...], repea
                 "volume_on_device_mb": 4 * float(np.prod(volume_shape)) / 2**20,
                 "warmup_s": round(warm_s, 3),
                 "graphs": {str(k): round(v, 1) for k, v in runner.graphs.capture_ms.items()}
-                if runner.graphs else {},
+                if runner.graphs
+                else {},
             }
         del s, runner, model
     _free(device)
@@ -493,10 +570,17 @@ def run(
     rat = ratios(stages)
     return {
         "environment": environment(dev),
-        "settings": {"models": list(models), "modes": list(modes), "repeats": repeats,
-                     "warmup": warmup, "batch": batch, "tiny": tiny,
-                     "volume_shape_kji": list(vshape), "volume_spacing_ijk_mm": list(CT_SPACING),
-                     "weights": "fixture recipe (latency does not depend on weight values)"},
+        "settings": {
+            "models": list(models),
+            "modes": list(modes),
+            "repeats": repeats,
+            "warmup": warmup,
+            "batch": batch,
+            "tiny": tiny,
+            "volume_shape_kji": list(vshape),
+            "volume_spacing_ijk_mm": list(CT_SPACING),
+            "weights": "fixture recipe (latency does not depend on weight values)",
+        },
         "stages": stages,
         "ratios": rat,
         "memory": memory,
@@ -508,8 +592,10 @@ def format_table(out: dict) -> str:
     """Markdown: one row per stage, one column per mode, plus reference/fast."""
     stages, rat = out["stages"], out["ratios"]
     modes = [m for m in ALL_MODES if any(m in v for v in stages.values())]
-    lines = ["| stage | " + " | ".join(f"{m} (ms)" for m in modes) + " | reference/fast |",
-             "|---|" + "---|" * (len(modes) + 1)]
+    lines = [
+        "| stage | " + " | ".join(f"{m} (ms)" for m in modes) + " | reference/fast |",
+        "|---|" + "---|" * (len(modes) + 1),
+    ]
     for stage, res in stages.items():
         cells = " | ".join(_fmt(res[m]["median_ms"]) if m in res else "-" for m in modes)
         ratio = f"{rat[stage]:.1f}x" if stage in rat else "-"
@@ -520,9 +606,11 @@ def format_table(out: dict) -> str:
             lines.append(f"\n{stage}: volumes/s: {vps}")
     if out.get("memory"):
         m = out["memory"]
-        lines.append(f"\npeak GPU memory of a fast session: {m['peak_allocated_mb']:.0f} MB "
-                     f"allocated (volume {m['volume_on_device_mb']:.0f} MB of it), "
-                     f"{m['peak_reserved_mb']:.0f} MB reserved; warm-up {m['warmup_s']} s")
+        lines.append(
+            f"\npeak GPU memory of a fast session: {m['peak_allocated_mb']:.0f} MB "
+            f"allocated (volume {m['volume_on_device_mb']:.0f} MB of it), "
+            f"{m['peak_reserved_mb']:.0f} MB reserved; warm-up {m['warmup_s']} s"
+        )
     if out.get("goals"):
         lines.append("")
         for g, v in out["goals"].items():

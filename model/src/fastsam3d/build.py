@@ -21,8 +21,17 @@ from .modeling import ImageEncoderViT3D, MaskDecoder3D, PromptEncoder3D, Sam3D
 from .modeling.attention import set_attention_backend
 
 __all__ = [
-    "MAX_DEPTH", "MAX_EMBED_DIM", "MAX_OUT_CHANS", "MAX_WINDOW", "MODEL_CONFIGS", "ModelConfig",
-    "build_model", "check_config", "get_config", "list_models", "set_attention_backend",
+    "MAX_DEPTH",
+    "MAX_EMBED_DIM",
+    "MAX_OUT_CHANS",
+    "MAX_WINDOW",
+    "MODEL_CONFIGS",
+    "ModelConfig",
+    "build_model",
+    "check_config",
+    "get_config",
+    "list_models",
+    "set_attention_backend",
 ]
 
 
@@ -30,15 +39,23 @@ def _build(cfg: ModelConfig) -> Sam3D:
     check_config(cfg)
     g = cfg.grid
     encoder = ImageEncoderViT3D(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-        out_chans=cfg.out_chans, window_size=cfg.window_size,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        out_chans=cfg.out_chans,
+        window_size=cfg.window_size,
         global_attn_indexes=cfg.global_attn_indexes,
-        num_attn_free_blocks=cfg.num_attn_free_blocks, block_style=cfg.block_style,
+        num_attn_free_blocks=cfg.num_attn_free_blocks,
+        block_style=cfg.block_style,
     )
     prompt = PromptEncoder3D(
-        embed_dim=cfg.out_chans, image_embedding_size=(g, g, g),
-        input_image_size=(cfg.img_size,) * 3, num_point_embeddings=cfg.num_point_embeddings,
+        embed_dim=cfg.out_chans,
+        image_embedding_size=(g, g, g),
+        input_image_size=(cfg.img_size,) * 3,
+        num_point_embeddings=cfg.num_point_embeddings,
     )
     decoder = MaskDecoder3D(transformer_dim=cfg.out_chans)
     return Sam3D(encoder, prompt, decoder, config=cfg)

@@ -46,8 +46,14 @@ PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 _CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")
 
 __all__ = [
-    "CheckpointError", "detect_config", "extract_state_dict", "load_model",
-    "load_state_dict_file", "read_checkpoint", "read_state_dict", "save_official",
+    "CheckpointError",
+    "detect_config",
+    "extract_state_dict",
+    "load_model",
+    "load_state_dict_file",
+    "read_checkpoint",
+    "read_state_dict",
+    "save_official",
     "save_safetensors",
 ]
 
@@ -92,8 +98,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict:
             "unpickled; nothing from it was run"
         ) from None
     except Exception as exc:  # RuntimeError, EOFError, OSError, ValueError, ...
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {_reason(exc)}") \
-            from None
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint: {_reason(exc)}"
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
@@ -135,24 +142,30 @@ def extract_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
         raise CheckpointError("no tensors found (expected a state dict or 'model_state_dict')")
     odd = [k for k in sd if not isinstance(k, str)]
     if odd:
-        raise CheckpointError(f"tensor names must be strings; found {odd[0]!r} "
-                              f"({type(odd[0]).__name__}){' and more' if len(odd) > 1 else ''}")
+        raise CheckpointError(
+            f"tensor names must be strings; found {odd[0]!r} "
+            f"({type(odd[0]).__name__}){' and more' if len(odd) > 1 else ''}"
+        )
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     if not any(k.startswith(PREFIXES) for k in sd) and "patch_embed.proj.weight" in sd:
         sd = {f"image_encoder.{k}": v for k, v in sd.items()}
     return sd
 
 
-def _tensor(sd: Mapping[str, torch.Tensor], key: str, ndim: int | None = None,
-            why: str = "") -> torch.Tensor:
+def _tensor(
+    sd: Mapping[str, torch.Tensor], key: str, ndim: int | None = None, why: str = ""
+) -> torch.Tensor:
     t = sd.get(key)
     if t is None:
-        raise CheckpointError(f"missing tensor {key!r}{why}; is this a FastSAM3D / SAM-Med3D "
-                              "checkpoint?")
+        raise CheckpointError(
+            f"missing tensor {key!r}{why}; is this a FastSAM3D / SAM-Med3D checkpoint?"
+        )
     if ndim is not None and (t.dim() < ndim or any(n == 0 for n in t.shape[:ndim])):
-        raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}; expected at least "
-                              f"{ndim} non-empty dimension(s)")
+        raise CheckpointError(
+            f"tensor {key!r} has shape {tuple(t.shape)}; expected at least "
+            f"{ndim} non-empty dimension(s)"
+        )
     return t
 
 
@@ -170,7 +183,7 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
         if not isinstance(k, str):
             raise CheckpointError(f"tensor names must be strings; found {k!r}")
         if k.startswith(pre):
-            head = k[len(pre):].split(".")[0]
+            head = k[len(pre) :].split(".")[0]
             if not head.isdigit():
                 raise CheckpointError(f"key {k!r}: {head!r} is not a block number")
             blocks.add(int(head))
@@ -198,8 +211,10 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
         table = _tensor(sd, key, 2)
         rows = table.shape[0]
         if rows % 2 == 0 or (rows + 1) // 2 > MAX_WINDOW:
-            raise CheckpointError(f"tensor {key!r} has {rows} rows; a relative-position table "
-                                  f"has 2*w-1 rows for a window w of at most {MAX_WINDOW}")
+            raise CheckpointError(
+                f"tensor {key!r} has {rows} rows; a relative-position table "
+                f"has 2*w-1 rows for a window w of at most {MAX_WINDOW}"
+            )
         head_dim = table.shape[1]
         size = (rows + 1) // 2
         if size == grid:
@@ -209,16 +224,22 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
     if len(windows) > 1:
         raise CheckpointError(f"inconsistent window sizes in rel-pos tables: {sorted(windows)}")
     if head_dim is not None and embed_dim % head_dim:
-        raise CheckpointError(f"width {embed_dim} is not a multiple of the head width {head_dim} "
-                              "given by the rel-pos tables")
+        raise CheckpointError(
+            f"width {embed_dim} is not a multiple of the head width {head_dim} "
+            "given by the rel-pos tables"
+        )
     num_heads = embed_dim // head_dim if head_dim else MODEL_CONFIGS["fastsam3d"].num_heads
     pe = sd.get("prompt_encoder.point_embeddings.3.weight")
     window = windows.pop() if windows else 0
     fields = dict(
-        depth=depth, embed_dim=embed_dim, num_heads=num_heads, window_size=window,
+        depth=depth,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        window_size=window,
         out_chans=_tensor(sd, "image_encoder.neck.0.weight", 1).shape[0],
         global_attn_indexes=tuple(globals_) if window else (),
-        num_attn_free_blocks=attn_free, num_point_embeddings=4 if pe is not None else 2,
+        num_attn_free_blocks=attn_free,
+        num_point_embeddings=4 if pe is not None else 2,
     )
     for cfg in MODEL_CONFIGS.values():
         if all(getattr(cfg, k) == v for k, v in fields.items()):
@@ -233,8 +254,10 @@ def _bounded(cfg: ModelConfig) -> None:
     try:
         check_config(cfg)
     except ValueError as exc:
-        raise CheckpointError(f"the file implies a network outside the supported bounds: {exc}; "
-                              "refused before building anything") from None
+        raise CheckpointError(
+            f"the file implies a network outside the supported bounds: {exc}; "
+            "refused before building anything"
+        ) from None
 
 
 def _shape_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -260,8 +283,16 @@ def _shape_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> str
         more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
         return f"  {title} ({len(items)}):\n" + "\n".join(f"    {i}" for i in items[:20]) + more
 
-    parts = [block(t, i) for t, i in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("wrong shapes", wrong), ("wrong dtypes", dtypes)) if i]
+    parts = [
+        block(t, i)
+        for t, i in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong),
+            ("wrong dtypes", dtypes),
+        )
+        if i
+    ]
     return "\n".join(parts)
 
 
@@ -271,8 +302,10 @@ def _non_finite_report(sd: Mapping[str, torch.Tensor]) -> str | None:
     for k, t in sd.items():
         # A float64 sum of finite float32/16 values cannot overflow, so it is finite exactly
         # when every value is (one cheap pass; counting only for the rare bad tensor).
-        if t.is_floating_point() and t.numel() and not bool(
-            torch.isfinite(t.sum(dtype=torch.float64))
+        if (
+            t.is_floating_point()
+            and t.numel()
+            and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
         ):
             n = int((~torch.isfinite(t)).sum())
             bad.append(f"{k}: {n} of {t.numel()} values are NaN or Inf")
@@ -368,8 +401,11 @@ def load_model(
                 f"`fastsam3d download {name} --force`"
             ) from None
     path = Path(path_or_name)
-    if not os.path.lexists(path) and isinstance(path_or_name, str) \
-            and not any(c in path_or_name for c in "/\\."):
+    if (
+        not os.path.lexists(path)
+        and isinstance(path_or_name, str)
+        and not any(c in path_or_name for c in "/\\.")
+    ):
         names = ", ".join(sorted(w.name for w in hub.list_weights()))
         raise CheckpointError(
             f"{path_or_name!r} is neither a file nor a registered weights name ({names})"
@@ -417,8 +453,9 @@ def _load_file(
         raise CheckpointError(f"{path} does not fit the {cfg.name} network:\n{report}")
     bad = _non_finite_report(sd)
     if bad:
-        raise CheckpointError(f"{path} holds non-finite weights (they would give empty "
-                              f"masks):\n{bad}")
+        raise CheckpointError(
+            f"{path} holds non-finite weights (they would give empty masks):\n{bad}"
+        )
     if model is None:
         model = build_model(cfg, attn_backend=attn_backend)
     model.load_state_dict(sd, strict=True)
@@ -442,8 +479,10 @@ def save_official(
     path = Path(path)
     cfg = getattr(model, "config", None)
     args = argparse.Namespace(
-        model_type="vit_b_ori", fastsam3d_config=cfg.name if cfg else None,
-        block_style=cfg.block_style if cfg else None, **metadata,
+        model_type="vit_b_ori",
+        fastsam3d_config=cfg.name if cfg else None,
+        block_style=cfg.block_style if cfg else None,
+        **metadata,
     )
     with atomic_path(path) as tmp:
         torch.save({"model_state_dict": _state_dict_of(model), "args": args}, tmp)

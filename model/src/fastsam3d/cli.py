@@ -27,8 +27,10 @@ from .errors import (
 )
 
 # An OSError while writing: every output goes through fastsam3d.atomic, so say what that kept.
-_WRITE_NOTE = ("outputs are renamed into place only when complete: no existing file was "
-               "replaced by a partial one")
+_WRITE_NOTE = (
+    "outputs are renamed into place only when complete: no existing file was "
+    "replaced by a partial one"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +76,17 @@ def run_command(args: argparse.Namespace) -> int:
         return code
 
 
-__all__ = ["main", "build_parser", "run_command", "exit_status", "CommandError", "UsageError",
-           "EXIT_ERROR", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = [
+    "main",
+    "build_parser",
+    "run_command",
+    "exit_status",
+    "CommandError",
+    "UsageError",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+]
 
 
 if __name__ == "__main__":

@@ -45,27 +45,41 @@ class ModelConfig:
 
     def summary(self) -> str:
         attn = self.depth - self.num_attn_free_blocks
-        win = f"window {self.window_size} except blocks {list(self.global_attn_indexes)}" \
-            if self.window_size else "global attention"
-        return (f"{self.name}: {self.depth} blocks ({self.num_attn_free_blocks} attention-free, "
-                f"{attn} with {win}), width {self.embed_dim}, {self.num_heads} heads, "
-                f"block style {self.block_style!r}")
+        win = (
+            f"window {self.window_size} except blocks {list(self.global_attn_indexes)}"
+            if self.window_size
+            else "global attention"
+        )
+        return (
+            f"{self.name}: {self.depth} blocks ({self.num_attn_free_blocks} attention-free, "
+            f"{attn} with {win}), width {self.embed_dim}, {self.num_heads} heads, "
+            f"block style {self.block_style!r}"
+        )
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "fastsam3d": ModelConfig(
-        name="fastsam3d", depth=6, num_heads=6, window_size=0, global_attn_indexes=(),
-        num_attn_free_blocks=2, block_style="fastsam3d", point_policy="newest",
+        name="fastsam3d",
+        depth=6,
+        num_heads=6,
+        window_size=0,
+        global_attn_indexes=(),
+        num_attn_free_blocks=2,
+        block_style="fastsam3d",
+        point_policy="newest",
         description="FastSAM3D distilled encoder (6 blocks, 2 attention-free) + SAM-Med3D decoder",
     ),
     "sam-med3d-turbo": ModelConfig(
-        name="sam-med3d-turbo", point_policy="accumulate",
+        name="sam-med3d-turbo",
+        point_policy="accumulate",
         description="SAM-Med3D(-turbo) ViT-B, standard pre-norm blocks (the SAM-Med3D code)",
     ),
     "sam-med3d-turbo-fastsam3d-block": ModelConfig(
-        name="sam-med3d-turbo-fastsam3d-block", block_style="fastsam3d", point_policy="accumulate",
+        name="sam-med3d-turbo-fastsam3d-block",
+        block_style="fastsam3d",
+        point_policy="accumulate",
         description="SAM-Med3D weights run through FastSAM3D's block (FastSAM3D's teacher and "
-                    "its Slicer plugin)",
+        "its Slicer plugin)",
     ),
 }
 
@@ -98,8 +112,12 @@ def check_config(cfg: ModelConfig) -> None:
         problems.append(f"global attention blocks {list(cfg.global_attn_indexes)}")
     if not 0 < cfg.mlp_ratio <= 8:
         problems.append(f"mlp_ratio {cfg.mlp_ratio} (0..8]")
-    if cfg.patch_size < 1 or cfg.img_size < 1 or cfg.img_size % cfg.patch_size \
-            or cfg.img_size > 512:
+    if (
+        cfg.patch_size < 1
+        or cfg.img_size < 1
+        or cfg.img_size % cfg.patch_size
+        or cfg.img_size > 512
+    ):
         problems.append(f"img_size {cfg.img_size} / patch_size {cfg.patch_size}")
     if cfg.block_style not in ("fastsam3d", "standard"):
         problems.append(f"block style {cfg.block_style!r} ('fastsam3d' or 'standard')")

@@ -10,8 +10,15 @@ the remote client import it before torch is installed.
 
 from __future__ import annotations
 
-__all__ = ["FastSAM3DError", "VolumeError", "CommandError", "UsageError", "EXIT_ERROR",
-           "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = [
+    "FastSAM3DError",
+    "VolumeError",
+    "CommandError",
+    "UsageError",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+]
 
 # The CLI's exit statuses (``fastsam3d.cli.exit_status``); 2 is also argparse's own.
 EXIT_ERROR = 1

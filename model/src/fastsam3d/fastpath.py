@@ -69,8 +69,9 @@ class Captured:
     outputs: tuple[torch.Tensor, ...]
 
 
-def capture_cuda_graph(fn: Callable[..., Sequence[torch.Tensor]], example: Tensors,
-                       warmup: int = 2) -> Captured:
+def capture_cuda_graph(
+    fn: Callable[..., Sequence[torch.Tensor]], example: Tensors, warmup: int = 2
+) -> Captured:
     """Capture ``fn(*inputs)`` on static copies of ``example`` as one CUDA graph.
 
     Warm-up runs go on a side stream first (cuBLAS/cuDNN pick and allocate their workspaces
@@ -84,8 +85,12 @@ def capture_cuda_graph(fn: Callable[..., Sequence[torch.Tensor]], example: Tenso
     cudnn = torch.backends.cudnn
     # cuDNN benchmarks its convolution algorithms during the warm-up (the shapes are fixed, so
     # the search is paid once); the graph then bakes the fastest one in.
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
-                     allow_tf32=cudnn.allow_tf32):
+    with cudnn.flags(
+        enabled=cudnn.enabled,
+        benchmark=True,
+        deterministic=cudnn.deterministic,
+        allow_tf32=cudnn.allow_tf32,
+    ):
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn(*static)
@@ -105,8 +110,11 @@ class GraphCache:
     then on. ``max_entries`` bounds the number of graphs (each holds its own memory pool).
     """
 
-    def __init__(self, capture: Callable[[Callable, Tensors], Captured] = capture_cuda_graph,
-                 max_entries: int = 32) -> None:
+    def __init__(
+        self,
+        capture: Callable[[Callable, Tensors], Captured] = capture_cuda_graph,
+        max_entries: int = 32,
+    ) -> None:
         self.capture = capture
         self.max_entries = max_entries
         self.entries: dict[Hashable, Captured | None] = {}
@@ -127,8 +135,12 @@ class GraphCache:
         try:
             entry: Captured | None = self.capture(fn, inputs)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
-            log.warning("fastsam3d: CUDA-graph capture failed for %s (%s: %s); running it "
-                        "eagerly", key, type(exc).__name__, exc)
+            log.warning(
+                "fastsam3d: CUDA-graph capture failed for %s (%s: %s); running it eagerly",
+                key,
+                type(exc).__name__,
+                exc,
+            )
             entry = None
         self.capture_ms[key] = (time.perf_counter() - t0) * 1e3
         self.entries[key] = entry
@@ -145,8 +157,9 @@ class GraphCache:
         return tuple(o.clone() for o in entry.outputs)
 
 
-def click_key(coords: torch.Tensor, mask_input: torch.Tensor | None, multimask: bool,
-              extra: Hashable = None) -> tuple:
+def click_key(
+    coords: torch.Tensor, mask_input: torch.Tensor | None, multimask: bool, extra: Hashable = None
+) -> tuple:
     """Graph signature of a click: everything that changes shapes or the traced code."""
     return ("click", tuple(coords.shape), mask_input is None, bool(multimask), extra)
 
@@ -199,8 +212,9 @@ class Runner:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if click_precision not in (*CLICK_PRECISIONS, "auto"):
-            raise ValueError(f"click_precision must be one of {CLICK_PRECISIONS}, "
-                             f"got {click_precision!r}")
+            raise ValueError(
+                f"click_precision must be one of {CLICK_PRECISIONS}, got {click_precision!r}"
+            )
         self.device = resolve_device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
         chosen = precision == "auto"
@@ -212,8 +226,9 @@ class Runner:
             elif self.device.type == "cpu":
                 from .quantize import cpu_int8_preferred
 
-                precision = ("bf16" if cpu_has_fast_bf16() else
-                             "int8" if cpu_int8_preferred() else "fp32")
+                precision = (
+                    "bf16" if cpu_has_fast_bf16() else "int8" if cpu_int8_preferred() else "fp32"
+                )
             else:
                 precision = "fp32"
         if precision == "int8" and self.device.type != "cpu" and backend == "torch":
@@ -265,8 +280,11 @@ class Runner:
         except Exception as exc:
             if not (chosen and self.backend == "torch"):
                 raise
-            log.warning("fastsam3d: the int8 CPU path could not be prepared (%s: %s); "
-                        "running fp32", type(exc).__name__, exc)
+            log.warning(
+                "fastsam3d: the int8 CPU path could not be prepared (%s: %s); running fp32",
+                type(exc).__name__,
+                exc,
+            )
             self.backend, self._ort = "torch", None
             return "fp32"
         return precision
@@ -284,8 +302,12 @@ class Runner:
         if self.device.type == "cuda" and self.precision == "fp32":
             # Exact means fp32: cuDNN would run the fp32 convolutions in TF32 by default.
             cudnn = torch.backends.cudnn
-            return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                               deterministic=cudnn.deterministic, allow_tf32=False)
+            return cudnn.flags(
+                enabled=cudnn.enabled,
+                benchmark=cudnn.benchmark,
+                deterministic=cudnn.deterministic,
+                allow_tf32=False,
+            )
         return contextlib.nullcontext()
 
     # eager bodies (also what the graphs capture) -----------------------------------------
@@ -295,9 +317,14 @@ class Runner:
         with self._autocast():
             return (self._encoder(crops).float(),)
 
-    def _click_eager(self, emb: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-                     mask_input: torch.Tensor | None, multimask: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _click_eager(
+        self,
+        emb: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: torch.Tensor | None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with self._click_ctx():
             # Any model with the SAM-style parts runs here (not only Sam3D).
             low_res, iou = decode(self.model, emb, coords, labels, mask_input, multimask)
@@ -328,12 +355,19 @@ class Runner:
             return emb
         return self._encode_fn(crops)[0]
 
-    def _click_inputs(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-                      mask_input: torch.Tensor | None) -> Tensors:
-        return (embedding.to(self.device, torch.float32),
-                coords.to(self.device, torch.float32),
-                labels.to(self.device, torch.long),
-                None if mask_input is None else mask_input.to(self.device, torch.float32))
+    def _click_inputs(
+        self,
+        embedding: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask_input: torch.Tensor | None,
+    ) -> Tensors:
+        return (
+            embedding.to(self.device, torch.float32),
+            coords.to(self.device, torch.float32),
+            labels.to(self.device, torch.long),
+            None if mask_input is None else mask_input.to(self.device, torch.float32),
+        )
 
     @torch.inference_mode()
     def click(
@@ -347,8 +381,10 @@ class Runner:
         """Prompt encoder + decoder -> (low-res logits (B, C, 32, 32, 32), iou (B, C)), fp32."""
         multi = bool(multimask_output)
         if self.backend == "onnxruntime":
-            host = [None if t is None else t.detach().cpu().numpy()
-                    for t in (embedding, coords, labels, mask_input)]
+            host = [
+                None if t is None else t.detach().cpu().numpy()
+                for t in (embedding, coords, labels, mask_input)
+            ]
             low, iou = self._ort.click(*host, multi)
             return torch.from_numpy(low).to(self.device), torch.from_numpy(iou).to(self.device)
         inputs = self._click_inputs(embedding, coords, labels, mask_input)
@@ -396,13 +432,19 @@ class Runner:
             return low, iou, post(low, *args[n:])
 
         if self._use_graph(inputs[1]):
-            graph_key = ("then",) + click_key(inputs[1], inputs[3], multi,
-                                              (tuple(inputs[0].shape), key))
+            graph_key = ("then",) + click_key(
+                inputs[1], inputs[3], multi, (tuple(inputs[0].shape), key)
+            )
             return self._graphs.run(graph_key, fn, (*inputs, *extra))
         return fn(*inputs, *extra)
 
-    def warmup(self, steps: int = 1, progress: Callable[[str], None] | None = None,
-               points: Sequence[int] = (1,), batch_sizes: Sequence[int] = (1,)) -> float:
+    def warmup(
+        self,
+        steps: int = 1,
+        progress: Callable[[str], None] | None = None,
+        points: Sequence[int] = (1,),
+        batch_sizes: Sequence[int] = (1,),
+    ) -> float:
         """Run (and on CUDA capture) each common path once so that the first real click pays
         no one-off cost. ``points``: click point counts to prepare (1 covers FastSAM3D's
         newest-click policy). Returns the seconds it took."""
@@ -426,7 +468,10 @@ class Runner:
             torch.cuda.synchronize(self.device)
         secs = time.perf_counter() - t0
         if self.cuda_fast:
-            n = 0 if self._graphs is None else sum(
-                e is not None for e in self._graphs.entries.values())
+            n = (
+                0
+                if self._graphs is None
+                else sum(e is not None for e in self._graphs.entries.values())
+            )
             say(f"fastsam3d: fast path ready in {secs:.1f} s ({n} CUDA graphs)")
         return secs

@@ -93,8 +93,13 @@ class Lattice:
     shape: tuple[int, int, int]
 
     @classmethod
-    def for_volume(cls, ijk_to_ras: np.ndarray, shape_kji: Sequence[int],
-                   spacing: float = SPACING, anchor: str = "centre") -> Lattice:
+    def for_volume(
+        cls,
+        ijk_to_ras: np.ndarray,
+        shape_kji: Sequence[int],
+        spacing: float = SPACING,
+        anchor: str = "centre",
+    ) -> Lattice:
         """``anchor="centre"``: torchio since its "symmetric resampling" change (TorchIO PR
         #1310, June 2025; the installed 1.2.1 does this): ``floor`` voxels per axis, grids
         centred on each other. ``"corner"``: torchio before it, which SAM-Med3D / FastSAM3D
@@ -118,13 +123,17 @@ class Lattice:
         from .volume import VolumeError  # a ValueError: the image cannot be segmented
 
         if np.any(new_size < 1):
-            raise VolumeError(f"volume extent {np.round(size * old_spacing, 4).tolist()} mm is "
-                              f"smaller than one {spacing} mm voxel of the model's grid along "
-                              "some axis: too small an image to segment")
+            raise VolumeError(
+                f"volume extent {np.round(size * old_spacing, 4).tolist()} mm is "
+                f"smaller than one {spacing} mm voxel of the model's grid along "
+                "some axis: too small an image to segment"
+            )
         if np.any(old_spacing > CROP * spacing):
-            raise VolumeError(f"voxels of {np.round(old_spacing, 1).tolist()} mm are larger than "
-                              f"the model's {CROP * spacing:g} mm crop: check the image's voxel "
-                              "size (spacing) in its header")
+            raise VolumeError(
+                f"voxels of {np.round(old_spacing, 1).tolist()} mm are larger than "
+                f"the model's {CROP * spacing:g} mm crop: check the image's voxel "
+                "size (spacing) in its header"
+            )
         axis_of_world, sign_of_world = closest_orientation(direction)
         lat = np.eye(4)
         shape = []
@@ -178,8 +187,10 @@ def _grid(out_shape: Sequence[int], out_to_norm: np.ndarray, device: torch.devic
     Built by broadcasting three per-axis ramps (cheap) instead of a full matrix product.
     """
     g = torch.as_tensor(out_to_norm[:3], dtype=torch.float32, device=device)
-    ramps = [torch.arange(n, dtype=torch.float32, device=device)[:, None] * g[:, d]
-             for d, n in enumerate(out_shape)]
+    ramps = [
+        torch.arange(n, dtype=torch.float32, device=device)[:, None] * g[:, d]
+        for d, n in enumerate(out_shape)
+    ]
     ramps[0] = ramps[0] + g[:, 3]
     grid = (ramps[0][:, None, :] + ramps[1][None, :, :])[:, :, None, :] + ramps[2][None, None]
     return grid.unsqueeze(0)
@@ -196,8 +207,9 @@ def _inside(grid: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
     return inside
 
 
-def crop_to_volume_grid(lattice: Lattice, ijk_to_ras: np.ndarray,
-                        start: Sequence[int]) -> np.ndarray:
+def crop_to_volume_grid(
+    lattice: Lattice, ijk_to_ras: np.ndarray, start: Sequence[int]
+) -> np.ndarray:
     """Crop index (d0, d1, d2) -> volume array index (k, j, i), as a 4x4 matrix."""
     ras_to_ijk = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
     ijk_to_kji = np.eye(4)[[2, 1, 0, 3]]
@@ -215,12 +227,19 @@ def _aligned_maps(m: np.ndarray, sizes: Sequence[int]) -> list[tuple[int, np.nda
     off[q, np.arange(3)] = 0
     if np.max(np.abs(off)) > 1e-9 * np.max(np.abs(a)):
         return None
-    return [(int(q[ax]), a[q[ax], ax] * np.arange(sizes[ax], dtype=np.float64) + m[q[ax], 3])
-            for ax in range(3)]
+    return [
+        (int(q[ax]), a[q[ax], ax] * np.arange(sizes[ax], dtype=np.float64) + m[q[ax], 3])
+        for ax in range(3)
+    ]
 
 
-def sample_crop(volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray,
-                start: Sequence[int], size: int = CROP) -> torch.Tensor:
+def sample_crop(
+    volume: torch.Tensor,
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    start: Sequence[int],
+    size: int = CROP,
+) -> torch.Tensor:
     """The ``size^3`` crop of the lattice at ``start``, sampled from the original grid.
 
     ``volume`` is the (1, 1, K, J, I) float tensor on the model's device. Trilinear, border value
@@ -251,7 +270,7 @@ def sample_crop(volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray,
     # restrict to the block the crop reads, then interpolate the most-shrinking axis first
     lo = {q: int(min(i0.min(), i1.min())) for _, q, i0, i1, _, _ in plan}
     hi = {q: int(max(i0.max(), i1.max())) + 1 for _, q, i0, i1, _, _ in plan}
-    x = x[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    x = x[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     # outer axes first (gathering whole planes/rows is a memcpy), the most-shrinking of them
     # first; the innermost (strided) gather last, on the smallest tensor
     plan.sort(key=lambda p: (p[1] == 2, size / (hi[p[1]] - lo[p[1]])))
@@ -272,8 +291,9 @@ def sample_crop(volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray,
     return out.contiguous()
 
 
-def _sample_crop_grid(volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray,
-                      start: Sequence[int], size: int) -> torch.Tensor:
+def _sample_crop_grid(
+    volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray, start: Sequence[int], size: int
+) -> torch.Tensor:
     in_shape = volume.shape[2:]
     m = _normaliser(in_shape) @ crop_to_volume_grid(lattice, ijk_to_ras, start)
     grid = _grid((size, size, size), m, volume.device)
@@ -307,8 +327,9 @@ def upsample_logits(low_res: torch.Tensor, size: int = CROP) -> torch.Tensor:
     return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0]
 
 
-def tile_weights(size: int = CROP, ramp: int = 32, device: torch.device | None = None
-                 ) -> torch.Tensor:
+def tile_weights(
+    size: int = CROP, ramp: int = 32, device: torch.device | None = None
+) -> torch.Tensor:
     """Blending weight of each crop voxel: 1 inside, falling linearly over ``ramp`` voxels
     towards every face (never 0), so overlapping crops fade into each other without seams."""
     a = torch.arange(size, dtype=torch.float32, device=device)
@@ -316,8 +337,9 @@ def tile_weights(size: int = CROP, ramp: int = 32, device: torch.device | None =
     return w[:, None, None] * w[None, :, None] * w[None, None, :]
 
 
-def axis_maps(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]
-              ) -> list[tuple[int, np.ndarray]] | None:
+def axis_maps(
+    lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]
+) -> list[tuple[int, np.ndarray]] | None:
     """Per lattice axis: (region axis it runs along, lattice coordinate of each voxel of the
     region along that axis), in float64.
 
@@ -341,9 +363,14 @@ def axis_maps(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, sli
     return out
 
 
-def sample_field(field: torch.Tensor, field_start: Sequence[int], lattice: Lattice,
-                 ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
-                 mode: str = "nearest") -> torch.Tensor:
+def sample_field(
+    field: torch.Tensor,
+    field_start: Sequence[int],
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    region: tuple[slice, slice, slice],
+    mode: str = "nearest",
+) -> torch.Tensor:
     """Sample a lattice field (C, n0, n1, n2) starting at lattice index ``field_start`` at the
     centres of the original voxels in ``region`` (slices into [k, j, i]).
 
@@ -389,7 +416,7 @@ def sample_field(field: torch.Tensor, field_start: Sequence[int], lattice: Latti
     else:
         lo = [int(min(p[1].min(), p[2].min())) for p in plan]
         hi = [int(max(p[1].max(), p[2].max())) + 1 for p in plan]
-        x = x[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        x = x[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     for ax, i0, i1, w in plan:
         sel: list = [slice(None)] * (1 + ax)
         x0 = x[(*sel, torch.as_tensor(i0 - lo[ax], device=dev))]
@@ -406,20 +433,30 @@ def sample_field(field: torch.Tensor, field_start: Sequence[int], lattice: Latti
     return x.permute(0, 1 + pos[0], 1 + pos[1], 1 + pos[2])
 
 
-def _sample_field_grid(field: torch.Tensor, field_start: Sequence[int], lattice: Lattice,
-                       ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
-                       mode: str) -> torch.Tensor:
+def _sample_field_grid(
+    field: torch.Tensor,
+    field_start: Sequence[int],
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    region: tuple[slice, slice, slice],
+    mode: str,
+) -> torch.Tensor:
     m = _region_to_lattice(lattice, ijk_to_ras, region)
     m[:3, 3] -= np.asarray(field_start, dtype=np.float64)
     out_shape = [s.stop - s.start for s in region]
     grid = _grid(out_shape, _normaliser(field.shape[1:]) @ m, field.device)
-    return F.grid_sample(field[None].float(), grid, padding_mode="border",
-                         mode="bilinear" if mode == "linear" else "nearest",
-                         align_corners=True)[0]
+    return F.grid_sample(
+        field[None].float(),
+        grid,
+        padding_mode="border",
+        mode="bilinear" if mode == "linear" else "nearest",
+        align_corners=True,
+    )[0]
 
 
-def _region_to_lattice(lattice: Lattice, ijk_to_ras: np.ndarray,
-                       region: tuple[slice, slice, slice]) -> np.ndarray:
+def _region_to_lattice(
+    lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]
+) -> np.ndarray:
     """Region index (k, j, i relative to the region start) -> continuous lattice index."""
     kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
     shift = np.eye(4)
@@ -427,9 +464,14 @@ def _region_to_lattice(lattice: Lattice, ijk_to_ras: np.ndarray,
     return np.linalg.inv(lattice.affine) @ np.asarray(ijk_to_ras) @ kji_to_ijk @ shift
 
 
-def footprint(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
-              starts: Sequence[Sequence[int]], device: torch.device, size: int = CROP
-              ) -> torch.Tensor | None:
+def footprint(
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    region: tuple[slice, slice, slice],
+    starts: Sequence[Sequence[int]],
+    device: torch.device,
+    size: int = CROP,
+) -> torch.Tensor | None:
     """Bool (nk, nj, ni): original voxels of ``region`` whose centre lies inside at least one
     crop (its voxels +/- half a voxel, ITK's inside test) — the only voxels a crop may write.
     None when that is all of them (the common case; saves a pass over the region)."""
@@ -453,8 +495,13 @@ def footprint(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, sli
     return result
 
 
-def footprint_box(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
-                  start: Sequence[int], size: int = CROP) -> tuple[slice, slice, slice] | None:
+def footprint_box(
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    region: tuple[slice, slice, slice],
+    start: Sequence[int],
+    size: int = CROP,
+) -> tuple[slice, slice, slice] | None:
     """One crop's footprint inside ``region`` as slices relative to the region (it is a box:
     the lattice is parallel to the original axes); None if not aligned (use
     :func:`footprint`). An empty slice on some axis means no overlap."""
@@ -470,8 +517,13 @@ def footprint_box(lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice,
     return tuple(out)  # type: ignore[return-value]
 
 
-def ras_box_mask(ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
-                 lo: Sequence[float], hi: Sequence[float], device: torch.device) -> torch.Tensor:
+def ras_box_mask(
+    ijk_to_ras: np.ndarray,
+    region: tuple[slice, slice, slice],
+    lo: Sequence[float],
+    hi: Sequence[float],
+    device: torch.device,
+) -> torch.Tensor:
     """Bool (nk, nj, ni): voxels of ``region`` whose centre lies in the RAS box [lo, hi] (mm)."""
     kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
     shift = np.eye(4)
@@ -479,16 +531,23 @@ def ras_box_mask(ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice],
     to_ras = (np.asarray(ijk_to_ras) @ kji_to_ijk @ shift)[[2, 1, 0, 3]]  # comps as _grid's
     shape = [s.stop - s.start for s in region]
     g = _grid(shape, to_ras, device)[0]  # (.., 3) as (S, A, R)
-    lo_t = torch.as_tensor(np.asarray(lo, dtype=np.float64)[::-1].copy(), dtype=torch.float32,
-                           device=device)
-    hi_t = torch.as_tensor(np.asarray(hi, dtype=np.float64)[::-1].copy(), dtype=torch.float32,
-                           device=device)
+    lo_t = torch.as_tensor(
+        np.asarray(lo, dtype=np.float64)[::-1].copy(), dtype=torch.float32, device=device
+    )
+    hi_t = torch.as_tensor(
+        np.asarray(hi, dtype=np.float64)[::-1].copy(), dtype=torch.float32, device=device
+    )
     return ((g >= lo_t) & (g <= hi_t)).all(-1)
 
 
-def _footprint_grid(lattice: Lattice, ijk_to_ras: np.ndarray,
-                    region: tuple[slice, slice, slice], starts: Sequence[Sequence[int]],
-                    device: torch.device, size: int) -> torch.Tensor:
+def _footprint_grid(
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    region: tuple[slice, slice, slice],
+    starts: Sequence[Sequence[int]],
+    device: torch.device,
+    size: int,
+) -> torch.Tensor:
     m = _region_to_lattice(lattice, ijk_to_ras, region)
     out_shape = [s.stop - s.start for s in region]
     c = _grid(out_shape, m[[2, 1, 0, 3]], device)[0]  # (.., 3) as (d2, d1, d0)
@@ -503,9 +562,13 @@ def _footprint_grid(lattice: Lattice, ijk_to_ras: np.ndarray,
     return result
 
 
-def lattice_box_to_region(lattice: Lattice, ijk_to_ras: np.ndarray, lo: Sequence[float],
-                          hi: Sequence[float], shape_kji: Sequence[int]
-                          ) -> tuple[slice, slice, slice] | None:
+def lattice_box_to_region(
+    lattice: Lattice,
+    ijk_to_ras: np.ndarray,
+    lo: Sequence[float],
+    hi: Sequence[float],
+    shape_kji: Sequence[int],
+) -> tuple[slice, slice, slice] | None:
     """Smallest region of the original array whose voxel centres cover the lattice box
     [lo, hi] (continuous lattice indices); None when it misses the volume."""
     ras = lattice.index_to_ras(box_corners(lo, hi))
@@ -521,5 +584,7 @@ def lattice_box_to_region(lattice: Lattice, ijk_to_ras: np.ndarray, lo: Sequence
 
 def box_corners(lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
     """The 8 corners (8, 3) of the axis-aligned box [lo, hi], in the coordinates given."""
-    return np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
-                     for c in (lo[2], hi[2])], dtype=np.float64)
+    return np.array(
+        [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])],
+        dtype=np.float64,
+    )

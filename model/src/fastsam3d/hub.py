@@ -203,8 +203,10 @@ def _mkdir(d: Path) -> None:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise HubError(f"cannot use {d} as the weights cache ({e.strerror or e}); set "
-                       f"${ENV_CACHE} or --cache-dir to a writable directory") from None
+        raise HubError(
+            f"cannot use {d} as the weights cache ({e.strerror or e}); set "
+            f"${ENV_CACHE} or --cache-dir to a writable directory"
+        ) from None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -317,8 +319,7 @@ def _records_lock(directory: Path) -> Iterator[None]:
     try:
         lock = open(directory / ".hashes.lock", "a")  # noqa: SIM115 (closed below)
     except OSError as e:
-        raise HubError(f"cannot lock the hash record in {directory} ({e.strerror or e})") \
-            from None
+        raise HubError(f"cannot lock the hash record in {directory} ({e.strerror or e})") from None
     with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
@@ -345,8 +346,9 @@ def _set_record(directory: Path, filename: str, entry: dict | None) -> bool:
         try:
             _write_json_atomic(directory / HASHES_FILE, {"format": _RECORD_FORMAT, "files": files})
         except OSError as e:
-            raise HubError(f"cannot write the hash record {directory / HASHES_FILE} "
-                           f"({e.strerror or e})") from None
+            raise HubError(
+                f"cannot write the hash record {directory / HASHES_FILE} ({e.strerror or e})"
+            ) from None
     return True
 
 
@@ -405,13 +407,13 @@ def _check_existing(target: _Target, path: Path, record: dict | None) -> str:
     return digest
 
 
-def _require_checkpoint(path: Path, target: _Target, error: type[HubError],
-                        what: str = "") -> None:
+def _require_checkpoint(path: Path, target: _Target, error: type[HubError], what: str = "") -> None:
     try:
         sniff(path, name=what or str(path))
     except CheckpointError as e:
-        raise error(f"{e}; {_hint(target)}" if error is ChecksumError else
-                    f"{e}; nothing was kept") from None
+        raise error(
+            f"{e}; {_hint(target)}" if error is ChecksumError else f"{e}; nothing was kept"
+        ) from None
 
 
 def cached_path(
@@ -471,8 +473,12 @@ def cache_status(
     error = None
     if present and record is None and target.expected is None:
         verified, error = False, f"no recorded SHA-256 for {path.name}"
-    elif present and record is not None and target.expected is None \
-            and record.get("url") != target.url:
+    elif (
+        present
+        and record is not None
+        and target.expected is None
+        and record.get("url") != target.url
+    ):
         verified = False
         error = f"downloaded from {record.get('url')}, not from {target.url}"
     elif present and verify:
@@ -529,15 +535,18 @@ def _fetch(
                     "nothing was kept"
                 )
             total = _content_length(response)
-            with open(tmp, "xb") as f, tqdm(
-                total=total,
-                disable=not progress,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=label,
-                leave=True,
-            ) as bar:
+            with (
+                open(tmp, "xb") as f,
+                tqdm(
+                    total=total,
+                    disable=not progress,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=label,
+                    leave=True,
+                ) as bar,
+            ):
                 notify()
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
@@ -607,8 +616,9 @@ def _download(
     record = _read_records(directory).get(target.filename)
     lock = directory / ".hashes.lock"
     if lock.exists() and not lock.is_file():  # nor one we could never update
-        raise HubError(f"cannot lock the hash record in {directory}: {lock} is not a file; "
-                       "delete it")
+        raise HubError(
+            f"cannot lock the hash record in {directory}: {lock} is not a file; delete it"
+        )
 
     if dest.exists() and not force:
         if target.expected is None:  # also refuses a file recorded from another URL
@@ -649,8 +659,9 @@ def _download(
         try:
             os.replace(tmp, dest)
         except OSError as e:
-            raise DownloadError(f"cannot move the download into {dest} ({e.strerror or e}); "
-                                "nothing was kept") from None
+            raise DownloadError(
+                f"cannot move the download into {dest} ({e.strerror or e}); nothing was kept"
+            ) from None
     finally:
         # EROFS, not ENOENT, on a read-only file system: never let cleanup hide the real error.
         with contextlib.suppress(OSError):
@@ -666,8 +677,9 @@ def url_downloads(dest_dir: str | os.PathLike[str] | None = None) -> list[tuple[
     them; load them by path, remove them by URL). Unreadable records are skipped."""
     base = cache_dir(create=False) if dest_dir is None else Path(dest_dir).expanduser()
     found = []
-    for record_file in sorted(glob.glob(os.path.join(glob.escape(str(base)), _URL_DIR, "*",
-                                                     HASHES_FILE))):
+    for record_file in sorted(
+        glob.glob(os.path.join(glob.escape(str(base)), _URL_DIR, "*", HASHES_FILE))
+    ):
         directory = Path(record_file).parent
         try:
             records = _read_records(directory)

@@ -43,9 +43,11 @@ def _nibabel() -> Any:
     try:
         import nibabel
     except ImportError:
-        raise ImportError("NIfTI files need nibabel (pip install nibabel): fastsam3d reads and "
-                          "writes every NIfTI file with nibabel so that its geometry follows one "
-                          "rule (the sform when its code is set, else the qform)") from None
+        raise ImportError(
+            "NIfTI files need nibabel (pip install nibabel): fastsam3d reads and "
+            "writes every NIfTI file with nibabel so that its geometry follows one "
+            "rule (the sform when its code is set, else the qform)"
+        ) from None
     return nibabel
 
 
@@ -81,36 +83,46 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
         else:  # scl_slope / scl_inter applied in float32, not nibabel's float64 (half the RAM)
             data = img.get_fdata(dtype=np.float32)
     except (EOFError, zlib.error) as err:
-        raise VolumeError(f"{p} is truncated or corrupt (the compressed data ends early: "
-                          f"{err}); it was not read") from None
+        raise VolumeError(
+            f"{p} is truncated or corrupt (the compressed data ends early: {err}); it was not read"
+        ) from None
     except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
         reason = str(err).splitlines()[0]
-        raise VolumeError(f"{p} is not a readable NIfTI file (truncated or corrupt?): "
-                          f"{reason}") from None
+        raise VolumeError(
+            f"{p} is not a readable NIfTI file (truncated or corrupt?): {reason}"
+        ) from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         kind = "4D (time series or vector) data" if data.ndim > 3 else f"{data.ndim}D data"
-        raise VolumeError(f"{p} holds {kind} with shape {data.shape}; a 3D scalar image is "
-                          "needed")
+        raise VolumeError(f"{p} holds {kind} with shape {data.shape}; a 3D scalar image is needed")
     hdr = img.header
     sc, qc = int(hdr["sform_code"]), int(hdr["qform_code"])
     gap = form_disagreement(hdr)
     if gap > _SAME_FRAME_MM:
-        warnings.warn(f"{p.name}: its sform (code {sc}, {_CODES.get(sc, sc)}) and qform "
-                      f"(code {qc}, {_CODES.get(qc, qc)}) disagree by up to {gap:.1f} mm; using "
-                      "the sform, as nibabel, FSL, MRIcron and nilearn do (some ITK-based tools "
-                      "use the qform and show this image elsewhere)", stacklevel=3)
+        warnings.warn(
+            f"{p.name}: its sform (code {sc}, {_CODES.get(sc, sc)}) and qform "
+            f"(code {qc}, {_CODES.get(qc, qc)}) disagree by up to {gap:.1f} mm; using "
+            "the sform, as nibabel, FSL, MRIcron and nilearn do (some ITK-based tools "
+            "use the qform and show this image elsewhere)",
+            stacklevel=3,
+        )
     elif sc <= 0 and qc <= 0:
-        warnings.warn(f"{p.name}: neither sform nor qform is set (both codes 0): the image has "
-                      "no orientation; using voxel sizes only (nibabel's fallback)",
-                      stacklevel=3)
+        warnings.warn(
+            f"{p.name}: neither sform nor qform is set (both codes 0): the image has "
+            "no orientation; using voxel sizes only (nibabel's fallback)",
+            stacklevel=3,
+        )
     affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
     return np.ascontiguousarray(data.transpose(2, 1, 0)), affine, hdr
 
 
-def write_nifti(path: str | os.PathLike, array_kji: np.ndarray, ijk_to_ras: np.ndarray,
-                header: Any | None = None) -> None:
+def write_nifti(
+    path: str | os.PathLike,
+    array_kji: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    header: Any | None = None,
+) -> None:
     """Write ``array_kji`` with exactly ``ijk_to_ras`` as its geometry.
 
     ``header`` (the source image's) supplies the qform/sform and their codes when its best

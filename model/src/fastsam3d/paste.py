@@ -27,12 +27,12 @@ def region_union(a: Region | None, b: Region | None) -> Region | None:
         return b
     if b is None or any(s.stop <= s.start for s in b):
         return a
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop))
-                 for x, y in zip(a, b))  # type: ignore[return-value]
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
-def changed_region(state: State, lattice: geo.Lattice, ijk_to_ras: np.ndarray,
-                   shape: Sequence[int]) -> Region | None:
+def changed_region(
+    state: State, lattice: geo.Lattice, ijk_to_ras: np.ndarray, shape: Sequence[int]
+) -> Region | None:
     """The voxel region (array order) that can hold the object's positive voxels, or None."""
     los, his = [], []
     for t in state.tiles.values():
@@ -57,8 +57,15 @@ def changed_region(state: State, lattice: geo.Lattice, ijk_to_ras: np.ndarray,
 
 
 @torch.inference_mode()
-def paste(state: State, region: Region, lattice: geo.Lattice, ijk_to_ras: np.ndarray,
-          weights: torch.Tensor, interpolation: str, device: torch.device) -> torch.Tensor:
+def paste(
+    state: State,
+    region: Region,
+    lattice: geo.Lattice,
+    ijk_to_ras: np.ndarray,
+    weights: torch.Tensor,
+    interpolation: str,
+    device: torch.device,
+) -> torch.Tensor:
     """The object's mask over ``region`` (bool tensor shaped like the region).
 
     Args:
@@ -86,12 +93,12 @@ def paste(state: State, region: Region, lattice: geo.Lattice, ijk_to_ras: np.nda
         start = tuple(int(x) for x in lo)
         field = torch.where(den > 0, num / den.clamp(min=1e-12), torch.full_like(den, -1.0))
     if interpolation == "nearest":  # thresholding commutes with nearest sampling: gather bools
-        mask = geo.sample_field((field > 0)[None], start, lattice, ijk_to_ras, region,
-                                "nearest")[0]
+        mask = geo.sample_field((field > 0)[None], start, lattice, ijk_to_ras, region, "nearest")[0]
     else:
         mask = geo.sample_field(field[None], start, lattice, ijk_to_ras, region, "linear")[0] > 0
-    box = (geo.footprint_box(lattice, ijk_to_ras, region, tiles[0].start)
-           if len(tiles) == 1 else None)
+    box = (
+        geo.footprint_box(lattice, ijk_to_ras, region, tiles[0].start) if len(tiles) == 1 else None
+    )
     if box is not None:  # one crop: its footprint is a box; clear around it by slicing
         if any(b.start > 0 or b.stop < n for b, n in zip(box, mask.shape)):
             inner = mask[box].clone()
@@ -120,9 +127,10 @@ def upsampled_part(tile: Tile) -> tuple[tuple[int, int, int], torch.Tensor]:
     idx = torch.nonzero(pos)
     lo = np.maximum(idx.min(0).values.cpu().numpy() - 2, 0)
     hi = np.minimum(idx.max(0).values.cpu().numpy() + 2, geo.LOWRES - 1) + 1
-    part = tile.logits[0, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    part = tile.logits[0, 0, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     sizes = tuple(int(n) * KNOT for n in hi - lo)
-    up = F.interpolate(part[None, None].float(), size=sizes, mode="trilinear",
-                       align_corners=False)[0, 0]
+    up = F.interpolate(part[None, None].float(), size=sizes, mode="trilinear", align_corners=False)[
+        0, 0
+    ]
     start = tuple(int(s + KNOT * a) for s, a in zip(tile.start, lo))
     return start, up  # type: ignore[return-value]

@@ -57,8 +57,9 @@ def _obliquity_degrees(volume: Volume) -> float:
 
 def _window(img: np.ndarray) -> tuple[float, float, str]:
     """Display range: a soft-tissue window for CT-like (Hounsfield) data, else percentiles."""
-    sample = img[:: max(1, img.shape[0] // 64), :: max(1, img.shape[1] // 64),
-                 :: max(1, img.shape[2] // 64)]
+    sample = img[
+        :: max(1, img.shape[0] // 64), :: max(1, img.shape[1] // 64), :: max(1, img.shape[2] // 64)
+    ]
     lo, hi = (float(v) for v in np.percentile(sample, [1, 99.5]))
     if lo <= -500 and hi >= 300:  # air at about -1000 HU and dense tissue: CT
         return -160.0, 240.0, "CT soft-tissue window (-160..240 HU)"
@@ -67,10 +68,15 @@ def _window(img: np.ndarray) -> tuple[float, float, str]:
     return lo, hi, "grey levels: 1st..99.5th percentile"
 
 
-def save_preview(volume: Volume, mask: np.ndarray, path: str | os.PathLike,
-                 points: Sequence[tuple[Sequence[float], bool]] = (),
-                 box: tuple[Sequence[float], Sequence[float]] | None = None,
-                 centre: Sequence[float] | None = None, title: str | None = None) -> None:
+def save_preview(
+    volume: Volume,
+    mask: np.ndarray,
+    path: str | os.PathLike,
+    points: Sequence[tuple[Sequence[float], bool]] = (),
+    box: tuple[Sequence[float], Sequence[float]] | None = None,
+    centre: Sequence[float] | None = None,
+    title: str | None = None,
+) -> None:
     """Write a PNG with three orthogonal slices through ``centre`` (default: the first point,
     else the box centre, else the mask's centre): the mask filled in translucent red with its
     outline, positive clicks as green +, negative clicks as red x (only clicks within 2 voxels
@@ -112,19 +118,45 @@ def save_preview(volume: Volume, mask: np.ndarray, path: str | os.PathLike,
         s_img = img[tuple(sl)].T  # rows = v_axis, cols = h_axis
         s_msk = msk[tuple(sl)].T
         aspect = spacing[v_axis] / spacing[h_axis]
-        ax.imshow(s_img, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
-                  interpolation="nearest")
+        ax.imshow(
+            s_img,
+            cmap="gray",
+            vmin=lo,
+            vmax=hi,
+            origin="lower",
+            aspect=aspect,
+            interpolation="nearest",
+        )
         if s_msk.any():
-            ax.imshow(s_msk.astype(np.uint8), cmap=fill, vmin=0, vmax=1, origin="lower",
-                      aspect=aspect, interpolation="nearest")
+            ax.imshow(
+                s_msk.astype(np.uint8),
+                cmap=fill,
+                vmin=0,
+                vmax=1,
+                origin="lower",
+                aspect=aspect,
+                interpolation="nearest",
+            )
             padded = np.pad(s_msk, 1).astype(np.float32)  # closes outlines at the slice edge
-            ax.contour(np.arange(-1, s_msk.shape[1] + 1), np.arange(-1, s_msk.shape[0] + 1),
-                       padded, levels=[0.5], colors=["#ff3b30"], linewidths=1.2)
+            ax.contour(
+                np.arange(-1, s_msk.shape[1] + 1),
+                np.arange(-1, s_msk.shape[0] + 1),
+                padded,
+                levels=[0.5],
+                colors=["#ff3b30"],
+                linewidths=1.2,
+            )
         for ras, positive in points:
             p = _ras_index(volume, ras, maps)
             if abs(p[fixed] - c[fixed]) <= 2:
-                ax.plot(p[h_axis], p[v_axis], marker="+" if positive else "x", markersize=12,
-                        mew=2, color="#34c759" if positive else "#ff3b30")
+                ax.plot(
+                    p[h_axis],
+                    p[v_axis],
+                    marker="+" if positive else "x",
+                    markersize=12,
+                    mew=2,
+                    color="#34c759" if positive else "#ff3b30",
+                )
         if box is not None:
             b0 = _ras_index(volume, box[0], maps)
             b1 = _ras_index(volume, box[1], maps)
@@ -137,26 +169,34 @@ def save_preview(volume: Volume, mask: np.ndarray, path: str | os.PathLike,
         size = img.shape[fixed]
         index = size - 1 - c[fixed] if flips[fixed] else c[fixed]
         label = name if oblique < 1 else f"~{name} (oblique)"
-        ax.set_title(f"{label}: slice {'ijk'[file_axis]} = {index} of 0..{size - 1}",
-                     fontsize=10)
+        ax.set_title(f"{label}: slice {'ijk'[file_axis]} = {index} of 0..{size - 1}", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel(f"{_NAMES[h_axis][1]}  <->  {_NAMES[h_axis][0]}", fontsize=8)
         ax.set_ylabel(f"{_NAMES[v_axis][0]}  <->  {_NAMES[v_axis][1]}", fontsize=8)
-    handles = [Patch(facecolor=(1.0, 0.23, 0.19, 0.45), edgecolor="#ff3b30", label="mask"),
-               Line2D([], [], ls="", marker="+", ms=10, mew=2, color="#34c759",
-                      label="positive click"),
-               Line2D([], [], ls="", marker="x", ms=9, mew=2, color="#ff3b30",
-                      label="negative click"),
-               Line2D([], [], color="#ffcc00", lw=1.5, label="box")]
-    fig.legend(handles=handles, loc="lower left",
-               bbox_to_anchor=(0.005, 0.03 if oblique < 1 else 0.055), ncol=4,
-               fontsize=9, frameon=False)
-    note = ("Slicer's view convention: patient right on the image left (radiological), "
-            "anterior on the left in sagittal. " + window + ".")
+    handles = [
+        Patch(facecolor=(1.0, 0.23, 0.19, 0.45), edgecolor="#ff3b30", label="mask"),
+        Line2D([], [], ls="", marker="+", ms=10, mew=2, color="#34c759", label="positive click"),
+        Line2D([], [], ls="", marker="x", ms=9, mew=2, color="#ff3b30", label="negative click"),
+        Line2D([], [], color="#ffcc00", lw=1.5, label="box"),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="lower left",
+        bbox_to_anchor=(0.005, 0.03 if oblique < 1 else 0.055),
+        ncol=4,
+        fontsize=9,
+        frameon=False,
+    )
+    note = (
+        "Slicer's view convention: patient right on the image left (radiological), "
+        "anterior on the left in sagittal. " + window + "."
+    )
     if oblique >= 1:
-        note += (f"\nOblique volume: slices follow the voxel grid, up to {oblique:.0f} deg from "
-                 "true axial/coronal/sagittal (labels give the nearest direction).")
+        note += (
+            f"\nOblique volume: slices follow the voxel grid, up to {oblique:.0f} deg from "
+            "true axial/coronal/sagittal (labels give the nearest direction)."
+        )
     fig.text(0.01, 0.008, note, ha="left", va="bottom", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)

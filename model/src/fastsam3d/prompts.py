@@ -60,14 +60,12 @@ def _keys(obj: dict, allowed: tuple[str, ...], where: str) -> None:
         if key not in allowed:
             near = difflib.get_close_matches(key.lower(), allowed, n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise PromptError(f"{where}: unknown key {key!r}{hint}; allowed: "
-                              f"{', '.join(allowed)}")
+            raise PromptError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
 
 
 def _xyz(value: Any, where: str) -> list[float]:
     if not isinstance(value, list) or len(value) != 3:
-        raise PromptError(f"{where} must be a list of three numbers [x, y, z], not "
-                          f"{_what(value)}")
+        raise PromptError(f"{where} must be a list of three numbers [x, y, z], not {_what(value)}")
     for n, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise PromptError(f"{where}[{n}] must be a number, not {_what(v)}")
@@ -86,29 +84,37 @@ def _point(item: Any, n: int, space: str, explicit: bool) -> Point:
     where = f"points[{n}]"
     if isinstance(item, list):
         if len(item) not in (3, 4):
-            raise PromptError(f"{where} must be [x, y, z] or [x, y, z, true|false], not a list "
-                              f"of {len(item)}")
+            raise PromptError(
+                f"{where} must be [x, y, z] or [x, y, z, true|false], not a list of {len(item)}"
+            )
         positive = True
         if len(item) == 4:
             flag = item[3]
             if not (isinstance(flag, bool) or (type(flag) is int and flag in (0, 1))):
-                raise PromptError(f"{where}[3] (positive) must be true, false, 1 or 0, not "
-                                  f"{_what(flag)}")
+                raise PromptError(
+                    f"{where}[3] (positive) must be true, false, 1 or 0, not {_what(flag)}"
+                )
             positive = bool(flag)
         return _to_ras(_xyz(item[:3], where), space), positive
     if not isinstance(item, dict):
-        raise PromptError(f"{where} must be an object like {{\"ras\": [R, A, S], \"positive\": "
-                          f"true}} or a list [x, y, z], not {_what(item)}")
+        raise PromptError(
+            f'{where} must be an object like {{"ras": [R, A, S], "positive": '
+            f"true}} or a list [x, y, z], not {_what(item)}"
+        )
     _keys(item, ("ras", "lps", "position", "positive"), where)
     frames = [k for k in ("ras", "lps", "position") if k in item]
     if len(frames) != 1:
-        raise PromptError(f"{where} needs exactly one of 'ras', 'lps' or 'position' "
-                          f"(got {', '.join(frames) or 'none'})")
+        raise PromptError(
+            f"{where} needs exactly one of 'ras', 'lps' or 'position' "
+            f"(got {', '.join(frames) or 'none'})"
+        )
     key = frames[0]
     frame = space if key == "position" else key.upper()
     if explicit and key != "position" and frame != space:
-        raise PromptError(f"{where} is keyed {key!r} but the file says \"space\": {space!r}; "
-                          f"use {space.lower()!r} (or 'position') or drop \"space\"")
+        raise PromptError(
+            f'{where} is keyed {key!r} but the file says "space": {space!r}; '
+            f"use {space.lower()!r} (or 'position') or drop \"space\""
+        )
     positive = item.get("positive", True)
     if not isinstance(positive, bool):
         raise PromptError(f"{where}.positive must be true or false, not {_what(positive)}")
@@ -123,7 +129,7 @@ def parse_prompts(data: Any) -> Prompts:
     explicit = "space" in data
     space = data.get("space", "RAS")
     if not isinstance(space, str) or space.upper() not in ("RAS", "LPS"):
-        raise PromptError(f"space must be \"RAS\" or \"LPS\", not {_what(space)}")
+        raise PromptError(f'space must be "RAS" or "LPS", not {_what(space)}')
     space = space.upper()
     points = data.get("points", [])
     if not isinstance(points, list):
@@ -133,8 +139,9 @@ def parse_prompts(data: Any) -> Prompts:
     if "box" in data:
         b = data["box"]
         if not isinstance(b, dict):
-            raise PromptError(f"box must be an object {{\"min\": [x, y, z], \"max\": [x, y, z]}}, "
-                              f"not {_what(b)}")
+            raise PromptError(
+                f'box must be an object {{"min": [x, y, z], "max": [x, y, z]}}, not {_what(b)}'
+            )
         _keys(b, ("min", "max"), "box")
         for key in ("min", "max"):
             if key not in b:

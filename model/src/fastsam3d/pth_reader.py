@@ -32,14 +32,29 @@ __all__ = ["CheckpointReadError", "read_pth", "read_safetensors", "read_weights"
 
 # numpy dtype of each storage class torch.save writes ("bfloat16" is read as uint16, widened)
 _STORAGES = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
     "BoolStorage": "bool",
 }
-_SAFETENSORS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool"}
+_SAFETENSORS = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class CheckpointReadError(FastSAM3DError, RuntimeError):
@@ -76,30 +91,38 @@ def _widen_bf16(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any,
-                       requires_grad: Any = False, hooks: Any = None,
-                       metadata: Any = None) -> _Tensor:
+def _rebuild_tensor_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    hooks: Any = None,
+    metadata: Any = None,
+) -> _Tensor:
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor must be built on a storage of the archive")
     size, stride = tuple(size), tuple(stride)
     ints = (offset, *size, *stride)
     if len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in ints):
-        raise pickle.UnpicklingError(f"invalid tensor geometry size={size} stride={stride} "
-                                     f"offset={offset}")
+        raise pickle.UnpicklingError(
+            f"invalid tensor geometry size={size} stride={stride} offset={offset}"
+        )
     data = storage.data
     if 0 in size:
         return _Tensor(np.zeros(size, dtype=data.dtype))
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= data.size:
-        raise pickle.UnpicklingError(f"tensor reaches element {last} of a storage of "
-                                     f"{data.size}")
-    view = np.lib.stride_tricks.as_strided(data[offset:], shape=size,
-                                           strides=[s * data.itemsize for s in stride])
+        raise pickle.UnpicklingError(f"tensor reaches element {last} of a storage of {data.size}")
+    view = np.lib.stride_tricks.as_strided(
+        data[offset:], shape=size, strides=[s * data.itemsize for s in stride]
+    )
     return _Tensor(np.array(view))  # a copy: nothing aliases the archive's buffer
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None,
-                       state: Any = None) -> _Tensor:
+def _rebuild_parameter(
+    data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None
+) -> _Tensor:
     if not isinstance(data, _Tensor):
         raise pickle.UnpicklingError("a parameter must wrap a tensor")
     return data
@@ -137,9 +160,14 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
-                and isinstance(pid[4], int)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
         _, stype, key, _location, numel = pid
         if key in self._storages:
@@ -154,8 +182,9 @@ class _Unpickler(pickle.Unpickler):
         if self._order == "big":
             dt = dt.newbyteorder(">")
         if len(raw) != numel * dt.itemsize:
-            raise pickle.UnpicklingError(f"storage {key}: {len(raw)} bytes for {numel} "
-                                         f"elements of {dt}")
+            raise pickle.UnpicklingError(
+                f"storage {key}: {len(raw)} bytes for {numel} elements of {dt}"
+            )
         arr = np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="))
         storage = _Storage(_widen_bf16(arr) if bf16 else arr)
         self._storages[key] = storage
@@ -185,12 +214,14 @@ def read_pth(path: str | os.PathLike[str]) -> Any:
         raise CheckpointReadError(
             f"{path} is not a PyTorch zip archive (a legacy pre-1.6 file or a bare pickle); "
             "without PyTorch only the zip format and safetensors can be read: convert it with "
-            "`fastsam3d convert` where PyTorch is installed")
+            "`fastsam3d convert` where PyTorch is installed"
+        )
     with zipfile.ZipFile(path) as zf:
         pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkls) != 1:
-            raise CheckpointReadError(f"{path}: expected one data.pkl in the archive, "
-                                      f"found {len(pkls)}")
+            raise CheckpointReadError(
+                f"{path}: expected one data.pkl in the archive, found {len(pkls)}"
+            )
         prefix = pkls[0][: -len("data.pkl")]
         order = "little"
         if f"{prefix}byteorder" in zf.namelist():
@@ -202,11 +233,10 @@ def read_pth(path: str | os.PathLike[str]) -> Any:
         except pickle.UnpicklingError as exc:
             raise CheckpointReadError(
                 f"refused to load {path}: it holds pickled objects other than tensors and "
-                f"argparse.Namespace, which could run code when unpickled. ({exc})") from None
-        except (EOFError, ValueError, TypeError, AttributeError, IndexError,
-                struct.error) as exc:
-            raise CheckpointReadError(f"cannot read {path}: {type(exc).__name__}: {exc}"
-                                      ) from None
+                f"argparse.Namespace, which could run code when unpickled. ({exc})"
+            ) from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, struct.error) as exc:
+            raise CheckpointReadError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     return _unwrap(obj)
 
 
@@ -221,7 +251,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict:
     if n > len(data) - 8:
         raise CheckpointReadError(f"{path}: header length {n} exceeds the file")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except ValueError as exc:
         raise CheckpointReadError(f"{path}: bad safetensors header ({exc})") from None
     base = 8 + n
@@ -234,10 +264,12 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict:
         shape = tuple(int(s) for s in info["shape"])
         dt = np.dtype("<u2" if dtype == "bfloat16" else np.dtype(dtype).newbyteorder("<"))
         if not (0 <= start <= stop <= len(data) - base) or stop - start != (
-                int(np.prod(shape)) * dt.itemsize):
+            int(np.prod(shape)) * dt.itemsize
+        ):
             raise CheckpointReadError(f"{path}: {name} has inconsistent offsets")
-        arr = np.frombuffer(data, dtype=dt, count=(stop - start) // dt.itemsize,
-                            offset=base + start).reshape(shape)
+        arr = np.frombuffer(
+            data, dtype=dt, count=(stop - start) // dt.itemsize, offset=base + start
+        ).reshape(shape)
         arr = _widen_bf16(arr) if dtype == "bfloat16" else arr.astype(dt.newbyteorder("="))
         out[name] = arr
     return out

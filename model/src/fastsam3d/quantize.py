@@ -33,8 +33,9 @@ ENV_INT8 = "FASTSAM3D_CPU_INT8"
 
 def exporter_available() -> bool:
     """Whether ONNX export and quantization can run here (onnx, onnxscript, onnxruntime)."""
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("onnx", "onnxscript", "onnxruntime"))
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime")
+    )
 
 
 def cpu_int8_preferred() -> bool:
@@ -55,8 +56,9 @@ def onnx_dir_for(model: nn.Module, root: str | os.PathLike[str] | None = None) -
     return Path(root) / weights_digest(model)[:24]
 
 
-def prepare_onnx(model: nn.Module, onnx_dir: str | os.PathLike[str] | None = None,
-                 int8: bool = True) -> Path:
+def prepare_onnx(
+    model: nn.Module, onnx_dir: str | os.PathLike[str] | None = None, int8: bool = True
+) -> Path:
     """Export (once; reused while the weights' digest matches) and return the directory.
 
     ``onnx_dir``: a directory holding an export (from ``fastsam3d export-onnx``) or where to

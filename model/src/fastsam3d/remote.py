@@ -31,8 +31,7 @@ from .errors import FastSAM3DError
 from .result import Result, SessionError
 from .volume import Volume, VolumeError
 
-__all__ = ["RemoteSession", "RemoteEngine", "RemoteError", "SessionExpiredError",
-           "check_server"]
+__all__ = ["RemoteSession", "RemoteEngine", "RemoteError", "SessionExpiredError", "check_server"]
 
 API_KEY_ENV = "FASTSAM3D_API_KEY"
 
@@ -40,8 +39,7 @@ API_KEY_ENV = "FASTSAM3D_API_KEY"
 class RemoteError(FastSAM3DError, RuntimeError):
     """The server could not be reached or refused the request (``status``/``code`` say why)."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None
-                 ) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code = status, code
 
@@ -55,12 +53,14 @@ class _Http:
 
     IDLE_RECONNECT_S = 50.0  # the server keeps idle connections 75 s: reconnect before that
 
-    def __init__(self, url: str, api_key: str | None, timeout: float,
-                 ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, url: str, api_key: str | None, timeout: float, ssl_context: ssl.SSLContext | None
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"server URL must look like http://HOST:PORT or https://HOST, "
-                             f"got {url!r}")
+            raise ValueError(
+                f"server URL must look like http://HOST:PORT or https://HOST, got {url!r}"
+            )
         self.url = url.rstrip("/")
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port
@@ -78,8 +78,11 @@ class _Http:
     def _connect(self) -> http.client.HTTPConnection:
         if self.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout,
-                context=self.ssl_context or ssl.create_default_context())
+                self.host,
+                self.port,
+                timeout=self.timeout,
+                context=self.ssl_context or ssl.create_default_context(),
+            )
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         conn.connect()
@@ -91,8 +94,13 @@ class _Http:
             self._conn.close()
             self._conn = None
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json") -> tuple[int, bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes]:
         headers = dict(self.headers)
         if body is not None:
             headers["Content-Type"] = content_type
@@ -108,17 +116,19 @@ class _Http:
                     self._conn.request(method, self.prefix + path, body=body, headers=headers)
                     resp = self._conn.getresponse()
                     data = resp.read()
-                except (http.client.RemoteDisconnected, ConnectionResetError,
-                        BrokenPipeError) as e:
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
                     self.close()
                     if reused and attempt == 0:
                         continue  # the server dropped an idle keep-alive connection: once more
-                    raise RemoteError(f"the fastsam3d server at {self.url} closed the "
-                                      f"connection ({type(e).__name__})") from None
+                    raise RemoteError(
+                        f"the fastsam3d server at {self.url} closed the "
+                        f"connection ({type(e).__name__})"
+                    ) from None
                 except (OSError, http.client.HTTPException) as e:
                     self.close()
-                    raise RemoteError(f"cannot reach the fastsam3d server at {self.url}: "
-                                      f"{type(e).__name__}: {e}") from None
+                    raise RemoteError(
+                        f"cannot reach the fastsam3d server at {self.url}: {type(e).__name__}: {e}"
+                    ) from None
                 self._last = time.monotonic()
                 self.last_headers = resp.headers
                 if resp.getheader("Connection", "").lower() == "close":
@@ -126,8 +136,7 @@ class _Http:
                 return resp.status, data
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def call(self, method: str, path: str, payload: Any = None, body: bytes | None = None
-             ) -> Any:
+    def call(self, method: str, path: str, payload: Any = None, body: bytes | None = None) -> Any:
         """A request whose answer is JSON; server errors become the matching exceptions."""
         if payload is not None:
             body = json.dumps(payload).encode()
@@ -160,8 +169,12 @@ def _api_key(api_key: str | None) -> str | None:
     return api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
 
 
-def check_server(url: str, api_key: str | None = None, timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+def check_server(
+    url: str,
+    api_key: str | None = None,
+    timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
     """The connection test: the server answers, is ready and accepts the key.
 
     Returns the server's readiness (model, device, version) plus its load; raises
@@ -171,8 +184,12 @@ def check_server(url: str, api_key: str | None = None, timeout: float = 10.0,
     try:
         status, data = conn.request("GET", "/readyz")
         if status != 200:
-            raise RemoteError(f"the fastsam3d server at {url} is not ready "
-                              f"({data[:100].decode('utf-8', 'replace')})", status, "not_ready")
+            raise RemoteError(
+                f"the fastsam3d server at {url} is not ready "
+                f"({data[:100].decode('utf-8', 'replace')})",
+                status,
+                "not_ready",
+            )
         info = json.loads(data)
         info.update(conn.call("GET", "/v1/stats"))  # needs the key
         return info
@@ -190,18 +207,28 @@ class RemoteSession:
     first click in a new crop takes a while). Thread-safe: calls are serialised.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, *,
-                 point_policy: str | None = None, max_crops: int | None = None,
-                 propagate: bool = True, paste_interpolation: str = "nearest",
-                 lattice_anchor: str = "centre", timeout: float = 300.0,
-                 ssl_context: ssl.SSLContext | None = None,
-                 chunk_bytes: int = wire.CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        point_policy: str | None = None,
+        max_crops: int | None = None,
+        propagate: bool = True,
+        paste_interpolation: str = "nearest",
+        lattice_anchor: str = "centre",
+        timeout: float = 300.0,
+        ssl_context: ssl.SSLContext | None = None,
+        chunk_bytes: int = wire.CHUNK_BYTES,
+    ) -> None:
         self._http = _Http(url, _api_key(api_key), timeout, ssl_context)
         self.chunk_bytes = int(chunk_bytes)
-        options: dict[str, Any] = {"propagate": bool(propagate),
-                                   "paste_interpolation": paste_interpolation,
-                                   "lattice_anchor": lattice_anchor,
-                                   "codecs": wire.available_codecs()}
+        options: dict[str, Any] = {
+            "propagate": bool(propagate),
+            "paste_interpolation": paste_interpolation,
+            "lattice_anchor": lattice_anchor,
+            "codecs": wire.available_codecs(),
+        }
         if point_policy is not None:
             options["point_policy"] = point_policy
         if max_crops is not None:

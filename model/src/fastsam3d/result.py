@@ -49,12 +49,15 @@ class Result:
 
     def __repr__(self) -> str:  # the mask itself would print millions of values
         box = ", ".join(f"{s.start}:{s.stop}" for s in self.region)
-        return (f"Result(voxels={self.voxels}, region=[{box}], shape={self.shape}, "
-                f"crops={self.crops}, iou={self.iou}, at_crop_limit={self.at_crop_limit})")
+        return (
+            f"Result(voxels={self.voxels}, region=[{box}], shape={self.shape}, "
+            f"crops={self.crops}, iou={self.iou}, at_crop_limit={self.at_crop_limit})"
+        )
 
 
-def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
-                 ) -> np.ndarray:
+def paste_result(
+    result: Result, labelmap: np.ndarray, value: int = 1, erase: bool = True
+) -> np.ndarray:
     """Write ``result`` into a caller-owned labelmap, in place.
 
     Only ``result.region`` is touched. Inside it the mask's voxels get ``value``; with ``erase``
@@ -77,8 +80,9 @@ def paste_result(result: Result, labelmap: np.ndarray, value: int = 1, erase: bo
         ValueError: ``labelmap``'s shape is not the volume's.
     """
     if tuple(labelmap.shape) != tuple(result.shape):
-        raise ValueError(f"labelmap shape {labelmap.shape} does not match the volume "
-                         f"{result.shape}")
+        raise ValueError(
+            f"labelmap shape {labelmap.shape} does not match the volume {result.shape}"
+        )
     sub = labelmap[result.region]
     if erase:
         sub[(sub == value) & ~result.mask] = 0

@@ -105,8 +105,10 @@ def _load_model(model: Any, device: torch.device) -> nn.Module:
         from .checkpoint import load_model
 
         return load_model(model, device=device)
-    raise TypeError(f"model must be a registry name, a checkpoint path or an nn.Module, "
-                    f"not {type(model).__name__}")
+    raise TypeError(
+        f"model must be a registry name, a checkpoint path or an nn.Module, "
+        f"not {type(model).__name__}"
+    )
 
 
 class Session:
@@ -129,11 +131,21 @@ class Session:
     Every public method may be called from any thread; calls are serialised by a lock.
     """
 
-    def __init__(self, model: Any = "fastsam3d", device: str | torch.device = "auto", *,
-                 point_policy: str | None = None, max_crops: int = 8, propagate: bool = True,
-                 paste_interpolation: str = "nearest", lattice_anchor: str = "centre",
-                 warmup: bool = True, precision: str = "auto", max_undo: int = 100,
-                 max_embeddings: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any = "fastsam3d",
+        device: str | torch.device = "auto",
+        *,
+        point_policy: str | None = None,
+        max_crops: int = 8,
+        propagate: bool = True,
+        paste_interpolation: str = "nearest",
+        lattice_anchor: str = "centre",
+        warmup: bool = True,
+        precision: str = "auto",
+        max_undo: int = 100,
+        max_embeddings: int | None = None,
+    ) -> None:
         self._lock = threading.RLock()
         if isinstance(model, Runner):
             self.runner = model
@@ -145,9 +157,13 @@ class Session:
             global _CPU_WARNED
             if not _CPU_WARNED:
                 _CPU_WARNED = True
-                warnings.warn("fastsam3d: running on the CPU; each new 128^3 crop costs one "
-                              "encoder run (a fraction of a second to seconds). Use a CUDA or "
-                              "MPS device for interactive speed.", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "fastsam3d: running on the CPU; each new 128^3 crop costs one "
+                    "encoder run (a fraction of a second to seconds). Use a CUDA or "
+                    "MPS device for interactive speed.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self.model = self.runner.model
         cfg = getattr(self.model, "config", None)
         policy = point_policy or getattr(cfg, "point_policy", None) or "accumulate"
@@ -166,8 +182,9 @@ class Session:
         self.max_embeddings = cap
         self.propagate = propagate
         if paste_interpolation not in ("nearest", "linear"):
-            raise ValueError("paste_interpolation must be 'nearest' or 'linear', not "
-                             f"{paste_interpolation!r}")
+            raise ValueError(
+                f"paste_interpolation must be 'nearest' or 'linear', not {paste_interpolation!r}"
+            )
         self.paste_interpolation = paste_interpolation
         if lattice_anchor not in ("centre", "corner"):
             raise ValueError(f"lattice_anchor must be 'centre' or 'corner', not {lattice_anchor!r}")
@@ -184,8 +201,9 @@ class Session:
         """Use ``volume`` (copied to the device once) and start a new object."""
         if not isinstance(volume, Volume):
             raise TypeError(f"set_volume needs a fastsam3d.Volume, not {type(volume).__name__}")
-        lattice = geo.Lattice.for_volume(volume.ijk_to_ras, volume.shape,
-                                         anchor=self.lattice_anchor)
+        lattice = geo.Lattice.for_volume(
+            volume.ijk_to_ras, volume.shape, anchor=self.lattice_anchor
+        )
         t, fp = self._upload(volume.array)
         self._clear_volume()
         self.volume = volume
@@ -203,9 +221,11 @@ class Session:
         self._sync_volume()
         if not vol.contains(p):
             ijk = vol.ras_to_ijk(p)
-            raise SessionError(f"click at RAS {tuple(round(float(x), 2) for x in p)} lies "
-                               f"outside the volume (voxel index i,j,k = "
-                               f"{tuple(round(float(x), 1) for x in ijk)}, size {vol.shape[::-1]})")
+            raise SessionError(
+                f"click at RAS {tuple(round(float(x), 2) for x in p)} lies "
+                f"outside the volume (voxel index i,j,k = "
+                f"{tuple(round(float(x), 1) for x in ijk)}, size {vol.shape[::-1]})"
+            )
         state = self._state
         if state.box is not None and not (np.all(p >= state.box[0]) and np.all(p <= state.box[1])):
             raise SessionError("click lies outside the current box; reset() or add a new box")
@@ -220,8 +240,10 @@ class Session:
         lo = self._as_point(ras_min, "ras_min")
         hi = self._as_point(ras_max, "ras_max")
         if np.any(hi <= lo):
-            raise SessionError(f"box is empty or inverted: ras_min {lo.tolist()} must be "
-                               f"below ras_max {hi.tolist()} on every axis")
+            raise SessionError(
+                f"box is empty or inverted: ras_min {lo.tolist()} must be "
+                f"below ras_max {hi.tolist()} on every axis"
+            )
         ijk = vol.ras_to_ijk(geo.box_corners(lo, hi))
         size = np.array(vol.shape[::-1])
         if np.any(ijk.max(axis=0) < -0.5) or np.any(ijk.min(axis=0) >= size - 0.5):
@@ -229,9 +251,11 @@ class Session:
         starts_per_axis, llo, lhi = tiling.box_crop_starts(self._lattice, lo, hi)
         count = math.prod(len(s) for s in starts_per_axis)
         if count > self.max_crops:
-            raise SessionError(f"box needs {count} crops of {geo.CROP * geo.SPACING:g} mm, "
-                               f"more than max_crops={self.max_crops}; draw a smaller box or "
-                               "raise max_crops")
+            raise SessionError(
+                f"box needs {count} crops of {geo.CROP * geo.SPACING:g} mm, "
+                f"more than max_crops={self.max_crops}; draw a smaller box or "
+                "raise max_crops"
+            )
         self._sync_volume()
         tiles: dict[tuple[int, int, int], _Tile] = {}
         zero = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
@@ -310,8 +334,20 @@ class Session:
         VolumeError for a constant volume or values that are not finite in float32."""
         a = array
         fp = _fingerprint(a)
-        if a.dtype not in (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16,
-                           np.int32, np.int64) or not a.dtype.isnative:
+        if (
+            a.dtype
+            not in (
+                np.float32,
+                np.float64,
+                np.float16,
+                np.int8,
+                np.uint8,
+                np.int16,
+                np.int32,
+                np.int64,
+            )
+            or not a.dtype.isnative
+        ):
             a = a.astype(np.float32)  # e.g. uint16/uint32 or big-endian data from files
         elif not a.flags.writeable or (a.dtype == np.float32 and self.device.type == "cpu"):
             # torch cannot wrap read-only memory, and the session must never share the
@@ -321,12 +357,15 @@ class Session:
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             n = int((~finite).sum())
-            raise VolumeError(f"volume has {n} voxel(s) that are NaN or Inf as float32 (values "
-                              "beyond about 3.4e38 overflow); fix or clip them first")
+            raise VolumeError(
+                f"volume has {n} voxel(s) that are NaN or Inf as float32 (values "
+                "beyond about 3.4e38 overflow); fix or clip them first"
+            )
         lo, hi = t.min(), t.max()
         if bool(lo == hi):
-            raise VolumeError(f"volume is constant (every voxel is {float(lo)}): nothing to "
-                              "segment")
+            raise VolumeError(
+                f"volume is constant (every voxel is {float(lo)}): nothing to segment"
+            )
         return t[None, None], fp
 
     def _sync_volume(self) -> None:
@@ -340,12 +379,17 @@ class Session:
             self._source = (current, fp)
             return
         if tuple(current.shape) != tuple(self._tensor.shape[2:]):
-            raise SessionError(f"the volume's array changed shape from {array.shape} to "
-                               f"{current.shape} since set_volume; call set_volume(volume)")
+            raise SessionError(
+                f"the volume's array changed shape from {array.shape} to "
+                f"{current.shape} since set_volume; call set_volume(volume)"
+            )
         t, new_fp = self._upload(current)
-        warnings.warn("fastsam3d: the volume's voxels changed since set_volume; re-reading them "
-                      "and recomputing the crop embeddings (call set_volume after editing)",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "fastsam3d: the volume's voxels changed since set_volume; re-reading them "
+            "and recomputing the crop embeddings (call set_volume after editing)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         self._tensor = t
         self._embeddings.clear()
         self._source = (current, new_fp)
@@ -357,8 +401,7 @@ class Session:
                 raise TypeError
             a = np.asarray(p, dtype=np.float64).reshape(-1)
         except (TypeError, ValueError):
-            raise SessionError(f"{what} must be three finite RAS coordinates, got {p!r}") \
-                from None
+            raise SessionError(f"{what} must be three finite RAS coordinates, got {p!r}") from None
         if a.shape != (3,) or not np.all(np.isfinite(a)):
             raise SessionError(f"{what} must be three finite RAS coordinates, got {p!r}")
         return a
@@ -367,7 +410,7 @@ class Session:
         result = self._render(new)
         if self.max_undo:
             self._history.append(self._state)
-            del self._history[:-self.max_undo]
+            del self._history[: -self.max_undo]
         self._state = new
         self._result = result
         return result
@@ -389,18 +432,21 @@ class Session:
             self._embeddings.move_to_end(start)
         return emb
 
-    def _run_decoder(self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_decoder(
+        self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.runner.click(emb, pts, labels, mask)
 
     @torch.inference_mode()
-    def _decode(self, start: tuple[int, int, int], points: Sequence[_Click],
-                mask: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    def _decode(
+        self, start: tuple[int, int, int], points: Sequence[_Click], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, float | None]:
         emb = self._embedding(start)
         coords = np.stack([c.index - np.asarray(start) for c in points])
         pts = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
-        labels = torch.as_tensor([[1 if c.positive else 0 for c in points]],
-                                 dtype=torch.long, device=self.device)
+        labels = torch.as_tensor(
+            [[1 if c.positive else 0 for c in points]], dtype=torch.long, device=self.device
+        )
         low_res, iou = self._run_decoder(emb, pts, labels, mask)
         low_res = low_res[:, :1].float()
         if not bool(torch.isfinite(low_res).all()):
@@ -422,8 +468,10 @@ class Session:
             if start not in tiles:
                 new_starts.append(start)
         if len(tiles) + len(new_starts) > self.max_crops:
-            raise SessionError(f"the object already uses max_crops={self.max_crops} crops; "
-                               "a click here would need another (raise max_crops)")
+            raise SessionError(
+                f"the object already uses max_crops={self.max_crops} crops; "
+                "a click here would need another (raise max_crops)"
+            )
         for s in touched:
             t = tiles[s]
             points = tiling.points_for(state, t, s, click, self.point_policy)
@@ -437,12 +485,19 @@ class Session:
         changed = touched + new_starts
         limited = False
         if self.propagate and state.box is None:
-            limited = tiling.propagate(tiles, changed, state.clicks + (click,),
-                                       lattice=self._lattice, max_crops=self.max_crops,
-                                       point_policy=self.point_policy, decode=self._decode,
-                                       device=self.device)
-        return _State(tiles=tiles, clicks=state.clicks + (click,), box=state.box,
-                      at_crop_limit=limited)
+            limited = tiling.propagate(
+                tiles,
+                changed,
+                state.clicks + (click,),
+                lattice=self._lattice,
+                max_crops=self.max_crops,
+                point_policy=self.point_policy,
+                decode=self._decode,
+                device=self.device,
+            )
+        return _State(
+            tiles=tiles, clicks=state.clicks + (click,), box=state.box, at_crop_limit=limited
+        )
 
     # --- paste-back -----------------------------------------------------------------------
     def _render(self, state: _State) -> Result:
@@ -456,11 +511,28 @@ class Session:
         if region is None:
             mask = np.zeros(shape, dtype=bool)
         else:
-            mask = _paste.paste(state, out_region, self._lattice, vol.ijk_to_ras, self._weights,
-                                self.paste_interpolation, self.device).cpu().numpy()
+            mask = (
+                _paste.paste(
+                    state,
+                    out_region,
+                    self._lattice,
+                    vol.ijk_to_ras,
+                    self._weights,
+                    self.paste_interpolation,
+                    self.device,
+                )
+                .cpu()
+                .numpy()
+            )
         self._last_region = out_region
         ious = [t.iou for t in state.tiles.values() if t.iou is not None]
-        return Result(out_region, mask, vol.shape, len(state.tiles),
-                      float(np.mean(ious)) if ious else None, state.at_crop_limit)
+        return Result(
+            out_region,
+            mask,
+            vol.shape,
+            len(state.tiles),
+            float(np.mean(ious)) if ious else None,
+            state.at_crop_limit,
+        )
 
     _upsampled_part = staticmethod(_paste.upsampled_part)

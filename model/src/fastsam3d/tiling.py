@@ -20,8 +20,17 @@ import torch.nn.functional as F
 
 from . import geometry as geo
 
-__all__ = ["Click", "Tile", "State", "box_crop_starts", "inside_tile",
-           "points_for", "mask_prompt_from", "propagate", "seed_at_face"]
+__all__ = [
+    "Click",
+    "Tile",
+    "State",
+    "box_crop_starts",
+    "inside_tile",
+    "points_for",
+    "mask_prompt_from",
+    "propagate",
+    "seed_at_face",
+]
 
 HALF = geo.CROP // 2
 STEP = geo.CROP // 2  # neighbour crops overlap by half a crop
@@ -59,12 +68,15 @@ class State:
     at_crop_limit: bool = False
 
 
-Decode = Callable[[Start, Sequence[Click], torch.Tensor],  # noqa: UP045 (Python 3.9)
-                  tuple[torch.Tensor, Optional[float]]]
+Decode = Callable[
+    [Start, Sequence[Click], torch.Tensor],  # noqa: UP045 (Python 3.9)
+    tuple[torch.Tensor, Optional[float]],
+]
 
 
-def box_crop_starts(lattice: geo.Lattice, lo: np.ndarray, hi: np.ndarray
-                    ) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+def box_crop_starts(
+    lattice: geo.Lattice, lo: np.ndarray, hi: np.ndarray
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
     """Crop starts per lattice axis covering the RAS box, and the box's lattice bounds.
 
     A box side that fits in one crop (with 4 voxels to spare each side) gets one crop centred
@@ -81,20 +93,21 @@ def box_crop_starts(lattice: geo.Lattice, lo: np.ndarray, hi: np.ndarray
         else:
             n = math.ceil((length + 8 - geo.CROP) / (geo.CROP * 3 // 4)) + 1
             first, last = llo[a] - 4, lhi[a] + 4 - geo.CROP
-            starts_per_axis.append([int(round(first + (last - first) * t / (n - 1)))
-                                    for t in range(n)])
+            starts_per_axis.append(
+                [int(round(first + (last - first) * t / (n - 1))) for t in range(n)]
+            )
     return starts_per_axis, llo, lhi
 
 
 def inside_tile(start: Sequence[int], index: np.ndarray, margin: float = 0.0) -> bool:
     """Whether lattice ``index`` lies in the crop at ``start``, ``margin`` voxels from its faces."""
     st = np.asarray(start, dtype=np.float64)
-    return bool(np.all(index >= st - 0.5 + margin)
-                and np.all(index < st + geo.CROP - 0.5 - margin))
+    return bool(np.all(index >= st - 0.5 + margin) and np.all(index < st + geo.CROP - 0.5 - margin))
 
 
-def points_for(state: State, tile: Tile | None, start: Sequence[int], newest: Click,
-               point_policy: str) -> list[Click]:
+def points_for(
+    state: State, tile: Tile | None, start: Sequence[int], newest: Click, point_policy: str
+) -> list[Click]:
     """The points the decoder sees for the crop at ``start`` (see the session's point policy)."""
     if point_policy == "newest":
         return [newest]
@@ -103,8 +116,9 @@ def points_for(state: State, tile: Tile | None, start: Sequence[int], newest: Cl
     return seeds + clicks + [newest]
 
 
-def mask_prompt_from(tiles: dict[Start, Tile], start: Sequence[int],
-                     device: torch.device) -> torch.Tensor:
+def mask_prompt_from(
+    tiles: dict[Start, Tile], start: Sequence[int], device: torch.device
+) -> torch.Tensor:
     """Low-res mask prompt for a new crop: the existing crops' logits where they overlap
     it (averaged), 0 (= no information, as on a first click) elsewhere."""
     total = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=device)
@@ -118,17 +132,24 @@ def mask_prompt_from(tiles: dict[Start, Tile], start: Sequence[int],
         axes = [((knots + float(off[d])) + 0.5) / geo.CROP * 2 - 1 for d in range(3)]
         g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1)
         g = g.permute(2, 1, 0, 3)[None]  # (1, n0, n1, n2, (x=d2, y=d1, z=d0))
-        v = F.grid_sample(t.logits, g, mode="bilinear", padding_mode="border",
-                          align_corners=False)
+        v = F.grid_sample(t.logits, g, mode="bilinear", padding_mode="border", align_corners=False)
         inside = ((g.abs() <= 1).all(-1))[:, None].float()
         total += v * inside
         count += inside
     return torch.where(count > 0, total / count.clamp(min=1), total)
 
 
-def propagate(tiles: dict[Start, Tile], queue: Sequence[Start], clicks: Sequence[Click], *,
-              lattice: geo.Lattice, max_crops: int, point_policy: str, decode: Decode,
-              device: torch.device) -> bool:
+def propagate(
+    tiles: dict[Start, Tile],
+    queue: Sequence[Start],
+    clicks: Sequence[Click],
+    *,
+    lattice: geo.Lattice,
+    max_crops: int,
+    point_policy: str,
+    decode: Decode,
+    device: torch.device,
+) -> bool:
     """Add neighbour crops to ``tiles`` (in place) while the mask reaches crop faces with volume
     behind them; True if ``max_crops`` stopped it."""
     shape = lattice.shape

@@ -53,8 +53,11 @@ def _itk_reason(err: BaseException) -> str:
     import re
 
     lines = [ln.strip() for ln in str(err).strip().splitlines()[1:] or [str(err)]]
-    lines = [re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", ln) for ln in lines
-             if ln and not ln.startswith("Reason: ")]
+    lines = [
+        re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", ln)
+        for ln in lines
+        if ln and not ln.startswith("Reason: ")
+    ]
     return " ".join(lines) or str(err).strip()
 
 
@@ -63,13 +66,17 @@ def check_output(path: str | os.PathLike, ijk_to_ras: Any = None) -> None:
     given: a sheared matrix fits only NIfTI). Cheap: call it before any work."""
     name = Path(path).name.lower()
     if not name.endswith(MASK_SUFFIXES):
-        raise VolumeError(f"cannot write a 3D mask to {Path(path).name!r}: use one of "
-                          f"{', '.join(MASK_SUFFIXES)} (formats such as .png, .tif, .vtk or "
-                          ".npy lose the geometry or a dimension)")
+        raise VolumeError(
+            f"cannot write a 3D mask to {Path(path).name!r}: use one of "
+            f"{', '.join(MASK_SUFFIXES)} (formats such as .png, .tif, .vtk or "
+            ".npy lose the geometry or a dimension)"
+        )
     if ijk_to_ras is not None and not is_orthogonal(ijk_to_ras) and not is_nifti(path):
-        raise VolumeError(f"the image's voxel axes are sheared (not perpendicular); only NIfTI "
-                          f"keeps such a geometry exactly, not {Path(path).name!r}: write the "
-                          "mask as .nii or .nii.gz")
+        raise VolumeError(
+            f"the image's voxel axes are sheared (not perpendicular); only NIfTI "
+            f"keeps such a geometry exactly, not {Path(path).name!r}: write the "
+            "mask as .nii or .nii.gz"
+        )
 
 
 _MAX_SPACING_MM = 1e6
@@ -87,44 +94,58 @@ def _check_affine(ijk_to_ras: Any) -> np.ndarray:
     with np.errstate(over="ignore"):
         norms = np.linalg.norm(a, axis=0)
     if not np.all(np.isfinite(norms)) or np.any(norms > _MAX_SPACING_MM):
-        raise VolumeError(f"ijk_to_ras gives voxels of {norms.tolist()} mm: not a plausible "
-                          "voxel size (over 1 km); check the image's spacing")
+        raise VolumeError(
+            f"ijk_to_ras gives voxels of {norms.tolist()} mm: not a plausible "
+            "voxel size (over 1 km); check the image's spacing"
+        )
     if np.any(norms <= 0):
         axes = [ax for ax, n in zip("ijk", norms) if n <= 0]
         raise VolumeError(f"ijk_to_ras is degenerate: zero spacing along axis {', '.join(axes)}")
     # Scale-free singularity test: the determinant of the direction part (columns normalised).
     det = float(np.linalg.det(a / norms))
     if abs(det) < 1e-6:
-        raise VolumeError(f"ijk_to_ras is singular (normalised determinant {det:.2e}); "
-                          "the voxel axes do not span 3D space")
+        raise VolumeError(
+            f"ijk_to_ras is singular (normalised determinant {det:.2e}); "
+            "the voxel axes do not span 3D space"
+        )
     return m
 
 
 def _check_array(array: Any) -> np.ndarray:
     a = np.asarray(array)
-    if a.dtype == object or a.dtype.kind in "mM" or not (np.issubdtype(a.dtype, np.number)
-                                                        or a.dtype == np.bool_):
+    if (
+        a.dtype == object
+        or a.dtype.kind in "mM"
+        or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_)
+    ):
         raise VolumeError(f"volume must hold real numbers, got dtype {a.dtype}")
     if np.issubdtype(a.dtype, np.complexfloating):
         raise VolumeError("volume must hold real numbers, got complex values")
     if a.ndim == 4 and 1 in (a.shape[0], a.shape[-1]):
-        raise VolumeError(f"volume has shape {a.shape}: a 4D array with a singleton axis; "
-                          "squeeze it to 3D [k, j, i] first")
+        raise VolumeError(
+            f"volume has shape {a.shape}: a 4D array with a singleton axis; "
+            "squeeze it to 3D [k, j, i] first"
+        )
     if a.ndim != 3:
         kinds = {2: "a 2D image", 4: "4D (time series or vector) data"}
         kind = kinds.get(a.ndim, f"{a.ndim}D data")
-        raise VolumeError(f"volume must be a 3D scalar array [k, j, i]; got {kind} "
-                          f"with shape {a.shape}")
+        raise VolumeError(
+            f"volume must be a 3D scalar array [k, j, i]; got {kind} with shape {a.shape}"
+        )
     if min(a.shape) < 2:
-        raise VolumeError(f"volume has shape {a.shape}: every axis needs at least 2 voxels "
-                          "(a single slice is a 2D image)")
+        raise VolumeError(
+            f"volume has shape {a.shape}: every axis needs at least 2 voxels "
+            "(a single slice is a 2D image)"
+        )
     if a.dtype == np.bool_:
         a = a.astype(np.uint8)
     if np.issubdtype(a.dtype, np.floating):
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
         if bad:
-            raise VolumeError(f"volume contains {bad} non-finite voxel(s) (NaN or Inf); "
-                              "replace them (e.g. with the background value) first")
+            raise VolumeError(
+                f"volume contains {bad} non-finite voxel(s) (NaN or Inf); "
+                "replace them (e.g. with the background value) first"
+            )
     return a
 
 
@@ -186,8 +207,9 @@ class Volume:
         if dim != 3:
             raise VolumeError(f"image is {dim}D ({image.GetSize()}); a 3D scalar image is needed")
         if comps != 1:
-            raise VolumeError(f"image has {comps} components per voxel (vector/RGB); "
-                              "a scalar image is needed")
+            raise VolumeError(
+                f"image has {comps} components per voxel (vector/RGB); a scalar image is needed"
+            )
         import SimpleITK as sitk
 
         array = sitk.GetArrayFromImage(image)  # [k, j, i]
@@ -247,13 +269,14 @@ class Volume:
         try:
             import SimpleITK as sitk
         except ImportError:
-            raise ImportError(f"reading {p.name} needs SimpleITK: pip install SimpleITK") \
-                from None
+            raise ImportError(f"reading {p.name} needs SimpleITK: pip install SimpleITK") from None
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as err:
-            raise VolumeError(f"SimpleITK cannot read {p} (not an image, or truncated/corrupt): "
-                              f"{_itk_reason(err)}" + (f"\n{hint}" if hint else "")) from None
+            raise VolumeError(
+                f"SimpleITK cannot read {p} (not an image, or truncated/corrupt): "
+                f"{_itk_reason(err)}" + (f"\n{hint}" if hint else "")
+            ) from None
         if hint and image.GetDimension() == 3 and image.GetSize()[2] == 1:
             raise VolumeError(f"{p} holds a single slice. {hint}")
         return cls.from_sitk(image)
@@ -298,15 +321,21 @@ class Volume:
                 warnings.simplefilter("ignore")
                 back = Volume.read(tmp)
         except (VolumeError, OSError) as err:
-            raise OSError(f"writing {path} failed (the disk may be full): the file written "
-                          f"does not read back ({err})") from None
+            raise OSError(
+                f"writing {path} failed (the disk may be full): the file written "
+                f"does not read back ({err})"
+            ) from None
         if back.shape != self.shape or not np.array_equal(back.array, array):
-            raise OSError(f"writing {path} failed (the disk may be full): the voxels written "
-                          "differ from the mask")
+            raise OSError(
+                f"writing {path} failed (the disk may be full): the voxels written "
+                "differ from the mask"
+            )
         if not np.allclose(back.ijk_to_ras, self.ijk_to_ras, rtol=1e-6, atol=1e-3):
-            raise OSError(f"writing {path} failed: the file's geometry differs from the image's "
-                          f"(written {np.round(back.ijk_to_ras, 4).tolist()}, expected "
-                          f"{np.round(self.ijk_to_ras, 4).tolist()})")
+            raise OSError(
+                f"writing {path} failed: the file's geometry differs from the image's "
+                f"(written {np.round(back.ijk_to_ras, 4).tolist()}, expected "
+                f"{np.round(self.ijk_to_ras, 4).tolist()})"
+            )
 
     def __repr__(self) -> str:
         sp = ", ".join(f"{s:.3g}" for s in self.spacing)

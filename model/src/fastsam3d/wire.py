@@ -26,9 +26,21 @@ import numpy as np
 from .errors import FastSAM3DError
 from .result import Result
 
-__all__ = ["WireError", "CODECS", "available_codecs", "pick_codec", "compress", "decompress",
-           "volume_header", "volume_chunks", "VolumeAssembler", "encode_result",
-           "decode_result", "DTYPES", "CHUNK_BYTES"]
+__all__ = [
+    "WireError",
+    "CODECS",
+    "available_codecs",
+    "pick_codec",
+    "compress",
+    "decompress",
+    "volume_header",
+    "volume_chunks",
+    "VolumeAssembler",
+    "encode_result",
+    "decode_result",
+    "DTYPES",
+    "CHUNK_BYTES",
+]
 
 try:  # optional: the server always has it (extra "serve"); a client falls back to zlib
     import zstandard as _zstd
@@ -61,8 +73,9 @@ def pick_codec(offered: Sequence[str] | None = None) -> str:
     for c in offered if offered is not None else mine:
         if c in mine:
             return c
-    raise WireError(f"no common compression codec: offered {list(offered or [])}, "
-                    f"supported here {mine}")
+    raise WireError(
+        f"no common compression codec: offered {list(offered or [])}, supported here {mine}"
+    )
 
 
 def compress(data: bytes, codec: str, level: int = 1) -> bytes:
@@ -91,16 +104,17 @@ def decompress(data: bytes, codec: str, size: int) -> bytes:
             d = zlib.decompressobj()
             out = d.decompress(data, size)
             if d.unconsumed_tail or not d.eof:
-                raise WireError(f"zlib data expands beyond the declared {size} bytes or is "
-                                "truncated")
+                raise WireError(
+                    f"zlib data expands beyond the declared {size} bytes or is truncated"
+                )
         else:
-            raise WireError(f"unknown or unavailable codec {codec!r} (have "
-                            f"{available_codecs()})")
+            raise WireError(f"unknown or unavailable codec {codec!r} (have {available_codecs()})")
     except WireError:
         raise
     except Exception as e:  # zstd.ZstdError, zlib.error: corrupt or oversized data
-        raise WireError(f"cannot decompress {codec} data of {len(data)} bytes into {size} "
-                        f"bytes: {e}") from None
+        raise WireError(
+            f"cannot decompress {codec} data of {len(data)} bytes into {size} bytes: {e}"
+        ) from None
     if len(out) != size:
         raise WireError(f"{codec} data expands to {len(out)} bytes, expected {size}")
     return out
@@ -119,20 +133,24 @@ def wire_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def volume_header(array: np.ndarray, ijk_to_ras: Any, codec: str,
-                  chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+def volume_header(
+    array: np.ndarray, ijk_to_ras: Any, codec: str, chunk_bytes: int = CHUNK_BYTES
+) -> dict[str, Any]:
     """The JSON header announcing an upload of ``array`` (already :func:`wire_array`)."""
-    return {"shape": [int(s) for s in array.shape], "dtype": array.dtype.str,
-            "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64).tolist(),
-            "codec": codec, "chunk_bytes": int(chunk_bytes)}
+    return {
+        "shape": [int(s) for s in array.shape],
+        "dtype": array.dtype.str,
+        "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64).tolist(),
+        "codec": codec,
+        "chunk_bytes": int(chunk_bytes),
+    }
 
 
-def volume_chunks(array: np.ndarray, codec: str, chunk_bytes: int = CHUNK_BYTES
-                  ) -> Iterator[bytes]:
+def volume_chunks(array: np.ndarray, codec: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Compressed chunks of ``array``'s bytes, in order (one chunk held in memory at a time)."""
     flat = memoryview(array).cast("B")
     for start in range(0, max(len(flat), 1), chunk_bytes):
-        yield compress(bytes(flat[start:start + chunk_bytes]), codec)
+        yield compress(bytes(flat[start : start + chunk_bytes]), codec)
 
 
 class VolumeAssembler:
@@ -142,11 +160,15 @@ class VolumeAssembler:
     header passed every check.
     """
 
-    def __init__(self, header: dict[str, Any], max_bytes: int, codecs: Sequence[str] = CODECS
-                 ) -> None:
+    def __init__(
+        self, header: dict[str, Any], max_bytes: int, codecs: Sequence[str] = CODECS
+    ) -> None:
         shape = header.get("shape")
-        if (not isinstance(shape, (list, tuple)) or len(shape) != 3
-                or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+        if (
+            not isinstance(shape, (list, tuple))
+            or len(shape) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+        ):
             raise WireError(f"shape must be three integers [k, j, i], got {shape!r}")
         if min(shape) < 1:
             raise WireError(f"shape must be positive, got {list(shape)}")
@@ -155,19 +177,25 @@ class VolumeAssembler:
             raise WireError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         codec = header.get("codec")
         if codec not in codecs or codec not in available_codecs():
-            raise WireError(f"codec must be one of {[c for c in codecs if c in available_codecs()]}"
-                            f", got {codec!r}")
+            raise WireError(
+                f"codec must be one of {[c for c in codecs if c in available_codecs()]}"
+                f", got {codec!r}"
+            )
         chunk = header.get("chunk_bytes")
         if not isinstance(chunk, int) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
-            raise WireError(f"chunk_bytes must be an integer in [{MIN_CHUNK_BYTES}, "
-                            f"{MAX_CHUNK_BYTES}], got {chunk!r}")
+            raise WireError(
+                f"chunk_bytes must be an integer in [{MIN_CHUNK_BYTES}, "
+                f"{MAX_CHUNK_BYTES}], got {chunk!r}"
+            )
         self.dtype = np.dtype(dtype)
         self.shape = tuple(int(n) for n in shape)
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
         if self.nbytes > max_bytes:
-            raise OverflowError(f"volume of {self.nbytes / 2**20:.1f} MB ({list(self.shape)} "
-                                f"{self.dtype}) exceeds the server's upload limit of "
-                                f"{max_bytes / 2**20:g} MB")
+            raise OverflowError(
+                f"volume of {self.nbytes / 2**20:.1f} MB ({list(self.shape)} "
+                f"{self.dtype}) exceeds the server's upload limit of "
+                f"{max_bytes / 2**20:g} MB"
+            )
         self.ijk_to_ras = header.get("ijk_to_ras")
         self.codec = codec
         self.chunk_bytes = chunk
@@ -178,15 +206,16 @@ class VolumeAssembler:
     def chunk_size(self, index: int) -> int:
         """Uncompressed bytes of chunk ``index``."""
         if not 0 <= index < self.chunks:
-            raise WireError(f"chunk index {index} out of range: the volume has {self.chunks} "
-                            f"chunk(s)")
+            raise WireError(
+                f"chunk index {index} out of range: the volume has {self.chunks} chunk(s)"
+            )
         return min(self.chunk_bytes, self.nbytes - index * self.chunk_bytes)
 
     def add(self, index: int, data: bytes) -> None:
         size = self.chunk_size(index)
         raw = decompress(data, self.codec, size)
         start = index * self.chunk_bytes
-        self._buffer[start:start + size] = raw
+        self._buffer[start : start + size] = raw
         self._done[index] = True
 
     @property
@@ -196,8 +225,9 @@ class VolumeAssembler:
     def array(self) -> np.ndarray:
         """The assembled array ([k, j, i], writeable, native byte order)."""
         if self.missing:
-            raise WireError(f"upload incomplete: chunk(s) {self.missing[:10]} of {self.chunks} "
-                            "not received")
+            raise WireError(
+                f"upload incomplete: chunk(s) {self.missing[:10]} of {self.chunks} not received"
+            )
         a = np.frombuffer(self._buffer, dtype=self.dtype).reshape(self.shape)
         return a.astype(self.dtype.newbyteorder("="), copy=False)
 
@@ -217,8 +247,12 @@ def encode_result(result: Result, codec: str) -> dict[str, Any]:
         "crops": int(result.crops),
         "iou": None if result.iou is None else float(result.iou),
         "at_crop_limit": bool(result.at_crop_limit),
-        "mask": {"codec": codec, "order": order, "voxels": int(np.count_nonzero(mask)),
-                 "data": base64.b64encode(compress(bits, codec)).decode("ascii")},
+        "mask": {
+            "codec": codec,
+            "order": order,
+            "voxels": int(np.count_nonzero(mask)),
+            "data": base64.b64encode(compress(bits, codec)).decode("ascii"),
+        },
     }
 
 
@@ -247,7 +281,12 @@ def decode_result(data: dict[str, Any]) -> Result:
     flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=count).view(bool)
     mask = flat.reshape(size[::-1]).T if order == "F" else flat.reshape(size)
     if int(np.count_nonzero(mask)) != voxels:
-        raise WireError(f"result mask holds {np.count_nonzero(mask)} voxels, header says "
-                        f"{voxels}")
-    return Result(region, mask, shape, crops,  # type: ignore[arg-type]
-                  None if iou is None else float(iou), limit)
+        raise WireError(f"result mask holds {np.count_nonzero(mask)} voxels, header says {voxels}")
+    return Result(
+        region,
+        mask,
+        shape,
+        crops,  # type: ignore[arg-type]
+        None if iou is None else float(iou),
+        limit,
+    )

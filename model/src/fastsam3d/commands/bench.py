@@ -19,20 +19,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "512x512x300 CT-sized volume, batch encoder throughput, peak GPU memory.",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
-    p.add_argument("--models", default="fastsam3d,sam-med3d-turbo",
-                   help="comma-separated registry names; the first one is used for the click "
-                   "and session stages")
-    p.add_argument("--modes", default="reference,exact,fast",
-                   help="comma-separated: reference, exact, fast, fast-compile")
-    p.add_argument("--repeats", type=int, default=100,
-                   help="timed runs per stage, median reported (default 100)")
-    p.add_argument("--warmup", type=int, default=10,
-                   help="untimed runs before each stage (default 10)")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the throughput stage "
-                   "(0 = skip)")
+    p.add_argument(
+        "--models",
+        default="fastsam3d,sam-med3d-turbo",
+        help="comma-separated registry names; the first one is used for the click "
+        "and session stages",
+    )
+    p.add_argument(
+        "--modes",
+        default="reference,exact,fast",
+        help="comma-separated: reference, exact, fast, fast-compile",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=100,
+        help="timed runs per stage, median reported (default 100)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed runs before each stage (default 10)"
+    )
+    p.add_argument(
+        "--batch", type=int, default=8, help="batch size of the throughput stage (0 = skip)"
+    )
     p.add_argument("--no-session", action="store_true", help="skip the session stages")
-    p.add_argument("--tiny", action="store_true",
-                   help="2-block encoder and a small volume: a quick smoke test, not a measurement")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="2-block encoder and a small volume: a quick smoke test, not a measurement",
+    )
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -58,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
         tiny=args.tiny,
     )
     env = out["environment"]
-    print(f"# fastsam3d bench — {env['date']} commit {env['commit']} torch {env['torch']} "
-          f"on {env.get('gpu', env['device'])} ({env['threads']} threads)")
+    print(
+        f"# fastsam3d bench — {env['date']} commit {env['commit']} torch {env['torch']} "
+        f"on {env.get('gpu', env['device'])} ({env['threads']} threads)"
+    )
     print(bench.format_table(out))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = [Path(p) for p in (args.checkpoint, args.decoder) if p]
     if any(_same_file(args.out, p) or args.out.resolve() == p.resolve() for p in inputs):
-        raise CommandError("refusing to overwrite an input checkpoint; choose another output "
-                           "path")
+        raise CommandError("refusing to overwrite an input checkpoint; choose another output path")
     if args.out.is_dir():
         raise CommandError(f"{args.out} is a directory; give the output file's name")
     model = load_model(args.checkpoint, config=args.config, decoder=args.decoder)
@@ -47,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         writer(model, args.out)
     except OSError as exc:
-        raise CommandError(f"cannot write {args.out} ({exc.strerror or exc}); nothing was "
-                           "changed") from exc
+        raise CommandError(
+            f"cannot write {args.out} ({exc.strerror or exc}); nothing was changed"
+        ) from exc
     print(f"{model.config.summary()}\nwrote {args.out}")
     return 0

@@ -71,16 +71,20 @@ def _print_list(cache_dir: str | None, verify: bool) -> int:
         if st.present:
             print(f"  state:   {state_text(st)}; size {format_size(st.size)}")
         else:  # --list makes no network request, so the size is not known yet
-            print(f"  state:   {state_text(st)} (`fastsam3d download {info.name}` shows its size "
-                  "as it starts)")
+            print(
+                f"  state:   {state_text(st)} (`fastsam3d download {info.name}` shows its size "
+                "as it starts)"
+            )
         if st.recorded_sha256:
             print(f"  sha256:  {st.recorded_sha256}")
         print(f"  url:     {info.url}")
         print(f"  licence: {info.license_note}")
     extra = hub.url_downloads(cache_dir)
     if extra:
-        print("\ndownloaded from URLs (load by path, e.g. `segment --checkpoint PATH`; "
-              "remove with `download --remove URL`):")
+        print(
+            "\ndownloaded from URLs (load by path, e.g. `segment --checkpoint PATH`; "
+            "remove with `download --remove URL`):"
+        )
         for url, path in extra:
             print(f"  {url}\n    {path}")
     return 0

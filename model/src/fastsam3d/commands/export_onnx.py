@@ -19,17 +19,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "or fastsam3d.onnx.engine.OrtEngine (no PyTorch needed). Needs onnx, onnxscript and "
         "onnxruntime (pip install 'fastsam3d[onnx-export]').",
     )
-    p.add_argument("checkpoint", nargs="?", default="fastsam3d",
-                   help="checkpoint path or registered weights name (default fastsam3d)")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default="fastsam3d",
+        help="checkpoint path or registered weights name (default fastsam3d)",
+    )
     p.add_argument("out_dir", type=Path)
     p.add_argument("--decoder", help="prompt encoder + decoder file for an encoder-only checkpoint")
     p.add_argument("--config", help="registry config (default: detected from the file)")
-    p.add_argument("--fixture-weights", action="store_true",
-                   help="export the deterministic untrained fixture network of --config "
-                        "(default fastsam3d) instead of a checkpoint (offline pipeline check)")
+    p.add_argument(
+        "--fixture-weights",
+        action="store_true",
+        help="export the deterministic untrained fixture network of --config "
+        "(default fastsam3d) instead of a checkpoint (offline pipeline check)",
+    )
     p.add_argument("--no-int8", action="store_true", help="skip the int8 encoder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace graphs of other weights already in OUT_DIR")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace graphs of other weights already in OUT_DIR",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -39,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from ..quantize import exporter_available
 
     if not exporter_available():
-        raise CommandError("ONNX export needs onnx, onnxscript and onnxruntime: "
-                           "pip install 'fastsam3d[onnx-export]'")
+        raise CommandError(
+            "ONNX export needs onnx, onnxscript and onnxruntime: "
+            "pip install 'fastsam3d[onnx-export]'"
+        )
     from ..onnx.export import export_onnx
 
     if args.fixture_weights:

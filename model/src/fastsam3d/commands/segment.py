@@ -51,36 +51,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     if hasattr(p, "_negative_number_matcher"):
         p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.add_argument("image", help="input image file or DICOM folder")
-    p.add_argument("--series", metavar="UID",
-                   help="the DICOM series to read when the folder holds several (its UID, or "
-                        "its number in the list the command prints)")
-    p.add_argument("--point", action="append", default=[], metavar="R,A,S[:+|-]",
-                   help="a click (repeatable); ':-' marks a negative click (default '+'); "
-                        "e.g. --point -12.5,30,4 --point=-10,28,4:-")
+    p.add_argument(
+        "--series",
+        metavar="UID",
+        help="the DICOM series to read when the folder holds several (its UID, or "
+        "its number in the list the command prints)",
+    )
+    p.add_argument(
+        "--point",
+        action="append",
+        default=[],
+        metavar="R,A,S[:+|-]",
+        help="a click (repeatable); ':-' marks a negative click (default '+'); "
+        "e.g. --point -12.5,30,4 --point=-10,28,4:-",
+    )
     p.add_argument("--box", metavar="R0,A0,S0,R1,A1,S1", help="two opposite box corners")
     p.add_argument("--prompts", metavar="JSON", help="points and/or a box from a JSON file")
-    p.add_argument("--lps", action="store_true",
-                   help="coordinates on the command line are LPS (ITK/DICOM), not RAS")
+    p.add_argument(
+        "--lps",
+        action="store_true",
+        help="coordinates on the command line are LPS (ITK/DICOM), not RAS",
+    )
     p.add_argument("--out", required=True, help="output mask file (e.g. mask.nii.gz, .nrrd)")
     p.add_argument("--preview", metavar="PNG", help="also write a three-slice preview image")
-    p.add_argument("--model", default="fastsam3d",
-                   help="registered weights name (default fastsam3d; see `fastsam3d download "
-                        "--list`)")
+    p.add_argument(
+        "--model",
+        default="fastsam3d",
+        help="registered weights name (default fastsam3d; see `fastsam3d download --list`)",
+    )
     p.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file instead of --model")
-    p.add_argument("--fixture-weights", action="store_true",
-                   help="use deterministic untrained weights (offline pipeline check: the mask "
-                        "is NOT a segmentation)")
+    p.add_argument(
+        "--fixture-weights",
+        action="store_true",
+        help="use deterministic untrained weights (offline pipeline check: the mask "
+        "is NOT a segmentation)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cuda, mps, cpu, cuda:1 ...")
-    p.add_argument("--max-crops", type=int, default=8, metavar="N",
-                   help="most 128^3 crops one object may use (default 8)")
-    p.add_argument("--point-policy", choices=("newest", "accumulate"),
-                   help="override the model's click policy")
-    p.add_argument("--label", type=int, default=1,
-                   help="value written for the mask, 1..65535 (default 1)")
+    p.add_argument(
+        "--max-crops",
+        type=int,
+        default=8,
+        metavar="N",
+        help="most 128^3 crops one object may use (default 8)",
+    )
+    p.add_argument(
+        "--point-policy", choices=("newest", "accumulate"), help="override the model's click policy"
+    )
+    p.add_argument(
+        "--label", type=int, default=1, help="value written for the mask, 1..65535 (default 1)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
-    p.add_argument("--server", metavar="URL",
-                   help="segment on a `fastsam3d serve` server instead of here (no torch "
-                        "needed); the key from --api-key-file or $FASTSAM3D_API_KEY")
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        help="segment on a `fastsam3d serve` server instead of here (no torch "
+        "needed); the key from --api-key-file or $FASTSAM3D_API_KEY",
+    )
     p.add_argument("--api-key-file", metavar="PATH", help="file holding the server's API key")
     p.set_defaults(func=run)
     return p
@@ -172,8 +198,9 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
         except KeyboardInterrupt:
             raise
         except Exception as e:  # no network, proxy, disk: all mean "no weights here"
-            raise CommandError(_no_weights_message(args.model, str(e).splitlines()[0]),
-                               EXIT_NO_WEIGHTS) from None
+            raise CommandError(
+                _no_weights_message(args.model, str(e).splitlines()[0]), EXIT_NO_WEIGHTS
+            ) from None
     log(f"loading weights {args.model!r}")
     return load_model(args.model)
 
@@ -196,8 +223,10 @@ def _input_files(args: argparse.Namespace) -> list[Path]:
 def _check_output(path: Path, option: str, inputs: list[Path]) -> None:
     for src in inputs:
         if _same_file(path, src):
-            raise UsageError(f"{option} {path} is the input {src} (the same file): refusing to "
-                         "write over an input")
+            raise UsageError(
+                f"{option} {path} is the input {src} (the same file): refusing to "
+                "write over an input"
+            )
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name")
     parent = path.parent
@@ -257,8 +286,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _extent(vol: Any) -> str:
-    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in vol.shape[::-1]],
-                                   indexing="ij")).reshape(3, -1).T
+    corners = (
+        np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in vol.shape[::-1]], indexing="ij"))
+        .reshape(3, -1)
+        .T
+    )
     ras = vol.ijk_to_ras_points(corners)
     lo, hi = ras.min(axis=0), ras.max(axis=0)
     return ", ".join(f"{a} {x:.1f}..{y:.1f}" for a, x, y in zip("RAS", lo, hi))
@@ -273,24 +305,32 @@ def _check_prompts_inside(vol: Any, points: list, box: Any, lps: bool) -> None:
             mirrored = [-p[0] + 0.0, -p[1] + 0.0, p[2]]
             hint = ""
             if vol.contains(mirrored):
-                hint = (" (with R and A negated it would be inside: were the coordinates "
-                        f"{'RAS' if lps else 'LPS'}? then {'drop' if lps else 'add'} --lps)")
-            raise VolumeError(f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside the "
-                              f"volume (extent RAS mm: {_extent(vol)}){hint}")
+                hint = (
+                    " (with R and A negated it would be inside: were the coordinates "
+                    f"{'RAS' if lps else 'LPS'}? then {'drop' if lps else 'add'} --lps)"
+                )
+            raise VolumeError(
+                f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside the "
+                f"volume (extent RAS mm: {_extent(vol)}){hint}"
+            )
     if box is not None:
         for n, (p, _) in enumerate(points):
             if np.any(np.asarray(p) < box[0]) or np.any(np.asarray(p) > box[1]):
-                raise VolumeError(f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside "
-                                  f"the box {np.round(box[0], 1).tolist()} .. "
-                                  f"{np.round(box[1], 1).tolist()}: the mask is clipped to the "
-                                  "box, so clicks must be inside it")
+                raise VolumeError(
+                    f"click {n + 1} at RAS {np.round(p, 2).tolist()} lies outside "
+                    f"the box {np.round(box[0], 1).tolist()} .. "
+                    f"{np.round(box[1], 1).tolist()}: the mask is clipped to the "
+                    "box, so clicks must be inside it"
+                )
         corners = np.array(np.meshgrid(*zip(box[0], box[1]), indexing="ij")).reshape(3, -1).T
         ijk = vol.ras_to_ijk(corners)
         size = np.array(vol.shape[::-1]) - 0.5
         if np.any(ijk.max(axis=0) < -0.5) or np.any(ijk.min(axis=0) >= size):
-            raise VolumeError(f"the box {np.round(box[0], 1).tolist()} .. "
-                              f"{np.round(box[1], 1).tolist()} does not overlap the volume "
-                              f"(extent RAS mm: {_extent(vol)})")
+            raise VolumeError(
+                f"the box {np.round(box[0], 1).tolist()} .. "
+                f"{np.round(box[1], 1).tolist()} does not overlap the volume "
+                f"(extent RAS mm: {_extent(vol)})"
+            )
 
 
 def _remote_session(args: argparse.Namespace, log: Any) -> Any:
@@ -298,16 +338,18 @@ def _remote_session(args: argparse.Namespace, log: Any) -> Any:
     from fastsam3d.remote import RemoteSession
 
     if args.fixture_weights or args.checkpoint or args.model != "fastsam3d":
-        raise UsageError("--server uses the server's model: drop --model/--checkpoint/"
-                     "--fixture-weights")
+        raise UsageError(
+            "--server uses the server's model: drop --model/--checkpoint/--fixture-weights"
+        )
     key = None
     if args.api_key_file:
         if not Path(args.api_key_file).is_file():
             raise UsageError(f"--api-key-file: no such file {args.api_key_file}")
         key = Path(args.api_key_file).read_text().strip()
     log(f"connecting to {args.server}")
-    session = RemoteSession(args.server, api_key=key, point_policy=args.point_policy,
-                            max_crops=args.max_crops)
+    session = RemoteSession(
+        args.server, api_key=key, point_policy=args.point_policy, max_crops=args.max_crops
+    )
     log(f"server session on {session.info['model']} ({session.info['device']})")
     return session
 
@@ -321,8 +363,9 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
 
 
-def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
-                  line: Any = None) -> None:
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
     print(f"fastsam3d segment: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -350,8 +393,10 @@ def _run(args: argparse.Namespace) -> int:
     if not points and box is None:
         raise UsageError("no prompt: give at least one --point, a --box or --prompts")
     if box is None and not any(positive for _, positive in points):
-        raise UsageError("only negative clicks: start with a positive click (or a box) on the "
-                     "object; negative clicks only remove parts of it")
+        raise UsageError(
+            "only negative clicks: start with a positive click (or a box) on the "
+            "object; negative clicks only remove parts of it"
+        )
     check_args(args)
     out = Path(args.out)
     log(f"reading {args.image}")
@@ -371,19 +416,25 @@ def _run(args: argparse.Namespace) -> int:
         model = _load(args, log)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            session = Session(model, device=args.device, point_policy=args.point_policy,
-                              max_crops=args.max_crops, warmup=False)
+            session = Session(
+                model,
+                device=args.device,
+                point_policy=args.point_policy,
+                max_crops=args.max_crops,
+                warmup=False,
+            )
     if not args.server and session.device.type == "cpu":
-        log("running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
-            "a second to seconds")
+        log(
+            "running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
+            "a second to seconds"
+        )
     session.set_volume(vol)
     result = None
     if box is not None:
         log(f"box {np.round(box[0], 1).tolist()} .. {np.round(box[1], 1).tolist()}")
         result = session.add_box(*box)
     for n, (p, positive) in enumerate(points):
-        log(f"click {n + 1}/{len(points)} {'+' if positive else '-'} "
-            f"RAS {np.round(p, 1).tolist()}")
+        log(f"click {n + 1}/{len(points)} {'+' if positive else '-'} RAS {np.round(p, 1).tolist()}")
         result = session.add_point(p, positive=positive)
     assert result is not None
     if args.server:
@@ -395,11 +446,15 @@ def _run(args: argparse.Namespace) -> int:
     ml = result.voxels * float(np.prod(vol.spacing)) / 1000
     log(f"wrote {out}: {result.voxels} voxels ({ml:.1f} mL), {result.crops} crop(s)")
     if not result.voxels:
-        log("note: the mask is empty: try a click nearer the object's centre, or fewer "
-            "negative clicks")
+        log(
+            "note: the mask is empty: try a click nearer the object's centre, or fewer "
+            "negative clicks"
+        )
     if result.at_crop_limit:
-        log(f"note: the mask reaches the edge of its last crop; the object may continue "
-            f"beyond the {args.max_crops}-crop limit (raise --max-crops to follow it)")
+        log(
+            f"note: the mask reaches the edge of its last crop; the object may continue "
+            f"beyond the {args.max_crops}-crop limit (raise --max-crops to follow it)"
+        )
     if args.preview:
         from fastsam3d.preview import save_preview
 

@@ -118,8 +118,10 @@ class Attention(nn.Module):
             gd, gh, gw = grid
             real_terms = (t_d[..., :gw], t_h[..., :gd, :gw], t_w[..., :gh, :gw])
             bias = torch.cat(
-                [dense_bias(real_terms),
-                 padded_key_bias((t_d, t_h, t_w), grid).to(q.dtype)[..., None]],
+                [
+                    dense_bias(real_terms),
+                    padded_key_bias((t_d, t_h, t_w), grid).to(q.dtype)[..., None],
+                ],
                 dim=-1,
             )
         else:
@@ -179,12 +181,17 @@ def _sparse(
     layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid
 ) -> torch.Tensor:
     """Experimental (:mod:`fastsam3d.modeling.sparse`): the official weights are dense."""
-    return sparse.sparse_attention(q, k, v, _terms(layer, q, grid), layer.scale, grid,
-                                   layer.sparse_pattern)
+    return sparse.sparse_attention(
+        q, k, v, _terms(layer, q, grid), layer.scale, grid, layer.sparse_pattern
+    )
 
 
 _KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    "einsum": _einsum, "sdpa": _sdpa, "fold": _fold, "flex": _flex, "sparse": _sparse,
+    "einsum": _einsum,
+    "sdpa": _sdpa,
+    "fold": _fold,
+    "flex": _flex,
+    "sparse": _sparse,
 }
 BACKENDS = tuple(_KERNELS)  # ("einsum", "sdpa", "fold", "flex", "sparse")
 

@@ -72,6 +72,7 @@ def patch_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     b, c, d, h, w = x.shape
     g = (d // k[0], h // k[1], w // k[2])
     patches = x.reshape(b, c, g[0], k[0], g[1], k[1], g[2], k[2]).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    out = F.linear(patches.reshape(b, *g, -1), conv.weight.reshape(conv.out_channels, -1),
-                   conv.bias)
+    out = F.linear(
+        patches.reshape(b, *g, -1), conv.weight.reshape(conv.out_channels, -1), conv.bias
+    )
     return out.permute(0, 4, 1, 2, 3)

@@ -146,8 +146,16 @@ class ImageEncoderViT3D(nn.Module):
             else:
                 ws = 0 if i in global_attn_indexes else window_size
                 blocks.append(
-                    Block(embed_dim, num_heads, mlp_ratio, block_style, ws, self.grid,
-                          qkv_bias, use_rel_pos)
+                    Block(
+                        embed_dim,
+                        num_heads,
+                        mlp_ratio,
+                        block_style,
+                        ws,
+                        self.grid,
+                        qkv_bias,
+                        use_rel_pos,
+                    )
                 )
         self.blocks = nn.ModuleList(blocks)
         self.neck = nn.Sequential(

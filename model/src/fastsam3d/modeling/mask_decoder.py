@@ -16,9 +16,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim])
-        )
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -86,8 +84,10 @@ class MaskDecoder3D(nn.Module):
         bt = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
-            [out_tokens.unsqueeze(0).expand(bt, -1, -1).to(sparse_prompt_embeddings.dtype),
-             sparse_prompt_embeddings],
+            [
+                out_tokens.unsqueeze(0).expand(bt, -1, -1).to(sparse_prompt_embeddings.dtype),
+                sparse_prompt_embeddings,
+            ],
             dim=1,
         )
         src = image_embeddings

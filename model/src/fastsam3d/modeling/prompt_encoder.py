@@ -140,8 +140,10 @@ class PromptEncoder3D(nn.Module):
         corners = (boxes + 0.5).reshape(-1, 2, 3)
         emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
         emb = torch.stack(
-            [emb[:, 0] + self.point_embeddings[2].weight[0],
-             emb[:, 1] + self.point_embeddings[3].weight[0]],
+            [
+                emb[:, 0] + self.point_embeddings[2].weight[0],
+                emb[:, 1] + self.point_embeddings[3].weight[0],
+            ],
             dim=1,
         )
         return emb

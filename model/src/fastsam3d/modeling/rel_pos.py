@@ -114,8 +114,9 @@ def padded_key_bias(
     )
     log_real = torch.logsumexp(
         t_d[..., :gw]
-        + (torch.logsumexp(t_h[..., :gd, :gw], dim=4)
-           + torch.logsumexp(t_w[..., :gh, :gw], dim=4))[:, :, :, :, None, :],
+        + (torch.logsumexp(t_h[..., :gd, :gw], dim=4) + torch.logsumexp(t_w[..., :gh, :gw], dim=4))[
+            :, :, :, :, None, :
+        ],
         dim=-1,
     )
     out = log_all + torch.log1p(-torch.exp(log_real - log_all).clamp(max=1.0 - 1e-7))
@@ -133,8 +134,11 @@ def _fold_keys(g: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
 
 
 def fold_rel_pos(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
 ) -> torch.Tensor:
     """Exact attention with the official rel-pos bias and no additive mask (cubic grids).
 

@@ -66,7 +66,10 @@ class TwoWayAttentionBlock3D(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.skip_first_layer_pe:
@@ -95,8 +98,14 @@ class TwoWayTransformer3D(nn.Module):
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock3D(embedding_dim, num_heads, mlp_dim, activation,
-                                   attention_downsample_rate, skip_first_layer_pe=(i == 0))
+            TwoWayAttentionBlock3D(
+                embedding_dim,
+                num_heads,
+                mlp_dim,
+                activation,
+                attention_downsample_rate,
+                skip_first_layer_pe=(i == 0),
+            )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(

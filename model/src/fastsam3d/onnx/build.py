@@ -44,8 +44,13 @@ def quantize_encoder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
         before, root.disabled = root.disabled, True  # the quantizer logs advice at WARNING
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_dynamic(str(folded), str(out), weight_type=QuantType.QInt8,
-                                 per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
+                quantize_dynamic(
+                    str(folded),
+                    str(out),
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    op_types_to_quantize=["MatMul", "Gemm"],
+                )
         finally:
             root.disabled = before
     return dst
@@ -71,8 +76,9 @@ TEMPLATES = Path(__file__).with_name("templates")
 TEMPLATE_INFO = "template.json"
 
 
-def strip_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-                  keys: Iterable[str]) -> list[str]:
+def strip_weights(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], keys: Iterable[str]
+) -> list[str]:
     """Write ``src`` without the data of the initializers named in ``keys`` (names, shapes and
     types stay); returns the names stripped. Everything else (the ops, small constants) is kept.
     """
@@ -94,8 +100,12 @@ def strip_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     return stripped
 
 
-def fill_template(template: str | os.PathLike[str], weights: dict[str, np.ndarray],
-                  dst: str | os.PathLike[str], names: Iterable[str]) -> Path:
+def fill_template(
+    template: str | os.PathLike[str],
+    weights: dict[str, np.ndarray],
+    dst: str | os.PathLike[str],
+    names: Iterable[str],
+) -> Path:
     """The template with each initializer in ``names`` set from ``weights`` (float32, shapes
     checked); a missing or misshapen tensor is an error naming it."""
     import onnx
@@ -117,8 +127,10 @@ def fill_template(template: str | os.PathLike[str], weights: dict[str, np.ndarra
         t = numpy_helper.from_array(np.ascontiguousarray(a, dtype=np.float32), init.name)
         model.graph.initializer[i].CopyFrom(t)
     if missing or wrong:
-        raise ValueError("the weights do not fit the graph: "
-                         + "; ".join([f"missing {m}" for m in missing[:10]] + wrong[:10]))
+        raise ValueError(
+            "the weights do not fit the graph: "
+            + "; ".join([f"missing {m}" for m in missing[:10]] + wrong[:10])
+        )
     dst = Path(dst)
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
@@ -136,8 +148,11 @@ def list_templates(root: str | os.PathLike[str] | None = None) -> dict[str, dict
     return out
 
 
-def match_template(weights: dict[str, np.ndarray], style: str | None = None,
-                   root: str | os.PathLike[str] | None = None) -> dict:
+def match_template(
+    weights: dict[str, np.ndarray],
+    style: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> dict:
     """The template whose weights are exactly the file's keys with the same shapes. Block style
     cannot be seen in weights: ``style`` (recorded by our exporters) picks among equal fits,
     else the config's own style (SAM-Med3D's standard block for 12-block files)."""
@@ -145,21 +160,29 @@ def match_template(weights: dict[str, np.ndarray], style: str | None = None,
     for meta in list_templates(root).values():
         shapes = meta["shapes"]
         if set(shapes) == set(weights) and all(
-                tuple(weights[k].shape) == tuple(v) for k, v in shapes.items()):
+            tuple(weights[k].shape) == tuple(v) for k, v in shapes.items()
+        ):
             fits.append(meta)
     if style is not None:
         fits = [m for m in fits if m["block_style"] == style] or fits
     fits.sort(key=lambda m: m["config"].endswith("-fastsam3d-block"))  # own style first
     if not fits:
         known = ", ".join(sorted(list_templates(root))) or "none installed"
-        raise ValueError(f"the weights fit none of the graph templates ({known}); export the "
-                         "graphs where PyTorch is installed: fastsam3d export-onnx")
+        raise ValueError(
+            f"the weights fit none of the graph templates ({known}); export the "
+            "graphs where PyTorch is installed: fastsam3d export-onnx"
+        )
     return fits[0]
 
 
-def build_from_weights(weights: dict[str, np.ndarray], out_dir: str | os.PathLike[str], *,
-                       style: str | None = None, int8: bool = True,
-                       root: str | os.PathLike[str] | None = None) -> Path:
+def build_from_weights(
+    weights: dict[str, np.ndarray],
+    out_dir: str | os.PathLike[str],
+    *,
+    style: str | None = None,
+    int8: bool = True,
+    root: str | os.PathLike[str] | None = None,
+) -> Path:
     """Encoder/click graphs (and the int8 encoder) for a numpy state dict with official keys,
     from the packaged templates, without PyTorch. Reused while the digest matches."""
     meta = match_template(weights, style, root)
@@ -179,9 +202,15 @@ def build_from_weights(weights: dict[str, np.ndarray], out_dir: str | os.PathLik
     fill_template(tdir / CLICK, weights, files["click"], meta["click_weights"])
     if int8:
         quantize_encoder(files["encoder"], files["encoder_int8"])
-    record = {"format": FORMAT_VERSION, "digest": digest, "config": meta["config"],
-              "point_policy": meta["point_policy"], "img_size": meta["img_size"],
-              "files": {k: p.name for k, p in files.items()}, "from_template": True}
+    record = {
+        "format": FORMAT_VERSION,
+        "digest": digest,
+        "config": meta["config"],
+        "point_policy": meta["point_policy"],
+        "img_size": meta["img_size"],
+        "files": {k: p.name for k, p in files.items()},
+        "from_template": True,
+    }
     with atomic_path(info) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     return out

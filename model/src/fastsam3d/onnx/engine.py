@@ -44,8 +44,10 @@ def default_providers(precision: str = "fp32") -> list[str]:
         wanted = [p.strip() for p in env.split(",") if p.strip()]
         missing = [p for p in wanted if p not in have]
         if missing:
-            raise RuntimeError(f"FASTSAM3D_ORT_PROVIDERS names {missing}, not offered by this "
-                               f"onnxruntime ({', '.join(have)})")
+            raise RuntimeError(
+                f"FASTSAM3D_ORT_PROVIDERS names {missing}, not offered by this "
+                f"onnxruntime ({', '.join(have)})"
+            )
         return wanted
     if precision == "int8":
         return ["CPUExecutionProvider"]
@@ -60,8 +62,14 @@ class OrtEngine:
     threads (0 = onnxruntime's default, one per physical core).
     """
 
-    def __init__(self, onnx_dir: str | os.PathLike[str], precision: str = "fp32", *,
-                 providers: Sequence[str] | None = None, threads: int = 0) -> None:
+    def __init__(
+        self,
+        onnx_dir: str | os.PathLike[str],
+        precision: str = "fp32",
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int = 0,
+    ) -> None:
         import onnxruntime as ort
 
         if precision not in ORT_PRECISIONS:
@@ -69,14 +77,18 @@ class OrtEngine:
         d = Path(onnx_dir)
         meta_path = d / META
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{d} holds no exported model ({META} missing); run "
-                                    "`fastsam3d export-onnx` first")
+            raise FileNotFoundError(
+                f"{d} holds no exported model ({META} missing); run `fastsam3d export-onnx` first"
+            )
         self.meta: dict = json.loads(meta_path.read_text())
         enc_file = d / (ENCODER_INT8 if precision == "int8" else ENCODER)
         for f in (enc_file, d / CLICK):
             if not f.is_file():
-                raise FileNotFoundError(f"{f} is missing (re-run `fastsam3d export-onnx`"
-                                        + (" with int8" if f.name == ENCODER_INT8 else "") + ")")
+                raise FileNotFoundError(
+                    f"{f} is missing (re-run `fastsam3d export-onnx`"
+                    + (" with int8" if f.name == ENCODER_INT8 else "")
+                    + ")"
+                )
         self.precision = precision
         self.img_size = int(self.meta.get("img_size", 128))
         opts = ort.SessionOptions()
@@ -93,8 +105,10 @@ class OrtEngine:
         click_providers = list(providers or default_providers("fp32"))
         self.encoder = ort.InferenceSession(str(enc_file), opts, providers=enc_providers)
         self.click_session = ort.InferenceSession(str(d / CLICK), opts, providers=click_providers)
-        self.providers = {"encoder": self.encoder.get_providers()[0],
-                          "click": self.click_session.get_providers()[0]}
+        self.providers = {
+            "encoder": self.encoder.get_providers()[0],
+            "click": self.click_session.get_providers()[0],
+        }
         self._low = tuple(int(s) for s in self.click_session.get_inputs()[3].shape[2:])
 
     @property
@@ -106,19 +120,29 @@ class OrtEngine:
         takes one crop; a batch runs crop by crop)."""
         x = np.ascontiguousarray(crops, dtype=np.float32)
         if x.ndim != 5 or x.shape[1:] != (1,) + (self.img_size,) * 3:
-            raise ValueError(f"crops must be (B, 1, {self.img_size}, {self.img_size}, "
-                             f"{self.img_size}), got {x.shape}")
-        outs = [self.encoder.run(None, {"crop": x[i:i + 1]})[0] for i in range(x.shape[0])]
+            raise ValueError(
+                f"crops must be (B, 1, {self.img_size}, {self.img_size}, "
+                f"{self.img_size}), got {x.shape}"
+            )
+        outs = [self.encoder.run(None, {"crop": x[i : i + 1]})[0] for i in range(x.shape[0])]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def click(self, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,
-              mask_input: np.ndarray | None, multimask_output: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def click(
+        self,
+        embedding: np.ndarray,
+        coords: np.ndarray,
+        labels: np.ndarray,
+        mask_input: np.ndarray | None,
+        multimask_output: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Prompt encoder + decoder -> (low-res logits (1, C, 32, 32, 32), iou (1, C)) float32,
         C = 3 with ``multimask_output`` else 1. ``mask_input=None`` is the no-mask path."""
         has = mask_input is not None
-        mask = (np.asarray(mask_input, dtype=np.float32) if has
-                else np.zeros((1, 1) + self._low, dtype=np.float32))
+        mask = (
+            np.asarray(mask_input, dtype=np.float32)
+            if has
+            else np.zeros((1, 1) + self._low, dtype=np.float32)
+        )
         feeds: dict[str, Any] = {
             "embedding": np.ascontiguousarray(embedding, dtype=np.float32),
             "coords": np.ascontiguousarray(coords, dtype=np.float32),

@@ -76,8 +76,14 @@ class _Click(nn.Module):
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
 
-    def forward(self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-                mask: torch.Tensor, has_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        embedding: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        has_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pe = self.prompt_encoder
         sparse, dense = pe(points=(coords, labels), boxes=None, masks=mask)
         none = pe.no_mask_embed.weight.reshape(1, -1, 1, 1, 1)
@@ -91,8 +97,9 @@ class _Click(nn.Module):
 def weights_digest(model: nn.Module) -> str:
     """The cache key of ``model``'s graphs (:func:`fastsam3d.onnx.build.digest_arrays` over its
     state dict and config)."""
-    items = ((k, t.detach().to("cpu", torch.float32).numpy())
-             for k, t in model.state_dict().items())
+    items = (
+        (k, t.detach().to("cpu", torch.float32).numpy()) for k, t in model.state_dict().items()
+    )
     return digest_arrays(items, repr(getattr(model, "config", None)))
 
 
@@ -103,18 +110,34 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _export(module: nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]],
-            dynamic_shapes: dict | None = None) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    names: tuple[list[str], list[str]],
+    dynamic_shapes: dict | None = None,
+) -> None:
     with atomic_path(path) as tmp, torch.no_grad(), _quiet():
         # optimize=False keeps each weight as an initializer named by its state-dict key (the
         # optimiser would fold transposes into anonymous constants); ONNX Runtime folds at load
-        torch.onnx.export(module, args, str(tmp), dynamo=True, opset_version=OPSET, optimize=False,
-                          input_names=names[0], output_names=names[1],
-                          dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            dynamo=True,
+            opset_version=OPSET,
+            optimize=False,
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
 
 
-def export_onnx(model: Sam3D, out_dir: str | os.PathLike[str], *, int8: bool = True,
-                overwrite: bool = False) -> dict[str, Path]:
+def export_onnx(
+    model: Sam3D, out_dir: str | os.PathLike[str], *, int8: bool = True, overwrite: bool = False
+) -> dict[str, Path]:
     """Write ``encoder.onnx``, ``click.onnx`` (and ``encoder.int8.onnx``) for ``model`` into
     ``out_dir`` with a ``fastsam3d-onnx.json`` that records the weights' digest and config.
 
@@ -135,13 +158,19 @@ def export_onnx(model: Sam3D, out_dir: str | os.PathLike[str], *, int8: bool = T
         meta = json.loads(meta_path.read_text())
         if meta.get("digest") == digest and all(p.exists() for p in paths.values()):
             return paths
-        if (meta.get("digest") == digest and int8 and paths["encoder"].exists()
-                and paths["click"].exists()):
+        if (
+            meta.get("digest") == digest
+            and int8
+            and paths["encoder"].exists()
+            and paths["click"].exists()
+        ):
             quantize_encoder(paths["encoder"], paths["encoder_int8"])  # only int8 was missing
             return paths
         if meta.get("digest") != digest and not overwrite:
-            raise FileExistsError(f"{out} holds ONNX graphs of other weights; pass "
-                                  "overwrite=True (--overwrite) or choose another directory")
+            raise FileExistsError(
+                f"{out} holds ONNX graphs of other weights; pass "
+                "overwrite=True (--overwrite) or choose another directory"
+            )
     backends = {m: m.backend for m in model.modules() if isinstance(m, EncoderAttention)}
     try:
         for m in backends:
@@ -151,24 +180,42 @@ def export_onnx(model: Sam3D, out_dir: str | os.PathLike[str], *, int8: bool = T
         pe = model.prompt_encoder
         emb = torch.zeros(1, pe.embed_dim, *pe.image_embedding_size)
         low = pe.mask_input_size
-        args = (emb, torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.long),
-                torch.zeros(1, 1, *low), torch.ones(1, dtype=torch.bool))
+        args = (
+            emb,
+            torch.zeros(1, 2, 3),
+            torch.ones(1, 2, dtype=torch.long),
+            torch.zeros(1, 1, *low),
+            torch.ones(1, dtype=torch.bool),
+        )
         n = torch.export.Dim("points", min=1, max=64)
-        _export(_Click(model).eval(), args, paths["click"],
-                (["embedding", "coords", "labels", "mask", "has_mask"], ["low_res", "iou"]),
-                dynamic_shapes={"embedding": None, "coords": {1: n}, "labels": {1: n},
-                                "mask": None, "has_mask": None})
+        _export(
+            _Click(model).eval(),
+            args,
+            paths["click"],
+            (["embedding", "coords", "labels", "mask", "has_mask"], ["low_res", "iou"]),
+            dynamic_shapes={
+                "embedding": None,
+                "coords": {1: n},
+                "labels": {1: n},
+                "mask": None,
+                "has_mask": None,
+            },
+        )
     finally:
         for m, b in backends.items():
             m.backend = b
     if int8:
         quantize_encoder(paths["encoder"], paths["encoder_int8"])
     cfg = getattr(model, "config", None)
-    meta = {"format": FORMAT_VERSION, "digest": digest, "opset": OPSET,
-            "config": getattr(cfg, "name", None),
-            "point_policy": getattr(cfg, "point_policy", None),
-            "img_size": model.image_encoder.img_size,
-            "files": {k: p.name for k, p in paths.items()}}
+    meta = {
+        "format": FORMAT_VERSION,
+        "digest": digest,
+        "opset": OPSET,
+        "config": getattr(cfg, "name", None),
+        "point_policy": getattr(cfg, "point_policy", None),
+        "img_size": model.image_encoder.img_size,
+        "files": {k: p.name for k, p in paths.items()},
+    }
     with atomic_path(meta_path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return paths
@@ -188,10 +235,16 @@ def write_template(model: Sam3D, out_dir: str | os.PathLike[str]) -> Path:
         paths = export_onnx(model, tmp, int8=False)
         enc = strip_weights(paths["encoder"], out / ENCODER, sd)
         click = strip_weights(paths["click"], out / CLICK, sd)
-    meta = {"format": FORMAT_VERSION, "config": cfg.name, "block_style": cfg.block_style,
-            "point_policy": cfg.point_policy, "img_size": model.image_encoder.img_size,
-            "encoder_weights": enc, "click_weights": click,
-            "shapes": {k: list(v.shape) for k, v in sd.items()}}
+    meta = {
+        "format": FORMAT_VERSION,
+        "config": cfg.name,
+        "block_style": cfg.block_style,
+        "point_policy": cfg.point_policy,
+        "img_size": model.image_encoder.img_size,
+        "encoder_weights": enc,
+        "click_weights": click,
+        "shapes": {k: list(v.shape) for k, v in sd.items()},
+    }
     with atomic_path(out / TEMPLATE_INFO) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     return out

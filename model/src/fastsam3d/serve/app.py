@@ -115,9 +115,13 @@ class BodyLimit:
             except ValueError:
                 n = -1
             if n < 0 or n > limit:
-                await _send_error(send, 413, "too_large",
-                                  f"{what} of {length.decode(errors='replace')} bytes exceeds "
-                                  f"the limit of {limit} bytes")
+                await _send_error(
+                    send,
+                    413,
+                    "too_large",
+                    f"{what} of {length.decode(errors='replace')} bytes exceeds "
+                    f"the limit of {limit} bytes",
+                )
                 return
             await self.app(scope, receive, send)  # the HTTP layer enforces Content-Length
             return
@@ -129,8 +133,9 @@ class BodyLimit:
             body = msg.get("body", b"")
             total += len(body)
             if total > limit:
-                await _send_error(send, 413, "too_large",
-                                  f"{what} exceeds the limit of {limit} bytes")
+                await _send_error(
+                    send, 413, "too_large", f"{what} exceeds the limit of {limit} bytes"
+                )
                 return
             parts.append(body)
             if not msg.get("more_body", False):
@@ -164,6 +169,7 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
         # the CUDA device is per thread: the worker must use the runner's (cuda:1 ...)
         def init() -> None:
             torch.cuda.set_device(runner.device)
+
     jobs = InferenceQueue(init=init)
     manager = SessionManager(runner, config, jobs)
     state: dict[str, Any] = {"ready": False, "draining": False}
@@ -189,9 +195,13 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             await anyio.to_thread.run_sync(jobs.stop)
             log.info("stopped (%d sessions dropped)", len(manager.sessions))
 
-    app = FastAPI(title="fastsam3d serve", version=__version__, lifespan=lifespan,
-                  description="Interactive 3D segmentation (FastSAM3D / SAM-Med3D) for many "
-                              "users on one GPU. See docs/serve.md.")
+    app = FastAPI(
+        title="fastsam3d serve",
+        version=__version__,
+        lifespan=lifespan,
+        description="Interactive 3D segmentation (FastSAM3D / SAM-Med3D) for many "
+        "users on one GPU. See docs/serve.md.",
+    )
     app.state.manager = manager
     app.state.jobs = jobs
     app.add_middleware(BodyLimit, chunk_limit=MAX_CHUNK_BYTES + MAX_CHUNK_BYTES // 64 + 4096)
@@ -205,10 +215,20 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         # e.g. CUDA out of memory: the session's state is unchanged (it commits on success)
-        log.error("%s %s -> 500 %s: %s", request.method, _path(request), type(exc).__name__,
-                  str(exc)[:200])
-        return JSONResponse({"error": "internal", "message": f"the server failed: "
-                             f"{type(exc).__name__}: {str(exc)[:300]}"}, status_code=500)
+        log.error(
+            "%s %s -> 500 %s: %s",
+            request.method,
+            _path(request),
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+        return JSONResponse(
+            {
+                "error": "internal",
+                "message": f"the server failed: {type(exc).__name__}: {str(exc)[:300]}",
+            },
+            status_code=500,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -219,8 +239,10 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             extra = extra or e.get("type") == "extra_forbidden"
         msg = "malformed request: " + "; ".join(parts)
         if extra:
-            msg += (" (the server's model and files are fixed by its operator; a request "
-                    "cannot name them)")
+            msg += (
+                " (the server's model and files are fixed by its operator; a request "
+                "cannot name them)"
+            )
         return JSONResponse({"error": "malformed", "message": msg}, status_code=422)
 
     async def require_key(request: Request) -> None:  # async: no thread-pool hop per request
@@ -232,8 +254,9 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
         if given is None and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
         if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong API key (send "
-                                                "'Authorization: Bearer KEY')")
+            raise ApiError(
+                401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY')"
+            )
 
     auth = [Depends(require_key)]
 
@@ -249,25 +272,38 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             return JSONResponse({"status": why}, status_code=503)
         if len(manager.sessions) >= config.max_sessions:
             return JSONResponse({"status": "full"}, status_code=503)
-        return JSONResponse({"status": "ready", "model": config.model_name,
-                             "device": str(runner.device), "version": __version__})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": config.model_name,
+                "device": str(runner.device),
+                "version": __version__,
+            }
+        )
 
     # --- sessions ------------------------------------------------------------------------
     def _info(s: ServerSession) -> dict[str, Any]:
         sess = s.session
         vol = getattr(sess, "volume", None)
-        return {"session_id": s.id, "model": config.model_name, "device": str(runner.device),
-                "codec": s.codec, "idle_timeout_s": config.idle_timeout_s,
-                "max_upload_mb": config.max_upload_mb, "max_crops": sess.max_crops,
-                "point_policy": sess.point_policy,
-                "volume": None if vol is None else list(vol.shape),
-                "can_undo": bool(sess.can_undo)}
+        return {
+            "session_id": s.id,
+            "model": config.model_name,
+            "device": str(runner.device),
+            "codec": s.codec,
+            "idle_timeout_s": config.idle_timeout_s,
+            "max_upload_mb": config.max_upload_mb,
+            "max_crops": sess.max_crops,
+            "point_policy": sess.point_policy,
+            "volume": None if vol is None else list(vol.shape),
+            "can_undo": bool(sess.can_undo),
+        }
 
     @app.post("/v1/sessions", status_code=201, dependencies=auth, tags=["sessions"])
     async def create_session(options: SessionOptions | None = None) -> dict[str, Any]:
         if not state["ready"]:
-            raise ApiError(503, "not_ready", "the server is not ready (warming up or shutting "
-                                             "down)")
+            raise ApiError(
+                503, "not_ready", "the server is not ready (warming up or shutting down)"
+            )
         opts = (options or SessionOptions()).model_dump()
         try:
             codec = pick_codec(opts.pop("codecs"))
@@ -309,32 +345,54 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             s.upload = None
             try:
                 s.upload = await anyio.to_thread.run_sync(
-                    VolumeAssembler, header.model_dump(), config.max_upload_bytes,
-                    available_codecs())
+                    VolumeAssembler,
+                    header.model_dump(),
+                    config.max_upload_bytes,
+                    available_codecs(),
+                )
             except OverflowError as e:
                 raise ApiError(413, "too_large", str(e)) from None
             except MemoryError:
-                raise ApiError(503, "server_full", "the server has not enough memory for this "
-                                                   "volume now; retry later") from None
+                raise ApiError(
+                    503,
+                    "server_full",
+                    "the server has not enough memory for this volume now; retry later",
+                ) from None
             except WireError as e:
                 raise ApiError(422, "malformed", f"volume header: {e}") from None
-            log.info("session %s: receiving a volume %s %s (%.1f MB, %d chunks)", short(sid),
-                     s.upload.shape, s.upload.dtype, s.upload.nbytes / 2**20, s.upload.chunks)
+            log.info(
+                "session %s: receiving a volume %s %s (%.1f MB, %d chunks)",
+                short(sid),
+                s.upload.shape,
+                s.upload.dtype,
+                s.upload.nbytes / 2**20,
+                s.upload.chunks,
+            )
             return {"chunks": s.upload.chunks, "chunk_bytes": s.upload.chunk_bytes}
         finally:
             s.lock.release()
 
-    @app.put("/v1/sessions/{sid}/volume/chunks/{index}", dependencies=auth, tags=["volume"],
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/octet-stream": {"schema": {"type": "string",
-                                                         "format": "binary"}}}}})
+    @app.put(
+        "/v1/sessions/{sid}/volume/chunks/{index}",
+        dependencies=auth,
+        tags=["volume"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+    )
     async def volume_chunk(sid: str, index: int, request: Request) -> dict[str, Any]:
         s = await locked(sid)
         try:
             up = s.upload
             if up is None:
-                raise ApiError(422, "malformed", "no volume upload in progress: POST the "
-                                                 "volume header first")
+                raise ApiError(
+                    422, "malformed", "no volume upload in progress: POST the volume header first"
+                )
             try:
                 size = up.chunk_size(index)
             except WireError as e:
@@ -342,12 +400,18 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
             cap = size + size // 64 + 4096  # zstd/zlib worst case is well inside this
             declared = request.headers.get("content-length")
             if declared is not None and int(declared) > cap:
-                raise ApiError(413, "too_large", f"chunk {index}: {declared} bytes for "
-                                                 f"{size} bytes of volume data")
+                raise ApiError(
+                    413,
+                    "too_large",
+                    f"chunk {index}: {declared} bytes for {size} bytes of volume data",
+                )
             data = await request.body()
             if len(data) > cap:
-                raise ApiError(413, "too_large", f"chunk {index}: {len(data)} bytes for "
-                                                 f"{size} bytes of volume data")
+                raise ApiError(
+                    413,
+                    "too_large",
+                    f"chunk {index}: {len(data)} bytes for {size} bytes of volume data",
+                )
             try:
                 await anyio.to_thread.run_sync(up.add, index, data)
             except WireError as e:
@@ -411,8 +475,10 @@ def create_app(runner: Any, config: ServerConfig | None = None) -> FastAPI:
         body = json.dumps({"result": payload, "can_undo": can_undo}).encode()
         t2 = time.perf_counter()
         # where the time went, for clients and load tests (RemoteSession.last_timing)
-        timing = (f"wait;dur={(span[0] - t0) * 1e3:.2f}, infer;dur={(span[1] - span[0]) * 1e3:.2f}"
-                  f", encode;dur={(t2 - t1) * 1e3:.2f}")
+        timing = (
+            f"wait;dur={(span[0] - t0) * 1e3:.2f}, infer;dur={(span[1] - span[0]) * 1e3:.2f}"
+            f", encode;dur={(t2 - t1) * 1e3:.2f}"
+        )
         return Response(body, media_type="application/json", headers={"Server-Timing": timing})
 
     @app.post("/v1/sessions/{sid}/points", dependencies=auth, tags=["prompts"])

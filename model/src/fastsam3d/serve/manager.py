@@ -60,8 +60,9 @@ class ServerConfig:
 class InferenceQueue:
     """One worker thread; jobs run in submission order (see the module docstring)."""
 
-    def __init__(self, name: str = "fastsam3d-infer",
-                 init: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, name: str = "fastsam3d-infer", init: Callable[[], object] | None = None
+    ) -> None:
         self._init = init  # runs first on the worker (e.g. select its CUDA device)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -149,19 +150,24 @@ class SessionManager:
     async def create(self, options: dict[str, Any], codec: str) -> ServerSession:
         cfg = self.config
         if len(self.sessions) + self._creating >= cfg.max_sessions:
-            raise ApiError(503, "server_full",
-                           f"the server already holds its maximum of {cfg.max_sessions} "
-                           "sessions; close one (or wait for idle ones to expire) and retry")
+            raise ApiError(
+                503,
+                "server_full",
+                f"the server already holds its maximum of {cfg.max_sessions} "
+                "sessions; close one (or wait for idle ones to expire) and retry",
+            )
         crops = options.get("max_crops", cfg.max_crops)
         if not 1 <= crops <= cfg.max_crops:
-            raise ApiError(422, "malformed", f"max_crops must be between 1 and the server's "
-                                             f"limit {cfg.max_crops}, got {crops}")
+            raise ApiError(
+                422,
+                "malformed",
+                f"max_crops must be between 1 and the server's limit {cfg.max_crops}, got {crops}",
+            )
         from ..session import Session
 
         self._creating += 1
         try:
-            session = await self.jobs.run(
-                lambda: Session(self.runner, warmup=False, **options))
+            session = await self.jobs.run(lambda: Session(self.runner, warmup=False, **options))
         except ValueError as e:  # an option Session refuses
             raise ApiError(422, "malformed", str(e)) from None
         finally:
@@ -177,10 +183,16 @@ class SessionManager:
             return s
         why = self._closed.get(sid)
         if why is not None:
-            raise ApiError(410, "session_expired", f"session {short(sid)} {why}; create a new "
-                                                   "session and send the volume again")
-        raise ApiError(404, "unknown_session", f"no session {short(sid)} on this server "
-                                               "(wrong id, or the server restarted)")
+            raise ApiError(
+                410,
+                "session_expired",
+                f"session {short(sid)} {why}; create a new session and send the volume again",
+            )
+        raise ApiError(
+            404,
+            "unknown_session",
+            f"no session {short(sid)} on this server (wrong id, or the server restarted)",
+        )
 
     def close(self, s: ServerSession, why: str) -> None:
         if s.closed:
@@ -199,18 +211,25 @@ class SessionManager:
         """Close sessions idle longer than the timeout (never one with a request running)."""
         now = time.monotonic() if now is None else now
         limit = self.config.idle_timeout_s
-        gone = [s for s in self.sessions.values()
-                if now - s.last_used > limit and not s.lock.locked()]
+        gone = [
+            s for s in self.sessions.values() if now - s.last_used > limit and not s.lock.locked()
+        ]
         for s in gone:
-            self.close(s, f"was closed after {limit:.0f} s without requests (the server's "
-                          "idle timeout)")
+            self.close(
+                s, f"was closed after {limit:.0f} s without requests (the server's idle timeout)"
+            )
         return [s.id for s in gone]
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "sessions": len(self.sessions), "max_sessions": self.config.max_sessions,
-            "queued": self.jobs.pending, "jobs": self.jobs.jobs, "clicks": self.clicks,
-            "busy_s": round(self.jobs.busy_s, 3), "rss_mb": rss_mb(), "peak_rss_mb": rss_mb(True),
+            "sessions": len(self.sessions),
+            "max_sessions": self.config.max_sessions,
+            "queued": self.jobs.pending,
+            "jobs": self.jobs.jobs,
+            "clicks": self.clicks,
+            "busy_s": round(self.jobs.busy_s, 3),
+            "rss_mb": rss_mb(),
+            "peak_rss_mb": rss_mb(True),
         }
         dev = getattr(self.runner, "device", None)
         if dev is not None and dev.type == "cuda":

@@ -56,8 +56,18 @@ from .pattern import IMPLS, SparsePattern
 EXPERIMENTAL = True
 
 __all__ = [
-    "EXPERIMENTAL", "FLASH_MAX_HEAD_DIM", "IMPLS", "GroupKernel", "SparsePattern",
-    "flash_available", "flash_group_kernel", "flash_unsupported_reason", "flex_dense",
-    "inclusion_exclusion", "reference_group_kernel", "resolve_impl", "sparse_attention",
+    "EXPERIMENTAL",
+    "FLASH_MAX_HEAD_DIM",
+    "IMPLS",
+    "GroupKernel",
+    "SparsePattern",
+    "flash_available",
+    "flash_group_kernel",
+    "flash_unsupported_reason",
+    "flex_dense",
+    "inclusion_exclusion",
+    "reference_group_kernel",
+    "resolve_impl",
+    "sparse_attention",
     "sparse_grouped",
 ]

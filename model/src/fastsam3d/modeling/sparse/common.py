@@ -31,7 +31,11 @@ def check_terms(terms: Terms | None, grid: Grid) -> None:
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: Terms | None,
+    scale: float,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Dense logits + rel-pos bias (+ mask) through SDPA: differentiable on every device."""
@@ -45,8 +49,9 @@ def reference_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-def merge_lse(outs: list[torch.Tensor], lses: list[torch.Tensor],
-               coefs: list[float] | None = None) -> torch.Tensor:
+def merge_lse(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], coefs: list[float] | None = None
+) -> torch.Tensor:
     """Combine partial softmax results: out = sum c_i e^{lse_i} out_i / sum c_i e^{lse_i}."""
     lse = torch.stack([x.float() for x in lses])  # (branches, B, heads, N)
     m = lse.max(0).values

@@ -34,8 +34,13 @@ def resolve_impl(pattern: SparsePattern, q: torch.Tensor, grid: Grid) -> str:
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
-    grid: Grid, pattern: SparsePattern | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: Terms | None,
+    scale: float,
+    grid: Grid,
+    pattern: SparsePattern | None = None,
 ) -> torch.Tensor:
     """Attention over the union mask of ``pattern`` with the official rel-pos bias.
 
@@ -43,8 +48,10 @@ def sparse_attention(
     """
     pattern = SparsePattern() if pattern is None else pattern
     if not isinstance(pattern, SparsePattern):
-        raise TypeError(f"sparse attention needs a SparsePattern, got {type(pattern).__name__}; "
-                        "e.g. SparsePattern(((4, 1), (0, 2)))")
+        raise TypeError(
+            f"sparse attention needs a SparsePattern, got {type(pattern).__name__}; "
+            "e.g. SparsePattern(((4, 1), (0, 2)))"
+        )
     check_terms(terms, grid)
     if q.shape[2] != math.prod(grid):
         raise ValueError(f"{q.shape[2]} tokens do not fill grid {grid}")
@@ -59,8 +66,10 @@ def sparse_attention(
         return sparse_flex_union(q, k, v, terms, scale, grid, pattern)
     if impl == "flash":
         if not flash_available():
-            raise ImportError("SparsePattern(impl='flash') needs the flash_attn package; "
-                              "install it or use impl='flex' / 'auto'")
+            raise ImportError(
+                "SparsePattern(impl='flash') needs the flash_attn package; "
+                "install it or use impl='flex' / 'auto'"
+            )
         return sparse_grouped(q, k, v, terms, scale, grid, pattern, flash_group_kernel)
     raise ValueError(f"unknown sparse impl {impl!r}")
 

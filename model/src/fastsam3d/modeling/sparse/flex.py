@@ -50,8 +50,13 @@ def _compiled_flex() -> Callable:
 
 
 def _flex(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable | None,
-    block_mask: object, scale: float, lse: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    score_mod: Callable | None,
+    block_mask: object,
+    scale: float,
+    lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FlexAttention, compiled on CUDA (once, cached); eager on CPU, where compiling costs
     tens of seconds per shape and the eager form is an exact (unfused) implementation."""
@@ -65,13 +70,22 @@ def _flex(
             # Hopper's default bf16 forward tile is 128 query rows, which must divide the
             # BlockMask tile; smaller BlockMask tiles need a matching kernel tile.
             opts = {"fwd_BLOCK_M": tile[0], "fwd_BLOCK_N": min(tile[1], 64)}
-        res = _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                               scale=scale, return_aux=aux, kernel_options=opts)
+        res = _compiled_flex()(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            return_aux=aux,
+            kernel_options=opts,
+        )
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without")
-            res = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                 scale=scale, return_aux=aux)
+            res = flex_attention(
+                q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=aux
+            )
     if lse:
         out, a = res
         return out, a.lse * _lse_to_natural(q.device.type == "cuda", q.device)
@@ -97,12 +111,18 @@ def _lse_to_natural(compiled: bool, device: torch.device) -> float:
     for factor in (1.0, math.log(2.0), 1.0 / math.log(2.0)):
         if abs(ratio * factor - 1.0) < 1e-3:
             return factor
-    raise RuntimeError(f"FlexAttention returned an LSE {ratio:.4f}x ln(n) for uniform scores; "
-                       "cannot merge sparse branches on this torch version")
+    raise RuntimeError(
+        f"FlexAttention returned an LSE {ratio:.4f}x ln(n) for uniform scores; "
+        "cannot merge sparse branches on this torch version"
+    )
 
 
 def flex_dense(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: Terms | None,
+    scale: float,
     grid: Grid,
 ) -> torch.Tensor:
     """Exact dense attention via FlexAttention with the rel-pos bias in a ``score_mod``.
@@ -119,8 +139,8 @@ def flex_dense(
 
 @dataclass(frozen=True)
 class _FlexBranch:
-    perm: torch.Tensor       # position in branch order -> raster token
-    inv: torch.Tensor        # raster token -> position
+    perm: torch.Tensor  # position in branch order -> raster token
+    inv: torch.Tensor  # raster token -> position
     coords: tuple[torch.Tensor, ...]  # grid coordinates per branch-order position
     block_mask: object
 
@@ -139,9 +159,7 @@ def _order(gid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.compiler.disable  # built once per shape, outside any compiled graph
 @functools.lru_cache(maxsize=32)
-def _flex_plan(
-    branches: tuple, block: int, grid: Grid, device: torch.device
-) -> list[_FlexBranch]:
+def _flex_plan(branches: tuple, block: int, grid: Grid, device: torch.device) -> list[_FlexBranch]:
     """Per branch: its group-contiguous order and a BlockMask of the keys it adds to the
     earlier branches (so the branches are disjoint). Branches adding nothing are dropped."""
     pattern = SparsePattern(branches)
@@ -186,8 +204,13 @@ def _full_blocks(bm: object) -> int:
 
 
 def sparse_flex(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
-    grid: Grid, pattern: SparsePattern,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: Terms | None,
+    scale: float,
+    grid: Grid,
+    pattern: SparsePattern,
 ) -> torch.Tensor:
     outs, lses = [], []
     for br in _flex_plan(pattern.branches, pattern.flex_block, grid, q.device):
@@ -218,8 +241,13 @@ def _flex_union_plan(branches: tuple, block: int, grid: Grid, device: torch.devi
 
 
 def sparse_flex_union(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
-    grid: Grid, pattern: SparsePattern,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: Terms | None,
+    scale: float,
+    grid: Grid,
+    pattern: SparsePattern,
 ) -> torch.Tensor:
     br = _flex_union_plan(pattern.branches, pattern.flex_block, grid, q.device)
     qp, kp, vp = (x.index_select(2, br.perm) for x in (q, k, v))

@@ -17,8 +17,9 @@ from .pattern import AxisRule, SparsePattern, Structure
 
 # kernel(q, k, v, scale) with (batch, seq, heads, dim) inputs -> (out same layout, lse (batch,
 # heads, seq) in natural log): flash_attn_func's contract, also met by reference_group_kernel.
-GroupKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float],
-                       tuple[torch.Tensor, torch.Tensor]]
+GroupKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+]
 FLASH_MAX_HEAD_DIM = 256
 
 
@@ -54,7 +55,7 @@ def flash_unsupported_reason(pattern: SparsePattern, grid: Grid, head_dim: int) 
         for i, b in enumerate(blocks):
             if size % b:
                 return f"block {b} does not divide grid axis {axis} of size {size}"
-            if any(b2 % b for b2 in blocks[i + 1:]):
+            if any(b2 % b for b2 in blocks[i + 1 :]):
                 return f"blocks {blocks} on axis {axis} do not nest (each must divide the next)"
     extra = 0
     for _, s in inclusion_exclusion(pattern, grid):
@@ -86,17 +87,27 @@ def _group_layout(s: Structure, grid: Grid, device: torch.device) -> tuple[torch
     sd, sh, sw = (_axis_sets(rl, n, device) for rl, n in zip(s, grid))
     _, h, w = grid
     gd, gh, gw = sd.shape[0], sh.shape[0], sw.shape[0]
-    idx = (sd[:, None, None, :, None, None] * (h * w) + sh[None, :, None, None, :, None] * w
-           + sw[None, None, :, None, None, :])
+    idx = (
+        sd[:, None, None, :, None, None] * (h * w)
+        + sh[None, :, None, None, :, None] * w
+        + sw[None, None, :, None, None, :]
+    )
     g = gd * gh * gw
     ex = (gd, gh, gw, -1)
-    return (idx.reshape(g, -1), sd[:, None, None, :].expand(ex).reshape(g, -1),
-            sh[None, :, None, :].expand(ex).reshape(g, -1),
-            sw[None, None, :, :].expand(ex).reshape(g, -1))
+    return (
+        idx.reshape(g, -1),
+        sd[:, None, None, :].expand(ex).reshape(g, -1),
+        sh[None, :, None, :].expand(ex).reshape(g, -1),
+        sw[None, None, :, :].expand(ex).reshape(g, -1),
+    )
 
 
 def _fold_bias(
-    terms: Terms, idx: torch.Tensor, sd: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor,
+    terms: Terms,
+    idx: torch.Tensor,
+    sd: torch.Tensor,
+    sh: torch.Tensor,
+    sw: torch.Tensor,
     grid: Grid,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rel-pos bias inside each group as a dot product: query side (B, heads, G, L, E)
@@ -108,24 +119,35 @@ def _fold_bias(
     t_d, t_h, t_w = terms
     _, h, w = grid
     nd, nh, nw = sd.shape[1], sh.shape[1], sw.shape[1]
-    qtok = idx[:, :, None]                       # (G, L, 1)
+    qtok = idx[:, :, None]  # (G, L, 1)
     qd, qh, qw = qtok // (h * w), (qtok // w) % h, qtok % w
-    qd4, qh4 = qd[..., None], qh[..., None]      # (G, L, 1, 1)
+    qd4, qh4 = qd[..., None], qh[..., None]  # (G, L, 1, 1)
     a_d = t_d[:, :, qd, qh, qw, sw[:, None, :]]  # (B, heads, G, L, nw)
     a_h = t_h[:, :, qd4, qh4, sd[:, None, :, None], sw[:, None, None, :]]  # (.., nd, nw)
     a_w = t_w[:, :, qd4, qh4, sh[:, None, :, None], sw[:, None, None, :]]  # (.., nh, nw)
     qside = torch.cat([a_d, a_h.flatten(-2), a_w.flatten(-2)], dim=-1)
     j = torch.arange(nd * nh * nw, device=idx.device)
     jd, jh, jw = j // (nh * nw), (j // nw) % nh, j % nw
-    kside = torch.cat([
-        F.one_hot(jw, nw), F.one_hot(jd * nw + jw, nd * nw), F.one_hot(jh * nw + jw, nh * nw),
-    ], dim=-1)
+    kside = torch.cat(
+        [
+            F.one_hot(jw, nw),
+            F.one_hot(jd * nw + jw, nd * nw),
+            F.one_hot(jh * nw + jw, nh * nw),
+        ],
+        dim=-1,
+    )
     return qside, kside
 
 
 def sparse_grouped(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Terms | None, scale: float,
-    grid: Grid, pattern: SparsePattern, kernel: GroupKernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: Terms | None,
+    scale: float,
+    grid: Grid,
+    pattern: SparsePattern,
+    kernel: GroupKernel,
 ) -> torch.Tensor:
     """The flash path: dense ``kernel`` over gathered groups of every branch intersection,
     rel-pos folded into head dims, results combined by inclusion-exclusion of their softmax
@@ -174,6 +196,13 @@ def flash_group_kernel(
     from flash_attn import flash_attn_func
 
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    out, lse, _ = flash_attn_func(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p=0.0,
-                                  softmax_scale=scale, causal=False, return_attn_probs=True)
+    out, lse, _ = flash_attn_func(
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=False,
+        return_attn_probs=True,
+    )
     return out.to(q.dtype), lse.float()

@@ -68,8 +68,8 @@ class SparsePattern:
         n = gid.shape[1]
         counts = torch.empty(n, dtype=torch.int64)
         for s in range(0, n, 1024):
-            rows = gid[:, s:s + 1024]
-            counts[s:s + 1024] = (rows[:, :, None] == gid[:, None, :]).any(0).sum(-1)
+            rows = gid[:, s : s + 1024]
+            counts[s : s + 1024] = (rows[:, :, None] == gid[:, None, :]).any(0).sum(-1)
         return counts
 
     def density(self, grid: Grid) -> float:
@@ -81,13 +81,17 @@ class SparsePattern:
         parts = []
         for b, r in self.branches:
             where = "the whole grid" if b == 0 else f"each {b}^3 block"
-            parts.append(f"({b},{r}): " + (f"dense in {where}" if r == 1 else
-                                          f"stride-{r} sub-grid of {where}"))
+            parts.append(
+                f"({b},{r}): "
+                + (f"dense in {where}" if r == 1 else f"stride-{r} sub-grid of {where}")
+            )
         text = "3D sparse attention, union of " + "; ".join(parts) + f" [impl={self.impl}]"
         if grid is not None:
             kpq = self.keys_per_query(grid).float().mean().item()
-            text += (f"; on {grid[0]}x{grid[1]}x{grid[2]}: {kpq:.1f} of {math.prod(grid)} keys "
-                     f"per query ({100 * self.density(grid):.2f}%)")
+            text += (
+                f"; on {grid[0]}x{grid[1]}x{grid[2]}: {kpq:.1f} of {math.prod(grid)} keys "
+                f"per query ({100 * self.density(grid):.2f}%)"
+            )
         return text
 
     def __str__(self) -> str:
