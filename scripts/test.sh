@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 EXTRAS=test bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
+ruff format --check .   # one formatter for the whole tree (style review 8)
 python -m pytest Testing -q -p no:cacheprovider "$@"
