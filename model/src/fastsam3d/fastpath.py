@@ -180,16 +180,31 @@ def _tf32_matmuls() -> Iterator[None]:
 class Runner:
     """Encoder + click for one model on one device, with the precision policy applied.
 
-    ``graphs``: capture CUDA graphs (default: on for CUDA with bf16). ``max_graph_points``:
-    clicks with more points run eagerly. ``compile``: ``torch.compile`` (Inductor, no cudagraph
-    trees) the encoder before capturing it: faster encoder, ~13 s more warm-up per model, off by
-    default. ``click_precision``: ``"auto"`` (default: bf16 autocast on a bf16 CPU, where it
-    takes the click from 12 to 9 ms on 2 cores; fp32 on CUDA, where the click is launch-bound and
-    bf16 buys nothing), ``"fp32"``, ``"tf32"`` (CUDA) or ``"bf16"``. The final mask product and
-    the logits stay fp32 in every mode. The bf16 encoder copy is made here: rebuild the Runner
-    after changing the model's weights or attention backend.
-    ``backend``: ``"torch"`` or ``"onnxruntime"`` (see the module docstring); ``onnx_dir``: where
-    the exported graphs are (or go; default the user cache, keyed by the weights' digest).
+    The one object every network call goes through (sessions, the server, the Slicer engine,
+    benchmarks); share one Runner between sessions so the network, its bf16 copy and its CUDA
+    graphs exist once. The bf16 encoder copy is made here: rebuild the Runner after changing the
+    model's weights or attention backend. Timings: docs/benchmarks.md.
+
+    Args:
+        model: The network (:class:`fastsam3d.modeling.Sam3D` or anything with its SAM-style
+            parts), already on ``device``.
+        device: Where it runs; None = the model's device.
+        precision: ``"auto"`` (bf16 encoder + CUDA graphs on CUDA; on a CPU bf16 where it is
+            native, else int8 when the ONNX packages are installed, else fp32), ``"fp32"`` (exact),
+            ``"bf16"`` or ``"int8"`` (forced; int8 is CPU only).
+        graphs: Capture CUDA graphs (default: on for CUDA with bf16).
+        max_graph_points: Clicks with more points run eagerly instead of from a graph.
+        compile: ``torch.compile`` (Inductor) the encoder before capturing it: a faster encoder
+            for a much longer warm-up; off by default.
+        click_precision: ``"auto"`` (bf16 autocast on a CPU with native bf16, fp32 on CUDA where
+            the click is launch-bound), ``"fp32"``, ``"tf32"`` (CUDA) or ``"bf16"``. The final mask
+            product and the logits stay fp32 in every mode.
+        backend: ``"torch"`` or ``"onnxruntime"`` (see the module docstring).
+        onnx_dir: Where the exported ONNX graphs are (or go); default the user cache, keyed by
+            the weights' digest.
+
+    Raises:
+        ValueError: An unknown backend or precision, or a combination the backend cannot run.
     """
 
     def __init__(

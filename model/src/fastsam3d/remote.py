@@ -200,11 +200,28 @@ def check_server(
 class RemoteSession:
     """:class:`fastsam3d.Session` on a server (see the module docstring).
 
-    ``api_key``: the server's key (default: the ``FASTSAM3D_API_KEY`` environment variable).
-    The options (``point_policy``, ``max_crops``, ``propagate``, ``paste_interpolation``,
-    ``lattice_anchor``) mean what they mean for a local session; the model, its device and
-    precision are the server's. ``timeout``: seconds to wait for one answer (a CPU server's
-    first click in a new crop takes a while). Thread-safe: calls are serialised.
+    Same methods and :class:`fastsam3d.Result` objects as a local session (``set_volume``,
+    ``add_point``, ``add_box``, ``undo``, ``reset``, ``result``), plus ``close()``; needs numpy
+    and the standard library only. Thread-safe: calls are serialised.
+
+    Args:
+        url: The server, e.g. ``"https://gpu-host/fastsam3d/"`` (a path prefix is kept).
+        api_key: The server's key; default the ``FASTSAM3D_API_KEY`` environment variable.
+        point_policy: As for :class:`fastsam3d.Session`; the model, its device and precision
+            are the server's.
+        max_crops: As for a local session (capped by the server's ``--max-crops``).
+        propagate: As for a local session.
+        paste_interpolation: As for a local session.
+        lattice_anchor: As for a local session.
+        timeout: Seconds to wait for one answer (a CPU server's first click in a new crop
+            takes a while).
+        ssl_context: TLS settings for ``https`` URLs (e.g. a private CA).
+        chunk_bytes: Upload chunk size of the compressed volume.
+
+    Raises:
+        RemoteError: The server cannot be reached, refuses the key, or is not a fastsam3d
+            server. Prompts raise :class:`SessionError` / :class:`VolumeError` with the same
+            messages as locally.
     """
 
     def __init__(

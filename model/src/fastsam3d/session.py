@@ -114,21 +114,36 @@ def _load_model(model: Any, device: torch.device) -> nn.Module:
 class Session:
     """Interactive segmentation of one object in one volume (see the module docstring).
 
-    ``model``: a registry name, a checkpoint path, a model with the SAM-style parts, or a
-    prepared :class:`fastsam3d.fastpath.Runner`. Every network call goes through that Runner:
-    ``precision="auto"`` is the fast path (bf16 encoder + CUDA graphs on CUDA, a bf16 encoder
-    on CPUs with native bf16), ``"fp32"`` the exact path.
-    ``max_crops``: most crops one object may use (each new crop costs one encoder run).
-    ``warmup``: run the network once now so the first real click is not slow.
-    ``paste_interpolation``: ``"nearest"`` maps the crop mask back exactly as the reference
-    recipe does (its nearest resample); ``"linear"`` samples the logits trilinearly, which gives
-    smoother edges on grids finer than 1.5 mm.
-    ``lattice_anchor``: ``"centre"`` (current torchio) or ``"corner"`` (torchio before 2025,
-    as at training time); see :meth:`fastsam3d.geometry.Lattice.for_volume`.
-    ``max_undo``: most undo steps kept (older ones are dropped; 0 disables undo).
-    ``max_embeddings``: most crop embeddings kept for reuse (least recently used dropped first;
-    default ``max(32, 2 * max_crops)``).
-    Every public method may be called from any thread; calls are serialised by a lock.
+    Every network call goes through one :class:`fastsam3d.fastpath.Runner`; every public method
+    may be called from any thread (calls are serialised by a lock).
+
+    Args:
+        model: A registry name, a checkpoint path, a model with the SAM-style parts, or a
+            prepared ``Runner`` (shared between sessions: one network copy, one set of graphs).
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda[:N]"``, ``"mps"`` or a
+            ``torch.device``; ignored when ``model`` is a Runner.
+        point_policy: How clicks reach the decoder: ``"newest"`` (only the latest click, as
+            FastSAM3D was trained) or ``"accumulate"`` (all clicks, SAM-Med3D); None = the
+            model's own policy.
+        max_crops: Most 128^3 crops (192 mm at 1.5 mm) one object may use; each new crop costs
+            one encoder run.
+        propagate: Follow an object that reaches a crop face into the neighbouring crop.
+        paste_interpolation: ``"nearest"`` maps the crop mask back exactly as the reference
+            recipe does; ``"linear"`` samples the logits trilinearly (smoother edges on grids
+            finer than 1.5 mm).
+        lattice_anchor: ``"centre"`` (current torchio) or ``"corner"`` (torchio before 2025, as
+            at training time); see :meth:`fastsam3d.geometry.Lattice.for_volume`.
+        warmup: Run the network once now so the first real click is not slow.
+        precision: ``"auto"`` is the fast path (bf16 encoder + CUDA graphs on CUDA; bf16 or int8
+            encoder on CPUs where that is faster), ``"fp32"`` the exact path, ``"bf16"``/``"int8"``
+            forced.
+        max_undo: Most undo steps kept (older ones are dropped; 0 disables undo).
+        max_embeddings: Most crop embeddings kept for reuse (least recently used dropped first;
+            default ``max(32, 2 * max_crops)``).
+
+    Raises:
+        CheckpointError: ``model`` names a file that is not a usable checkpoint.
+        ValueError: An option is out of range.
     """
 
     def __init__(
@@ -198,7 +213,18 @@ class Session:
     # --- public API -----------------------------------------------------------------------
     @_locked
     def set_volume(self, volume: Volume) -> None:
-        """Use ``volume`` (copied to the device once) and start a new object."""
+        """Use ``volume`` and start a new object.
+
+        Args:
+            volume: The image: ``volume.array`` is [k, j, i] (slice, row, column), any numeric
+                dtype, and ``volume.ijk_to_ras`` its 4x4 voxel-to-RAS-mm matrix (any orientation,
+                oblique, anisotropic). The session keeps its own copy (on the model's device)
+                and re-reads it when it sees the caller's array edited in place.
+
+        Raises:
+            TypeError: ``volume`` is not a :class:`fastsam3d.Volume`.
+            VolumeError: The image has NaN/Inf voxels or a geometry the model cannot sample.
+        """
         if not isinstance(volume, Volume):
             raise TypeError(f"set_volume needs a fastsam3d.Volume, not {type(volume).__name__}")
         lattice = geo.Lattice.for_volume(
@@ -213,7 +239,20 @@ class Session:
 
     @_locked
     def add_point(self, ras: Sequence[float], positive: bool = True) -> Result:
-        """Add a click at RAS position ``ras`` (mm); positive adds, negative removes."""
+        """Add a click and return the object's new mask.
+
+        Args:
+            ras: Click position, world RAS in mm (x = right, y = anterior, z = superior), as
+                Slicer shows it; convert LPS (ITK, DICOM) first.
+            positive: True adds the structure under the click, False removes it.
+
+        Returns:
+            The :class:`Result`: ``region`` (slices into the [k, j, i] volume), ``mask`` (bool,
+            the region's shape), ``crops``, ``iou``. Paste it with :func:`paste_result`.
+
+        Raises:
+            SessionError: No volume set, the click is outside the volume, or malformed input.
+        """
         vol = self._require_volume()
         p = self._as_point(ras, "click")
         if not isinstance(positive, (bool, np.bool_)) and positive not in (0, 1):
@@ -235,7 +274,21 @@ class Session:
 
     @_locked
     def add_box(self, ras_min: Sequence[float], ras_max: Sequence[float]) -> Result:
-        """Segment the object inside the RAS box [ras_min, ras_max]; starts a new object."""
+        """Segment the object inside a box; starts a new object.
+
+        The released weights have no box embedding: the box places a positive click at its
+        centre, chooses the crops that cover it and clips the mask to it.
+
+        Args:
+            ras_min: Box corner with the smallest R, A, S (mm).
+            ras_max: Opposite corner; larger on every axis.
+
+        Returns:
+            The :class:`Result` (see :meth:`add_point`).
+
+        Raises:
+            SessionError: No volume set, an empty/inverted box, or one missing the volume.
+        """
         vol = self._require_volume()
         lo = self._as_point(ras_min, "ras_min")
         hi = self._as_point(ras_max, "ras_max")
@@ -272,7 +325,15 @@ class Session:
 
     @_locked
     def undo(self) -> Result:
-        """Go back one step (clicks and boxes); repeatable."""
+        """Go back one step (a click or a box); repeatable up to ``max_undo`` times.
+
+        Returns:
+            The :class:`Result` as it was before that step; its region also covers what the
+            undone step changed, so pasting it restores the labelmap.
+
+        Raises:
+            SessionError: Nothing to undo (or no volume set).
+        """
         self._require_volume()
         if not self._history:
             raise SessionError("nothing to undo")
@@ -282,7 +343,12 @@ class Session:
 
     @_locked
     def reset(self) -> Result:
-        """Forget the object (undo history included); the result covers what to clear."""
+        """Forget the object, undo history included.
+
+        Returns:
+            An empty :class:`Result` whose region covers what the object held: pasting it
+            clears the object from a labelmap.
+        """
         self._require_volume()
         self._history.clear()
         self._state = _State()
