@@ -12,9 +12,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "current_umask"]
+__all__ = ["atomic_path", "current_umask", "same_file"]
 
 _UMASK_LOCK = threading.Lock()
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file: the same inode (hard links, symlinks) or, when one does
+    not exist yet, the same resolved path. Outputs are checked against every input with it."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def current_umask() -> int:

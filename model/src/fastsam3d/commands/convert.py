@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from ..atomic import same_file
 from ..errors import CommandError
 
 
@@ -25,19 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Same path, symlink or hard link (same inode)."""
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model, save_official, save_safetensors
 
     inputs = [Path(p) for p in (args.checkpoint, args.decoder) if p]
-    if any(_same_file(args.out, p) or args.out.resolve() == p.resolve() for p in inputs):
+    if any(same_file(args.out, p) for p in inputs):
         raise CommandError("refusing to overwrite an input checkpoint; choose another output path")
     if args.out.is_dir():
         raise CommandError(f"{args.out} is a directory; give the output file's name")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fastsam3d.atomic import same_file
 from fastsam3d.errors import CommandError, UsageError
 
 EXIT_NO_WEIGHTS = 3
@@ -205,15 +206,6 @@ def _load(args: argparse.Namespace, log: Any) -> Any:
     return load_model(args.model)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file: the same inode (hard links, symlinks) or, for paths
-    that do not exist yet, the same resolved path."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
 def _input_files(args: argparse.Namespace) -> list[Path]:
     image = Path(args.image)
     files = sorted(p for p in image.iterdir() if p.is_file()) if image.is_dir() else [image]
@@ -222,7 +214,7 @@ def _input_files(args: argparse.Namespace) -> list[Path]:
 
 def _check_output(path: Path, option: str, inputs: list[Path]) -> None:
     for src in inputs:
-        if _same_file(path, src):
+        if same_file(path, src):
             raise UsageError(
                 f"{option} {path} is the input {src} (the same file): refusing to "
                 "write over an input"
@@ -278,7 +270,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_output(out, "--out", inputs)
     if args.preview:
         png = Path(args.preview)
-        if _same_file(png, out):
+        if same_file(png, out):
             raise UsageError("--preview and --out are the same file; give them different names")
         _check_output(png, "--preview", inputs)
         if png.suffix.lower() != ".png":
