@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d import checkpoint, cli, hub
+from fastsam3d import checkpoint, cli, hub, weights
 from fastsam3d.checkpoint import (
     CheckpointError,
     load_model,
@@ -112,8 +112,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def _registry(monkeypatch, url: str, name: str = "fastsam3d") -> None:
-    info = dataclasses.replace(hub.get_weights_info(name), url=url)
-    monkeypatch.setitem(hub._REGISTRY, name, info)
+    info = dataclasses.replace(weights.get_weights(name), url=url)
+    monkeypatch.setitem(weights.WEIGHTS, name, info)
 
 
 def _cache_files(cache: Path) -> list[str]:
@@ -174,7 +174,7 @@ def test_cached_non_checkpoint_says_to_force(cache, monkeypatch, tmp_path):
     cache.mkdir()
     (cache / "FastSAM3D.pth").write_bytes(HTML)
     _registry(monkeypatch, (tmp_path / "gone.pth").as_uri())
-    url = hub.get_weights_info("fastsam3d").url
+    url = weights.get_weights("fastsam3d").url
     record = {
         "sha256": hub.sha256_file(cache / "FastSAM3D.pth"),
         "size": len(HTML),

@@ -8,8 +8,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Everything imports lazily: `import fastsam3d` costs nothing, and the torch-free parts
-# (fastsam3d.hub: weights registry and downloads) work before torch is installed, which the
-# Slicer module needs on first start.
+# (fastsam3d.weights: the weights registry; fastsam3d.hub: cache and downloads) work before
+# torch is installed, which the Slicer module needs on first start.
 _LAZY = {
     "ModelConfig": "build",
     "build_model": "build",
@@ -67,6 +67,7 @@ _SUBMODULES = (
     "session",
     "testing",
     "volume",
+    "weights",
 )
 
 

@@ -1,5 +1,9 @@
-"""Named downloadable weights, a per-user cache, and downloads that never leave a partial or
-unverified file where a caller would load it.
+"""A per-user weights cache and downloads that never leave a partial or unverified file where a
+caller would load it.
+
+Which weights exist (names, URLs, the config each runs with) is :mod:`fastsam3d.weights`; this
+module caches and verifies them. ``WeightsInfo``, ``list_weights`` and ``get_weights_info`` are
+re-exported here, where callers (the Slicer module) have always found them.
 
 Trust model. No checksums are published for the FastSAM3D or SAM-Med3D weights, so the first
 download is trusted (trust on first use): its SHA-256 goes into ``hashes.json`` beside the file,
@@ -48,6 +52,10 @@ from typing import Optional
 from ._sniff import CheckpointError, sniff
 from .atomic import atomic_path
 from .errors import FastSAM3DError
+from .weights import WeightsInfo, get_weights, list_weights
+
+#: The old name of :func:`fastsam3d.weights.get_weights`, kept for callers of ``fastsam3d.hub``.
+get_weights_info = get_weights
 
 __all__ = [
     "ENV_CACHE",
@@ -96,76 +104,6 @@ class ChecksumError(HubError):
 
 class DownloadCancelled(HubError):
     """The progress callback returned False; the partial file was deleted."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsInfo:
-    """One downloadable checkpoint. ``config`` is the ``fastsam3d.build`` config it fits."""
-
-    name: str
-    url: str
-    filename: str
-    config: str
-    description: str
-    license_note: str
-    sha256: str | None = None
-
-
-_REGISTRY: dict[str, WeightsInfo] = {
-    info.name: info
-    for info in (
-        WeightsInfo(
-            name="fastsam3d",
-            url="https://huggingface.co/techlove/FastSAM3D/resolve/main/FastSAM3D.pth",
-            filename="FastSAM3D.pth",
-            config="fastsam3d",
-            description="FastSAM3D: 6-block distilled encoder + SAM-Med3D prompt encoder/decoder",
-            license_note=(
-                "Published by the FastSAM3D authors (github.com/arcadelab/FastSAM3D); no licence "
-                "for the weights is stated there. Research use; not a medical device."
-            ),
-        ),
-        WeightsInfo(
-            name="sam-med3d-turbo",
-            url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
-            filename="sam_med3d_turbo.pth",
-            config="sam-med3d-turbo",
-            description="SAM-Med3D-turbo: 12-block ViT-B encoder (FastSAM3D's teacher)",
-            license_note=(
-                "Published by the SAM-Med3D authors (github.com/uni-medical/SAM-Med3D); check "
-                "that repository's terms before redistribution. Research use; not a medical device."
-            ),
-        ),
-        WeightsInfo(
-            # The same file as "sam-med3d-turbo" (one download, one record), run through
-            # FastSAM3D's block, as FastSAM3D's teacher and its Slicer plugin did.
-            name="sam-med3d-turbo-fastsam3d-block",
-            url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
-            filename="sam_med3d_turbo.pth",
-            config="sam-med3d-turbo-fastsam3d-block",
-            description="SAM-Med3D-turbo weights run with FastSAM3D's block (shares the "
-            "sam-med3d-turbo file: downloading or removing one is the other)",
-            license_note=(
-                "Published by the SAM-Med3D authors (github.com/uni-medical/SAM-Med3D); check "
-                "that repository's terms before redistribution. Research use; not a medical device."
-            ),
-        ),
-    )
-}
-
-
-def list_weights() -> list[WeightsInfo]:
-    """All registered weights, in registration order."""
-    return list(_REGISTRY.values())
-
-
-def get_weights_info(name: str) -> WeightsInfo:
-    """The registry entry ``name``; unknown names raise ValueError listing the known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown weights name {name!r}; known names: {known}") from None
 
 
 def normalize_sha256(value: str) -> str:
@@ -270,7 +208,7 @@ def _resolve(name_or_url: str, sha256: str | None) -> _Target:
     pin = normalize_sha256(sha256) if sha256 is not None else None
     if _is_url(name_or_url):
         return _Target(name_or_url, name_or_url, _filename_from_url(name_or_url), pin, False)
-    info = get_weights_info(name_or_url)
+    info = get_weights(name_or_url)
     registered = normalize_sha256(info.sha256) if info.sha256 else None
     if pin and registered and pin != registered:
         raise ValueError(
