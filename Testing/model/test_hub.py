@@ -164,7 +164,8 @@ def test_hub_keeps_the_registry_names_callers_import_from_it():
     """The Slicer Lib imports WeightsInfo / list_weights / get_weights_info from fastsam3d.hub."""
     assert hub.WeightsInfo is weights.WeightsInfo
     assert hub.list_weights() == weights.list_weights()
-    assert hub.get_weights_info("fastsam3d") is weights.WEIGHTS["fastsam3d"]
+    with pytest.warns(DeprecationWarning, match="fastsam3d.get_weights"):
+        assert hub.get_weights_info("fastsam3d") is weights.WEIGHTS["fastsam3d"]
 
 
 def test_a_weights_entry_must_name_a_registered_config():

@@ -11,10 +11,14 @@ __version__ = "0.1.0"
 # (fastsam3d.weights: the weights registry; fastsam3d.hub: cache and downloads) work before
 # torch is installed, which the Slicer module needs on first start.
 _LAZY = {
-    "ModelConfig": "build",
+    "ModelConfig": "configs",
     "build_model": "build",
-    "get_config": "build",
-    "list_models": "build",
+    "get_config": "configs",
+    "list_configs": "configs",
+    "list_models": "configs",  # deprecated: list_configs
+    "WeightsInfo": "weights",
+    "get_weights": "weights",
+    "list_weights": "weights",
     "set_attention_backend": "build",
     "load_model": "checkpoint",
     "Volume": "volume",
@@ -54,6 +58,7 @@ _SUBMODULES = (
     "bench",
     "build",
     "checkpoint",
+    "configs",
     "dicom",
     "fastpath",
     "geometry",

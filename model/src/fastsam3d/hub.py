@@ -2,8 +2,9 @@
 caller would load it.
 
 Which weights exist (names, URLs, the config each runs with) is :mod:`fastsam3d.weights`; this
-module caches and verifies them. ``WeightsInfo``, ``list_weights`` and ``get_weights_info`` are
-re-exported here, where callers (the Slicer module) have always found them.
+module caches and verifies them. ``WeightsInfo`` and ``list_weights`` are re-exported here, where
+callers (the Slicer module) have always found them, and ``get_weights_info`` stays as a
+deprecated alias of ``get_weights``.
 
 Trust model. No checksums are published for the FastSAM3D or SAM-Med3D weights, so the first
 download is trusted (trust on first use): its SHA-256 goes into ``hashes.json`` beside the file,
@@ -54,9 +55,6 @@ from .atomic import atomic_path
 from .errors import FastSAM3DError
 from .weights import WeightsInfo, get_weights, list_weights
 
-#: The old name of :func:`fastsam3d.weights.get_weights`, kept for callers of ``fastsam3d.hub``.
-get_weights_info = get_weights
-
 __all__ = [
     "ENV_CACHE",
     "HASHES_FILE",
@@ -104,6 +102,17 @@ class ChecksumError(HubError):
 
 class DownloadCancelled(HubError):
     """The progress callback returned False; the partial file was deleted."""
+
+
+def get_weights_info(name: str) -> WeightsInfo:
+    """Deprecated: the old name of :func:`fastsam3d.weights.get_weights` (the Slicer Lib calls
+    it here)."""
+    warnings.warn(
+        "fastsam3d.hub.get_weights_info() is deprecated; use fastsam3d.get_weights()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return get_weights(name)
 
 
 def normalize_sha256(value: str) -> str:

@@ -6,15 +6,16 @@ says *what* can be downloaded (name, URL, file name, pinned SHA-256 if any, the
 :mod:`fastsam3d.configs` config), :mod:`fastsam3d.hub` *how* (per-user cache, hash records,
 verified downloads). Torch-free: the Slicer module lists the weights before torch is installed.
 
-Every entry's ``config`` must be a registered config: a typo fails at import, not at the first
-download.
+Registry names follow :mod:`fastsam3d.configs`' pattern: ``WEIGHTS`` (a public dict),
+:func:`list_weights`, :func:`get_weights`. Every entry's ``config`` must be a registered config:
+a typo fails at import, not at the first download.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from .configs import MODEL_CONFIGS as CONFIGS
+from .configs import CONFIGS
 
 __all__ = ["WEIGHTS", "WeightsInfo", "get_weights", "list_weights"]
 
@@ -34,7 +35,7 @@ class WeightsInfo:
         url: Where the file is downloaded from.
         filename: The file's name in the cache; two entries may share one file (one download,
             one hash record).
-        config: The name of the :data:`fastsam3d.configs.MODEL_CONFIGS` entry the weights run with.
+        config: The name of the :data:`fastsam3d.configs.CONFIGS` entry the weights run with.
         description: One line for listings.
         license_note: Who published the weights and on what terms.
         sha256: A pinned SHA-256 (64 hex digits), or None: then the first download is trusted
