@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsam3d import cli, hub, weights
+from fastsam3d import cli, hub, transfer, weights
 from fastsam3d.commands import download as download_cmd
 from fastsam3d.commands import info as info_cmd
 
@@ -111,7 +111,7 @@ def server():
 def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv(hub.ENV_CACHE, str(d))
-    monkeypatch.setattr(hub, "_CHUNK", CHUNK)
+    monkeypatch.setattr(transfer, "_CHUNK", CHUNK)
     return d
 
 
@@ -253,7 +253,7 @@ def test_failed_transfer_leaves_nothing(server, cache, registry_url, mode, with_
 
 def test_stalled_server_times_out(server, cache, registry_url, monkeypatch):
     server.routes[registry_url] = ("stall", BODY)
-    monkeypatch.setattr(hub, "_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(transfer, "_TIMEOUT_S", 0.3)
     with pytest.raises(hub.DownloadError, match="timed out"):
         hub.download("fastsam3d", progress=False)
     assert _leftovers(cache) == [] and _records(cache) == {}

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d import checkpoint, cli, hub, weights
+from fastsam3d import checkpoint, cli, hashes, hub, weights
 from fastsam3d.checkpoint import (
     CheckpointError,
     load_model,
@@ -648,7 +648,7 @@ def test_full_disk_and_read_only_cache_give_hub_errors(cache, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(hub, "_write_json_atomic", full)
+        m.setattr(hashes, "_write_json_atomic", full)
         with pytest.raises(hub.HubError, match="No space left"):
             hub.download("fastsam3d", progress=False)
     # The file without a record is refused on the next use, with the fix named.
