@@ -35,7 +35,6 @@ import torch
 from ._requirements import TORCH_ADVISORY, TORCH_REQUIREMENT, torch_loads_pickles_safely
 from ._sniff import CheckpointError, safetensors_header, sniff
 from .atomic import atomic_path
-from .build import _build as _build_skeleton
 from .build import build_model
 from .configs import CONFIGS, MAX_WINDOW, ModelConfig, check_config, get_config, with_block_style
 from .modeling import Sam3D
@@ -445,7 +444,7 @@ def _load_file(
         report = _shape_report(model, sd)
     else:
         with torch.device("meta"):
-            report = _shape_report(_build_skeleton(cfg), sd)
+            report = _shape_report(build_model(cfg, attn_backend=attn_backend), sd)
         model = None
     if report:
         raise CheckpointError(f"{path} does not fit the {cfg.name} network:\n{report}")
