@@ -163,15 +163,15 @@ def test_extract_rejects_tensorless_files():
 
 def test_registered_name_goes_through_the_verified_cache(tmp_path, monkeypatch, student):
     """A registry name resolves through the hub (here a file:// URL) and loads."""
-    from fastsam3d import hub
+    from fastsam3d import weights
 
     src = tmp_path / "src" / "FastSAM3D.pth"
     src.parent.mkdir()
     save_official(student, src)
     monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "cache"))
-    info = hub.get_weights_info("fastsam3d")
+    info = weights.get_weights("fastsam3d")
     monkeypatch.setitem(
-        hub._REGISTRY,
+        weights.WEIGHTS,
         "fastsam3d",
         dataclasses.replace(info, url=Path(src).as_uri(), config="fastsam3d"),
     )

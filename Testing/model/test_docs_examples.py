@@ -193,7 +193,7 @@ def _fixture_weights(monkeypatch) -> None:
     real = checkpoint.load_model
 
     def load(path_or_name, device="cpu", **kwargs):
-        if isinstance(path_or_name, str) and path_or_name in fastsam3d.build.list_models():
+        if isinstance(path_or_name, str) and path_or_name in fastsam3d.weights.WEIGHTS:
             return _fixture(path_or_name).to(device)
         return real(path_or_name, device, **kwargs)
 

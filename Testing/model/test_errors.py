@@ -36,7 +36,7 @@ def _error_classes() -> list[tuple[str, str]]:
 
 def test_every_package_error_derives_from_the_root():
     classes = _error_classes()
-    assert ("fastsam3d.hub", "ChecksumError") in classes and len(classes) >= 12
+    assert ("fastsam3d.errors", "ChecksumError") in classes and len(classes) >= 12
     for module, name in classes:
         try:
             mod = importlib.import_module(module)
@@ -75,6 +75,7 @@ def test_the_checkpoint_error_is_one_class_wherever_it_is_imported_from():
     from fastsam3d import checkpoint, hub, volume
 
     assert checkpoint.CheckpointError is hub.CheckpointError is fastsam3d.CheckpointError
+    assert hub.ChecksumError is fastsam3d.ChecksumError  # the hub re-exports its errors
     assert volume.VolumeError is fastsam3d.VolumeError
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsam3d import cli, hub
+from fastsam3d import cli, hub, transfer, weights
 from fastsam3d.commands import download as download_cmd
 from fastsam3d.commands import info as info_cmd
 
@@ -111,7 +111,7 @@ def server():
 def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv(hub.ENV_CACHE, str(d))
-    monkeypatch.setattr(hub, "_CHUNK", CHUNK)
+    monkeypatch.setattr(transfer, "_CHUNK", CHUNK)
     return d
 
 
@@ -119,9 +119,9 @@ def cache(tmp_path, monkeypatch):
 def registry_url(server, monkeypatch):
     """Point the registry entry "fastsam3d" at the loopback server."""
     info = dataclasses.replace(
-        hub.get_weights_info("fastsam3d"), url=f"{server.url}/w/FastSAM3D.pth"
+        weights.get_weights("fastsam3d"), url=f"{server.url}/w/FastSAM3D.pth"
     )
-    monkeypatch.setitem(hub._REGISTRY, "fastsam3d", info)
+    monkeypatch.setitem(weights.WEIGHTS, "fastsam3d", info)
     return "/w/FastSAM3D.pth"
 
 
@@ -151,13 +151,27 @@ def _records(directory: Path) -> dict:
 
 
 def test_registry_entries_and_unknown_name():
-    names = {w.name: w for w in hub.list_weights()}
+    names = {w.name: w for w in weights.list_weights()}
     assert names["fastsam3d"].url.endswith("/techlove/FastSAM3D/resolve/main/FastSAM3D.pth")
     assert names["fastsam3d"].config == "fastsam3d"
     assert names["sam-med3d-turbo"].filename == "sam_med3d_turbo.pth"
     assert names["sam-med3d-turbo"].config == "sam-med3d-turbo"
     with pytest.raises(ValueError, match="fastsam3d, sam-med3d-turbo"):
-        hub.get_weights_info("fastsam")
+        weights.get_weights("fastsam")
+
+
+def test_hub_keeps_the_registry_names_callers_import_from_it():
+    """The Slicer Lib imports WeightsInfo / list_weights / get_weights_info from fastsam3d.hub."""
+    assert hub.WeightsInfo is weights.WeightsInfo
+    assert hub.list_weights() == weights.list_weights()
+    with pytest.warns(DeprecationWarning, match="fastsam3d.get_weights"):
+        assert hub.get_weights_info("fastsam3d") is weights.WEIGHTS["fastsam3d"]
+
+
+def test_a_weights_entry_must_name_a_registered_config():
+    entry = weights.WEIGHTS["fastsam3d"]
+    with pytest.raises(ValueError, match="'fastsam3d-v2', which is not registered"):
+        dataclasses.replace(entry, config="fastsam3d-v2")
 
 
 def test_cache_dir_env_override_and_defaults(tmp_path, monkeypatch):
@@ -239,7 +253,7 @@ def test_failed_transfer_leaves_nothing(server, cache, registry_url, mode, with_
 
 def test_stalled_server_times_out(server, cache, registry_url, monkeypatch):
     server.routes[registry_url] = ("stall", BODY)
-    monkeypatch.setattr(hub, "_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(transfer, "_TIMEOUT_S", 0.3)
     with pytest.raises(hub.DownloadError, match="timed out"):
         hub.download("fastsam3d", progress=False)
     assert _leftovers(cache) == [] and _records(cache) == {}
@@ -257,8 +271,8 @@ def test_wrong_pinned_hash_is_discarded(server, cache, registry_url):
 
 def test_registry_pin_is_enforced(server, cache, registry_url, monkeypatch):
     server.routes[registry_url] = ("ok", BODY)
-    pinned = dataclasses.replace(hub.get_weights_info("fastsam3d"), sha256="1" * 64)
-    monkeypatch.setitem(hub._REGISTRY, "fastsam3d", pinned)
+    pinned = dataclasses.replace(weights.get_weights("fastsam3d"), sha256="1" * 64)
+    monkeypatch.setitem(weights.WEIGHTS, "fastsam3d", pinned)
     with pytest.raises(hub.ChecksumError):
         hub.download("fastsam3d", progress=False)
     assert _leftovers(cache) == []

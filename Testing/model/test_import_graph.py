@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import fastsam3d
 
 PKG = Path(fastsam3d.__file__).parent
@@ -104,8 +106,9 @@ def test_leaf_modules_import_nothing_from_the_package():
         assert graph[leaf] == set(), f"{leaf} imports {sorted(graph[leaf])}"
 
 
-def test_configs_is_torch_free():
-    tree = ast.parse((PKG / "configs.py").read_text(encoding="utf-8"))
+@pytest.mark.parametrize("module", ["configs.py", "weights.py"])
+def test_registries_are_torch_free(module):
+    tree = ast.parse((PKG / module).read_text(encoding="utf-8"))
     imported = {
         a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
     }

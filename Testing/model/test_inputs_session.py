@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_session_helpers import ThresholdModel
+from session_stubs import ThresholdModel
 
 from fastsam3d.session import Session, SessionError
 from fastsam3d.volume import Volume, VolumeError

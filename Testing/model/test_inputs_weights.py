@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fastsam3d
-from fastsam3d import checkpoint, cli, hub
+from fastsam3d import checkpoint, cli, hashes, hub, weights
 from fastsam3d.checkpoint import (
     CheckpointError,
     load_model,
@@ -112,8 +112,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def _registry(monkeypatch, url: str, name: str = "fastsam3d") -> None:
-    info = dataclasses.replace(hub.get_weights_info(name), url=url)
-    monkeypatch.setitem(hub._REGISTRY, name, info)
+    info = dataclasses.replace(weights.get_weights(name), url=url)
+    monkeypatch.setitem(weights.WEIGHTS, name, info)
 
 
 def _cache_files(cache: Path) -> list[str]:
@@ -174,7 +174,7 @@ def test_cached_non_checkpoint_says_to_force(cache, monkeypatch, tmp_path):
     cache.mkdir()
     (cache / "FastSAM3D.pth").write_bytes(HTML)
     _registry(monkeypatch, (tmp_path / "gone.pth").as_uri())
-    url = hub.get_weights_info("fastsam3d").url
+    url = weights.get_weights("fastsam3d").url
     record = {
         "sha256": hub.sha256_file(cache / "FastSAM3D.pth"),
         "size": len(HTML),
@@ -355,8 +355,7 @@ def _no_building(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a network was built for a file that should have been refused")
 
-    monkeypatch.setattr(checkpoint, "build_model", refuse)
-    monkeypatch.setattr(checkpoint, "_build_skeleton", refuse, raising=False)
+    monkeypatch.setattr(checkpoint, "build_model", refuse)  # also the meta-device skeleton
 
 
 @pytest.mark.parametrize(
@@ -398,10 +397,14 @@ def test_custom_network_is_checked_on_the_meta_device(tmp_path, monkeypatch):
     path = tmp_path / "wide.pth"
     torch.save(sd, path)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a real network was built before the shapes were checked")
+    real = checkpoint.build_model
 
-    monkeypatch.setattr(checkpoint, "build_model", refuse)
+    def only_on_meta(*args, **kwargs):
+        if torch.empty(0).device.type != "meta":
+            raise AssertionError("a real network was built before the shapes were checked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "build_model", only_on_meta)
     with pytest.raises(CheckpointError, match="missing keys"):
         load_model(path)
 
@@ -599,7 +602,7 @@ def test_broken_cache_gives_hub_errors(tmp_path, monkeypatch, capsys, tiny, brok
 def test_every_registered_config_is_usable_by_name(cache, tmp_path, monkeypatch):
     """newcomer m3: the third config is listed but could not be used by name. Its registry entry
     shares the sam-med3d-turbo file (one download, one record)."""
-    assert {w.config for w in hub.list_weights()} == set(fastsam3d.list_models())
+    assert {w.config for w in fastsam3d.list_weights()} == set(fastsam3d.configs.CONFIGS)
     teacher = _tiny("sam-med3d-turbo")
     src = save_official(teacher, tmp_path / "src" / "sam_med3d_turbo.pth")
     for name in ("sam-med3d-turbo", "sam-med3d-turbo-fastsam3d-block"):
@@ -648,7 +651,7 @@ def test_full_disk_and_read_only_cache_give_hub_errors(cache, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(hub, "_write_json_atomic", full)
+        m.setattr(hashes, "_write_json_atomic", full)
         with pytest.raises(hub.HubError, match="No space left"):
             hub.download("fastsam3d", progress=False)
     # The file without a record is refused on the next use, with the fix named.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_session_helpers import ThresholdModel, dice
+from session_stubs import ThresholdModel, dice
 
 from fastsam3d import geometry as geo
 from fastsam3d.session import Session

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_session_helpers import ThresholdModel, dice
+from session_stubs import ThresholdModel, dice
 
 from fastsam3d.session import Result, Session, SessionError, paste_result
 from fastsam3d.volume import Volume, VolumeError

@@ -8,13 +8,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Everything imports lazily: `import fastsam3d` costs nothing, and the torch-free parts
-# (fastsam3d.hub: weights registry and downloads) work before torch is installed, which the
-# Slicer module needs on first start.
+# (fastsam3d.weights: the weights registry; fastsam3d.hub: cache and downloads) work before
+# torch is installed, which the Slicer module needs on first start.
 _LAZY = {
-    "ModelConfig": "build",
+    "ModelConfig": "configs",
     "build_model": "build",
-    "get_config": "build",
-    "list_models": "build",
+    "get_config": "configs",
+    "list_configs": "configs",
+    "list_models": "configs",  # deprecated: list_configs
+    "WeightsInfo": "weights",
+    "get_weights": "weights",
+    "list_weights": "weights",
     "set_attention_backend": "build",
     "load_model": "checkpoint",
     "Volume": "volume",
@@ -34,10 +38,10 @@ _LAZY = {
     "UsageError": "errors",
     "CheckpointError": "_sniff",
     "CheckpointReadError": "pth_reader",
-    "HubError": "hub",
-    "DownloadError": "hub",
-    "ChecksumError": "hub",
-    "DownloadCancelled": "hub",
+    "HubError": "errors",
+    "DownloadError": "errors",
+    "ChecksumError": "errors",
+    "DownloadCancelled": "errors",
     "PromptError": "prompts",
     "WireError": "wire",
     "SessionExpiredError": "remote",
@@ -54,6 +58,7 @@ _SUBMODULES = (
     "bench",
     "build",
     "checkpoint",
+    "configs",
     "dicom",
     "fastpath",
     "geometry",
@@ -67,6 +72,7 @@ _SUBMODULES = (
     "session",
     "testing",
     "volume",
+    "weights",
 )
 
 

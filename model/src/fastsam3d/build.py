@@ -1,7 +1,8 @@
 """The builder: one private builder over the named configs of :mod:`fastsam3d.configs`.
 
 The config names (``ModelConfig``, ``MODEL_CONFIGS``, ``get_config``, ...) and
-``set_attention_backend`` are re-exported here, where callers have always found them.
+``set_attention_backend`` are re-exported here, where callers have always found them; new code
+imports them from :mod:`fastsam3d.configs` (``CONFIGS``, ``list_configs``, ``get_config``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def build_model(
     For shapes, tests and distillation students; :func:`fastsam3d.load_model` loads weights.
 
     Args:
-        name: A registered config name (``fastsam3d.list_models()``) or a ``ModelConfig``.
+        name: A registered config name (``fastsam3d.configs.CONFIGS``) or a ``ModelConfig``.
         attn_backend: The encoder's attention backend (``fastsam3d.set_attention_backend``):
             ``"einsum"``, ``"sdpa"``, ``"fold"``, ``"flex"`` or ``"sparse"``.
         **overrides: Config fields to replace, e.g. ``depth=2, embed_dim=64`` for a tiny

@@ -35,9 +35,8 @@ import torch
 from ._requirements import TORCH_ADVISORY, TORCH_REQUIREMENT, torch_loads_pickles_safely
 from ._sniff import CheckpointError, safetensors_header, sniff
 from .atomic import atomic_path
-from .build import _build as _build_skeleton
 from .build import build_model
-from .configs import MAX_WINDOW, MODEL_CONFIGS, ModelConfig, check_config, get_config
+from .configs import CONFIGS, MAX_WINDOW, ModelConfig, check_config, get_config, with_block_style
 from .modeling import Sam3D
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
     embed_dim = _tensor(sd, f"{pre}0.norm2.weight", 1, " (it gives the width)").shape[0]
     windows, globals_ = set(), []
     head_dim = None
-    grid = MODEL_CONFIGS["fastsam3d"].grid
+    grid = CONFIGS["fastsam3d"].grid
     for b in range(attn_free, depth):
         key = f"{pre}{b}.attn.rel_pos_d"
         if key not in sd:
@@ -228,7 +227,7 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
             f"width {embed_dim} is not a multiple of the head width {head_dim} "
             "given by the rel-pos tables"
         )
-    num_heads = embed_dim // head_dim if head_dim else MODEL_CONFIGS["fastsam3d"].num_heads
+    num_heads = embed_dim // head_dim if head_dim else CONFIGS["fastsam3d"].num_heads
     pe = sd.get("prompt_encoder.point_embeddings.3.weight")
     window = windows.pop() if windows else 0
     fields = dict(
@@ -241,11 +240,11 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
         num_attn_free_blocks=attn_free,
         num_point_embeddings=4 if pe is not None else 2,
     )
-    for cfg in MODEL_CONFIGS.values():
+    for cfg in CONFIGS.values():
         if all(getattr(cfg, k) == v for k, v in fields.items()):
             return cfg
     base = "fastsam3d" if attn_free else "sam-med3d-turbo"
-    cfg = dataclasses.replace(MODEL_CONFIGS[base], name=f"custom({base}-like)", **fields)
+    cfg = dataclasses.replace(CONFIGS[base], name=f"custom({base}-like)", **fields)
     _bounded(cfg)
     return cfg
 
@@ -361,7 +360,7 @@ def load_model(
 
     Args:
         path_or_name: A checkpoint file (PyTorch zip or safetensors; the official containers or
-            a plain state dict) or a registered weights name (``fastsam3d.hub.list_weights()``),
+            a plain state dict) or a registered weights name (``fastsam3d.list_weights()``),
             downloaded into the per-user cache and verified on first use.
         device: Where the model is placed, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         config: A config name or ``ModelConfig`` that overrides detection from the keys and
@@ -383,16 +382,15 @@ def load_model(
         fastsam3d.hub.HubError: A registered name's download failed or its hash differs.
     """
     from . import hub
+    from .weights import WEIGHTS
 
-    registered = isinstance(path_or_name, str) and path_or_name in {
-        w.name for w in hub.list_weights()
-    }
+    registered = isinstance(path_or_name, str) and path_or_name in WEIGHTS
     if registered:
         name = str(path_or_name)
         path = hub.download(name, sha256=sha256)
         sha256 = None  # verified by the hub
         if config is None:
-            config = hub.get_weights_info(name).config
+            config = WEIGHTS[name].config
         try:
             return _load_file(path, device, config, decoder, attn_backend)
         except CheckpointError as exc:
@@ -406,7 +404,7 @@ def load_model(
         and isinstance(path_or_name, str)
         and not any(c in path_or_name for c in "/\\.")
     ):
-        names = ", ".join(sorted(w.name for w in hub.list_weights()))
+        names = ", ".join(sorted(WEIGHTS))
         raise CheckpointError(
             f"{path_or_name!r} is neither a file nor a registered weights name ({names})"
         )
@@ -428,9 +426,8 @@ def _load_file(
         cfg = get_config(config) if config is not None else detect_config(sd)
     except ValueError as exc:  # an unknown config name
         raise CheckpointError(str(exc)) from None
-    if config is None and style and style != cfg.block_style:
-        named = MODEL_CONFIGS.get(f"{cfg.name}-fastsam3d-block") if style == "fastsam3d" else None
-        cfg = named or dataclasses.replace(cfg, block_style=style)
+    if config is None and style:
+        cfg = with_block_style(cfg, style)  # a registered variant keeps its name
     _bounded(cfg)
     has_parts = {p for p in PREFIXES if any(k.startswith(p) for k in sd)}
     if has_parts == {"image_encoder."}:
@@ -442,12 +439,12 @@ def _load_file(
     # has a known, sane size: build it for real. Any other config is first checked against a
     # skeleton on the meta device, which allocates nothing (a crafted file naming a custom
     # network cannot make us allocate it).
-    if MODEL_CONFIGS.get(cfg.name) == cfg:
+    if CONFIGS.get(cfg.name) == cfg:
         model = build_model(cfg, attn_backend=attn_backend)
         report = _shape_report(model, sd)
     else:
         with torch.device("meta"):
-            report = _shape_report(_build_skeleton(cfg), sd)
+            report = _shape_report(build_model(cfg, attn_backend=attn_backend), sd)
         model = None
     if report:
         raise CheckpointError(f"{path} does not fit the {cfg.name} network:\n{report}")

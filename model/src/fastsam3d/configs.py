@@ -1,15 +1,21 @@
 """Named model configurations: the frozen ``ModelConfig``, the registry of named configs and
 their bounds.
 
+Both registries of the package follow one pattern: a public dict, ``list_*()`` for its entries
+in registration order and ``get_*(name)`` for one (unknown names raise ValueError listing the
+known ones): ``CONFIGS`` / :func:`list_configs` / :func:`get_config` here, ``WEIGHTS`` /
+``list_weights`` / ``get_weights`` in :mod:`fastsam3d.weights` (the published checkpoints).
+
 A leaf module without torch: the networks (``modeling``), the builder (``build``), checkpoint
 detection (``checkpoint``) and the fixture weights (``testing``) import it, and it imports none
 of them, so the model layer never points up at the builder. ``fastsam3d.build`` re-exports
-every name here.
+the names it always had (``MODEL_CONFIGS``, ``list_models``, ``get_config`` ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 
@@ -57,7 +63,7 @@ class ModelConfig:
         )
 
 
-MODEL_CONFIGS: dict[str, ModelConfig] = {
+CONFIGS: dict[str, ModelConfig] = {
     "fastsam3d": ModelConfig(
         name="fastsam3d",
         depth=6,
@@ -81,6 +87,17 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         description="SAM-Med3D weights run through FastSAM3D's block (FastSAM3D's teacher and "
         "its Slicer plugin)",
     ),
+}
+
+#: The old name of :data:`CONFIGS` (``fastsam3d.build`` exported it); the same dict.
+MODEL_CONFIGS = CONFIGS
+
+#: Registered configs that run the same weights with the other block style, spelled out:
+#: ``(config name, block style) -> config name``. The block style cannot be seen in the weights;
+#: our exporters record it, and a loader uses this map to name the config it then runs.
+BLOCK_STYLE_VARIANTS: dict[tuple[str, str], str] = {
+    ("sam-med3d-turbo", "fastsam3d"): "sam-med3d-turbo-fastsam3d-block",
+    ("sam-med3d-turbo-fastsam3d-block", "standard"): "sam-med3d-turbo",
 }
 
 
@@ -129,8 +146,20 @@ def check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"config {cfg.name!r}: " + "; ".join(problems))
 
 
+def list_configs() -> list[ModelConfig]:
+    """All registered configs, in registration order (``config.name`` is the registry key)."""
+    return list(CONFIGS.values())
+
+
 def list_models() -> list[str]:
-    return sorted(MODEL_CONFIGS)
+    """Deprecated: the sorted config names, ``sorted(CONFIGS)``; use :func:`list_configs`."""
+    warnings.warn(
+        "fastsam3d.list_models() is deprecated; use fastsam3d.list_configs() (the configs) or "
+        "sorted(fastsam3d.configs.CONFIGS) (their names)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return sorted(CONFIGS)
 
 
 def get_config(name: str | ModelConfig, **overrides: object) -> ModelConfig:
@@ -139,7 +168,19 @@ def get_config(name: str | ModelConfig, **overrides: object) -> ModelConfig:
         cfg = name
     else:
         try:
-            cfg = MODEL_CONFIGS[name]
+            cfg = CONFIGS[name]
         except KeyError:
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+            known = ", ".join(sorted(CONFIGS))
+            raise ValueError(f"unknown model {name!r}; known: {known}") from None
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def with_block_style(cfg: ModelConfig, block_style: str) -> ModelConfig:
+    """``cfg`` run with ``block_style``: its registered variant (:data:`BLOCK_STYLE_VARIANTS`)
+    if there is one, else a copy of ``cfg`` with the style replaced (same name)."""
+    if cfg.block_style == block_style:
+        return cfg
+    variant = BLOCK_STYLE_VARIANTS.get((cfg.name, block_style))
+    if variant is not None and CONFIGS[cfg.name] == cfg:
+        return CONFIGS[variant]
+    return dataclasses.replace(cfg, block_style=block_style)

@@ -5,7 +5,9 @@ catch all of them in one clause. Each also keeps the builtin base callers alread
 ``ValueError`` for bad input (:class:`VolumeError`, ``SessionError``, ``PromptError``,
 ``WireError``), ``RuntimeError`` for a failed operation (``CheckpointError``, ``HubError``,
 ``RemoteError``). A leaf module (imports nothing, no torch): the torch-free readers, the hub and
-the remote client import it before torch is installed.
+the remote client import it before torch is installed. The weights cache's errors live here
+because two modules raise them (:mod:`fastsam3d.hub`, :mod:`fastsam3d.hashes`); the hub
+re-exports them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ __all__ = [
     "VolumeError",
     "CommandError",
     "UsageError",
+    "HubError",
+    "DownloadError",
+    "ChecksumError",
+    "DownloadCancelled",
     "EXIT_ERROR",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
@@ -49,3 +55,19 @@ class UsageError(CommandError, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, EXIT_USAGE)
+
+
+class HubError(FastSAM3DError, RuntimeError):
+    """The weights cache or a download failed (``fastsam3d.hub``); base of the three below."""
+
+
+class DownloadError(HubError):
+    """The transfer failed (network error, HTTP error, truncated body); nothing was kept."""
+
+
+class ChecksumError(HubError):
+    """A file's SHA-256 does not match the pinned or recorded one, or cannot be checked."""
+
+
+class DownloadCancelled(HubError):
+    """The progress callback returned False; the partial file was deleted."""

@@ -1,5 +1,11 @@
-"""Named downloadable weights, a per-user cache, and downloads that never leave a partial or
-unverified file where a caller would load it.
+"""A per-user weights cache and downloads that never leave a partial or unverified file where a
+caller would load it.
+
+Which weights exist (names, URLs, the config each runs with) is :mod:`fastsam3d.weights`; this
+module caches and verifies them. ``WeightsInfo`` and ``list_weights`` are re-exported here, where
+callers (the Slicer module) have always found them, and ``get_weights_info`` stays as a
+deprecated alias of ``get_weights``. The hash record and file hashing are :mod:`fastsam3d.hashes`,
+the errors :mod:`fastsam3d.errors` (both re-exported here).
 
 Trust model. No checksums are published for the FastSAM3D or SAM-Med3D weights, so the first
 download is trusted (trust on first use): its SHA-256 goes into ``hashes.json`` beside the file,
@@ -8,13 +14,8 @@ a file truncated, corrupted or swapped afterwards is refused instead of loaded. 
 (the ``sha256=`` argument, or a registry entry's ``sha256``) is checked before the file is moved
 into place.
 
-Why our own streaming loop rather than ``torch.hub.download_url_to_file``: that function moves a
-*truncated* transfer into place without complaint. On Python 3.11 ``http.client`` returns ``b""``
-when a Content-Length response is cut short instead of raising, and torch.hub never compares the
-byte count with Content-Length (checked against a loopback server sending 400 of 1000 bytes).
-It also has no way to cancel (the Slicer module's progress dialog needs one) and no socket
-timeout. The loop below keeps its good parts (urllib, temporary file in the destination
-directory, tqdm bar) and adds those three.
+The bytes themselves are streamed by :mod:`fastsam3d.transfer` (SHA-256 while reading,
+cancel, socket timeout, truncation check).
 
 A download is checked to be a checkpoint (:func:`fastsam3d._sniff.sniff`: a PyTorch zip or a
 safetensors file, nothing that inflates, no HTML page answered with status 200) before it is
@@ -28,26 +29,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import glob
 import hashlib
-import http.client
-import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
 from ._sniff import CheckpointError, sniff
-from .atomic import atomic_path
-from .errors import FastSAM3DError
+from .errors import ChecksumError, DownloadCancelled, DownloadError, HubError
+from .hashes import (
+    HASHES_FILE,
+    LOCK_FILE,
+    new_record,
+    normalize_sha256,
+    read_records,
+    set_record,
+    sha256_file,
+    verify_file,
+)
+from .transfer import ProgressCallback
+from .transfer import fetch as _fetch
+from .weights import WeightsInfo, get_weights, list_weights
 
 __all__ = [
     "ENV_CACHE",
@@ -72,110 +78,19 @@ __all__ = [
 ]
 
 ENV_CACHE = "FASTSAM3D_CACHE"
-HASHES_FILE = "hashes.json"
-_RECORD_FORMAT = 1
-_CHUNK = 1 << 20
-_TIMEOUT_S = 60.0  # per socket operation, not for the whole transfer
 _STALE_PART_S = 3600.0  # leftover .part files older than this belong to no live download
 _URL_DIR = "urls"  # URL downloads: <cache>/urls/<hash of the URL>/<file name>
 
-ProgressCallback = Callable[[int, Optional[int]], Optional[bool]]  # noqa: UP045 (Python 3.9)
-
-
-class HubError(FastSAM3DError, RuntimeError):
-    """Base class of the errors raised by this module."""
-
-
-class DownloadError(HubError):
-    """The transfer failed (network error, HTTP error, truncated body); nothing was kept."""
-
-
-class ChecksumError(HubError):
-    """A file's SHA-256 does not match the pinned or recorded one, or cannot be checked."""
-
-
-class DownloadCancelled(HubError):
-    """The progress callback returned False; the partial file was deleted."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsInfo:
-    """One downloadable checkpoint. ``config`` is the ``fastsam3d.build`` config it fits."""
-
-    name: str
-    url: str
-    filename: str
-    config: str
-    description: str
-    license_note: str
-    sha256: str | None = None
-
-
-_REGISTRY: dict[str, WeightsInfo] = {
-    info.name: info
-    for info in (
-        WeightsInfo(
-            name="fastsam3d",
-            url="https://huggingface.co/techlove/FastSAM3D/resolve/main/FastSAM3D.pth",
-            filename="FastSAM3D.pth",
-            config="fastsam3d",
-            description="FastSAM3D: 6-block distilled encoder + SAM-Med3D prompt encoder/decoder",
-            license_note=(
-                "Published by the FastSAM3D authors (github.com/arcadelab/FastSAM3D); no licence "
-                "for the weights is stated there. Research use; not a medical device."
-            ),
-        ),
-        WeightsInfo(
-            name="sam-med3d-turbo",
-            url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
-            filename="sam_med3d_turbo.pth",
-            config="sam-med3d-turbo",
-            description="SAM-Med3D-turbo: 12-block ViT-B encoder (FastSAM3D's teacher)",
-            license_note=(
-                "Published by the SAM-Med3D authors (github.com/uni-medical/SAM-Med3D); check "
-                "that repository's terms before redistribution. Research use; not a medical device."
-            ),
-        ),
-        WeightsInfo(
-            # The same file as "sam-med3d-turbo" (one download, one record), run through
-            # FastSAM3D's block, as FastSAM3D's teacher and its Slicer plugin did.
-            name="sam-med3d-turbo-fastsam3d-block",
-            url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
-            filename="sam_med3d_turbo.pth",
-            config="sam-med3d-turbo-fastsam3d-block",
-            description="SAM-Med3D-turbo weights run with FastSAM3D's block (shares the "
-            "sam-med3d-turbo file: downloading or removing one is the other)",
-            license_note=(
-                "Published by the SAM-Med3D authors (github.com/uni-medical/SAM-Med3D); check "
-                "that repository's terms before redistribution. Research use; not a medical device."
-            ),
-        ),
-    )
-}
-
-
-def list_weights() -> list[WeightsInfo]:
-    """All registered weights, in registration order."""
-    return list(_REGISTRY.values())
-
 
 def get_weights_info(name: str) -> WeightsInfo:
-    """The registry entry ``name``; unknown names raise ValueError listing the known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown weights name {name!r}; known names: {known}") from None
-
-
-def normalize_sha256(value: str) -> str:
-    """Lower-case 64-digit hex; accepts Slicer's ``SHA256:`` prefix so its strings can be reused."""
-    v = value.strip().lower()
-    if v.startswith("sha256:"):
-        v = v[len("sha256:") :]
-    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-        raise ValueError(f"not a SHA-256 hex digest (64 hex digits expected): {value!r}")
-    return v
+    """Deprecated: the old name of :func:`fastsam3d.weights.get_weights` (the Slicer Lib calls
+    it here)."""
+    warnings.warn(
+        "fastsam3d.hub.get_weights_info() is deprecated; use fastsam3d.get_weights()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return get_weights(name)
 
 
 def cache_dir(create: bool = True) -> Path:
@@ -207,24 +122,6 @@ def _mkdir(d: Path) -> None:
             f"cannot use {d} as the weights cache ({e.strerror or e}); set "
             f"${ENV_CACHE} or --cache-dir to a writable directory"
         ) from None
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_file(path: str | os.PathLike[str], expected_sha256: str) -> str:
-    """Raise ChecksumError unless the file's SHA-256 is ``expected_sha256``; return the digest."""
-    expected = normalize_sha256(expected_sha256)
-    digest = sha256_file(path)
-    if digest != expected:
-        raise ChecksumError(f"{path}: SHA-256 is {digest}, expected {expected}")
-    return digest
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,91 +167,13 @@ def _resolve(name_or_url: str, sha256: str | None) -> _Target:
     pin = normalize_sha256(sha256) if sha256 is not None else None
     if _is_url(name_or_url):
         return _Target(name_or_url, name_or_url, _filename_from_url(name_or_url), pin, False)
-    info = get_weights_info(name_or_url)
+    info = get_weights(name_or_url)
     registered = normalize_sha256(info.sha256) if info.sha256 else None
     if pin and registered and pin != registered:
         raise ValueError(
             f"sha256={pin} conflicts with the registered SHA-256 {registered} of {info.name!r}"
         )
     return _Target(info.name, info.url, info.filename, pin or registered, True)
-
-
-# --------------------------------------------------------------------------------------------
-# the hash record (hashes.json beside the files)
-
-
-def _read_records(directory: Path) -> dict[str, dict]:
-    path = directory / HASHES_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        data, err = None, str(e)
-    except OSError as e:  # a directory in its place, no permission, ...
-        data, err = None, e.strerror or str(e)
-    else:
-        err = "unexpected layout"
-    files = data.get("files") if isinstance(data, dict) else None
-    ok = isinstance(files, dict) and all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in files.values()
-    )
-    if not ok:
-        # It is the only evidence of what was downloaded: never "repair" it by overwriting.
-        raise HubError(
-            f"the hash record {path} is unreadable ({err}); it is left untouched. Fix or delete "
-            "it, then re-download the weights with `fastsam3d download NAME --force`."
-        )
-    return files
-
-
-@contextlib.contextmanager
-def _records_lock(directory: Path) -> Iterator[None]:
-    """Serialise read-modify-write of hashes.json between processes (POSIX; no-op elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: os.replace keeps the file whole; a lost update is the risk
-        yield
-        return
-    try:
-        lock = open(directory / ".hashes.lock", "a")  # noqa: SIM115 (closed below)
-    except OSError as e:
-        raise HubError(f"cannot lock the hash record in {directory} ({e.strerror or e})") from None
-    with lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _set_record(directory: Path, filename: str, entry: dict | None) -> bool:
-    """Store (or with None, delete) one record; returns whether anything changed."""
-    with _records_lock(directory):
-        files = _read_records(directory)
-        if entry is None:
-            if filename not in files:
-                return False
-            del files[filename]
-        else:
-            files[filename] = entry
-        try:
-            _write_json_atomic(directory / HASHES_FILE, {"format": _RECORD_FORMAT, "files": files})
-        except OSError as e:
-            raise HubError(
-                f"cannot write the hash record {directory / HASHES_FILE} ({e.strerror or e})"
-            ) from None
-    return True
-
-
-def _new_record(target: _Target, digest: str, size: int, pinned: bool) -> dict:
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    return {"sha256": digest, "size": size, "url": target.url, "recorded": now, "pinned": pinned}
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +253,7 @@ def cached_path(
     if not path.is_file():
         return None
     if verify:
-        _check_existing(target, path, _read_records(directory).get(target.filename))
+        _check_existing(target, path, read_records(directory).get(target.filename))
     return path
 
 
@@ -465,7 +284,7 @@ def cache_status(
     except OSError as e:
         return CacheStatus(name, path, False, None, None, None, f"cannot read the cache: {e}")
     try:
-        record = _read_records(directory).get(target.filename)
+        record = read_records(directory).get(target.filename)
     except HubError as e:
         return CacheStatus(name, path, present, size, None, False if present else None, str(e))
     recorded = record["sha256"] if record else None
@@ -494,82 +313,6 @@ def cache_status(
 
 # --------------------------------------------------------------------------------------------
 # download
-
-
-def _content_length(response: object) -> int | None:
-    value = response.headers.get("Content-Length")  # type: ignore[attr-defined]
-    try:
-        n = int(value) if value is not None else None
-    except ValueError:
-        return None
-    return n if n is not None and n >= 0 else None
-
-
-def _fetch(
-    url: str,
-    tmp: Path,
-    progress: bool,
-    callback: ProgressCallback | None,
-    label: str,
-) -> tuple[str, int]:
-    """Stream ``url`` into ``tmp`` (created here, exclusively); return (sha256, size)."""
-    from tqdm.auto import tqdm
-
-    version = getattr(sys.modules.get("fastsam3d"), "__version__", "unknown")
-    request = urllib.request.Request(url, headers={"User-Agent": f"fastsam3d/{version}"})
-    h = hashlib.sha256()
-    done = 0
-    total: int | None = None
-
-    def notify() -> None:
-        if callback is not None and callback(done, total) is False:
-            raise DownloadCancelled(f"download of {url} cancelled after {done} bytes")
-
-    try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-            kind = response.headers.get_content_type()
-            if kind in ("text/html", "application/xhtml+xml"):
-                raise DownloadError(
-                    f"downloading {url} failed: the server answered with a web page "
-                    f"({kind}), not weights (a login, error or captive-portal page?); "
-                    "nothing was kept"
-                )
-            total = _content_length(response)
-            with (
-                open(tmp, "xb") as f,
-                tqdm(
-                    total=total,
-                    disable=not progress,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=label,
-                    leave=True,
-                ) as bar,
-            ):
-                notify()
-                while chunk := response.read(_CHUNK):
-                    f.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-                    notify()
-                f.flush()
-                os.fsync(f.fileno())
-    except urllib.error.HTTPError as e:
-        e.close()  # it holds the response's socket
-        raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        # Socket timeouts and resets are OSErrors; IncompleteRead is an HTTPException.
-        raise DownloadError(f"downloading {url} failed after {done} bytes: {e}") from e
-    if total is not None and done != total:
-        raise DownloadError(
-            f"downloading {url} failed: the transfer ended after {done} of {total} bytes "
-            "(connection dropped?); nothing was kept"
-        )
-    if done == 0:
-        raise DownloadError(f"downloading {url} failed: the server sent an empty file")
-    return h.hexdigest(), done
 
 
 def download(
@@ -613,8 +356,8 @@ def _download(
 ) -> Path:
     dest = directory / target.filename
     # Read the record first: an unreadable record must stop us before any network traffic.
-    record = _read_records(directory).get(target.filename)
-    lock = directory / ".hashes.lock"
+    record = read_records(directory).get(target.filename)
+    lock = directory / LOCK_FILE
     if lock.exists() and not lock.is_file():  # nor one we could never update
         raise HubError(
             f"cannot lock the hash record in {directory}: {lock} is not a file; delete it"
@@ -628,8 +371,8 @@ def _download(
         if digest == target.expected:
             _require_checkpoint(dest, target, ChecksumError)
             if record is None or record["sha256"] != digest or record.get("url") != target.url:
-                entry = _new_record(target, digest, dest.stat().st_size, pinned=True)
-                _set_record(directory, target.filename, entry)
+                entry = new_record(target.url, digest, dest.stat().st_size, pinned=True)
+                set_record(directory, target.filename, entry)
             return dest
         # The existing file is not the pinned one: fetch; it stays until the new one verifies.
 
@@ -666,9 +409,8 @@ def _download(
         # EROFS, not ENOENT, on a read-only file system: never let cleanup hide the real error.
         with contextlib.suppress(OSError):
             tmp.unlink()
-    _set_record(
-        directory, target.filename, _new_record(target, digest, size, target.expected is not None)
-    )
+    pinned = target.expected is not None
+    set_record(directory, target.filename, new_record(target.url, digest, size, pinned))
     return dest
 
 
@@ -682,7 +424,7 @@ def url_downloads(dest_dir: str | os.PathLike[str] | None = None) -> list[tuple[
     ):
         directory = Path(record_file).parent
         try:
-            records = _read_records(directory)
+            records = read_records(directory)
         except HubError:
             continue
         for filename, record in sorted(records.items()):
@@ -712,6 +454,6 @@ def remove(name: str, *, dest_dir: str | os.PathLike[str] | None = None) -> bool
             if time.time() - os.path.getmtime(part) > _STALE_PART_S:
                 os.unlink(part)
                 removed = True
-    if (directory / HASHES_FILE).exists() and _set_record(directory, target.filename, None):
+    if (directory / HASHES_FILE).exists() and set_record(directory, target.filename, None):
         removed = True
     return removed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fastsam3d import hub
+from fastsam3d import hub, weights
 from fastsam3d.errors import EXIT_INTERRUPTED, CommandError, UsageError
 
 
@@ -64,7 +64,7 @@ def state_text(status: hub.CacheStatus) -> str:
 def _print_list(cache_dir: str | None, verify: bool) -> int:
     where = cache_dir or hub.cache_dir(create=False)
     print(f"cache directory: {where}")
-    for info in hub.list_weights():
+    for info in weights.list_weights():
         st = hub.cache_status(info.name, verify=verify, dest_dir=cache_dir)
         print(f"\n{info.name}  (config {info.config}, file {info.filename})")
         print(f"  {info.description}")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from fastsam3d import hub
 from fastsam3d.commands.download import format_size, state_text
+from fastsam3d.weights import list_weights
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -85,14 +86,9 @@ def _guard(fn: Callable[[], object]) -> object:
 
 def _models() -> list[str] | str:
     try:
-        from fastsam3d import build
-    except Exception as e:
-        return f"unavailable ({e})"
-    list_models = getattr(build, "list_models", None)
-    if list_models is None:
-        return "unavailable (fastsam3d.build.list_models missing)"
-    try:
-        return [str(m) for m in list_models()]
+        from fastsam3d.configs import list_configs
+
+        return [c.name for c in list_configs()]
     except Exception as e:
         return f"unavailable ({e})"
 
@@ -100,7 +96,7 @@ def _models() -> list[str] | str:
 def collect(verify: bool = False) -> dict:
     """Everything ``info`` shows, as plain data (the Slicer module can show the same)."""
     weights = []
-    for w in hub.list_weights():
+    for w in list_weights():
         st = hub.cache_status(w.name, verify=verify)
         weights.append(
             {

@@ -252,10 +252,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint: no such file {args.checkpoint}")
     if not args.checkpoint and not args.fixture_weights:
-        from fastsam3d import hub
+        from fastsam3d.weights import get_weights
 
         try:
-            hub.get_weights_info(args.model)
+            get_weights(args.model)
         except ValueError as e:
             hint = ""
             if Path(args.model).suffix or os.sep in args.model or Path(args.model).exists():
