@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import slicer
 
-from . import geometry, mrml
+from . import geometry, mrml, segment_writer
 from .errors import FastSAM3DSlicerError
 from .waiting import POLL_WAIT_S, ResultQueue
 from .worker import InferenceWorker
@@ -72,7 +72,7 @@ class Prompt:
 @dataclasses.dataclass
 class EditRecord:
     prompt: Prompt
-    undo: mrml.UndoEntry
+    undo: segment_writer.UndoEntry
     region: geometry.Region
     inference_s: float
     total_s: float
@@ -235,8 +235,8 @@ class InteractiveLogic:
             )
         return (self.volume_node.GetID(), self.segmentation_node.GetID(), self.segment_id)
 
-    def _writer(self) -> mrml.SegmentWriter:
-        return mrml.SegmentWriter(self.segmentation_node, self.volume_node)
+    def _writer(self) -> segment_writer.SegmentWriter:
+        return segment_writer.SegmentWriter(self.segmentation_node, self.volume_node)
 
     def _current(self, key: tuple) -> _SegmentSession | None:
         """The target's session if it is still valid for the target's nodes and this scene."""
@@ -440,9 +440,9 @@ class InteractiveLogic:
                 del self._sessions[pending.key]  # a failed set-up is retried at the next prompt
         result, inference_s = pending.future.result()
         self._check_alive(entry)
-        writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
+        writer = segment_writer.SegmentWriter(entry.segmentation_node, entry.volume_node)
         region = tuple(result.region)
-        settings = mrml.MaskingSettings.from_segment_editor_node(self.segment_editor_node)
+        settings = segment_writer.MaskingSettings.from_segment_editor_node(self.segment_editor_node)
         extent = geometry.region_to_extent(region, entry.array.shape)
         image_to_seg = writer.image_to_segmentation()
         if entry.baseline is None:
@@ -476,7 +476,7 @@ class InteractiveLogic:
     def _user_voxels(
         self,
         entry: _SegmentSession,
-        writer: mrml.SegmentWriter,
+        writer: segment_writer.SegmentWriter,
         image_to_seg: np.ndarray,
         extent: Sequence[int],
     ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -492,7 +492,7 @@ class InteractiveLogic:
         if geometry.extent_is_empty(extent):
             return np.zeros(shape, bool), np.zeros(shape, bool), 0
         labelmap, label = entry.baseline
-        base = mrml.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
+        base = segment_writer.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
         expected, keep, off = base.copy(), base.copy(), np.zeros(shape, bool)
         for item in entry.timeline:
             where = _overlap(
@@ -542,7 +542,7 @@ class InteractiveLogic:
         entry.timeline = [t for t in entry.timeline if t is not record]
         self.worker.call(lambda: entry.session.undo())
         undo = record.undo
-        writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
+        writer = segment_writer.SegmentWriter(entry.segmentation_node, entry.volume_node)
         after = undo.after
         if not undo.empty and after is not None and entry.segment_id in undo.previous:
             now = writer.read_segment(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import mrml
+from . import mrml, segment_writer
 
 #: Longest wait for one prompt (the first one builds a session and runs the encoder; on a
 #: laptop CPU that is seconds, on a loaded build machine more).
@@ -105,7 +105,7 @@ def load_engine(worker: Any) -> tuple[Any, str]:
 
 def segment_array(segmentation: Any, volume: Any, segment_id: str) -> np.ndarray:
     """The segment on the volume's whole grid, bool [k, j, i]."""
-    writer = mrml.SegmentWriter(segmentation, volume)
+    writer = segment_writer.SegmentWriter(segmentation, volume)
     k, j, i = mrml.volume_array_shape(volume)
     return writer.read_segment(
         segment_id, writer.image_to_segmentation(), (0, i - 1, 0, j - 1, 0, k - 1)
