@@ -14,6 +14,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .errors import FastSAM3DSlicerError
 from .geometry import as_matrix
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +56,10 @@ def ensure_segmentation_converters() -> None:
 # volumes
 
 
+class VolumeDataError(FastSAM3DSlicerError, ValueError):
+    """The volume cannot be segmented as it is (no voxels, several components per voxel)."""
+
+
 def volume_ijk_to_ras(volume_node: slicer.vtkMRMLScalarVolumeNode) -> np.ndarray:
     """IJK -> the volume's own RAS (hardened transforms are already part of it)."""
     m = vtk.vtkMatrix4x4()
@@ -66,10 +71,10 @@ def volume_array(volume_node: slicer.vtkMRMLScalarVolumeNode) -> np.ndarray:
     """A private copy of the voxels as [k, j, i]: the worker thread must not share MRML memory."""
     image = volume_node.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None:
-        raise ValueError(f"volume {volume_node.GetName()!r} has no image data")
+        raise VolumeDataError(f"volume {volume_node.GetName()!r} has no image data")
     scalars = image.GetPointData().GetScalars()
     if scalars.GetNumberOfComponents() != 1:
-        raise ValueError(
+        raise VolumeDataError(
             f"volume {volume_node.GetName()!r} has {scalars.GetNumberOfComponents()} components "
             "per voxel; select a single-channel (grey-level) CT or MR volume"
         )
@@ -150,6 +155,7 @@ def segment_ids(segmentation_node: slicer.vtkMRMLSegmentationNode) -> Iterable[s
 
 
 __all__ = [
+    "VolumeDataError",
     "as_matrix",
     "control_points_world",
     "ensure_segmentation_converters",

@@ -81,6 +81,10 @@ class UndoEntry:
         return np.unpackbits(self.after_bits, count=int(np.prod(shape))).reshape(shape) > 0
 
 
+class SegmentMissingError(FastSAM3DSlicerError, KeyError):
+    """The target segment is not (or no longer) in its segmentation."""
+
+
 class GeometryError(FastSAM3DSlicerError, ValueError):
     """Volume and segmentation frames cannot be related by a linear transform."""
 
@@ -164,7 +168,7 @@ class SegmentWriter:
         """The segment, or a KeyError that names it (the user may have deleted it)."""
         segment = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
         if segment is None:
-            raise KeyError(
+            raise SegmentMissingError(
                 f"segment {segment_id!r} is not in {self.segmentation_node.GetName()!r} "
                 "(was it deleted?)"
             )
@@ -557,6 +561,7 @@ def read_labelmap(
 __all__ = [
     "GeometryError",
     "MaskingSettings",
+    "SegmentMissingError",
     "SegmentWriter",
     "UndoEntry",
     "read_labelmap",

@@ -228,8 +228,6 @@ def run_widget_prompt_test(test: Any) -> None:
         test.skipTest(reason)
     import slicer
 
-    from .worker import InferenceWorker
-
     layout = slicer.app.layoutManager()
     if layout is None or layout.sliceWidget("Red") is None:
         test.skipTest("the self-test clicks in the Red slice view: run Slicer with its window")
@@ -257,12 +255,10 @@ def run_widget_prompt_test(test: Any) -> None:
 
     # "Load model", minus the download: the network is handed to the Widget the way its own
     # loading does (a future on its inference worker, picked up by its timer tick).
-    if widget.worker is None:
-        widget.worker = InferenceWorker()
-    worker = widget.worker
+    worker = widget.modelSetup.ensure_worker()
     test.delayDisplay("Loading the network")
     engine, kind = load_engine(worker)
-    widget.engineFuture = worker.submit(lambda: engine)
+    widget.modelSetup.adopt(worker.submit(lambda: engine))
     _pump_until(widget, lambda: widget.logic is not None, "the Widget to take the network")
     exact = str(engine.device) == "cpu"
     try:

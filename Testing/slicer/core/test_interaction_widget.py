@@ -274,7 +274,7 @@ def run_event_loop() -> None:
 
 
 def marker_count(env) -> int:
-    node = env.widget.promptNode
+    node = env.widget.markers.point_node
     return 0 if node is None else node.GetNumberOfControlPoints()
 
 
@@ -307,7 +307,7 @@ def test_click_places_a_point_marker_and_the_segment_updates(env):
     assert send(env, QE.MouseButtonRelease, pos=(201, 151))  # jitter: still a click
     assert marker_count(env) == 0  # nothing happens inside the view's event handler
     run_event_loop()
-    assert marker_count(env) == 1 and w.promptNode.GetNthControlPointSelected(0)  # positive
+    assert marker_count(env) == 1 and w.markers.point_node.GetNthControlPointSelected(0)  # positive
     w.logic.wait()
     w.onPoll()
     world = interaction.xy_to_ras(env.view.node, interaction.display_xy(200, 150, 300))
@@ -333,15 +333,16 @@ def test_drag_shows_an_outline_and_segments_the_box(env, monkeypatch):
     editor = w.ui.segmentEditorWidget
     assert editor.volume is scene.volume and editor.segmentation is not None
     assert editor.segmentation is not scene.segmentation and editor.segment
-    assert w.boxNode is not None and w.boxNode.GetNumberOfDefinedControlPoints() == 1
-    size = w.boxNode.GetSize()
+    box = w.markers.box_node
+    assert box is not None and box.GetNumberOfDefinedControlPoints() == 1
+    size = w.markers.box_node.GetSize()
     np.testing.assert_allclose(size, (10.0, 8.0, 10.0), atol=1e-6)  # 50 x 40 px at 0.2 mm
     w.logic.wait()
     w.onPoll()
     calls = [c[0] for s in w.logic.engine.sessions for c in s.calls]
     assert calls[0] == "box"  # (the stub session then segments the box's centre)
     w.onUndo()  # the box's result is undone: its ROI goes too
-    assert w.boxNode.GetNumberOfControlPoints() == 0
+    assert w.markers.box_node.GetNumberOfControlPoints() == 0
 
 
 def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, monkeypatch):
@@ -352,7 +353,7 @@ def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, mon
 
     def load():
         loads.append(1)
-        w.engineFuture = object()
+        w.modelSetup.future = object()
 
     monkeypatch.setattr(w, "onLoadModel", load)
     w.onPositive()
@@ -365,7 +366,7 @@ def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, mon
     given_for = w.ui.segmentEditorWidget.segment
     w.onNewSegment()  # the user moves on while the model loads
     assert w.ui.segmentEditorWidget.segment != given_for
-    w.engineFuture, w.logic = None, InteractiveLogic(engine)
+    w.modelSetup.future, w.logic = None, InteractiveLogic(engine)
     w._runDeferred()
     w.logic.wait()
     w.onPoll()
@@ -432,7 +433,7 @@ def test_another_tool_or_an_editor_effect_stops_prompting(env):
     w.onPositive()
     assert node.GetCurrentInteractionMode() == node.ViewTransform
     w.editorNode.SetActiveEffectName("Paint")
-    w.onEditorNodeModified()
+    w.masking.onEditorNodeModified()
     assert not w.capture.active and not w.ui.positivePointButton.checked
 
 
@@ -451,14 +452,14 @@ def test_leaving_the_module_stops_prompting_effects_and_shortcuts(env):
 def test_masking_controls_show_and_write_the_shared_node(env):
     w, scene = env.widget, env.scene
     w.editorNode.SetAndObserveSegmentationNode(scene.segmentation)
-    w.onEditorNodeModified()
+    w.masking.onEditorNodeModified()
     items = w.ui.editableAreaComboBox.items
     assert items[0] == "Everywhere" and items[-2:] == ["Inside target", "Inside other"]
-    w.onEditableAreaChosen(len(items) - 1)
+    w.masking.onEditableAreaChosen(len(items) - 1)
     single = slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
     assert w.editorNode.GetMaskMode() == single
     assert w.editorNode.GetMaskSegmentID() == scene.other
-    w.onOverwriteChosen(2)
+    w.masking.onOverwriteChosen(2)
     assert w.editorNode.GetOverwriteMode() == w.editorNode.OverwriteNone
     # A segment added (or renamed) anywhere shows up in the editable-area choices at once.
     scene.segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
@@ -475,11 +476,11 @@ def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
         scene.target,
     )
     w.onPositive()
-    w._addMarker(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
+    w.markers.add(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
     w.logic.set_target(scene.volume, scene.segmentation, scene.target)
     w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True, tag="x")
     w.onSceneClose()
-    assert w.promptNode is None and w.editorNode is None and w.maskingSegmentation is None
+    assert w.markers.point_node is None and w.editorNode is None and w.masking.segmentation is None
     w.logic.wait()
     w.onPoll()
     assert not scene.segment(scene.target).any()
@@ -528,10 +529,10 @@ def test_model_controls_are_disabled_while_predicting_or_loading(env):
     ):
         assert not control.enabled
     w.logic.wait()
-    w.engineFuture = object()  # a model loading
+    w.modelSetup.future = object()  # a model loading
     w._updateButtons()
     assert not ui.loadModelButton.enabled and not ui.deviceComboBox.enabled
-    w.engineFuture = None
+    w.modelSetup.future = None
 
 
 def test_polarity_is_a_remembered_preference(env):
