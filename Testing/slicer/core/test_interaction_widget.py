@@ -541,3 +541,26 @@ def test_polarity_is_a_remembered_preference(env):
     assert params.Preferences.load(FakeSettings()).positive is False
     w.togglePolarity()
     assert params.Preferences.load(FakeSettings()).positive is True
+
+
+def test_choices_live_in_the_parameter_node_and_a_new_scene_starts_from_the_preferences(env):
+    """Style review 3: the user's choices are in the module's parameter node (saved with the
+    scene); the per-user preferences follow them and seed a new scene's node."""
+    w, scene = env.widget, env.scene.scene
+    node = w._choices()
+    raw = node.parameterNode
+    assert raw.GetSingletonTag() == "FastSAM3DSlicer" and raw.GetScene() is scene
+    assert (node.weights, node.device, node.positive) == ("fastsam3d", "auto", True)
+    w.onNegative()
+    assert raw.GetParameter("positive") == "False"
+    assert params.Preferences.load(FakeSettings()).positive is False
+    params.Preferences("sam-med3d-turbo", "cpu", False).save(FakeSettings())
+    w.onSceneClose()
+    scene.RemoveNode(raw)  # the scene's node goes with it
+    fresh = w._choices()
+    assert (fresh.weights, fresh.device, fresh.positive) == ("sam-med3d-turbo", "cpu", False)
+    assert fresh.parameterNode is not raw and not w.capture.positive
+    # A loaded scene's own choices win over the preferences.
+    fresh.device = "cuda"
+    w._parameterNode = None
+    assert w._choices().device == "cuda"
