@@ -96,10 +96,23 @@ def shortcuts() -> dict[str, str]:
 
 
 def widget_methods() -> dict[str, ast.FunctionDef]:
-    for node in ast.parse(MODULE.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.ClassDef) and node.name == "FastSAM3DSlicerWidget":
-            return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
-    raise AssertionError("FastSAM3DSlicerWidget not found")
+    """The Widget's methods, its panel mixins' (FastSAM3DSlicerQt setup_panel, prompts_panel)
+    included: one object, its slots in three files."""
+    methods = {}
+    for path in [MODULE, *QT_SIDE]:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and node.name in PANEL_CLASSES:
+                methods.update({f.name: f for f in node.body if isinstance(f, ast.FunctionDef)})
+    (widget,) = [
+        n
+        for n in ast.parse(MODULE.read_text(encoding="utf-8")).body
+        if isinstance(n, ast.ClassDef) and n.name == "FastSAM3DSlicerWidget"
+    ]
+    assert {"SetupPanel", "PromptsPanel"} <= {getattr(b, "id", "") for b in widget.bases}
+    return methods
+
+
+PANEL_CLASSES = {"FastSAM3DSlicerWidget", "SetupPanel", "PromptsPanel"}
 
 
 def calls_in(func: ast.FunctionDef) -> list[ast.Call]:
