@@ -189,23 +189,24 @@ class FastSAM3DSlicerWidget(
         ):
             w.setVisible(False)
 
-        self.ui.installDependenciesButton.clicked.connect(self.onInstallDependencies)
-        self.ui.weightsComboBox.currentIndexChanged.connect(self.onWeightsChanged)
-        self.ui.downloadWeightsButton.clicked.connect(self.onDownloadWeights)
-        self.ui.cancelDownloadButton.clicked.connect(self.modelSetup.cancel_download)
-        self.ui.removeWeightsButton.clicked.connect(self.onRemoveWeights)
-        self.ui.loadModelButton.clicked.connect(self.onLoadModel)
-        self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.positivePointButton.toggled.connect(lambda on: self._onPolarityButton(on, True))
         self.ui.negativePointButton.toggled.connect(lambda on: self._onPolarityButton(on, False))
-        for button, action in (
-            (self.ui.applyBoxButton, self.onApplyBox),
-            (self.ui.undoButton, self.onUndo),
-            (self.ui.resetSegmentButton, self.onResetSegment),
-            (self.ui.clearButton, self.onClear),
-            (self.ui.newSegmentButton, self.onNewSegment),
+        # Every other slot shows an unexpected error in Slicer's error display (_guarded).
+        for signal, action in (
+            (self.ui.installDependenciesButton.clicked, self.onInstallDependencies),
+            (self.ui.weightsComboBox.currentIndexChanged, self.onWeightsChanged),
+            (self.ui.downloadWeightsButton.clicked, self.onDownloadWeights),
+            (self.ui.cancelDownloadButton.clicked, self.modelSetup.cancel_download),
+            (self.ui.removeWeightsButton.clicked, self.onRemoveWeights),
+            (self.ui.loadModelButton.clicked, self.onLoadModel),
+            (self.ui.deviceComboBox.currentIndexChanged, self.onDeviceChanged),
+            (self.ui.applyBoxButton.clicked, self.onApplyBox),
+            (self.ui.undoButton.clicked, self.onUndo),
+            (self.ui.resetSegmentButton.clicked, self.onResetSegment),
+            (self.ui.clearButton.clicked, self.onClear),
+            (self.ui.newSegmentButton.clicked, self.onNewSegment),
         ):
-            button.clicked.connect(self._guarded(action))
+            signal.connect(self._guarded(action))
         self.ui.segmentEditorWidget.connect(
             "currentSegmentIDChanged(QString)", self.onSegmentChanged
         )

@@ -52,11 +52,14 @@ class SetupPanel:
         self.ui.serverUrlLineEdit.text = self.backend.url
         self.ui.apiKeyLineEdit.text = self.backend.api_key
         self.ui.rememberApiKeyCheckBox.checked = self.backend.remember_key
-        combo.currentIndexChanged.connect(self.onBackendChanged)
-        self.ui.serverUrlLineEdit.editingFinished.connect(self.onServerSettingsChanged)
-        self.ui.apiKeyLineEdit.editingFinished.connect(self.onServerSettingsChanged)
-        self.ui.rememberApiKeyCheckBox.toggled.connect(self.onServerSettingsChanged)
-        self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
+        for signal, action in (
+            (combo.currentIndexChanged, self.onBackendChanged),
+            (self.ui.serverUrlLineEdit.editingFinished, self.onServerSettingsChanged),
+            (self.ui.apiKeyLineEdit.editingFinished, self.onServerSettingsChanged),
+            (self.ui.rememberApiKeyCheckBox.toggled, self.onServerSettingsChanged),
+            (self.ui.testConnectionButton.clicked, self.onTestConnection),
+        ):
+            signal.connect(self._guarded(action))
         self._showBackend()
 
     def _backendKind(self) -> str:

@@ -564,3 +564,70 @@ def test_choices_live_in_the_parameter_node_and_a_new_scene_starts_from_the_pref
     fresh.device = "cuda"
     w._parameterNode = None
     assert w._choices().device == "cuda"
+
+
+class ErrorDisplay:
+    """slicer.util.tryWithErrorDisplay as a recorder: the message and the error it showed."""
+
+    def __init__(self) -> None:
+        self.shown = []
+
+    def __call__(self, message="", waitCursor=False):  # noqa: N803 - Slicer's name
+        import contextlib
+
+        @contextlib.contextmanager
+        def show():
+            try:
+                yield
+            except Exception as e:  # noqa: BLE001 - what Slicer's helper does: show it
+                self.shown.append((message, e))
+
+        return show()
+
+
+def _submit_click(env, prompt_call=None) -> None:
+    """What _onPrompt does after the target is chosen: a marker, then the Lib call."""
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (
+        scene.volume,
+        scene.segmentation,
+        scene.target,
+    )
+    world = tuple(scene.world_of_ijk((22, 20, 18)))
+    tag = w.markers.add(interaction.PointPrompt(world, True))
+    with slicer.util.tryWithErrorDisplay("FastSAM3D could not use this prompt."):
+        w._submit(lambda: w.logic.add_point(world, True, tag=tag), tag)
+
+
+def test_lib_refusals_are_a_status_line_and_other_errors_reach_the_error_display(env, monkeypatch):
+    """Style review 3: _submit catches the Lib's one root (FastSAM3DSlicerError); a deleted
+    segment (SegmentMissingError, a KeyError before) is a refusal, not a bug; anything else
+    reaches Slicer's error display. The prompt's marker goes in both cases."""
+    display = ErrorDisplay()
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", display, raising=False)
+    w, scene = env.widget, env.scene
+    _submit_click(env)
+    w.logic.wait()
+    w.onPoll()
+    assert marker_count(env) == 1 and display.shown == []
+    scene.segmentation.GetSegmentation().RemoveSegment(scene.target)
+    _submit_click(env)
+    assert "was it deleted?" in env.messages[-1] and display.shown == []
+    assert marker_count(env) == 1  # the refused prompt's marker went
+    monkeypatch.setattr(w.logic, "add_point", lambda *a, **k: 1 / 0)
+    _submit_click(env)
+    [(message, error)] = display.shown
+    assert "could not use this prompt" in message and isinstance(error, ZeroDivisionError)
+    assert marker_count(env) == 1
+
+
+def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monkeypatch):
+    display = ErrorDisplay()
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", display, raising=False)
+    calls = []
+    env.widget._guarded(lambda: calls.append(1))(True)  # a clicked(bool) argument is dropped
+    assert calls == [1] and display.shown == []
+    env.widget._guarded(lambda: {}["missing"])()
+    [(message, error)] = display.shown
+    assert "this action failed" in message and isinstance(error, KeyError)
