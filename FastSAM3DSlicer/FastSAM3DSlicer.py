@@ -126,7 +126,6 @@ class FastSAM3DSlicerWidget(
 
         from FastSAM3DSlicerLib import markers, setup_flow
 
-        ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None  # InteractiveLogic once a network is loaded
         self.moduleLogic = None  # FastSAM3DSlicerLogic: the parameter node
@@ -143,6 +142,8 @@ class FastSAM3DSlicerWidget(
         self._weightChoices = []
         self._probingSize = False  # the weights size request is in flight (m9)
         self.backend = None  # backends.BackendSettings: local / ONNX / remote (QSettings)
+        # Last: without a parent, the base class calls setup() itself, which needs the above.
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     @property
     def engineFuture(self) -> Any:
