@@ -631,3 +631,41 @@ def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monk
     env.widget._guarded(lambda: {}["missing"])()
     [(message, error)] = display.shown
     assert "this action failed" in message and isinstance(error, KeyError)
+
+
+@pytest.mark.parametrize("outcome", ["downloaded", "failed"])
+def test_download_events_reach_the_panel_and_the_waiting_prompt(env, monkeypatch, outcome):
+    """The Widget's side of setup_flow's download events: a prompt given before the weights
+    were there loads the model once they are, or goes (with its marker) when they fail."""
+    from test_setup_flow import FakeTask
+
+    from FastSAM3DSlicerLib import weights
+
+    w, tasks, errors, loads = env.widget, [], [], []
+    w.logic.close()
+    w.logic = None
+    monkeypatch.setattr(weights, "remote_size", lambda name, timeout=None: 1000)
+    monkeypatch.setattr(
+        weights, "DownloadTask", lambda key: tasks.append(FakeTask(key)) or tasks[-1]
+    )
+    monkeypatch.setattr(slicer.util, "errorDisplay", errors.append, raising=False)
+    monkeypatch.setattr(w, "onLoadModel", lambda: loads.append(1))
+    w._weightChoices = [weights.Choice("fastsam3d", "FastSAM3D", "", "terms")]
+    w.ui.weightsComboBox.currentIndex = 0
+    w.onDownloadWeights()
+    assert w.modelSetup.state == "downloading" and w.pollTimer.active
+    w._updateButtons()
+    assert not w.ui.loadModelButton.enabled and not w.ui.downloadWeightsButton.enabled
+    prompt = interaction.PointPrompt(tuple(env.scene.world_of_ijk((22, 20, 18))), True)
+    w.deferred.append((prompt, w.markers.add(prompt), None))
+    tasks[0].done, tasks[0].total = 500, 1000
+    w.onPoll()  # half-way: nothing ends
+    assert w.modelSetup.state == "downloading" and errors == [] and loads == []
+    tasks[0].finish(error=OSError("disk full") if outcome == "failed" else None)
+    w.onPoll()
+    assert w.modelSetup.state == "idle" and not w.pollTimer.active
+    if outcome == "failed":
+        assert errors == ["Download failed: disk full"] and loads == []
+        assert w.deferred == [] and marker_count(env) == 0
+    else:
+        assert errors == [] and loads == [1] and len(w.deferred) == 1
