@@ -180,7 +180,8 @@ class FastSAM3DSlicerWidget(
         self.masking.select()
         for name in params.DEVICES:
             self.ui.deviceComboBox.addItem(name)
-        self.ui.deviceComboBox.setCurrentIndex(params.DEVICES.index(self._choices().device))
+        device = params.Preferences.of(self._choices()).device  # a known one
+        self.ui.deviceComboBox.setCurrentIndex(params.DEVICES.index(device))
         for w in (
             self.ui.downloadProgressBar,
             self.ui.cancelDownloadButton,

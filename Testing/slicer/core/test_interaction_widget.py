@@ -669,3 +669,53 @@ def test_download_events_reach_the_panel_and_the_waiting_prompt(env, monkeypatch
         assert w.deferred == [] and marker_count(env) == 0
     else:
         assert errors == [] and loads == [1] and len(w.deferred) == 1
+
+
+def test_setup_builds_the_panel_from_the_ui_and_the_parameter_node(env, monkeypatch):
+    """Widget.setup() as Slicer calls it (loadUI, childWidgetVariables, the logic, the
+    parameter node, signals, observers), with the .ui's widgets stood in."""
+    import widget_harness
+
+    w, module = env.widget, env.module
+    w.logic.close()
+    w.logic = None  # no network yet
+    params.Preferences("fastsam3d", "cpu", False).save(FakeSettings())
+    env.scene.scene.RemoveNode(w._choices().parameterNode)  # a new scene: seeded again
+    connected = []
+
+    class Signal:
+        def __init__(self, name) -> None:
+            self.name = name
+
+        def connect(self, slot) -> None:
+            connected.append((self.name, slot))
+
+    class Control(Widget):
+        def __getattr__(self, name):
+            if name in ("clicked", "toggled", "currentIndexChanged", "editingFinished"):
+                return Signal(name)
+            return Anything()
+
+    ui = widget_harness.UI(segmentEditorWidget=w.ui.segmentEditorWidget)
+    for name in ("deviceComboBox", "backendComboBox", "weightsComboBox", "serverUrlLineEdit"):
+        setattr(ui, name, Control(currentIndex=-1, text=""))
+    for name in ("loadModelButton", "undoButton", "installDependenciesButton"):
+        setattr(ui, name, Control(enabled=True))
+    ui.polarityLabel = Widget(text="")
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: Anything(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    monkeypatch.setattr(
+        slicer.app, "layoutManager", lambda: types.SimpleNamespace(connect=lambda *a: None)
+    )
+    w._parameterNode, w.capture = None, None
+    w.layout, w.resourcePath = Anything(), lambda path: path
+    w.setup()
+    assert w.ui is ui and isinstance(w.moduleLogic, module.FastSAM3DSlicerLogic)
+    assert ui.deviceComboBox.items == list(params.DEVICES)
+    assert (w._choices().device, w.capture.positive) == ("cpu", False)  # from the preferences
+    assert "negative" in ui.polarityLabel.text
+    assert ui.loadModelButton.enabled and not ui.undoButton.enabled  # no network yet
+    slots = {name for name, _slot in connected}
+    assert {"clicked", "currentIndexChanged", "editingFinished"} <= slots
+    assert len(connected) == 7  # each stood-in control's signal, once
+    assert all("_guarded" in slot.__qualname__ for _name, slot in connected)  # error display

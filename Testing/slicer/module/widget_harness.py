@@ -124,6 +124,7 @@ def load_widget(
     ):
         setattr(slm, name, type(name, (), {"__init__": lambda self, *a: None}))
     slm.ScriptedLoadableModuleLogic.getParameterNode = _scripted_module_node
+    slm.ScriptedLoadableModuleWidget.setup = lambda self: None  # the reload/test buttons
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
     pnw.parameterNodeWrapper = parameter_node_wrapper
