@@ -1,7 +1,7 @@
 """The panel's Prompts section: capture in the slice views, polarity, targets, markers,
 submission to the Lib, results, undo and the segment keys.
 
-A mixin of ``FastSAM3DSlicerWidget`` (one panel, its slots in two files): the same object, so
+A mixin of ``FastSAM3DSlicerWidget`` (one panel, its slots in three files): the same object, so
 every slot and attribute keeps its name on the Widget. Qt wiring only: what a mouse event means
 is ``FastSAM3DSlicerQt.slice_views`` and ``FastSAM3DSlicerLib.interaction``; markers are
 ``FastSAM3DSlicerLib.markers``; prompts run through ``FastSAM3DSlicerLib.logic``. Nothing heavy
@@ -30,6 +30,7 @@ class PromptsPanel:
     use (``capture``, ``views``, ``markers``, ``deferred``, ``logic``...)."""
 
     # -- prompts: capture in the slice views (FastSAM3DSlicerQt.slice_views) --------------
+
 
     def onLayoutChanged(self, layout: Any = None) -> None:
         if self.parent.isEntered:

@@ -1,6 +1,6 @@
 """The panel's Setup section: backend, dependencies, weights and model loading.
 
-A mixin of ``FastSAM3DSlicerWidget`` (one panel, its slots in two files): the same object, so
+A mixin of ``FastSAM3DSlicerWidget`` (one panel, its slots in three files): the same object, so
 every slot and attribute keeps its name on the Widget. Qt wiring only: what is missing, which
 step comes next, the download and the load themselves are ``FastSAM3DSlicerLib.setup_flow``;
 the backends are ``FastSAM3DSlicerLib.backends``. Nothing heavy at import (the module file
@@ -28,6 +28,7 @@ class SetupPanel:
     (``modelSetup``, ``backend``, ``_weightChoices``, ``logic``...)."""
 
     # -- backend: local PyTorch, local ONNX Runtime, remote server (Lib/backends.py) ------
+
     def _setupBackend(self) -> None:
         """The backend choice, from the user's settings; the key stays in memory unless
         "remember" is ticked (then in QSettings), never in the scene or a log."""
