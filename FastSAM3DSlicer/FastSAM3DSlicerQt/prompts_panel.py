@@ -31,7 +31,6 @@ class PromptsPanel:
 
     # -- prompts: capture in the slice views (FastSAM3DSlicerQt.slice_views) --------------
 
-
     def onLayoutChanged(self, layout: Any = None) -> None:
         if self.parent.isEntered:
             self._installViewFilters()

@@ -709,7 +709,10 @@ def test_setup_builds_the_panel_from_the_ui_and_the_parameter_node(env, monkeypa
     )
     w._parameterNode, w.capture = None, None
     w.layout, w.resourcePath = Anything(), lambda path: path
-    w.setup()
+    try:
+        w.setup()
+    finally:
+        w.removeObservers()  # scene and interaction-node observers of this stand-in Widget
     assert w.ui is ui and isinstance(w.moduleLogic, module.FastSAM3DSlicerLogic)
     assert ui.deviceComboBox.items == list(params.DEVICES)
     assert (w._choices().device, w.capture.positive) == ("cpu", False)  # from the preferences
