@@ -17,160 +17,45 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import slicer
 
-from . import geometry, mrml
-from .errors import FastSAM3DSlicerError
+from . import geometry, mrml, segment_writer
+from .edits import (
+    BusyError,
+    EditRecord,
+    Engine,
+    FailedEdit,
+    NoTargetError,
+    PendingEdit,
+    Prompt,
+    SegmentSession,
+    SessionLike,
+    StaleResultError,
+    UserEdit,
+    extent_overlap,
+    thicken_box,
+    timed_call,
+)
 from .waiting import POLL_WAIT_S, ResultQueue
 from .worker import InferenceWorker
 
-
-class SessionLike(Protocol):
-    """What we need of ``fastsam3d.Session`` (also met by the test stubs)."""
-
-    def set_volume(self, volume: Any) -> None: ...
-    def add_point(self, ras: Sequence[float], positive: bool = True) -> Any: ...
-    def add_box(self, ras_min: Sequence[float], ras_max: Sequence[float]) -> Any: ...
-    def undo(self) -> Any: ...
-    def reset(self) -> None: ...
-
-
-class Engine(Protocol):
-    """Creates sessions that share one loaded network; called on the worker thread only."""
-
-    device: str
-
-    def new_session(self) -> SessionLike: ...
-    def make_volume(self, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> Any: ...
-
-
-class NoTargetError(FastSAM3DSlicerError, RuntimeError):
-    """A prompt arrived before a volume, a segmentation and a segment were chosen."""
-
-
-class StaleResultError(FastSAM3DSlicerError, RuntimeError):
-    """A result arrived for a scene that was closed (or nodes that were replaced) meanwhile:
-    it is dropped, nothing is written."""
-
-
-class BusyError(FastSAM3DSlicerError, RuntimeError):
-    """An action that must wait for the predictions in flight (undo, clear)."""
-
-
-@dataclasses.dataclass
-class Prompt:
-    kind: str  # "point" or "box"
-    world: tuple  # point: (R, A, S); box: ((min), (max)) in world RAS
-    volume_ras: tuple  # the same in the volume's own RAS, as given to the session
-    positive: bool = True
-    tag: Any = None  # the Widget's handle of the marker (to remove it on undo)
-
-
-@dataclasses.dataclass
-class EditRecord:
-    prompt: Prompt
-    undo: mrml.UndoEntry
-    region: geometry.Region
-    inference_s: float
-    total_s: float
-    voxels: int  # voxels of the result inside its region
-    outside_edits: int = 0  # voxels changed outside FastSAM3D since our last write, kept
-
-
-@dataclasses.dataclass
-class FailedEdit:
-    """A prompt whose prediction or write failed (or was dropped: StaleResultError); the
-    session did not keep it."""
-
-    prompt: Prompt
-    error: BaseException
-
-
-@dataclasses.dataclass
-class _UserEdit:
-    """Voxels of the segment changed outside FastSAM3D (Paint, Erase, another module), found
-    over ``extent`` before one of our writes; later writes keep them."""
-
-    extent: tuple
-    added: np.ndarray  # bool [k, j, i] over extent
-    erased: np.ndarray
-
-
-@dataclasses.dataclass
-class _SegmentSession:
-    ready: Future  # the session's construction on the worker (network warm-up, volume upload)
-    signature: tuple
-    array: np.ndarray
-    volume_node: Any  # the nodes themselves: IDs are reused after a scene is cleared (M8)
-    segmentation_node: Any
-    segment_id: str
-    epoch: int  # InteractiveLogic's scene epoch when the session was made
-    # (vtkOrientedImageData copy, label value): the segment just before the session's first
-    # write (taken then, after every earlier result was written: M3)
-    baseline: tuple | None = None
-    history: list[EditRecord] = dataclasses.field(default_factory=list)
-    # our writes (EditRecord) and outside edits (_UserEdit), oldest first: what the segment
-    # should hold if nobody else touched it, and which voxels the user owns (M2)
-    timeline: list = dataclasses.field(default_factory=list)
-    unwritten: int = 0  # prompts queued for this session and not yet written
-
-    @property
-    def session(self) -> SessionLike:
-        """Only on the worker (or after ``ready``): tasks run in order, so it is built by then."""
-        return self.ready.result()
-
-
-@dataclasses.dataclass
-class PendingEdit:
-    key: tuple
-    prompt: Prompt
-    future: Future
-    submitted: float
-    entry: _SegmentSession | None = None  # the session that computes it (not looked up again)
-
-
-def thicken_box(
-    lo: np.ndarray, hi: np.ndarray, ratio: float = 0.25
-) -> tuple[np.ndarray, np.ndarray]:
-    """Give a flat box depth: sides thinner than ``ratio`` x the largest grow to the largest.
-
-    The session clips its result to the box, so a box one slice thick would give a one-slice
-    result. :meth:`InteractiveLogic.add_box` uses it only for degenerate boxes (a side under
-    1/1000 of the largest): the Widget's drag and Slicer's ROI already give boxes depth.
-    """
-    lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
-    size = hi - lo
-    largest = float(size.max())
-    if largest <= 0:
-        raise geometry.PromptOutsideVolumeError("The box has no size; draw it again.")
-    thin = size < ratio * largest
-    center = (lo + hi) / 2
-    lo[thin] = center[thin] - largest / 2
-    hi[thin] = center[thin] + largest / 2
-    return lo, hi
-
-
-def _timed(entry: _SegmentSession, method: str, *args: Any) -> tuple[Any, float]:
-    session = entry.session  # raises the construction error, if any, with its own message
-    t0 = time.perf_counter()
-    out = getattr(session, method)(*args)
-    return out, time.perf_counter() - t0
-
-
-def _overlap(a: Sequence[int], b: Sequence[int]) -> tuple | None:
-    """Index slices ([k, j, i] arrays) of the overlap of extents ``a`` and ``b`` in each."""
-    lo = [max(a[2 * n], b[2 * n]) for n in range(3)]
-    hi = [min(a[2 * n + 1], b[2 * n + 1]) for n in range(3)]
-    if any(lo[n] > hi[n] for n in range(3)):
-        return None
-
-    def sl(e: Sequence[int]) -> tuple:
-        return tuple(slice(lo[n] - e[2 * n], hi[n] - e[2 * n] + 1) for n in (2, 1, 0))
-
-    return sl(a), sl(b)
+# Re-exported: callers (the Widget, tests, benchmarks) import the records from here.
+__all__ = [
+    "BusyError",
+    "EditRecord",
+    "Engine",
+    "FailedEdit",
+    "InteractiveLogic",
+    "NoTargetError",
+    "PendingEdit",
+    "Prompt",
+    "SessionLike",
+    "StaleResultError",
+    "thicken_box",
+]
 
 
 #: Sessions kept at most, whatever the memory budget (each holds a device copy of the volume).
@@ -199,7 +84,7 @@ class InteractiveLogic:
         self.worker = worker or InferenceWorker()
         self.max_sessions = max_sessions
         self.memory_budget = memory_budget
-        self._sessions: collections.OrderedDict[tuple, _SegmentSession] = collections.OrderedDict()
+        self._sessions: collections.OrderedDict[tuple, SegmentSession] = collections.OrderedDict()
         # One private volume copy per volume state, shared by its segments' sessions.
         self._arrays: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._queue = ResultQueue(self._apply, self._failed)
@@ -235,10 +120,10 @@ class InteractiveLogic:
             )
         return (self.volume_node.GetID(), self.segmentation_node.GetID(), self.segment_id)
 
-    def _writer(self) -> mrml.SegmentWriter:
-        return mrml.SegmentWriter(self.segmentation_node, self.volume_node)
+    def _writer(self) -> segment_writer.SegmentWriter:
+        return segment_writer.SegmentWriter(self.segmentation_node, self.volume_node)
 
-    def _current(self, key: tuple) -> _SegmentSession | None:
+    def _current(self, key: tuple) -> SegmentSession | None:
         """The target's session if it is still valid for the target's nodes and this scene."""
         entry = self._sessions.get(key)
         if (
@@ -250,7 +135,7 @@ class InteractiveLogic:
             return None
         return entry
 
-    def _segment_session(self) -> tuple[tuple, _SegmentSession]:
+    def _segment_session(self) -> tuple[tuple, SegmentSession]:
         """The current segment's session, created (or rebuilt after the volume changed).
 
         Never refuses because predictions are pending (M3): a rebuilt session's results and
@@ -280,7 +165,7 @@ class InteractiveLogic:
 
         # Built on the worker, not awaited: the first click's set-up (warm-up, upload) must not
         # freeze Slicer; the click queued behind it runs once it is done.
-        entry = _SegmentSession(
+        entry = SegmentSession(
             self.worker.submit(build),
             signature,
             array,
@@ -298,7 +183,7 @@ class InteractiveLogic:
         per = max((e.array.size * 4 for e in self._sessions.values()), default=1)
         return max(2, min(self.max_sessions, self.memory_budget // max(per, 1)))
 
-    def _evict(self, keep: _SegmentSession) -> None:
+    def _evict(self, keep: SegmentSession) -> None:
         """Over the limit, drop the least recently used idle session, one without undo history
         first; dropping one with history is reported (m8: never silently)."""
         while len(self._sessions) > self._session_limit():
@@ -336,7 +221,7 @@ class InteractiveLogic:
         prompt = Prompt(
             "point", tuple(map(float, world_ras)), tuple(map(float, vol_ras)), positive, tag
         )
-        future = self.worker.submit(_timed, entry, "add_point", tuple(vol_ras), positive)
+        future = self.worker.submit(timed_call, entry, "add_point", tuple(vol_ras), positive)
         return self._enqueue(key, entry, prompt, future)
 
     def add_box(self, world_corners: np.ndarray, tag: Any = None) -> PendingEdit:
@@ -361,14 +246,14 @@ class InteractiveLogic:
             True,
             tag,
         )
-        future = self.worker.submit(_timed, entry, "add_box", tuple(lo), tuple(hi))
+        future = self.worker.submit(timed_call, entry, "add_box", tuple(lo), tuple(hi))
         return self._enqueue(key, entry, prompt, future)
 
     def add_roi(self, roi_node: slicer.vtkMRMLMarkupsROINode, tag: Any = None) -> PendingEdit:
         return self.add_box(mrml.roi_corners_world(roi_node), tag)
 
     def _enqueue(
-        self, key: tuple, entry: _SegmentSession, prompt: Prompt, future: Future
+        self, key: tuple, entry: SegmentSession, prompt: Prompt, future: Future
     ) -> PendingEdit:
         entry.unwritten += 1
         return self._queue.append(PendingEdit(key, prompt, future, time.perf_counter(), entry))
@@ -418,7 +303,7 @@ class InteractiveLogic:
     def _failed(pending: PendingEdit, error: BaseException) -> FailedEdit:
         return FailedEdit(pending.prompt, error)
 
-    def _check_alive(self, entry: _SegmentSession) -> None:
+    def _check_alive(self, entry: SegmentSession) -> None:
         """Refuse to write into a closed scene or into nodes that replaced ours (M8)."""
         if entry.epoch != self._epoch:
             raise StaleResultError(
@@ -440,9 +325,9 @@ class InteractiveLogic:
                 del self._sessions[pending.key]  # a failed set-up is retried at the next prompt
         result, inference_s = pending.future.result()
         self._check_alive(entry)
-        writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
+        writer = segment_writer.SegmentWriter(entry.segmentation_node, entry.volume_node)
         region = tuple(result.region)
-        settings = mrml.MaskingSettings.from_segment_editor_node(self.segment_editor_node)
+        settings = segment_writer.MaskingSettings.from_segment_editor_node(self.segment_editor_node)
         extent = geometry.region_to_extent(region, entry.array.shape)
         image_to_seg = writer.image_to_segmentation()
         if entry.baseline is None:
@@ -475,8 +360,8 @@ class InteractiveLogic:
 
     def _user_voxels(
         self,
-        entry: _SegmentSession,
-        writer: mrml.SegmentWriter,
+        entry: SegmentSession,
+        writer: segment_writer.SegmentWriter,
         image_to_seg: np.ndarray,
         extent: Sequence[int],
     ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -492,11 +377,11 @@ class InteractiveLogic:
         if geometry.extent_is_empty(extent):
             return np.zeros(shape, bool), np.zeros(shape, bool), 0
         labelmap, label = entry.baseline
-        base = mrml.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
+        base = segment_writer.read_labelmap(labelmap, label, image_to_seg, extent).astype(bool)
         expected, keep, off = base.copy(), base.copy(), np.zeros(shape, bool)
         for item in entry.timeline:
-            where = _overlap(
-                item.extent if isinstance(item, _UserEdit) else item.undo.extent, extent
+            where = extent_overlap(
+                item.extent if isinstance(item, UserEdit) else item.undo.extent, extent
             )
             if where is None:
                 continue
@@ -515,7 +400,7 @@ class InteractiveLogic:
         added, erased = current & ~expected, expected & ~current
         n = int(added.sum() + erased.sum())
         if n:
-            entry.timeline.append(_UserEdit(tuple(extent), added, erased))
+            entry.timeline.append(UserEdit(tuple(extent), added, erased))
             keep |= added
             keep &= ~erased
             off |= erased
@@ -542,7 +427,7 @@ class InteractiveLogic:
         entry.timeline = [t for t in entry.timeline if t is not record]
         self.worker.call(lambda: entry.session.undo())
         undo = record.undo
-        writer = mrml.SegmentWriter(entry.segmentation_node, entry.volume_node)
+        writer = segment_writer.SegmentWriter(entry.segmentation_node, entry.volume_node)
         after = undo.after
         if not undo.empty and after is not None and entry.segment_id in undo.previous:
             now = writer.read_segment(

@@ -4,8 +4,10 @@
   module's own parameter node (the scene singleton tagged ``SegmentEditor``), so a choice made
   in either module applies in both. The FastSAM3D panel shows its own controls for it because
   Slicer's editor widget hides its masking section unless an editor effect is active.
-- The user's choices that are not about a scene (weights, device, point polarity) are
-  per-user preferences kept in a key/value store (QSettings in Slicer, a dict in tests).
+- The user's other choices (weights, device, point polarity) live in the module's parameter
+  node (FastSAM3DSlicerParameterNode, saved with the scene) and follow into per-user
+  preferences kept in a key/value store (QSettings in Slicer, a dict in tests), from which a
+  new scene's parameter node starts (:meth:`Preferences.of` / :meth:`Preferences.apply`).
 """
 
 from __future__ import annotations
@@ -148,3 +150,19 @@ class Preferences:
         store.setValue(_PREFIX + "weights", self.weights)
         store.setValue(_PREFIX + "device", self.device)
         store.setValue(_PREFIX + "positive", "true" if self.positive else "false")
+
+    @classmethod
+    def of(cls, node: Any) -> Preferences:
+        """The choices a parameter node holds (the module's FastSAM3DSlicerParameterNode, or
+        anything with ``weights``/``device``/``positive``), checked as :meth:`load` checks."""
+        d = cls()
+        return cls(
+            weights=str(node.weights) if node.weights else d.weights,
+            device=str(node.device) if node.device in DEVICES else d.device,
+            positive=_as_bool(node.positive, d.positive),
+        )
+
+    def apply(self, node: Any) -> None:
+        """Write these choices into a parameter node (a new scene's)."""
+        for field in dataclasses.fields(self):
+            setattr(node, field.name, getattr(self, field.name))

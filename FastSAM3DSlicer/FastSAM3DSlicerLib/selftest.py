@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from . import mrml
+from . import mrml, segment_writer
 
 #: Longest wait for one prompt (the first one builds a session and runs the encoder; on a
 #: laptop CPU that is seconds, on a loaded build machine more).
@@ -105,7 +105,7 @@ def load_engine(worker: Any) -> tuple[Any, str]:
 
 def segment_array(segmentation: Any, volume: Any, segment_id: str) -> np.ndarray:
     """The segment on the volume's whole grid, bool [k, j, i]."""
-    writer = mrml.SegmentWriter(segmentation, volume)
+    writer = segment_writer.SegmentWriter(segmentation, volume)
     k, j, i = mrml.volume_array_shape(volume)
     return writer.read_segment(
         segment_id, writer.image_to_segmentation(), (0, i - 1, 0, j - 1, 0, k - 1)
@@ -228,8 +228,6 @@ def run_widget_prompt_test(test: Any) -> None:
         test.skipTest(reason)
     import slicer
 
-    from .worker import InferenceWorker
-
     layout = slicer.app.layoutManager()
     if layout is None or layout.sliceWidget("Red") is None:
         test.skipTest("the self-test clicks in the Red slice view: run Slicer with its window")
@@ -257,12 +255,10 @@ def run_widget_prompt_test(test: Any) -> None:
 
     # "Load model", minus the download: the network is handed to the Widget the way its own
     # loading does (a future on its inference worker, picked up by its timer tick).
-    if widget.worker is None:
-        widget.worker = InferenceWorker()
-    worker = widget.worker
+    worker = widget.modelSetup.ensure_worker()
     test.delayDisplay("Loading the network")
     engine, kind = load_engine(worker)
-    widget.engineFuture = worker.submit(lambda: engine)
+    widget.modelSetup.adopt(worker.submit(lambda: engine))
     _pump_until(widget, lambda: widget.logic is not None, "the Widget to take the network")
     exact = str(engine.device) == "cpu"
     try:

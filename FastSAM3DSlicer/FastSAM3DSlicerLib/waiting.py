@@ -29,6 +29,12 @@ POLL_WAIT_S = 0.025
 #: holds the GIL between two ticks small.
 POLL_INTERVAL_MS = 10
 
+#: Seconds one tick of the Widget's timer may keep the UI in its pumped wait before the
+#: progress text (download, loading, prediction) is refreshed.
+PROGRESS_EVERY_S = 0.5
+#: A prediction running this long also shows its elapsed time in Slicer's status bar.
+LONG_PREDICTION_S = 2.0
+
 
 def wait_once(waitable: Any, timeout: float) -> bool:
     """Block up to ``timeout`` seconds (releasing the GIL) until ``waitable`` is done.

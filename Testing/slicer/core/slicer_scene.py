@@ -25,7 +25,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 
 import vtk  # noqa: E402  (after the slicer-core check)
 
-from FastSAM3DSlicerLib import mrml  # noqa: E402
+from FastSAM3DSlicerLib import mrml, segment_writer  # noqa: E402
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:
@@ -62,7 +62,7 @@ class Scene:
 
     def segment(self, segment_id: str) -> np.ndarray:
         """The segment on the whole volume grid (bool [k, j, i])."""
-        writer = mrml.SegmentWriter(self.segmentation, self.volume)
+        writer = segment_writer.SegmentWriter(self.segmentation, self.volume)
         k, j, i = self.shape
         return writer.read_segment(
             segment_id, writer.image_to_segmentation(), (0, i - 1, 0, j - 1, 0, k - 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from slicer_scene import slicer
 
-from FastSAM3DSlicerLib import interaction, mrml, params
+from FastSAM3DSlicerLib import interaction, params, segment_writer
 
 SEG = slicer.vtkMRMLSegmentationNode
 
@@ -24,7 +24,10 @@ def test_editor_node_is_the_segment_editor_modules_singleton(scene):
     theirs.SetOverwriteMode(theirs.OverwriteNone)
     ours = params.segment_editor_node(scene.scene)
     assert ours is theirs
-    assert mrml.MaskingSettings.from_segment_editor_node(ours).overwrite_mode == ours.OverwriteNone
+    assert (
+        segment_writer.MaskingSettings.from_segment_editor_node(ours).overwrite_mode
+        == ours.OverwriteNone
+    )
 
 
 def test_editor_node_is_created_once_when_missing(scene):
@@ -49,7 +52,7 @@ def test_editable_area_choices_round_trip_through_the_node(scene):
     for n, choice in enumerate(choices):
         params.set_editable_area(node, choice)
         assert params.current_area_index(choices, node) == n
-        settings = mrml.MaskingSettings.from_segment_editor_node(node)
+        settings = segment_writer.MaskingSettings.from_segment_editor_node(node)
         assert settings.mask_mode == choice.mode
     assert settings.mask_mode == SEG.EditAllowedInsideSingleSegment
     assert settings.mask_segment_id == scene.other
@@ -64,13 +67,19 @@ def test_overwrite_and_intensity_settings_reach_the_writer(scene):
     for index in range(len(params.OVERWRITE_MODES)):
         params.set_overwrite_index(node, index)
         assert params.overwrite_index(node) == index
-    assert mrml.MaskingSettings.from_segment_editor_node(node).overwrite_mode == node.OverwriteNone
+    assert (
+        segment_writer.MaskingSettings.from_segment_editor_node(node).overwrite_mode
+        == node.OverwriteNone
+    )
     params.set_intensity_mask(node, True, 100.0, 250.0)
-    settings = mrml.MaskingSettings.from_segment_editor_node(node)
+    settings = segment_writer.MaskingSettings.from_segment_editor_node(node)
     assert settings.intensity_mask and settings.intensity_range == (100.0, 250.0)
     with pytest.raises(ValueError, match="empty"):
         params.set_intensity_mask(node, True, 300.0, 250.0)
-    assert mrml.MaskingSettings.from_segment_editor_node(node).intensity_range == (100.0, 250.0)
+    assert segment_writer.MaskingSettings.from_segment_editor_node(node).intensity_range == (
+        100.0,
+        250.0,
+    )
 
 
 class DictStore:
@@ -109,7 +118,7 @@ def test_first_prompt_creates_segmentation_and_segment_on_the_views_volume(scene
     segmentation = target.segmentation.GetSegmentation()
     assert segmentation.GetSegment(target.segment_id) is not None
     # The new segmentation takes the volume's geometry, so a write lands on its voxels.
-    writer = mrml.SegmentWriter(target.segmentation, scene.volume)
+    writer = segment_writer.SegmentWriter(target.segmentation, scene.volume)
     writer.image_to_segmentation()  # raises when volume and segmentation are not linear
     assert target.segmentation.GetDisplayNode() is not None
 

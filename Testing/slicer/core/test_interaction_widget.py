@@ -274,7 +274,7 @@ def run_event_loop() -> None:
 
 
 def marker_count(env) -> int:
-    node = env.widget.promptNode
+    node = env.widget.markers.point_node
     return 0 if node is None else node.GetNumberOfControlPoints()
 
 
@@ -307,7 +307,7 @@ def test_click_places_a_point_marker_and_the_segment_updates(env):
     assert send(env, QE.MouseButtonRelease, pos=(201, 151))  # jitter: still a click
     assert marker_count(env) == 0  # nothing happens inside the view's event handler
     run_event_loop()
-    assert marker_count(env) == 1 and w.promptNode.GetNthControlPointSelected(0)  # positive
+    assert marker_count(env) == 1 and w.markers.point_node.GetNthControlPointSelected(0)  # positive
     w.logic.wait()
     w.onPoll()
     world = interaction.xy_to_ras(env.view.node, interaction.display_xy(200, 150, 300))
@@ -333,15 +333,16 @@ def test_drag_shows_an_outline_and_segments_the_box(env, monkeypatch):
     editor = w.ui.segmentEditorWidget
     assert editor.volume is scene.volume and editor.segmentation is not None
     assert editor.segmentation is not scene.segmentation and editor.segment
-    assert w.boxNode is not None and w.boxNode.GetNumberOfDefinedControlPoints() == 1
-    size = w.boxNode.GetSize()
+    box = w.markers.box_node
+    assert box is not None and box.GetNumberOfDefinedControlPoints() == 1
+    size = w.markers.box_node.GetSize()
     np.testing.assert_allclose(size, (10.0, 8.0, 10.0), atol=1e-6)  # 50 x 40 px at 0.2 mm
     w.logic.wait()
     w.onPoll()
     calls = [c[0] for s in w.logic.engine.sessions for c in s.calls]
     assert calls[0] == "box"  # (the stub session then segments the box's centre)
     w.onUndo()  # the box's result is undone: its ROI goes too
-    assert w.boxNode.GetNumberOfControlPoints() == 0
+    assert w.markers.box_node.GetNumberOfControlPoints() == 0
 
 
 def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, monkeypatch):
@@ -352,7 +353,7 @@ def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, mon
 
     def load():
         loads.append(1)
-        w.engineFuture = object()
+        w.modelSetup.future = object()
 
     monkeypatch.setattr(w, "onLoadModel", load)
     w.onPositive()
@@ -365,7 +366,7 @@ def test_prompt_before_the_model_is_loaded_is_kept_and_runs_once_loaded(env, mon
     given_for = w.ui.segmentEditorWidget.segment
     w.onNewSegment()  # the user moves on while the model loads
     assert w.ui.segmentEditorWidget.segment != given_for
-    w.engineFuture, w.logic = None, InteractiveLogic(engine)
+    w.modelSetup.future, w.logic = None, InteractiveLogic(engine)
     w._runDeferred()
     w.logic.wait()
     w.onPoll()
@@ -432,7 +433,7 @@ def test_another_tool_or_an_editor_effect_stops_prompting(env):
     w.onPositive()
     assert node.GetCurrentInteractionMode() == node.ViewTransform
     w.editorNode.SetActiveEffectName("Paint")
-    w.onEditorNodeModified()
+    w.masking.onEditorNodeModified()
     assert not w.capture.active and not w.ui.positivePointButton.checked
 
 
@@ -451,14 +452,14 @@ def test_leaving_the_module_stops_prompting_effects_and_shortcuts(env):
 def test_masking_controls_show_and_write_the_shared_node(env):
     w, scene = env.widget, env.scene
     w.editorNode.SetAndObserveSegmentationNode(scene.segmentation)
-    w.onEditorNodeModified()
+    w.masking.onEditorNodeModified()
     items = w.ui.editableAreaComboBox.items
     assert items[0] == "Everywhere" and items[-2:] == ["Inside target", "Inside other"]
-    w.onEditableAreaChosen(len(items) - 1)
+    w.masking.onEditableAreaChosen(len(items) - 1)
     single = slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
     assert w.editorNode.GetMaskMode() == single
     assert w.editorNode.GetMaskSegmentID() == scene.other
-    w.onOverwriteChosen(2)
+    w.masking.onOverwriteChosen(2)
     assert w.editorNode.GetOverwriteMode() == w.editorNode.OverwriteNone
     # A segment added (or renamed) anywhere shows up in the editable-area choices at once.
     scene.segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
@@ -475,11 +476,11 @@ def test_scene_close_mid_prediction_drops_the_result_and_the_old_nodes(env):
         scene.target,
     )
     w.onPositive()
-    w._addMarker(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
+    w.markers.add(interaction.PointPrompt(tuple(scene.world_of_ijk((22, 20, 18))), True))
     w.logic.set_target(scene.volume, scene.segmentation, scene.target)
     w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True, tag="x")
     w.onSceneClose()
-    assert w.promptNode is None and w.editorNode is None and w.maskingSegmentation is None
+    assert w.markers.point_node is None and w.editorNode is None and w.masking.segmentation is None
     w.logic.wait()
     w.onPoll()
     assert not scene.segment(scene.target).any()
@@ -528,10 +529,10 @@ def test_model_controls_are_disabled_while_predicting_or_loading(env):
     ):
         assert not control.enabled
     w.logic.wait()
-    w.engineFuture = object()  # a model loading
+    w.modelSetup.future = object()  # a model loading
     w._updateButtons()
     assert not ui.loadModelButton.enabled and not ui.deviceComboBox.enabled
-    w.engineFuture = None
+    w.modelSetup.future = None
 
 
 def test_polarity_is_a_remembered_preference(env):
@@ -540,3 +541,184 @@ def test_polarity_is_a_remembered_preference(env):
     assert params.Preferences.load(FakeSettings()).positive is False
     w.togglePolarity()
     assert params.Preferences.load(FakeSettings()).positive is True
+
+
+def test_choices_live_in_the_parameter_node_and_a_new_scene_starts_from_the_preferences(env):
+    """Style review 3: the user's choices are in the module's parameter node (saved with the
+    scene); the per-user preferences follow them and seed a new scene's node."""
+    w, scene = env.widget, env.scene.scene
+    node = w._choices()
+    raw = node.parameterNode
+    assert raw.GetSingletonTag() == "FastSAM3DSlicer" and raw.GetScene() is scene
+    assert (node.weights, node.device, node.positive) == ("fastsam3d", "auto", True)
+    w.onNegative()
+    assert raw.GetParameter("positive") == "False"
+    assert params.Preferences.load(FakeSettings()).positive is False
+    params.Preferences("sam-med3d-turbo", "cpu", False).save(FakeSettings())
+    w.onSceneClose()
+    scene.RemoveNode(raw)  # the scene's node goes with it
+    fresh = w._choices()
+    assert (fresh.weights, fresh.device, fresh.positive) == ("sam-med3d-turbo", "cpu", False)
+    assert fresh.parameterNode is not raw and not w.capture.positive
+    # A loaded scene's own choices win over the preferences.
+    fresh.device = "cuda"
+    w._parameterNode = None
+    assert w._choices().device == "cuda"
+
+
+class ErrorDisplay:
+    """slicer.util.tryWithErrorDisplay as a recorder: the message and the error it showed."""
+
+    def __init__(self) -> None:
+        self.shown = []
+
+    def __call__(self, message="", waitCursor=False):  # noqa: N803 - Slicer's name
+        import contextlib
+
+        @contextlib.contextmanager
+        def show():
+            try:
+                yield
+            except Exception as e:  # noqa: BLE001 - what Slicer's helper does: show it
+                self.shown.append((message, e))
+
+        return show()
+
+
+def _submit_click(env, prompt_call=None) -> None:
+    """What _onPrompt does after the target is chosen: a marker, then the Lib call."""
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (
+        scene.volume,
+        scene.segmentation,
+        scene.target,
+    )
+    world = tuple(scene.world_of_ijk((22, 20, 18)))
+    tag = w.markers.add(interaction.PointPrompt(world, True))
+    with slicer.util.tryWithErrorDisplay("FastSAM3D could not use this prompt."):
+        w._submit(lambda: w.logic.add_point(world, True, tag=tag), tag)
+
+
+def test_lib_refusals_are_a_status_line_and_other_errors_reach_the_error_display(env, monkeypatch):
+    """Style review 3: _submit catches the Lib's one root (FastSAM3DSlicerError); a deleted
+    segment (SegmentMissingError, a KeyError before) is a refusal, not a bug; anything else
+    reaches Slicer's error display. The prompt's marker goes in both cases."""
+    display = ErrorDisplay()
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", display, raising=False)
+    w, scene = env.widget, env.scene
+    _submit_click(env)
+    w.logic.wait()
+    w.onPoll()
+    assert marker_count(env) == 1 and display.shown == []
+    scene.segmentation.GetSegmentation().RemoveSegment(scene.target)
+    _submit_click(env)
+    assert "was it deleted?" in env.messages[-1] and display.shown == []
+    assert marker_count(env) == 1  # the refused prompt's marker went
+    monkeypatch.setattr(w.logic, "add_point", lambda *a, **k: 1 / 0)
+    _submit_click(env)
+    [(message, error)] = display.shown
+    assert "could not use this prompt" in message and isinstance(error, ZeroDivisionError)
+    assert marker_count(env) == 1
+
+
+def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monkeypatch):
+    display = ErrorDisplay()
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", display, raising=False)
+    calls = []
+    env.widget._guarded(lambda: calls.append(1))(True)  # a clicked(bool) argument is dropped
+    assert calls == [1] and display.shown == []
+    env.widget._guarded(lambda: {}["missing"])()
+    [(message, error)] = display.shown
+    assert "this action failed" in message and isinstance(error, KeyError)
+
+
+@pytest.mark.parametrize("outcome", ["downloaded", "failed"])
+def test_download_events_reach_the_panel_and_the_waiting_prompt(env, monkeypatch, outcome):
+    """The Widget's side of setup_flow's download events: a prompt given before the weights
+    were there loads the model once they are, or goes (with its marker) when they fail."""
+    from test_setup_flow import FakeTask
+
+    from FastSAM3DSlicerLib import weights
+
+    w, tasks, errors, loads = env.widget, [], [], []
+    w.logic.close()
+    w.logic = None
+    monkeypatch.setattr(weights, "remote_size", lambda name, timeout=None: 1000)
+    monkeypatch.setattr(
+        weights, "DownloadTask", lambda key: tasks.append(FakeTask(key)) or tasks[-1]
+    )
+    monkeypatch.setattr(slicer.util, "errorDisplay", errors.append, raising=False)
+    monkeypatch.setattr(w, "onLoadModel", lambda: loads.append(1))
+    w._weightChoices = [weights.Choice("fastsam3d", "FastSAM3D", "", "terms")]
+    w.ui.weightsComboBox.currentIndex = 0
+    w.onDownloadWeights()
+    assert w.modelSetup.state == "downloading" and w.pollTimer.active
+    w._updateButtons()
+    assert not w.ui.loadModelButton.enabled and not w.ui.downloadWeightsButton.enabled
+    prompt = interaction.PointPrompt(tuple(env.scene.world_of_ijk((22, 20, 18))), True)
+    w.deferred.append((prompt, w.markers.add(prompt), None))
+    tasks[0].done, tasks[0].total = 500, 1000
+    w.onPoll()  # half-way: nothing ends
+    assert w.modelSetup.state == "downloading" and errors == [] and loads == []
+    tasks[0].finish(error=OSError("disk full") if outcome == "failed" else None)
+    w.onPoll()
+    assert w.modelSetup.state == "idle" and not w.pollTimer.active
+    if outcome == "failed":
+        assert errors == ["Download failed: disk full"] and loads == []
+        assert w.deferred == [] and marker_count(env) == 0
+    else:
+        assert errors == [] and loads == [1] and len(w.deferred) == 1
+
+
+def test_setup_builds_the_panel_from_the_ui_and_the_parameter_node(env, monkeypatch):
+    """Widget.setup() as Slicer calls it (loadUI, childWidgetVariables, the logic, the
+    parameter node, signals, observers), with the .ui's widgets stood in."""
+    import widget_harness
+
+    w, module = env.widget, env.module
+    w.logic.close()
+    w.logic = None  # no network yet
+    params.Preferences("fastsam3d", "cpu", False).save(FakeSettings())
+    env.scene.scene.RemoveNode(w._choices().parameterNode)  # a new scene: seeded again
+    connected = []
+
+    class Signal:
+        def __init__(self, name) -> None:
+            self.name = name
+
+        def connect(self, slot) -> None:
+            connected.append((self.name, slot))
+
+    class Control(Widget):
+        def __getattr__(self, name):
+            if name in ("clicked", "toggled", "currentIndexChanged", "editingFinished"):
+                return Signal(name)
+            return Anything()
+
+    ui = widget_harness.UI(segmentEditorWidget=w.ui.segmentEditorWidget)
+    for name in ("deviceComboBox", "backendComboBox", "weightsComboBox", "serverUrlLineEdit"):
+        setattr(ui, name, Control(currentIndex=-1, text=""))
+    for name in ("loadModelButton", "undoButton", "installDependenciesButton"):
+        setattr(ui, name, Control(enabled=True))
+    ui.polarityLabel = Widget(text="")
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: Anything(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    monkeypatch.setattr(
+        slicer.app, "layoutManager", lambda: types.SimpleNamespace(connect=lambda *a: None)
+    )
+    w._parameterNode, w.capture = None, None
+    w.layout, w.resourcePath = Anything(), lambda path: path
+    try:
+        w.setup()
+    finally:
+        w.removeObservers()  # scene and interaction-node observers of this stand-in Widget
+    assert w.ui is ui and isinstance(w.moduleLogic, module.FastSAM3DSlicerLogic)
+    assert ui.deviceComboBox.items == list(params.DEVICES)
+    assert (w._choices().device, w.capture.positive) == ("cpu", False)  # from the preferences
+    assert "negative" in ui.polarityLabel.text
+    assert ui.loadModelButton.enabled and not ui.undoButton.enabled  # no network yet
+    slots = {name for name, _slot in connected}
+    assert {"clicked", "currentIndexChanged", "editingFinished"} <= slots
+    assert len(connected) == 7  # each stood-in control's signal, once
+    assert all("_guarded" in slot.__qualname__ for _name, slot in connected)  # error display

@@ -15,7 +15,7 @@ import pytest
 import vtk
 from slicer_scene import build_scene, slicer
 
-from FastSAM3DSlicerLib import geometry, mrml
+from FastSAM3DSlicerLib import geometry, mrml, segment_writer
 from FastSAM3DSlicerLib.logic import FailedEdit, InteractiveLogic, NoTargetError, thicken_box
 
 
@@ -304,7 +304,7 @@ def test_non_linear_transform_between_volume_and_segmentation_is_refused_up_fron
     grid.SetAndObserveTransformToParent(displacement)
     scene.segmentation.SetAndObserveTransformNodeID(grid.GetID())
     logic = _logic(scene, stub_engine)
-    with pytest.raises(mrml.GeometryError, match="non-linear"):
+    with pytest.raises(segment_writer.GeometryError, match="non-linear"):
         logic.add_point(scene.world_of_ijk((20, 18, 15)), True)
     assert not logic.busy
 
@@ -341,14 +341,14 @@ def test_in_place_writes_equal_slicers_own_writes(overwrite):
     # undoing them all must restore the start, in both modes.
     rng = np.random.default_rng(1)
     steps = [(rng.integers(0, 12, 3), rng.random((14, 14, 14)) < 0.5, n % 2) for n in range(6)]
-    settings = mrml.MaskingSettings(
+    settings = segment_writer.MaskingSettings(
         overwrite_mode=getattr(slicer.vtkMRMLSegmentEditorNode, overwrite)
     )
     finals = []
     for in_place in (True, False):
         scene = build_scene(other_block=(slice(5, 25), slice(5, 25), slice(5, 25)))
         start = (scene.segment(scene.target), scene.segment(scene.other))
-        writer = mrml.SegmentWriter(scene.segmentation, scene.volume)
+        writer = segment_writer.SegmentWriter(scene.segmentation, scene.volume)
         writer.allow_in_place = in_place
         fast_writes = []
         original = writer._write_in_place
@@ -376,7 +376,7 @@ def test_in_place_writes_equal_slicers_own_writes(overwrite):
 
 
 def test_in_place_write_notifies_the_segmentation(scene):
-    writer = mrml.SegmentWriter(scene.segmentation, scene.volume)
+    writer = segment_writer.SegmentWriter(scene.segmentation, scene.volume)
     region = (slice(10, 20), slice(10, 20), slice(10, 20))
     mask = np.zeros((10, 10, 10), bool)
     mask[2:8, 2:8, 2:8] = True
@@ -409,7 +409,7 @@ def test_in_place_write_rebuilds_only_the_edited_segments_surface(grow):
     writers = []
     for in_place in (True, False):
         s = build_scene() if not in_place else scene
-        w = mrml.SegmentWriter(s.segmentation, s.volume)
+        w = segment_writer.SegmentWriter(s.segmentation, s.volume)
         w.allow_in_place = False
         w.write(s.target, (slice(20, 26),) * 3, np.ones((6, 6, 6), bool))
         s.segmentation.CreateClosedSurfaceRepresentation()

@@ -13,7 +13,7 @@ import pytest
 import vtk
 from slicer_scene import _oriented, build_scene, slicer
 
-from FastSAM3DSlicerLib import mrml
+from FastSAM3DSlicerLib import mrml, segment_writer
 from FastSAM3DSlicerLib.logic import EditRecord, FailedEdit, InteractiveLogic, StaleResultError
 
 
@@ -26,7 +26,7 @@ def _wait_ok(logic):
 
 
 def _image_to_seg(scene) -> np.ndarray:
-    return mrml.SegmentWriter(scene.segmentation, scene.volume).image_to_segmentation()
+    return segment_writer.SegmentWriter(scene.segmentation, scene.volume).image_to_segmentation()
 
 
 def _paint(scene, segment_id, block, value=True):

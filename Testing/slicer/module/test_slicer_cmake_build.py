@@ -1,8 +1,9 @@
 """Configure the extension's CMake against a stand-in of Slicer's macros and use the result.
 
 The stand-in (cmake_stub/) copies files the way Slicer's build lays out a scripted module, so
-this checks what the packaged extension contains: the module, every Lib file, the resources and
-the fastsam3d package from model/src, all in one directory, importable without the source tree.
+this checks what the packaged extension contains: the module, every Lib and Qt-side file, the
+resources and the fastsam3d package from model/src, all in one directory, importable without
+the source tree.
 Slicer's real macros also byte-compile and install; only a real Slicer build can confirm those.
 """
 
@@ -38,8 +39,9 @@ def build(tmp_path_factory) -> Path:
 def test_package_layout(build):
     modules = build / "lib" / "Slicer-5.12" / "qt-scripted-modules"
     assert (modules / "FastSAM3DSlicer.py").is_file()
-    lib = {p.name for p in (modules / "FastSAM3DSlicerLib").glob("*.py")}
-    assert lib == {p.name for p in (REPO / "FastSAM3DSlicer" / "FastSAM3DSlicerLib").glob("*.py")}
+    for package in ("FastSAM3DSlicerLib", "FastSAM3DSlicerQt"):
+        packaged = {p.name for p in (modules / package).glob("*.py")}
+        assert packaged == {p.name for p in (REPO / "FastSAM3DSlicer" / package).glob("*.py")}
     assert (modules / "Resources" / "UI" / "FastSAM3DSlicer.ui").is_file()
     assert (modules / "Resources" / "Icons" / "FastSAM3DSlicer.png").is_file()
     src = REPO / "model" / "src" / "fastsam3d"

@@ -395,7 +395,7 @@ def test_every_package_the_module_imports_is_installed_by_the_dependency_step():
     from test_slicer_py39 import slicer_files
 
     used = set().union(*(_imports_anywhere(p) for p in slicer_files()))
-    first_party = {"fastsam3d", "FastSAM3DSlicerLib", "FastSAM3DSlicer"}
+    first_party = {"fastsam3d", "FastSAM3DSlicerLib", "FastSAM3DSlicerQt", "FastSAM3DSlicer"}
     third_party = used - set(sys.stdlib_module_names) - first_party - SLICER_BUNDLED
     installed = {"torch"} | {deps.parse(r)[0] for r in deps.PIP_REQUIREMENTS}
     from FastSAM3DSlicerLib import backends  # the remote / ONNX backends' own steps

@@ -63,8 +63,9 @@ def slicer_modules() -> list[str]:
     """Every module of fastsam3d (less the CLI) and of the Slicer module, by file."""
     names = [_module_name(MODEL_SRC, p) for p in sorted((MODEL_SRC / "fastsam3d").rglob("*.py"))]
     names = [n for n in names if not n.startswith(CLI_ONLY)]
-    lib = MODULE_DIR / "FastSAM3DSlicerLib"
-    names += [_module_name(MODULE_DIR, p) for p in sorted(lib.glob("*.py"))]
+    for package in ("FastSAM3DSlicerLib", "FastSAM3DSlicerQt"):
+        files = sorted((MODULE_DIR / package).glob("*.py"))
+        names += [_module_name(MODULE_DIR, p) for p in files]
     return [*names, "FastSAM3DSlicer"]
 
 
@@ -106,6 +107,8 @@ def test_every_module_slicer_loads_imports_on_python39():
         "fastsam3d.checkpoint",
         "fastsam3d.modeling",
         "FastSAM3DSlicerLib.weights",
+        "FastSAM3DSlicerLib.setup_flow",
+        "FastSAM3DSlicerQt.setup_panel",
     } <= set(names)
     _assert_all_ok(run_check(PY39, MODEL_SRC, MODULE_DIR, names), names)
 

@@ -9,6 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 UI = REPO / "FastSAM3DSlicer" / "Resources" / "UI" / "FastSAM3DSlicer.ui"
 MODULE = REPO / "FastSAM3DSlicer" / "FastSAM3DSlicer.py"
+#: The Qt side beside the Widget (FastSAM3DSlicerQt): it reaches the panel's widgets too.
+QT_SIDE = sorted((REPO / "FastSAM3DSlicer" / "FastSAM3DSlicerQt").glob("*.py"))
+MARKERS = REPO / "FastSAM3DSlicer" / "FastSAM3DSlicerLib" / "markers.py"
+SETUP_FLOW = REPO / "FastSAM3DSlicer" / "FastSAM3DSlicerLib" / "setup_flow.py"
 QT_BUILTIN = {
     "QWidget",
     "QLabel",
@@ -33,18 +37,29 @@ def widget_names(root) -> dict[str, str]:
 
 
 def names_used_by_code() -> set[str]:
-    """Every ``self.ui.<name>`` in the module file (childWidgetVariables looks them up)."""
+    """Every ``self.ui.<name>`` in the module file and its Qt side (childWidgetVariables looks
+    them up), and every control the Lib's enabled_controls rules name."""
     used = set()
-    for node in ast.walk(ast.parse(MODULE.read_text(encoding="utf-8"))):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute)
-            and node.value.attr == "ui"
-            and isinstance(node.value.value, ast.Name)
-            and node.value.value.id == "self"
-        ):
-            used.add(node.attr)
-    return used
+    for path in [MODULE, *QT_SIDE]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"
+            ):
+                used.add(node.attr)
+    return used | controls_named_by_the_lib()
+
+
+def controls_named_by_the_lib() -> set[str]:
+    """The keys of the dict setup_flow.enabled_controls returns (the Widget sets each one)."""
+    for node in ast.walk(ast.parse(SETUP_FLOW.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef) and node.name == "enabled_controls":
+            returns = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
+            return {k.value for k in returns[-1].value.keys}
+    raise AssertionError("enabled_controls not found")
 
 
 def test_ui_is_designer_xml_with_a_mrml_top_widget():
@@ -58,7 +73,7 @@ def test_ui_is_designer_xml_with_a_mrml_top_widget():
 def test_every_widget_the_code_uses_exists():
     names = widget_names(ui_tree())
     used = names_used_by_code()
-    assert len(used) > 15  # the parser above really found the lookups
+    assert len(used) > 15 and len(controls_named_by_the_lib()) >= 9  # the parsers found them
     missing = used - set(names)
     assert not missing, f"widgets used by FastSAM3DSlicer.py but absent from the .ui: {missing}"
 
@@ -81,10 +96,23 @@ def shortcuts() -> dict[str, str]:
 
 
 def widget_methods() -> dict[str, ast.FunctionDef]:
-    for node in ast.parse(MODULE.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.ClassDef) and node.name == "FastSAM3DSlicerWidget":
-            return {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
-    raise AssertionError("FastSAM3DSlicerWidget not found")
+    """The Widget's methods, its panel mixins' (FastSAM3DSlicerQt setup_panel, prompts_panel)
+    included: one object, its slots in three files."""
+    methods = {}
+    for path in [MODULE, *QT_SIDE]:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and node.name in PANEL_CLASSES:
+                methods.update({f.name: f for f in node.body if isinstance(f, ast.FunctionDef)})
+    (widget,) = [
+        n
+        for n in ast.parse(MODULE.read_text(encoding="utf-8")).body
+        if isinstance(n, ast.ClassDef) and n.name == "FastSAM3DSlicerWidget"
+    ]
+    assert {"SetupPanel", "PromptsPanel"} <= {getattr(b, "id", "") for b in widget.bases}
+    return methods
+
+
+PANEL_CLASSES = {"FastSAM3DSlicerWidget", "SetupPanel", "PromptsPanel"}
 
 
 def calls_in(func: ast.FunctionDef) -> list[ast.Call]:
@@ -174,7 +202,7 @@ def test_leaving_the_module_stops_effects_views_and_prompting():
 
 def test_no_markups_place_mode_and_no_deprecated_label_format():
     """Review M6/M9 (place mode drifted, kept the active place node) and m11."""
-    source = MODULE.read_text(encoding="utf-8")
+    source = "".join(p.read_text(encoding="utf-8") for p in [MODULE, MARKERS, *QT_SIDE])
     assert "SetActivePlaceNodeID" not in source and ".Place)" not in source
     assert "SetMarkupLabelFormat" not in source
     assert "SetControlPointLabelFormat" in source
@@ -182,9 +210,16 @@ def test_no_markups_place_mode_and_no_deprecated_label_format():
 
 def test_editor_uses_the_segment_editor_singleton():
     """Review M4: masking is the Segment Editor module's own node, not a private one."""
-    methods = widget_methods()
-    assert "segment_editor_node" in called_names(methods["_selectEditorNode"])
-    assert "SetSingletonTag" not in MODULE.read_text(encoding="utf-8")
+    masking = REPO / "FastSAM3DSlicer" / "FastSAM3DSlicerQt" / "masking.py"
+    section = {
+        f.name: f
+        for f in ast.walk(ast.parse(masking.read_text(encoding="utf-8")))
+        if isinstance(f, ast.FunctionDef)
+    }
+    assert "segment_editor_node" in called_names(section["select"])
+    assert {"select"} <= called_names(widget_methods()["onSceneClosed"])
+    for path in [MODULE, *QT_SIDE]:
+        assert "SetSingletonTag" not in path.read_text(encoding="utf-8"), path
     names = widget_names(ui_tree())
     for name in (
         "editableAreaComboBox",

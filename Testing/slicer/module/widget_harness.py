@@ -2,7 +2,9 @@
 
 The stand-ins are the Widget helper's (Testing/slicer/core/test_interaction_widget.py); this
 adds what the self-test and the install flow reach: mouse events sent to a slice view,
-``slicer.modules``, the layout manager, dialogs and the extensions manager as recorders.
+``slicer.modules``, the layout manager, dialogs and the extensions manager as recorders, and
+Slicer's ``@parameterNodeWrapper`` for the module's str/bool fields (on a real scripted module
+node, so the parameter node's defaults and round trip are real MRML).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import importlib.util
 import sys
 import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ sys.path.insert(0, str(REPO / "FastSAM3DSlicer"))
 import test_interaction_widget as harness  # noqa: E402
 from slicer_scene import slicer  # noqa: E402
 
-from FastSAM3DSlicerLib import interaction, params  # noqa: E402
+from FastSAM3DSlicerLib import interaction  # noqa: E402
 
 
 class UI(types.SimpleNamespace):
@@ -39,6 +42,48 @@ class Button(harness.Widget):
     def click(self) -> None:
         if self.enabled:
             self.slot()
+
+
+def parameter_node_wrapper(cls: type) -> type:
+    """Slicer's ``@parameterNodeWrapper`` (slicer/parameterNodeWrapper/wrapper.py) for plain
+    ``str``/``bool`` fields: typed attributes kept as the node's string parameters, each default
+    written when the node does not have it yet; unknown names refused, as the real one does."""
+    hints = typing.get_type_hints(cls)
+    defaults = {name: getattr(cls, name) for name in hints}
+
+    class Wrapped:
+        allParameters = hints
+
+        def __init__(self, node: Any) -> None:
+            object.__setattr__(self, "parameterNode", node)
+            for name, value in defaults.items():
+                if not node.GetParameter(name):
+                    setattr(self, name, value)
+
+        def __getattr__(self, name: str) -> Any:
+            if name not in hints:
+                raise AttributeError(name)
+            text = self.parameterNode.GetParameter(name)
+            return text == "True" if hints[name] is bool else hints[name](text)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name not in hints:
+                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            self.parameterNode.SetParameter(name, str(hints[name](value)))
+
+    Wrapped.__name__ = cls.__name__
+    return Wrapped
+
+
+def _scripted_module_node(self: Any) -> Any:
+    """ScriptedLoadableModuleLogic.getParameterNode: the module's singleton node in the scene."""
+    node = slicer.mrmlScene.GetSingletonNode("FastSAM3DSlicer", "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = slicer.vtkMRMLScriptedModuleNode()
+        node.SetSingletonTag("FastSAM3DSlicer")
+        node.SetAttribute("ModuleName", "FastSAM3DSlicer")
+        node = slicer.mrmlScene.AddNode(node)
+    return node
 
 
 def load_widget(
@@ -78,7 +123,14 @@ def load_widget(
         "ScriptedLoadableModuleTest",
     ):
         setattr(slm, name, type(name, (), {"__init__": lambda self, *a: None}))
+    slm.ScriptedLoadableModuleLogic.getParameterNode = _scripted_module_node
+    slm.ScriptedLoadableModuleWidget.setup = lambda self: None  # the reload/test buttons
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = parameter_node_wrapper
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
+    for name in [m for m in sys.modules if m.split(".")[0] == "FastSAM3DSlicerQt"]:
+        monkeypatch.delitem(sys.modules, name)  # imported again against these stand-ins
 
     def process_events() -> None:
         while harness.FakeTimer.pending:
@@ -138,9 +190,10 @@ def load_widget(
         undoButton=Button(widget.onUndo),
     )
     widget.capture = interaction.PromptCapture()
-    widget.preferences = params.Preferences()
+    widget.initializeParameterNode()
     widget.pollTimer = harness.FakeTimer()
-    widget._selectEditorNode()
+    widget.masking.ui = widget.ui
+    widget.masking.select()
     monkeypatch.setattr(
         slicer,
         "modules",
