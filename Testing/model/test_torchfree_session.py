@@ -230,3 +230,75 @@ def test_numpy_session_with_linear_paste_and_the_fixture_network():
     ours = _play(Session(NumpyAdapter(runner), **kw), vol, steps)
     assert any(r.voxels for r, _ in ref)
     _compare(ref, ours, 0.999, 1e-4)
+
+
+# --- the ONNX Runtime runner (what `pip install fastsam3d[onnx]` runs) ----------------------
+def _mni_volume() -> Volume:
+    """nilearn's MNI152 T1 (a real head MR), 2 mm, as a Volume."""
+    datasets = pytest.importorskip("nilearn.datasets")
+    img = datasets.load_mni152_template(resolution=2)
+    arr = np.asarray(img.get_fdata(), dtype=np.float32).transpose(2, 1, 0)  # [k, j, i]
+    return Volume(np.ascontiguousarray(arr), img.affine)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from fastsam3d.checkpoint import save_official, save_safetensors
+    from fastsam3d.testing import fixture_model
+
+    root = tmp_path_factory.mktemp("weights")
+    model = fixture_model("fastsam3d")
+    return model, save_official(model, root / "w.pth"), save_safetensors(model, root / "w.st")
+
+
+def test_onnx_runner_session_gives_the_torch_sessions_masks_on_a_real_volume(
+    checkpoints, tmp_path
+):
+    """.pth (restricted reader) and .safetensors -> filled templates -> ONNX Runtime fp32 ->
+    a numpy Session: the PyTorch session's masks (Dice >= 0.999) and logits (1e-3) on MNI152."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from fastsam3d.onnx import TORCH_FREE_SESSION, torch_free_runner
+
+    assert TORCH_FREE_SESSION is True
+    model, pth, st = checkpoints
+    vol = _mni_volume()
+    centre = vol.ijk_to_ras_points(np.array(vol.shape[::-1]) // 2)
+    steps = [
+        ("point", centre, True),
+        ("point", centre + np.array([6.0, -4.0, 2.0]), True),
+        ("point", centre + np.array([-8.0, 0.0, 0.0]), False),
+        ("undo",),
+        ("box", centre - 20, centre + 20),
+        ("reset",),
+    ]
+    kw = {"warmup": False, "max_crops": 2, "propagate": False}
+    ref = _play(Session(Runner(model, "cpu", "fp32"), **kw), vol, steps)
+    assert sum(r.voxels for r, _ in ref) > 1000
+    for path in (pth, st):
+        runner = torch_free_runner(path, precision="fp32", cache_dir=tmp_path / path.name)
+        assert runner.array_backend == "numpy" and runner.config == "fastsam3d"
+        session = Session(runner, **kw)
+        assert session.point_policy == "newest"  # the config's, read from the graphs' record
+        _compare(ref, _play(session, vol, steps), 0.999, 1e-3)
+
+
+def test_onnx_runner_refuses_what_it_cannot_run(tmp_path, checkpoints):
+    pytest.importorskip("onnxruntime")
+    from fastsam3d.onnx import torch_free_runner
+    from fastsam3d.pth_reader import CheckpointReadError
+
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(Exception, match="notes.pth"):
+        torch_free_runner(bad)
+    with pytest.raises(ValueError, match="bf16"):
+        torch_free_runner(checkpoints[1], precision="bf16")
+    from fastsam3d.checkpoint import save_official
+    from fastsam3d.testing import fixture_model
+
+    broken = fixture_model("fastsam3d", depth=1, embed_dim=48, num_heads=1, num_attn_free_blocks=1)
+    with torch.no_grad():
+        next(broken.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointReadError, match="NaN"):
+        torch_free_runner(save_official(broken, tmp_path / "nan.pth"))

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from . import lattice as geo
-from .result import Region
+from .result import Region, Result
 from .tiling import KNOT, State, Tile
 
-__all__ = ["changed_region", "ops_for", "paste", "region_union", "upsampled_part"]
+__all__ = ["changed_region", "ops_for", "paste", "region_union", "render", "upsampled_part"]
 
 
 def ops_for(array: Any) -> Any:
@@ -147,3 +147,37 @@ def upsampled_part(tile: Tile, ops: Any = None) -> tuple[tuple[int, int, int], A
     up = ops.upsample_block(tile.logits[0, 0, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
     start = tuple(int(s + KNOT * a) for s, a in zip(tile.start, lo))
     return start, up  # type: ignore[return-value]
+
+
+def render(
+    state: State,
+    lattice: geo.Lattice,
+    volume: Any,
+    last_region: Region | None,
+    weights: Any,
+    interpolation: str,
+    ops: Any,
+) -> Result:
+    """The session's :class:`Result` for ``state``: its mask over the region the object can
+    occupy joined with ``last_region`` (what the previous result covered, so pasting clears
+    voxels a correction removed), as numpy."""
+    region = changed_region(state, lattice, volume.ijk_to_ras, volume.shape, ops)
+    out_region = region_union(region, last_region)
+    if out_region is None:
+        out_region = (slice(0, 0),) * 3
+    shape = tuple(s.stop - s.start for s in out_region)
+    if region is None:
+        mask = np.zeros(shape, dtype=bool)
+    else:
+        mask = ops.to_numpy(
+            paste(state, out_region, lattice, volume.ijk_to_ras, weights, interpolation, ops)
+        )
+    ious = [t.iou for t in state.tiles.values() if t.iou is not None]
+    return Result(
+        out_region,
+        mask,
+        volume.shape,
+        len(state.tiles),
+        float(np.mean(ious)) if ious else None,
+        state.at_crop_limit,
+    )

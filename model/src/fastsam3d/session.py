@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -65,22 +63,19 @@ import numpy as np
 from . import lattice as geo
 from . import paste as _paste
 from . import tiling
-from ._optional import require_torch
 from .result import Region, Result, SessionError, paste_result
+from .runners import runner_and_ops
 from .tiling import Click as _Click
 from .tiling import State as _State
 from .tiling import Tile as _Tile
-from .volume import Volume, VolumeError
+from .volume import Volume, VolumeError, fingerprint
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 __all__ = ["Session", "Result", "SessionError", "paste_result"]
 
 _CPU_WARNED = False
-_FULL_FINGERPRINT_BYTES = 1 << 20  # arrays up to this size are hashed whole on every prompt
-_SAMPLE_VOXELS = 1 << 18  # larger ones: a fixed strided sample of about this many voxels
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -93,31 +88,6 @@ def _locked(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _fingerprint(a: np.ndarray) -> tuple:
-    """Cheap identity of an array's contents: shape, dtype and a CRC of all of it (small arrays)
-    or of a fixed strided sample (large ones; an edit between sampled voxels can go unseen)."""
-    if a.nbytes > _FULL_FINGERPRINT_BYTES:
-        step = max(1, math.ceil((a.size / _SAMPLE_VOXELS) ** (1 / 3)))
-        a = a[::step, ::step, ::step]
-    crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
-    return a.shape, a.dtype.str, crc
-
-
-def _load_model(model: Any, device: torch.device) -> nn.Module:
-    from torch import nn
-
-    if isinstance(model, nn.Module):
-        return model.to(device)
-    if isinstance(model, (str, os.PathLike)):
-        from .checkpoint import load_model
-
-        return load_model(model, device=device)
-    raise TypeError(
-        f"model must be a registry name, a checkpoint path or an nn.Module, "
-        f"not {type(model).__name__}"
-    )
 
 
 class Session:
@@ -173,7 +143,7 @@ class Session:
         max_embeddings: int | None = None,
     ) -> None:
         self._lock = threading.RLock()
-        self.runner, self._ops = _runner_and_ops(model, device, precision)
+        self.runner, self._ops = runner_and_ops(model, device, precision)
         self.device = self.runner.device
         if getattr(self.device, "type", self.device) == "cpu":
             global _CPU_WARNED
@@ -411,7 +381,7 @@ class Session:
         """(the session's own float32 copy of ``array`` shaped (1, 1, k, j, i), where the runner
         works, and its fingerprint); VolumeError for a constant volume or values that are not
         finite in float32."""
-        fp = _fingerprint(array)
+        fp = fingerprint(array)
         t, n, lo, hi = self._ops.upload(array)
         if n:
             raise VolumeError(
@@ -429,7 +399,7 @@ class Session:
         assert vol is not None and self._source is not None
         array, fp = self._source
         current = vol.array
-        if _fingerprint(current) == fp:
+        if fingerprint(current) == fp:
             self._source = (current, fp)
             return
         if tuple(current.shape) != tuple(self._tensor.shape[2:]):
@@ -554,66 +524,21 @@ class Session:
             tiles=tiles, clicks=state.clicks + (click,), box=state.box, at_crop_limit=limited
         )
 
-    # --- paste-back -----------------------------------------------------------------------
+    _upsampled_part = staticmethod(_paste.upsampled_part)
+
     def _render(self, state: _State) -> Result:
         vol = self.volume
         assert vol is not None
-        region = _paste.changed_region(state, self._lattice, vol.ijk_to_ras, vol.shape, self._ops)
-        out_region = _paste.region_union(region, self._last_region)
-        if out_region is None:
-            out_region = (slice(0, 0),) * 3
-        shape = tuple(s.stop - s.start for s in out_region)
-        if region is None:
-            mask = np.zeros(shape, dtype=bool)
-        else:
-            mask = self._ops.to_numpy(
-                _paste.paste(
-                    state,
-                    out_region,
-                    self._lattice,
-                    vol.ijk_to_ras,
-                    self._weights,
-                    self.paste_interpolation,
-                    self._ops,
-                )
-            )
-        self._last_region = out_region
-        ious = [t.iou for t in state.tiles.values() if t.iou is not None]
-        return Result(
-            out_region,
-            mask,
-            vol.shape,
-            len(state.tiles),
-            float(np.mean(ious)) if ious else None,
-            state.at_crop_limit,
+        result = _paste.render(
+            state,
+            self._lattice,
+            vol,
+            self._last_region,
+            self._weights,
+            self.paste_interpolation,
+            self._ops,
         )
+        self._last_region = result.region
+        return result
 
     _upsampled_part = staticmethod(_paste.upsampled_part)
-
-
-def _runner_and_ops(model: Any, device: Any, precision: str) -> tuple[Any, Any]:
-    """The runner for ``model`` and the array operations that go with it (see the module
-    docstring): a torch-free runner is used as it is; without PyTorch a checkpoint path gets
-    one; anything else needs PyTorch (an ImportError naming the extra to install)."""
-    if getattr(model, "array_backend", None) == "numpy":
-        from .resample_numpy import NumpyOps
-
-        return model, NumpyOps()
-    try:
-        require_torch("a fastsam3d.Session on a PyTorch model")
-    except ImportError:
-        if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
-            from .onnx import torch_free_runner
-
-            return _runner_and_ops(torch_free_runner(model, precision=precision), device, precision)
-        raise
-    from .device import resolve_device
-    from .fastpath import Runner
-    from .geometry import TorchOps
-
-    if isinstance(model, Runner):
-        runner = model
-    else:
-        dev = resolve_device(device)
-        runner = Runner(_load_model(model, dev), dev, precision=precision)
-    return runner, TorchOps(runner.device)
