@@ -24,6 +24,7 @@ __all__ = ["OrtRunner", "torch_free_runner", "weights_of"]
 
 _CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")  # as fastsam3d.checkpoint
 _PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+ENV_INT8 = "FASTSAM3D_CPU_INT8"  # "0": fp32 encoder on the CPU too (as fastsam3d.quantize)
 
 
 class OrtRunner:
@@ -136,7 +137,8 @@ def torch_free_runner(
         path: An official ``.pth`` (zip format) or a ``.safetensors`` file of a registered
             config (FastSAM3D, SAM-Med3D-turbo).
         precision: ``"fp32"``, ``"int8"`` (int8 encoder: about twice as fast on CPUs, masks
-            agree within Dice 0.99) or ``"auto"`` (int8 on the CPU provider, else fp32).
+            agree within Dice 0.99) or ``"auto"`` (int8 on the CPU provider unless
+            ``FASTSAM3D_CPU_INT8=0``, else fp32).
         cache_dir: Where the filled graphs go (reused while the weights are the same);
             default ``<fastsam3d cache>/onnx-local/<digest>``.
         providers: ONNX Runtime execution providers (default: see
@@ -155,7 +157,9 @@ def torch_free_runner(
     meta = match_template(weights, style)
     if precision == "auto":
         first = (providers or default_providers("fp32"))[0]
-        precision = "int8" if first == "CPUExecutionProvider" else "fp32"
+        on_cpu = first == "CPUExecutionProvider"
+        off = os.environ.get(ENV_INT8, "1").strip().lower() in ("0", "false", "no", "off")
+        precision = "int8" if on_cpu and not off else "fp32"
     if cache_dir is None:
         from ..hub import cache_dir as user_cache
 
