@@ -251,9 +251,7 @@ def checkpoints(tmp_path_factory):
     return model, save_official(model, root / "w.pth"), save_safetensors(model, root / "w.st")
 
 
-def test_onnx_runner_session_gives_the_torch_sessions_masks_on_a_real_volume(
-    checkpoints, tmp_path
-):
+def test_onnx_runner_session_gives_the_torch_sessions_masks_on_a_real_volume(checkpoints, tmp_path):
     """.pth (restricted reader) and .safetensors -> filled templates -> ONNX Runtime fp32 ->
     a numpy Session: the PyTorch session's masks (Dice >= 0.999) and logits (1e-3) on MNI152."""
     pytest.importorskip("onnxruntime")
@@ -302,3 +300,68 @@ def test_onnx_runner_refuses_what_it_cannot_run(tmp_path, checkpoints):
         next(broken.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(CheckpointReadError, match="NaN"):
         torch_free_runner(save_official(broken, tmp_path / "nan.pth"))
+
+
+_NO_TORCH_CLI = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+sys.meta_path.insert(0, NoTorch())
+from fastsam3d.cli import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.split(".")[0] == "torch"], "torch was imported"
+sys.exit(code)
+"""
+
+
+def test_segment_command_runs_on_onnxruntime_without_torch(checkpoints, tmp_path):
+    """`fastsam3d segment` where torch cannot be imported: --backend auto picks ONNX Runtime
+    and writes the PyTorch session's mask; asking for torch there says what to install."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("nibabel")
+
+    vol = _mni_volume()
+    image = tmp_path / "mni.nii.gz"
+    vol.write(image)
+    centre = vol.ijk_to_ras_points(np.array(vol.shape[::-1]) // 2)
+    point = ",".join(f"{x:g}" for x in centre)
+    common = [str(image), "--point", point, "--checkpoint", str(checkpoints[1]), "-q"]
+    common += ["--max-crops", "1"]
+    env = {"FASTSAM3D_CACHE": str(tmp_path / "cache"), "FASTSAM3D_CPU_INT8": "0"}
+    env = {**__import__("os").environ, **env}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _NO_TORCH_CLI,
+            "segment",
+            *common,
+            "--out",
+            str(tmp_path / "o.nii.gz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ref = Session(Runner(checkpoints[0], "cpu", "fp32"), warmup=False, max_crops=1)
+    ref.set_volume(Volume.read(image))
+    a = ref.add_point(centre).full_mask()  # the command's session, in fp32 PyTorch
+    b = Volume.read(tmp_path / "o.nii.gz").array > 0
+    assert a.sum() > 1000 and dice(a, b) >= 0.999
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_CLI, "segment", *common, "--backend", "torch"]
+        + ["--out", str(tmp_path / "x.nii.gz")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 2 and "fastsam3d[torch]" in run.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
