@@ -365,3 +365,31 @@ def test_segment_command_runs_on_onnxruntime_without_torch(checkpoints, tmp_path
     )
     assert run.returncode == 2 and "fastsam3d[torch]" in run.stderr
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.parametrize("oblique", [False, True], ids=["axis-aligned", "oblique"])
+def test_numpy_session_on_a_real_oblique_volume(oblique):
+    """MNI152 stored axis-aligned and rotated (0.35 rad about S, -0.2 about R): the numpy
+    session's masks and logits are the PyTorch session's over a click, a correction, a box."""
+    vol = _mni_volume()
+    m = vol.ijk_to_ras.copy()
+    if oblique:
+        a, b = 0.35, -0.2
+        rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        t = np.eye(4)
+        t[:3, :3] = rz @ rx
+        m = t @ m
+    vol = Volume(vol.array, m)
+    centre = vol.ijk_to_ras_points(np.array(vol.shape[::-1]) // 2)
+    steps = [
+        ("point", centre, True),
+        ("point", centre + np.array([10.0, 5.0, 0.0]), False),
+        ("box", centre - 40, centre + 40),
+        ("undo",),
+    ]
+    runner = Runner(ThresholdModel(), "cpu", "fp32")
+    kw = {"warmup": False, "max_crops": 4}
+    ref = _play(Session(runner, **kw), vol, steps)
+    assert all(r.voxels > 1000 for r, _ in ref)
+    _compare(ref, _play(Session(NumpyAdapter(runner), **kw), vol, steps), 0.999, 1e-4)
