@@ -519,3 +519,38 @@ def test_onnx_install_step_never_installs_torch(monkeypatch):
     assert "- torch" not in host.calls[0][1]
     assert sorted(deps.parse(r)[0] for r in host.calls[1][1]) == ["onnx", "onnxruntime", "tqdm"]
     assert versions["torch"] is None and not backends.needs_torch(backends.ONNX)
+
+
+def test_module_build_installs_the_onnx_graph_templates(tmp_path):
+    """The extension bundles fastsam3d from model/src; the ONNX backend also needs the
+    package's graph templates (package data, not .py): the module's CMake copies every one of
+    them into the package (run for real with CMake where installed)."""
+    import shutil
+
+    from fastsam3d.onnx.build import TEMPLATES
+
+    wanted = sorted(p.relative_to(TEMPLATES.parents[2]).as_posix() for p in TEMPLATES.rglob("*"))
+    wanted = [p for p in wanted if (TEMPLATES.parents[2] / p).is_file()]
+    assert any(p.endswith("encoder.onnx") for p in wanted)
+    text = (REPO / "FastSAM3DSlicer" / "CMakeLists.txt").read_text(encoding="utf-8")
+    start = text.index("file(GLOB_RECURSE FASTSAM3D_PACKAGE_DATA")
+    snippet = text[start : text.index("endforeach()", start) + len("endforeach()")]
+    assert "fastsam3d/onnx/templates/*" in snippet and "install(" in snippet
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the snippet was checked as text only")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.20)\nproject(t NONE)\n"
+        f"set(FASTSAM3D_SOURCE_DIR {(REPO / 'model' / 'src').as_posix()})\n"
+        "set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/py)\n"
+        "set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/py)\n" + snippet + "\n"
+    )
+    build, inst = tmp_path / "build", tmp_path / "inst"
+    for cmd in (
+        ["cmake", "-S", str(tmp_path / "src"), "-B", str(build), f"-DCMAKE_INSTALL_PREFIX={inst}"],
+        ["cmake", "--install", str(build), "--component", "RuntimeLibraries"],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    got = sorted(p.relative_to(inst / "lib" / "py").as_posix() for p in inst.rglob("*.*"))
+    assert got == wanted
