@@ -396,6 +396,18 @@ def test_panel_remote_asks_only_for_its_packages_and_never_for_torch(env, monkey
     assert [r.name for r in w._backendMissing()] == ["zstandard"]
 
 
+def test_panel_offers_onnx_and_asks_only_for_its_packages(env, monkeypatch):  # noqa: F811
+    """This fastsam3d runs a session without torch, so the panel lists ONNX Runtime; choosing
+    it, the install step lists onnxruntime/onnx/tqdm and never PyTorch."""
+    pytest.importorskip("onnxruntime")
+    versions = {"numpy": "2.0"}  # no torch, no onnxruntime, no onnx, no tqdm
+    monkeypatch.setattr(deps, "_installed", lambda name: versions.get(name))
+    w = _panel(env, "onnx")
+    assert backends.ONNX in w._backendKeys
+    assert "torch" not in w.ui.dependenciesStatusLabel.text
+    assert sorted(r.name for r in w._backendMissing()) == ["onnx", "onnxruntime", "tqdm"]
+
+
 def test_panel_wrong_key_is_a_clear_error_and_never_logged(
     env,  # noqa: F811
     srv,
