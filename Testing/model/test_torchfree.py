@@ -164,7 +164,7 @@ SESSION = textwrap.dedent("""
     for name, session in (
         ("pth", fastsam3d.Session(torch_free_runner(pth, precision="fp32"), **kw)),
         ("st", fastsam3d.Session(torch_free_runner(st, precision="fp32"), **kw)),
-        ("auto", fastsam3d.Session(st, precision="fp32", **kw)),  # no torch: ONNX Runtime
+        ("auto", fastsam3d.Session(st, **kw)),  # no torch: ONNX Runtime, int8 encoder on CPUs
     ):
         session.set_volume(vol)
         a = session.add_point(centre).full_mask()
@@ -176,7 +176,7 @@ SESSION = textwrap.dedent("""
         hint = ""
     except ImportError as exc:
         hint = str(exc)
-    print(json.dumps({"flag": TORCH_FREE_SESSION, "hint": hint,
+    print(json.dumps({"flag": TORCH_FREE_SESSION, "hint": hint, "auto": session.runner.precision,
                       "torch": [m for m in sys.modules if m.split(".")[0] == "torch"]}))
 """)
 
@@ -224,7 +224,7 @@ def test_session_in_a_venv_with_only_the_onnx_extra(tmp_path, parity_dir):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["flag"] is True and got["torch"] == []
+    assert got["flag"] is True and got["torch"] == [] and got["auto"] == "int8"
     assert "fastsam3d[torch]" in got["hint"] and "fastsam3d[onnx]" in got["hint"]
     ref = Session(Runner(model, "cpu", "fp32"), warmup=False, max_crops=2, propagate=False)
     ref.set_volume(vol)
@@ -234,11 +234,11 @@ def test_session_in_a_venv_with_only_the_onnx_extra(tmp_path, parity_dir):
         "u": ref.undo().full_mask(),
     }
     assert want["a"].sum() > 1000
-    for name in ("pth", "st", "auto"):
+    for name, least in (("pth", 0.999), ("st", 0.999), ("auto", 0.99)):  # auto: int8 encoder
         masks = np.load(tmp_path / f"{name}.npz")
         for step, m in want.items():
             d = 2 * np.logical_and(m, masks[step]).sum() / (m.sum() + masks[step].sum())
-            assert d >= 0.999, (name, step, d)
+            assert d >= least, (name, step, d)
     # the engine alone against the reference, and a malicious pickle, in the same venv
     run = subprocess.run(
         [
