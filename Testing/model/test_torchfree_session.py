@@ -393,3 +393,24 @@ def test_numpy_session_on_a_real_oblique_volume(oblique):
     ref = _play(Session(runner, **kw), vol, steps)
     assert all(r.voxels > 1000 for r, _ in ref)
     _compare(ref, _play(Session(NumpyAdapter(runner), **kw), vol, steps), 0.999, 1e-4)
+
+
+def test_without_torch_or_onnxruntime_the_error_names_both_extras(monkeypatch, checkpoints):
+    """No engine installed: Session, and fastsam3d names that need torch, say what to install."""
+    import fastsam3d
+    from fastsam3d import _optional, runners
+
+    def no_torch(feature):
+        raise ModuleNotFoundError(f"{feature} needs PyTorch: {_optional.TORCH_HINT}", name="torch")
+
+    monkeypatch.setattr(runners, "require_torch", no_torch)
+    monkeypatch.setattr(runners.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"fastsam3d\[torch\].*fastsam3d\[onnx\]"):
+        Session(str(checkpoints[1]), warmup=False)
+
+    def torchless_import(name, package=None):  # what importing fastsam3d.fastpath meets
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(fastsam3d, "import_module", torchless_import)
+    with pytest.raises(ModuleNotFoundError, match=r"fastsam3d.Runner needs PyTorch.*\[torch\]"):
+        fastsam3d.Runner  # noqa: B018
