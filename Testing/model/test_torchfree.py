@@ -1,9 +1,11 @@
 """Local inference without PyTorch: an official-layout .pth read by the restricted reader, the
 packaged graph templates filled with its tensors, run by ONNX Runtime — equal to the reference
-on the parity cases, in this process and in a fresh venv that has no torch at all."""
+on the parity cases, in this process and in a fresh venv made by ``pip install fastsam3d[onnx]``,
+which has no torch at all, where a Session segments like the PyTorch one."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,11 +20,14 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from fastsam3d.checkpoint import save_official  # noqa: E402
+from fastsam3d.checkpoint import save_official, save_safetensors  # noqa: E402
+from fastsam3d.fastpath import Runner  # noqa: E402
 from fastsam3d.onnx.build import build_from_weights, list_templates, match_template  # noqa: E402
 from fastsam3d.onnx.engine import OrtEngine  # noqa: E402
 from fastsam3d.pth_reader import read_weights  # noqa: E402
+from fastsam3d.session import Session  # noqa: E402
 from fastsam3d.testing import fixture_model  # noqa: E402
+from fastsam3d.volume import Volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = {  # parity key -> registry config
@@ -142,10 +147,47 @@ def _pypi_reachable(python: str) -> bool:
     return r.returncode == 0
 
 
+# Runs inside the torch-free venv: argv = .pth, .safetensors, volume npz, out dir. A Session on
+# each file (through torch_free_runner, and Session(path) by itself), the masks saved; what
+# needs torch must say which extra to install.
+SESSION = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    import fastsam3d
+    from fastsam3d.onnx import TORCH_FREE_SESSION, torch_free_runner
+
+    pth, st, vol_npz, out = sys.argv[1], sys.argv[2], np.load(sys.argv[3]), Path(sys.argv[4])
+    vol = fastsam3d.Volume(vol_npz["array"], vol_npz["affine"])
+    centre = vol_npz["centre"]
+    kw = dict(warmup=False, max_crops=2, propagate=False)
+    for name, session in (
+        ("pth", fastsam3d.Session(torch_free_runner(pth, precision="fp32"), **kw)),
+        ("st", fastsam3d.Session(torch_free_runner(st, precision="fp32"), **kw)),
+        ("auto", fastsam3d.Session(st, **kw)),  # no torch: ONNX Runtime, int8 encoder on CPUs
+    ):
+        session.set_volume(vol)
+        a = session.add_point(centre).full_mask()
+        b = session.add_point(centre + np.array([-8.0, 0.0, 0.0]), False).full_mask()
+        u = session.undo().full_mask()
+        np.savez(out / f"{name}.npz", a=a, b=b, u=u)
+    try:
+        fastsam3d.load_model(pth)
+        hint = ""
+    except ImportError as exc:
+        hint = str(exc)
+    print(json.dumps({"flag": TORCH_FREE_SESSION, "hint": hint, "auto": session.runner.precision,
+                      "torch": [m for m in sys.modules if m.split(".")[0] == "torch"]}))
+""")
+
+
 @pytest.mark.timeout(600)
-def test_segment_engine_in_a_venv_without_torch(tmp_path, parity_dir):
-    """pip install numpy onnxruntime onnx + fastsam3d --no-deps into an isolated venv; the .pth
-    is read, the graphs are built and run there, and torch is never importable."""
+@pytest.mark.filterwarnings("ignore:fastsam3d. running on the CPU")
+def test_session_in_a_venv_with_only_the_onnx_extra(tmp_path, parity_dir):
+    """``pip install fastsam3d[onnx]`` (from this checkout, dependencies resolved by pip) into
+    an isolated venv brings no torch; there a Session on a .pth and on a .safetensors file gives
+    the PyTorch session's masks; the engine equals the reference; a malicious pickle is refused
+    and runs nothing; what needs torch names the extra to install."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True, system_site_packages=False)
     py = str(env_dir / ("Scripts" if os.name == "nt" else "bin") / "python")
@@ -153,27 +195,57 @@ def test_segment_engine_in_a_venv_without_torch(tmp_path, parity_dir):
         pytest.skip("the package index is unreachable: cannot build a torch-free venv")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run(
-        [*pip, "numpy", "onnxruntime", "onnx"], capture_output=True, text=True, timeout=400, env=env
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    env["FASTSAM3D_CACHE"] = str(tmp_path / "cache")
     src = tmp_path / "model"  # a copy: building in place would leave build/ in the checkout
     shutil.copytree(
         REPO / "model", src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
     )
-    r = subprocess.run(
-        [*pip, "--no-deps", str(src)], capture_output=True, text=True, timeout=300, env=env
-    )
+    # wheels come from pip's own cache (shared with the main venv's installs) where present
+    r = subprocess.run([*pip, f"{src}[onnx]"], capture_output=True, text=True, timeout=500, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     probe = subprocess.run([py, "-c", "import torch"], capture_output=True, env=env)
-    assert probe.returncode != 0, "torch is importable in the isolated venv"
-    ckpt = _checkpoint(tmp_path, "fastsam3d")
+    assert probe.returncode != 0, "fastsam3d[onnx] installed torch"
+    model = fixture_model("fastsam3d")
+    pth = save_official(model, tmp_path / "w.pth")
+    st = save_safetensors(model, tmp_path / "w.safetensors")
+    datasets = pytest.importorskip("nilearn.datasets")
+    img = datasets.load_mni152_template(resolution=2)
+    arr = np.ascontiguousarray(np.asarray(img.get_fdata(), np.float32).transpose(2, 1, 0))
+    vol = Volume(arr, img.affine)
+    centre = vol.ijk_to_ras_points(np.array(arr.shape[::-1]) // 2)
+    np.savez(tmp_path / "vol.npz", array=arr, affine=img.affine, centre=centre)
+    run = subprocess.run(
+        [py, "-c", SESSION, str(pth), str(st), str(tmp_path / "vol.npz"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["flag"] is True and got["torch"] == [] and got["auto"] == "int8"
+    assert "fastsam3d[torch]" in got["hint"] and "fastsam3d[onnx]" in got["hint"]
+    ref = Session(Runner(model, "cpu", "fp32"), warmup=False, max_crops=2, propagate=False)
+    ref.set_volume(vol)
+    want = {
+        "a": ref.add_point(centre).full_mask(),
+        "b": ref.add_point(centre + np.array([-8.0, 0.0, 0.0]), False).full_mask(),
+        "u": ref.undo().full_mask(),
+    }
+    assert want["a"].sum() > 1000
+    for name, least in (("pth", 0.999), ("st", 0.999), ("auto", 0.99)):  # auto: int8 encoder
+        masks = np.load(tmp_path / f"{name}.npz")
+        for step, m in want.items():
+            d = 2 * np.logical_and(m, masks[step]).sum() / (m.sum() + masks[step].sum())
+            assert d >= least, (name, step, d)
+    # the engine alone against the reference, and a malicious pickle, in the same venv
     run = subprocess.run(
         [
             py,
             "-c",
             CHECK,
-            str(ckpt),
+            str(pth),
             str(parity_dir / "parity.npz"),
             str(tmp_path / "g"),
             "fastsam3d",

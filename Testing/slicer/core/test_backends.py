@@ -2,7 +2,8 @@
 
 A loopback ``fastsam3d serve`` with the tiny fixture network (the serve tests' helper) stands
 in for a GPU server: a click through the Lib's InteractiveLogic on it writes the same voxels
-as the local engine; the remote path imports no torch (a subprocess with torch blocked); the
+as the local engine; the remote and the ONNX Runtime paths import no torch (subprocesses with
+torch blocked; the ONNX one writes the PyTorch engine's voxels); the
 connection test names what is wrong; the settings keep the API key out of QSettings unless
 "remember" is ticked; the install step asks each backend for its own packages only.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -394,6 +396,18 @@ def test_panel_remote_asks_only_for_its_packages_and_never_for_torch(env, monkey
     assert [r.name for r in w._backendMissing()] == ["zstandard"]
 
 
+def test_panel_offers_onnx_and_asks_only_for_its_packages(env, monkeypatch):  # noqa: F811
+    """This fastsam3d runs a session without torch, so the panel lists ONNX Runtime; choosing
+    it, the install step lists onnxruntime/onnx/tqdm and never PyTorch."""
+    pytest.importorskip("onnxruntime")
+    versions = {"numpy": "2.0"}  # no torch, no onnxruntime, no onnx, no tqdm
+    monkeypatch.setattr(deps, "_installed", lambda name: versions.get(name))
+    w = _panel(env, "onnx")
+    assert backends.ONNX in w._backendKeys
+    assert "torch" not in w.ui.dependenciesStatusLabel.text
+    assert sorted(r.name for r in w._backendMissing()) == ["onnx", "onnxruntime", "tqdm"]
+
+
 def test_panel_wrong_key_is_a_clear_error_and_never_logged(
     env,  # noqa: F811
     srv,
@@ -413,42 +427,142 @@ def test_panel_wrong_key_is_a_clear_error_and_never_logged(
     assert secret not in json.dumps(FakeSettings.data)
 
 
-def test_onnx_backend_segments_through_the_lib_once_fastsam3d_offers_it(monkeypatch, tmp_path):
-    """The ONNX choice's wiring (status, weights path, engine, sessions through the Lib). An fp32
-    torch Runner stands in for the torch-free ONNX Runtime runner ``fastsam3d.onnx`` is to
-    offer (ONNX_FLAG): exporting even the tiny network takes ~45 s here. With main's ORT runner
-    (``Runner(backend="onnxruntime")``) in its place the same test passed with <= 0.1 % of the
-    voxels differing from fp32 PyTorch (run by hand, 2026-11-30)."""
-    import fastsam3d.onnx as fonnx
+def test_onnx_backend_segments_through_the_lib_without_torch(tmp_path):
+    """The ONNX choice for real, in a Python where torch cannot be imported: the install step
+    asks for numpy/onnxruntime/onnx/tqdm only, the bundled fastsam3d offers the backend, the
+    engine reads a .safetensors file (fixture weights) through ``fastsam3d.onnx``'s torch-free
+    runner, and a click + undo through InteractiveLogic on real MRML writes the voxels the
+    PyTorch engine (fp32) writes."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from fastsam3d.checkpoint import save_safetensors
 
-    asked = []
+    model = fixture_model("fastsam3d")  # templates exist for the registered configs only
+    ckpt = save_safetensors(model, tmp_path / "weights.safetensors")
+    out = tmp_path / "after.npy"
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        import numpy as np
 
-    def torch_free_runner(path):
-        asked.append(path)
-        r = Runner(fixture_model("fastsam3d", **TINY), "cpu", precision="fp32")
-        r.providers = {"encoder": "CPUExecutionProvider", "click": "CPUExecutionProvider"}
-        return r
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is blocked in this test")
 
-    monkeypatch.setattr(fonnx, backends.ONNX_FLAG, True, raising=False)
-    monkeypatch.setattr(fonnx, "torch_free_runner", torch_free_runner, raising=False)
-    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object())
-    assert backends.onnx_status() == (True, "")
-    ckpt = tmp_path / "weights.safetensors"
-    engine = backends.build_engine(
-        backends.BackendSettings(kind=backends.ONNX),
-        "local-file",
-        local_path=str(ckpt),
-        propagate=False,
+        sys.meta_path.insert(0, NoTorch())
+        sys.path[:0] = [{str(REPO / "Testing" / "slicer" / "core")!r},
+                        {str(REPO / "FastSAM3DSlicer")!r}]
+        from slicer_scene import build_scene
+        from FastSAM3DSlicerLib import backends
+        from FastSAM3DSlicerLib.logic import FailedEdit, InteractiveLogic
+
+        status = backends.onnx_status()
+        asked = [r.name for r in backends.requirements("onnx")]
+        try:
+            backends.build_engine(backends.BackendSettings(kind="onnx"), "local-file")
+            no_file = ""
+        except backends.BackendError as e:
+            no_file = str(e)
+        engine = backends.build_engine(backends.BackendSettings(kind="onnx"), "local-file",
+                                       local_path={str(ckpt)!r}, propagate=False)
+        scene = build_scene()
+        logic = InteractiveLogic(engine)
+        logic.set_target(scene.volume, scene.segmentation, scene.target)
+        logic.add_point(scene.world_of_ijk((20, 18, 22)), True)
+        (record,) = logic.wait()
+        assert not isinstance(record, FailedEdit), record
+        np.save({str(out)!r}, scene.segment(scene.target))
+        logic.undo()
+        undone = int(scene.segment(scene.target).sum())
+        logic.close()
+        engine.close()
+        try:
+            import torch  # noqa: F401
+            blocked = False
+        except ImportError:
+            blocked = True
+        print(json.dumps({{"status": list(status), "asked": asked, "no_file": no_file,
+                          "undone": undone, "blocked": blocked,
+                          "device": engine.device_info.description,
+                          "runner": type(engine.runner).__name__,
+                          "torch": [m for m in sys.modules if m.split(".")[0] == "torch"]}}))
+    """)
+    child_env = {
+        **os.environ,
+        "FASTSAM3D_CACHE": str(tmp_path / "cache"),
+        "FASTSAM3D_CPU_INT8": "0",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=str(REPO),
+        env=child_env,
     )
-    assert asked == [str(ckpt)]
-    assert engine.device == "cpu" and engine.device_info.is_cpu
-    assert engine.device_info.description == "ONNX Runtime (CPUExecutionProvider)"
-    after_onnx, undone = click(engine)
-    fp32 = FastSAM3DEngine.from_model(
-        fixture_model("fastsam3d", **TINY), "cpu", precision="fp32", propagate=False
-    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["blocked"], "the torch blocker did not work: the test would prove nothing"
+    assert got["torch"] == [] and got["runner"] == "OrtRunner"
+    assert got["status"] == [True, ""]
+    assert set(got["asked"]) == {"numpy", "onnxruntime", "onnx", "tqdm"}
+    assert "Local file" in got["no_file"]
+    assert got["device"] == "ONNX Runtime (CPUExecutionProvider)"
+    after_onnx = np.load(out)
+    fp32 = FastSAM3DEngine.from_model(model, "cpu", precision="fp32", propagate=False)
     after_local, _ = click(fp32)
-    assert after_local.any() and not undone.any()
-    np.testing.assert_array_equal(after_onnx, after_local)
-    with pytest.raises(backends.BackendError, match="Local file"):
-        backends.build_engine(backends.BackendSettings(kind=backends.ONNX), "local-file")
+    assert after_local.sum() > 100 and got["undone"] == 0
+    inter = np.logical_and(after_onnx, after_local).sum()
+    assert 2 * inter / (after_onnx.sum() + after_local.sum()) >= 0.999
+
+
+def test_onnx_install_step_never_installs_torch(monkeypatch):
+    versions = {"numpy": "2.0", "torch": None, "onnxruntime": None, "onnx": None, "tqdm": None}
+    monkeypatch.setattr(deps, "_installed", lambda name: versions.get(name))
+
+    def pip(reqs):
+        for r in reqs:
+            versions[deps.parse(r)[0]] = "99"
+
+    host = Host(utils=types.SimpleNamespace(), pip=pip)
+    outcome = install.install_dependencies(host, missing=lambda: backends.missing("onnx"))
+    assert outcome == install.DONE
+    assert host.kinds() == ["confirm", "pip_install"]  # no PyTorch extension step
+    assert "- torch" not in host.calls[0][1]
+    assert sorted(deps.parse(r)[0] for r in host.calls[1][1]) == ["onnx", "onnxruntime", "tqdm"]
+    assert versions["torch"] is None and not backends.needs_torch(backends.ONNX)
+
+
+def test_module_build_installs_the_onnx_graph_templates(tmp_path):
+    """The extension bundles fastsam3d from model/src; the ONNX backend also needs the
+    package's graph templates (package data, not .py): the module's CMake copies every one of
+    them into the package (run for real with CMake where installed)."""
+    import shutil
+
+    from fastsam3d.onnx.build import TEMPLATES
+
+    wanted = sorted(p.relative_to(TEMPLATES.parents[2]).as_posix() for p in TEMPLATES.rglob("*"))
+    wanted = [p for p in wanted if (TEMPLATES.parents[2] / p).is_file()]
+    assert any(p.endswith("encoder.onnx") for p in wanted)
+    text = (REPO / "FastSAM3DSlicer" / "CMakeLists.txt").read_text(encoding="utf-8")
+    start = text.index("file(GLOB_RECURSE FASTSAM3D_PACKAGE_DATA")
+    snippet = text[start : text.index("endforeach()", start) + len("endforeach()")]
+    assert "fastsam3d/onnx/templates/*" in snippet and "install(" in snippet
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the snippet was checked as text only")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.20)\nproject(t NONE)\n"
+        f"set(FASTSAM3D_SOURCE_DIR {(REPO / 'model' / 'src').as_posix()})\n"
+        "set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/py)\n"
+        "set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/py)\n" + snippet + "\n"
+    )
+    build, inst = tmp_path / "build", tmp_path / "inst"
+    for cmd in (
+        ["cmake", "-S", str(tmp_path / "src"), "-B", str(build), f"-DCMAKE_INSTALL_PREFIX={inst}"],
+        ["cmake", "--install", str(build), "--component", "RuntimeLibraries"],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    got = sorted(p.relative_to(inst / "lib" / "py").as_posix() for p in inst.rglob("*.*"))
+    assert got == wanted

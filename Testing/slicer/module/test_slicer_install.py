@@ -413,7 +413,8 @@ def test_torch_floor_matches_the_package():
 
     pyproject = (REPO / "model" / "pyproject.toml").read_text(encoding="utf-8")
     project = tomllib.loads(pyproject)["project"]
-    floors = [d for d in project["dependencies"] if deps.parse(d)[0] == "torch"]
+    torch_extra = project["optional-dependencies"]["torch"]  # torch is the `torch` extra
+    floors = [d for d in torch_extra if deps.parse(d)[0] == "torch"]
     package = deps.package_torch_requirement()
     assert floors == [f"torch{package}"], (floors, package)
     assert deps.torch_spec((3, 12)) == package and deps.python39_note((3, 12)) is None

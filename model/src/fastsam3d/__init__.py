@@ -78,7 +78,16 @@ _SUBMODULES = (
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        try:
+            module = import_module(f".{_LAZY[name]}", __name__)
+        except ModuleNotFoundError as exc:  # torch is the `torch` extra: say so
+            from ._optional import TORCH_HINT, missing_torch
+
+            if not missing_torch(exc):
+                raise
+            msg = f"fastsam3d.{name} needs PyTorch, which is not installed: {TORCH_HINT}"
+            raise ModuleNotFoundError(msg, name="torch") from None
+        return getattr(module, name)
     if name in _SUBMODULES:
         return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastsam3d' has no attribute {name!r}")

@@ -1,38 +1,43 @@
-"""The 1.5 mm crop lattice of the reference recipe, crop sampling and paste-back.
+"""Crop sampling and paste-back on PyTorch tensors (any device), on the 1.5 mm lattice of
+:mod:`fastsam3d.lattice` (whose names are re-exported here).
 
-SAM-Med3D / FastSAM3D weights were trained and are evaluated on volumes that torchio resampled
-to 1.5 mm (``tio.Resample(1.5)``) and then canonicalised (``tio.ToCanonical()``). We reproduce
-that lattice exactly for the *whole* volume but only ever sample the 128^3 points of a crop,
-straight from the original grid, so no time or memory is spent resampling a whole CT.
-
-Facts reproduced (checked against torchio 1.2.1's source and numerically in the tests):
-
-* ``Resample(1.5)`` keeps the direction of every voxel axis, uses ``floor(n * spacing / 1.5)``
-  voxels per axis and keeps the centre of the first..last voxel centres fixed (the new grid is
-  centred on the old one). Interpolation is linear; a point within half a voxel outside the
-  outermost voxel centres takes the border value, anything further out is 0 (ITK semantics).
-* ``ToCanonical`` flips and permutes voxel axes with nibabel's ``io_orientation`` rule so that
-  tensor axes (dim0, dim1, dim2) run closest to (R, A, S); oblique directions stay oblique.
-* ``CropOrPad(128)`` around a single voxel ``v`` takes lattice voxels ``v - 64 .. v + 63``.
-
-Index conventions: lattice and crop indices are voxel centres (integer = centre), tensors are
-indexed (dim0, dim1, dim2). The volume array is ``[k, j, i]``.
+:mod:`fastsam3d.resample_numpy` has the same functions on numpy arrays (the torch-free
+session); :class:`TorchOps` is the session's seam to these. Index conventions: lattice and crop
+indices are voxel centres (integer = centre), tensors are indexed (dim0, dim1, dim2). The
+volume array is ``[k, j, i]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .lattice import (
+    CROP,
+    LOWRES,
+    SPACING,
+    Lattice,
+    _aligned_maps,
+    _normaliser,
+    _region_to_lattice,
+    axis_maps,
+    box_corners,
+    closest_orientation,
+    crop_to_volume_grid,
+    footprint_box,
+    lattice_box_to_region,
+)
 
 __all__ = [
     "CROP",
     "LOWRES",
     "SPACING",
     "Lattice",
+    "TorchOps",
     "closest_orientation",
     "crop_to_volume_grid",
     "sample_crop",
@@ -47,138 +52,7 @@ __all__ = [
     "box_corners",
     "ras_box_mask",
 ]
-
-CROP = 128
-LOWRES = 32
-SPACING = 1.5
-
-
-def closest_orientation(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """For each world axis (R, A, S): the voxel axis closest to it and its sign (+1/-1).
-
-    Same rule as nibabel's ``io_orientation`` (which ``ToCanonical`` uses): take the closest
-    rotation (polar decomposition), then assign voxel axes to world axes greedily, strongest
-    first, so ties resolve the way the reference resolves them.
-    """
-    rs = np.asarray(direction, dtype=np.float64)
-    rs = rs / np.linalg.norm(rs, axis=0)
-    u, _, vt = np.linalg.svd(rs)
-    r = u @ vt
-    world_of_axis = [-1, -1, -1]
-    sign_of_axis = [1, 1, 1]
-    order = np.argsort(np.min(-(r**2), axis=0), kind="stable")
-    for ax in order:
-        col = r[:, ax]
-        world = int(np.argmax(np.abs(col)))
-        world_of_axis[ax] = world
-        sign_of_axis[ax] = 1 if col[world] > 0 else -1
-        r[world, :] = 0
-    axis_of_world = [0, 0, 0]
-    sign_of_world = [1, 1, 1]
-    for ax, world in enumerate(world_of_axis):
-        axis_of_world[world] = ax
-        sign_of_world[world] = sign_of_axis[ax]
-    return tuple(axis_of_world), tuple(sign_of_world)  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class Lattice:
-    """The whole-volume 1.5 mm canonical lattice: index (dim0, dim1, dim2) -> RAS.
-
-    ``affine`` maps continuous lattice indices to RAS mm; ``shape`` is the shape the whole
-    resampled + canonicalised volume would have. Crops are windows ``start .. start+127``.
-    """
-
-    affine: np.ndarray
-    shape: tuple[int, int, int]
-
-    @classmethod
-    def for_volume(
-        cls,
-        ijk_to_ras: np.ndarray,
-        shape_kji: Sequence[int],
-        spacing: float = SPACING,
-        anchor: str = "centre",
-    ) -> Lattice:
-        """``anchor="centre"``: torchio since its "symmetric resampling" change (TorchIO PR
-        #1310, June 2025; the installed 1.2.1 does this): ``floor`` voxels per axis, grids
-        centred on each other. ``"corner"``: torchio before it, which SAM-Med3D / FastSAM3D
-        were trained with: ``ceil`` voxels per axis, the first voxel's outer corner on the
-        original first voxel's outer corner. They differ by less than one 1.5 mm voxel."""
-        m = np.asarray(ijk_to_ras, dtype=np.float64)
-        size = np.array(shape_kji[::-1], dtype=np.float64)  # (I, J, K)
-        a = m[:3, :3]
-        old_spacing = np.sqrt(np.sum(a * a, axis=0))
-        direction = a / old_spacing
-        origin = m[:3, 3]
-        if anchor == "centre":
-            new_size = np.floor(size * old_spacing / spacing)
-            centre = (origin + (origin + a @ (size - 1))) / 2
-            new_origin = centre - direction @ ((new_size - 1) / 2 * spacing)
-        elif anchor == "corner":
-            new_size = np.ceil(size * old_spacing / spacing)
-            new_origin = origin + a @ (0.5 * (spacing / old_spacing - 1))
-        else:
-            raise ValueError(f"anchor must be 'centre' or 'corner', not {anchor!r}")
-        from .volume import VolumeError  # a ValueError: the image cannot be segmented
-
-        if np.any(new_size < 1):
-            raise VolumeError(
-                f"volume extent {np.round(size * old_spacing, 4).tolist()} mm is "
-                f"smaller than one {spacing} mm voxel of the model's grid along "
-                "some axis: too small an image to segment"
-            )
-        if np.any(old_spacing > CROP * spacing):
-            raise VolumeError(
-                f"voxels of {np.round(old_spacing, 1).tolist()} mm are larger than "
-                f"the model's {CROP * spacing:g} mm crop: check the image's voxel "
-                "size (spacing) in its header"
-            )
-        axis_of_world, sign_of_world = closest_orientation(direction)
-        lat = np.eye(4)
-        shape = []
-        origin_can = new_origin.copy()
-        for w in range(3):
-            ax, sgn = axis_of_world[w], sign_of_world[w]
-            lat[:3, w] = sgn * spacing * direction[:, ax]
-            shape.append(int(new_size[ax]))
-            if sgn < 0:
-                origin_can = origin_can + spacing * direction[:, ax] * (new_size[ax] - 1)
-        lat[:3, 3] = origin_can
-        return cls(lat, tuple(shape))  # type: ignore[arg-type]
-
-    @property
-    def spacing(self) -> float:
-        return float(np.linalg.norm(self.affine[:3, 0]))
-
-    def ras_to_index(self, ras: np.ndarray) -> np.ndarray:
-        """Continuous lattice indices of RAS points (..., 3)."""
-        inv = np.linalg.inv(self.affine)
-        return np.asarray(ras, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
-
-    def index_to_ras(self, idx: np.ndarray) -> np.ndarray:
-        return np.asarray(idx, dtype=np.float64) @ self.affine[:3, :3].T + self.affine[:3, 3]
-
-    def crop_start(self, ras: np.ndarray, size: int = CROP) -> tuple[int, int, int]:
-        """Start of the crop centred (as ``CropOrPad`` centres it) on the voxel nearest ``ras``."""
-        v = np.floor(self.ras_to_index(ras) + 0.5).astype(np.int64)
-        return tuple(int(x) for x in v - size // 2)  # type: ignore[return-value]
-
-    def crop_affine(self, start: Sequence[int]) -> np.ndarray:
-        """Crop index -> RAS for the crop starting at ``start``."""
-        t = np.eye(4)
-        t[:3, 3] = start
-        return self.affine @ t
-
-
-def _normaliser(shape: Sequence[int]) -> np.ndarray:
-    """Index (d0, d1, d2) -> grid_sample coordinates (x=d2, y=d1, z=d0), align_corners=True."""
-    n = np.zeros((4, 4))
-    for row, dim in enumerate((2, 1, 0)):
-        n[row, dim] = 2.0 / max(shape[dim] - 1, 1)
-        n[row, 3] = -1.0
-    n[3, 3] = 1.0
-    return n
+_REEXPORTED = (_region_to_lattice,)  # tests and older callers reach it here
 
 
 def _grid(out_shape: Sequence[int], out_to_norm: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -205,32 +79,6 @@ def _inside(grid: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
         ok = (c >= -1.0 - half) & (c < 1.0 + half)
         inside = ok if inside is None else inside & ok
     return inside
-
-
-def crop_to_volume_grid(
-    lattice: Lattice, ijk_to_ras: np.ndarray, start: Sequence[int]
-) -> np.ndarray:
-    """Crop index (d0, d1, d2) -> volume array index (k, j, i), as a 4x4 matrix."""
-    ras_to_ijk = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
-    ijk_to_kji = np.eye(4)[[2, 1, 0, 3]]
-    return ijk_to_kji @ ras_to_ijk @ lattice.crop_affine(start)
-
-
-def _aligned_maps(m: np.ndarray, sizes: Sequence[int]) -> list[tuple[int, np.ndarray]] | None:
-    """For a 4x4 map from output index to input index whose axes are parallel (a permutation
-    with scales): per output axis, (input axis, input coordinate of each output index)."""
-    a = m[:3, :3]
-    q = np.argmax(np.abs(a), axis=0)  # input axis of each output axis
-    if sorted(q.tolist()) != [0, 1, 2]:
-        return None
-    off = a.copy()
-    off[q, np.arange(3)] = 0
-    if np.max(np.abs(off)) > 1e-9 * np.max(np.abs(a)):
-        return None
-    return [
-        (int(q[ax]), a[q[ax], ax] * np.arange(sizes[ax], dtype=np.float64) + m[q[ax], 3])
-        for ax in range(3)
-    ]
 
 
 def sample_crop(
@@ -337,32 +185,6 @@ def tile_weights(
     return w[:, None, None] * w[None, :, None] * w[None, None, :]
 
 
-def axis_maps(
-    lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]
-) -> list[tuple[int, np.ndarray]] | None:
-    """Per lattice axis: (region axis it runs along, lattice coordinate of each voxel of the
-    region along that axis), in float64.
-
-    ``Resample`` keeps every voxel axis's direction, so lattice axes are always parallel to the
-    original ones and mapping between the grids is separable: an exact 1D map per axis. Returns
-    None if that does not hold numerically (never for lattices built by ``for_volume``).
-    """
-    m = _region_to_lattice(lattice, ijk_to_ras, region)
-    a = m[:3, :3]
-    q = np.argmax(np.abs(a), axis=1)
-    if sorted(q.tolist()) != [0, 1, 2]:
-        return None
-    off = a.copy()
-    off[np.arange(3), q] = 0
-    if np.max(np.abs(off)) > 1e-9 * np.max(np.abs(a)):
-        return None
-    out = []
-    for ax in range(3):
-        n = region[q[ax]].stop - region[q[ax]].start
-        out.append((int(q[ax]), a[ax, q[ax]] * np.arange(n, dtype=np.float64) + m[ax, 3]))
-    return out
-
-
 def sample_field(
     field: torch.Tensor,
     field_start: Sequence[int],
@@ -454,16 +276,6 @@ def _sample_field_grid(
     )[0]
 
 
-def _region_to_lattice(
-    lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]
-) -> np.ndarray:
-    """Region index (k, j, i relative to the region start) -> continuous lattice index."""
-    kji_to_ijk = np.eye(4)[[2, 1, 0, 3]]
-    shift = np.eye(4)
-    shift[:3, 3] = [s.start for s in region]
-    return np.linalg.inv(lattice.affine) @ np.asarray(ijk_to_ras) @ kji_to_ijk @ shift
-
-
 def footprint(
     lattice: Lattice,
     ijk_to_ras: np.ndarray,
@@ -493,28 +305,6 @@ def footprint(
             return None
         result |= parts[0] & parts[1] & parts[2]
     return result
-
-
-def footprint_box(
-    lattice: Lattice,
-    ijk_to_ras: np.ndarray,
-    region: tuple[slice, slice, slice],
-    start: Sequence[int],
-    size: int = CROP,
-) -> tuple[slice, slice, slice] | None:
-    """One crop's footprint inside ``region`` as slices relative to the region (it is a box:
-    the lattice is parallel to the original axes); None if not aligned (use
-    :func:`footprint`). An empty slice on some axis means no overlap."""
-    maps = axis_maps(lattice, ijk_to_ras, region)
-    if maps is None:
-        return None
-    out: list[slice] = [slice(0, 0)] * 3
-    for ax in range(3):
-        q, c = maps[ax]
-        c = c - start[ax]
-        ok = np.nonzero((c >= -0.5) & (c < size - 0.5))[0]
-        out[q] = slice(int(ok[0]), int(ok[-1]) + 1) if len(ok) else slice(0, 0)
-    return tuple(out)  # type: ignore[return-value]
 
 
 def ras_box_mask(
@@ -562,29 +352,161 @@ def _footprint_grid(
     return result
 
 
-def lattice_box_to_region(
-    lattice: Lattice,
-    ijk_to_ras: np.ndarray,
-    lo: Sequence[float],
-    hi: Sequence[float],
-    shape_kji: Sequence[int],
-) -> tuple[slice, slice, slice] | None:
-    """Smallest region of the original array whose voxel centres cover the lattice box
-    [lo, hi] (continuous lattice indices); None when it misses the volume."""
-    ras = lattice.index_to_ras(box_corners(lo, hi))
-    inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
-    ijk = ras @ inv[:3, :3].T + inv[:3, 3]
-    kji = ijk[:, ::-1]
-    start = np.maximum(np.floor(kji.min(axis=0)).astype(np.int64), 0)
-    stop = np.minimum(np.ceil(kji.max(axis=0)).astype(np.int64) + 1, np.asarray(shape_kji))
-    if np.any(stop <= start):
-        return None
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+# --- the session's seam ---------------------------------------------------------------------
+class TorchOps:
+    """The array operations a :class:`fastsam3d.Session` needs, on torch tensors on
+    ``device`` (the runner takes and returns tensors there). Same methods as
+    :class:`fastsam3d.resample_numpy.NumpyOps`, which the torch-free session uses."""
 
+    name = "torch"
 
-def box_corners(lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
-    """The 8 corners (8, 3) of the axis-aligned box [lo, hi], in the coordinates given."""
-    return np.array(
-        [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])],
-        dtype=np.float64,
-    )
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        return torch.inference_mode()
+
+    def upload(self, array: np.ndarray) -> tuple[torch.Tensor, int, float, float]:
+        """(a float32 copy on the device shaped (1, 1, k, j, i), voxels not finite, min, max);
+        never shares the caller's memory (an edit would reach crops not yet embedded)."""
+        a = array
+        if (
+            a.dtype
+            not in (
+                np.float32,
+                np.float64,
+                np.float16,
+                np.int8,
+                np.uint8,
+                np.int16,
+                np.int32,
+                np.int64,
+            )
+            or not a.dtype.isnative
+        ):
+            a = a.astype(np.float32)  # e.g. uint16/uint32 or big-endian data from files
+        elif not a.flags.writeable or (a.dtype == np.float32 and self.device.type == "cpu"):
+            a = a.copy()  # torch cannot wrap read-only memory; never share the caller's
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=torch.float32)
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            return t[None, None], int((~finite).sum()), float("nan"), float("nan")
+        lo, hi = torch.aminmax(t)
+        return t[None, None], 0, float(lo), float(hi)
+
+    def zeros_lowres(self) -> torch.Tensor:
+        return torch.zeros(1, 1, LOWRES, LOWRES, LOWRES, device=self.device)
+
+    def points(self, coords: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
+
+    def labels(self, labels: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor([list(labels)], dtype=torch.long, device=self.device)
+
+    def first_channel(self, low_res: torch.Tensor) -> torch.Tensor:
+        return low_res[:, :1].float()
+
+    def all_finite(self, x: torch.Tensor) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    def to_numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.cpu().numpy()
+
+    def tile_weights(self) -> torch.Tensor:
+        return tile_weights(device=self.device)
+
+    def sample_crop(
+        self, volume: torch.Tensor, lattice: Lattice, ijk_to_ras: np.ndarray, start: Sequence[int]
+    ) -> torch.Tensor:
+        return sample_crop(volume, lattice, ijk_to_ras, start)
+
+    def network_input(self, crop: torch.Tensor) -> torch.Tensor:
+        return znormalize(crop)[None, None]
+
+    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        return upsample_logits(low_res)
+
+    def upsample_block(self, block: torch.Tensor) -> torch.Tensor:
+        """(n0, n1, n2) logits -> (4 n0, 4 n1, 4 n2), as ``F.interpolate(size=4 * n)``."""
+        sizes = tuple(int(n) * (CROP // LOWRES) for n in block.shape)
+        x = block[None, None].float()
+        return F.interpolate(x, size=sizes, mode="trilinear", align_corners=False)[0, 0]
+
+    def positive_bounds(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """Lowest and highest index (3,) of the positive low-res logits; None if none is."""
+        pos = logits[0, 0] > 0
+        if not bool(pos.any()):
+            return None
+        idx = torch.nonzero(pos)
+        return idx.min(0).values.cpu().numpy(), idx.max(0).values.cpu().numpy()
+
+    def argmax(self, x: torch.Tensor) -> int:
+        return int(torch.argmax(x))
+
+    def mask_prompt(self, items: Sequence[tuple[torch.Tensor, np.ndarray]]) -> torch.Tensor:
+        """Low-res mask prompt of a new crop (see :func:`fastsam3d.resample_numpy.mask_prompt`)."""
+        total = torch.zeros(1, 1, LOWRES, LOWRES, LOWRES, device=self.device)
+        count = torch.zeros_like(total)
+        knots = torch.arange(LOWRES, dtype=torch.float32, device=self.device) * 4 + 1.5
+        for logits, off in items:
+            # knot positions of the new crop in the old crop's low-res grid (align_corners=False)
+            axes = [((knots + float(off[d])) + 0.5) / CROP * 2 - 1 for d in range(3)]
+            g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1)
+            g = g.permute(2, 1, 0, 3)[None]  # (1, n0, n1, n2, (x=d2, y=d1, z=d0))
+            v = F.grid_sample(
+                logits, g, mode="bilinear", padding_mode="border", align_corners=False
+            )
+            inside = ((g.abs() <= 1).all(-1))[:, None].float()
+            total += v * inside
+            count += inside
+        return torch.where(count > 0, total / count.clamp(min=1), total)
+
+    def blend(
+        self,
+        parts: Iterable[tuple[tuple[slice, ...], torch.Tensor]],
+        shape: Sequence[int],
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Weighted mean of upsampled crop logits placed at ``parts``' slices; -1 where none."""
+        num = torch.zeros(tuple(shape), device=self.device)
+        den = torch.zeros_like(num)
+        for sl, low in parts:
+            num[sl] += upsample_logits(low) * weights
+            den[sl] += weights
+        return torch.where(den > 0, num / den.clamp(min=1e-12), torch.full_like(den, -1.0))
+
+    def sample_field(
+        self,
+        field: torch.Tensor,
+        field_start: Sequence[int],
+        lattice: Lattice,
+        ijk_to_ras: np.ndarray,
+        region: tuple[slice, slice, slice],
+        mode: str,
+    ) -> torch.Tensor:
+        return sample_field(field, field_start, lattice, ijk_to_ras, region, mode)
+
+    def footprint(
+        self,
+        lattice: Lattice,
+        ijk_to_ras: np.ndarray,
+        region: tuple[slice, slice, slice],
+        starts: Sequence[Sequence[int]],
+    ) -> torch.Tensor | None:
+        return footprint(lattice, ijk_to_ras, region, starts, self.device)
+
+    def ras_box_mask(
+        self,
+        ijk_to_ras: np.ndarray,
+        region: tuple[slice, slice, slice],
+        lo: Sequence[float],
+        hi: Sequence[float],
+    ) -> torch.Tensor:
+        return ras_box_mask(ijk_to_ras, region, lo, hi, self.device)
+
+    def keep_box(self, mask: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+        """``mask`` with everything outside the slices ``box`` cleared."""
+        inner = mask[box].clone()
+        out = torch.zeros_like(mask)
+        out[box] = inner
+        return out

@@ -39,41 +39,43 @@ with a RuntimeWarning. Call ``set_volume`` after editing the array to be certain
 Layout: this module holds the public API, the undo history and the network calls; crop planning
 (box tiling, propagation, mask prompts) is :mod:`fastsam3d.tiling` and paste-back onto the
 original grid is :mod:`fastsam3d.paste`.
+
+Array libraries: with a PyTorch runner (:class:`fastsam3d.fastpath.Runner`) every array lives on
+its device as a torch tensor (:class:`fastsam3d.geometry.TorchOps`); with a torch-free runner
+(``runner.array_backend == "numpy"``: :func:`fastsam3d.onnx.torch_free_runner`, ONNX Runtime)
+they are numpy arrays (:class:`fastsam3d.resample_numpy.NumpyOps`) and PyTorch is never
+imported. The maths is the same; the masks agree (tested).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
-from torch import nn
 
-from . import geometry as geo
+from . import lattice as geo
 from . import paste as _paste
 from . import tiling
-from .device import resolve_device
-from .fastpath import Runner
 from .result import Region, Result, SessionError, paste_result
+from .runners import runner_and_ops
 from .tiling import Click as _Click
 from .tiling import State as _State
 from .tiling import Tile as _Tile
-from .volume import Volume, VolumeError
+from .volume import Volume, VolumeError, fingerprint
 
-__all__ = ["Session", "Result", "SessionError", "paste_result", "resolve_device"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Session", "Result", "SessionError", "paste_result"]
 
 _CPU_WARNED = False
-_FULL_FINGERPRINT_BYTES = 1 << 20  # arrays up to this size are hashed whole on every prompt
-_SAMPLE_VOXELS = 1 << 18  # larger ones: a fixed strided sample of about this many voxels
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -88,29 +90,6 @@ def _locked(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def _fingerprint(a: np.ndarray) -> tuple:
-    """Cheap identity of an array's contents: shape, dtype and a CRC of all of it (small arrays)
-    or of a fixed strided sample (large ones; an edit between sampled voxels can go unseen)."""
-    if a.nbytes > _FULL_FINGERPRINT_BYTES:
-        step = max(1, math.ceil((a.size / _SAMPLE_VOXELS) ** (1 / 3)))
-        a = a[::step, ::step, ::step]
-    crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
-    return a.shape, a.dtype.str, crc
-
-
-def _load_model(model: Any, device: torch.device) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model.to(device)
-    if isinstance(model, (str, os.PathLike)):
-        from .checkpoint import load_model
-
-        return load_model(model, device=device)
-    raise TypeError(
-        f"model must be a registry name, a checkpoint path or an nn.Module, "
-        f"not {type(model).__name__}"
-    )
-
-
 class Session:
     """Interactive segmentation of one object in one volume (see the module docstring).
 
@@ -119,7 +98,9 @@ class Session:
 
     Args:
         model: A registry name, a checkpoint path, a model with the SAM-style parts, or a
-            prepared ``Runner`` (shared between sessions: one network copy, one set of graphs).
+            prepared ``Runner`` (shared between sessions: one network copy, one set of graphs),
+            or a torch-free runner (:func:`fastsam3d.onnx.torch_free_runner`). Without PyTorch
+            installed, a checkpoint path runs on ONNX Runtime (``fastsam3d[onnx]``).
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda[:N]"``, ``"mps"`` or a
             ``torch.device``; ignored when ``model`` is a Runner.
         point_policy: How clicks reach the decoder: ``"newest"`` (only the latest click, as
@@ -162,13 +143,9 @@ class Session:
         max_embeddings: int | None = None,
     ) -> None:
         self._lock = threading.RLock()
-        if isinstance(model, Runner):
-            self.runner = model
-        else:
-            dev = resolve_device(device)
-            self.runner = Runner(_load_model(model, dev), dev, precision=precision)
+        self.runner, self._ops = runner_and_ops(model, device, precision)
         self.device = self.runner.device
-        if self.device.type == "cpu":
+        if getattr(self.device, "type", self.device) == "cpu":
             global _CPU_WARNED
             if not _CPU_WARNED:
                 _CPU_WARNED = True
@@ -181,7 +158,12 @@ class Session:
                 )
         self.model = self.runner.model
         cfg = getattr(self.model, "config", None)
-        policy = point_policy or getattr(cfg, "point_policy", None) or "accumulate"
+        policy = (
+            point_policy
+            or getattr(cfg, "point_policy", None)
+            or getattr(self.runner, "point_policy", None)
+            or "accumulate"
+        )
         if policy not in ("newest", "accumulate"):
             raise ValueError(f"point_policy must be 'newest' or 'accumulate', not {policy!r}")
         self.point_policy = policy
@@ -204,7 +186,7 @@ class Session:
         if lattice_anchor not in ("centre", "corner"):
             raise ValueError(f"lattice_anchor must be 'centre' or 'corner', not {lattice_anchor!r}")
         self.lattice_anchor = lattice_anchor
-        self._weights = geo.tile_weights(device=self.device)
+        self._weights = self._ops.tile_weights()
         self.volume: Volume | None = None
         self._clear_volume()
         if warmup:
@@ -311,7 +293,7 @@ class Session:
             )
         self._sync_volume()
         tiles: dict[tuple[int, int, int], _Tile] = {}
-        zero = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=self.device)
+        zero = self._ops.zeros_lowres()
         for s0 in starts_per_axis[0]:
             for s1 in starts_per_axis[1]:
                 for s2 in starts_per_axis[2]:
@@ -381,9 +363,9 @@ class Session:
     # --- internals ------------------------------------------------------------------------
     def _clear_volume(self) -> None:
         self.volume = None
-        self._tensor: torch.Tensor | None = None
+        self._tensor: Any = None  # (1, 1, k, j, i) float32, a tensor or a numpy array (ops)
         self._lattice: geo.Lattice = None  # type: ignore[assignment]
-        self._embeddings: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
+        self._embeddings: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._source: tuple[np.ndarray, tuple] | None = None
         self._state = _State()
         self._history: list[_State] = []
@@ -395,44 +377,20 @@ class Session:
             raise SessionError("no volume: call set_volume(volume) first")
         return self.volume
 
-    def _upload(self, array: np.ndarray) -> tuple[torch.Tensor, tuple]:
-        """(a float32 copy of ``array`` on the device, shaped (1, 1, k, j, i), its fingerprint);
-        VolumeError for a constant volume or values that are not finite in float32."""
-        a = array
-        fp = _fingerprint(a)
-        if (
-            a.dtype
-            not in (
-                np.float32,
-                np.float64,
-                np.float16,
-                np.int8,
-                np.uint8,
-                np.int16,
-                np.int32,
-                np.int64,
-            )
-            or not a.dtype.isnative
-        ):
-            a = a.astype(np.float32)  # e.g. uint16/uint32 or big-endian data from files
-        elif not a.flags.writeable or (a.dtype == np.float32 and self.device.type == "cpu"):
-            # torch cannot wrap read-only memory, and the session must never share the
-            # caller's memory (an edit would reach crops not yet embedded but not cached ones)
-            a = a.copy()
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=torch.float32)
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            n = int((~finite).sum())
+    def _upload(self, array: np.ndarray) -> tuple[Any, tuple]:
+        """(the session's own float32 copy of ``array`` shaped (1, 1, k, j, i), where the runner
+        works, and its fingerprint); VolumeError for a constant volume or values that are not
+        finite in float32."""
+        fp = fingerprint(array)
+        t, n, lo, hi = self._ops.upload(array)
+        if n:
             raise VolumeError(
                 f"volume has {n} voxel(s) that are NaN or Inf as float32 (values "
                 "beyond about 3.4e38 overflow); fix or clip them first"
             )
-        lo, hi = t.min(), t.max()
-        if bool(lo == hi):
-            raise VolumeError(
-                f"volume is constant (every voxel is {float(lo)}): nothing to segment"
-            )
-        return t[None, None], fp
+        if lo == hi:
+            raise VolumeError(f"volume is constant (every voxel is {lo}): nothing to segment")
+        return t, fp
 
     def _sync_volume(self) -> None:
         """Re-read the volume if the caller changed its array since ``set_volume`` (no stale
@@ -441,7 +399,7 @@ class Session:
         assert vol is not None and self._source is not None
         array, fp = self._source
         current = vol.array
-        if _fingerprint(current) == fp:
+        if fingerprint(current) == fp:
             self._source = (current, fp)
             return
         if tuple(current.shape) != tuple(self._tensor.shape[2:]):
@@ -484,13 +442,12 @@ class Session:
     def _warmup(self) -> None:
         self.runner.warmup()
 
-    @torch.inference_mode()
-    def _embedding(self, start: tuple[int, int, int]) -> torch.Tensor:
+    def _embedding(self, start: tuple[int, int, int]) -> Any:
         emb = self._embeddings.get(start)
         if emb is None:
-            crop = geo.sample_crop(self._tensor, self._lattice, self.volume.ijk_to_ras, start)
-            x = geo.znormalize(crop)[None, None]
-            emb = self.runner.encode(x)
+            ops = self._ops
+            crop = ops.sample_crop(self._tensor, self._lattice, self.volume.ijk_to_ras, start)
+            emb = self.runner.encode(ops.network_input(crop))
             self._embeddings[start] = emb
             while len(self._embeddings) > self.max_embeddings:
                 self._embeddings.popitem(last=False)
@@ -498,24 +455,26 @@ class Session:
             self._embeddings.move_to_end(start)
         return emb
 
-    def _run_decoder(
-        self, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_decoder(self, emb: Any, pts: Any, labels: Any, mask: Any) -> tuple[Any, Any]:
         return self.runner.click(emb, pts, labels, mask)
 
-    @torch.inference_mode()
     def _decode(
-        self, start: tuple[int, int, int], points: Sequence[_Click], mask: torch.Tensor
-    ) -> tuple[torch.Tensor, float | None]:
+        self, start: tuple[int, int, int], points: Sequence[_Click], mask: Any
+    ) -> tuple[Any, float | None]:
+        with self._ops.inference():
+            return self._decode_now(start, points, mask)
+
+    def _decode_now(
+        self, start: tuple[int, int, int], points: Sequence[_Click], mask: Any
+    ) -> tuple[Any, float | None]:
+        ops = self._ops
         emb = self._embedding(start)
         coords = np.stack([c.index - np.asarray(start) for c in points])
-        pts = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
-        labels = torch.as_tensor(
-            [[1 if c.positive else 0 for c in points]], dtype=torch.long, device=self.device
-        )
+        pts = ops.points(coords)
+        labels = ops.labels([1 if c.positive else 0 for c in points])
         low_res, iou = self._run_decoder(emb, pts, labels, mask)
-        low_res = low_res[:, :1].float()
-        if not bool(torch.isfinite(low_res).all()):
+        low_res = ops.first_channel(low_res)
+        if not ops.all_finite(low_res):
             raise SessionError(
                 f"the network returned NaN/Inf logits for the crop at lattice {tuple(start)}: "
                 "the weights hold non-finite values or the image's intensities overflow the "
@@ -544,7 +503,7 @@ class Session:
             logits, iou = self._decode(s, points, t.logits)
             tiles[s] = replace(t, logits=logits, iou=iou)
         for s in new_starts:
-            prompt = tiling.mask_prompt_from(tiles, s, self.device)
+            prompt = tiling.mask_prompt_from(tiles, s, self._ops)
             points = tiling.points_for(state, None, s, click, self.point_policy)
             logits, iou = self._decode(s, points, prompt)
             tiles[s] = _Tile(s, logits, (), iou)
@@ -559,46 +518,27 @@ class Session:
                 max_crops=self.max_crops,
                 point_policy=self.point_policy,
                 decode=self._decode,
-                device=self.device,
+                ops=self._ops,
             )
         return _State(
             tiles=tiles, clicks=state.clicks + (click,), box=state.box, at_crop_limit=limited
         )
 
-    # --- paste-back -----------------------------------------------------------------------
+    _upsampled_part = staticmethod(_paste.upsampled_part)
+
     def _render(self, state: _State) -> Result:
         vol = self.volume
         assert vol is not None
-        region = _paste.changed_region(state, self._lattice, vol.ijk_to_ras, vol.shape)
-        out_region = _paste.region_union(region, self._last_region)
-        if out_region is None:
-            out_region = (slice(0, 0),) * 3
-        shape = tuple(s.stop - s.start for s in out_region)
-        if region is None:
-            mask = np.zeros(shape, dtype=bool)
-        else:
-            mask = (
-                _paste.paste(
-                    state,
-                    out_region,
-                    self._lattice,
-                    vol.ijk_to_ras,
-                    self._weights,
-                    self.paste_interpolation,
-                    self.device,
-                )
-                .cpu()
-                .numpy()
-            )
-        self._last_region = out_region
-        ious = [t.iou for t in state.tiles.values() if t.iou is not None]
-        return Result(
-            out_region,
-            mask,
-            vol.shape,
-            len(state.tiles),
-            float(np.mean(ious)) if ious else None,
-            state.at_crop_limit,
+        result = _paste.render(
+            state,
+            self._lattice,
+            vol,
+            self._last_region,
+            self._weights,
+            self.paste_interpolation,
+            self._ops,
         )
+        self._last_region = result.region
+        return result
 
     _upsampled_part = staticmethod(_paste.upsampled_part)

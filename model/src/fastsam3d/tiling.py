@@ -4,7 +4,9 @@ Pure functions of the session's state (:class:`State`, its :class:`Tile` crops a
 :class:`Click` prompts) and the canonical :class:`fastsam3d.geometry.Lattice`: box tiling,
 the points each crop's decoder sees, the mask prompt a new crop inherits from its neighbours and
 propagation across crop faces. The policy itself is described in :mod:`fastsam3d.session`; the
-network is reached only through the ``decode`` callback the session passes in.
+network is reached only through the ``decode`` callback the session passes in, and the arrays
+(torch tensors or numpy arrays) only through the session's ``ops``
+(:class:`fastsam3d.geometry.TorchOps` or :class:`fastsam3d.resample_numpy.NumpyOps`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from . import geometry as geo
+from . import lattice as geo
 
 __all__ = [
     "Click",
@@ -53,7 +53,7 @@ class Tile:
     """One crop of the object: lattice start, (1, 1, 32, 32, 32) low-res logits, seeds."""
 
     start: tuple[int, int, int]
-    logits: torch.Tensor
+    logits: Any  # a torch.Tensor or a numpy array, as the session's ops hold them
     seeds: tuple[Click, ...] = ()  # points the session placed (propagation, boxes)
     iou: float | None = None
 
@@ -69,8 +69,8 @@ class State:
 
 
 Decode = Callable[
-    [Start, Sequence[Click], torch.Tensor],  # noqa: UP045 (Python 3.9)
-    tuple[torch.Tensor, Optional[float]],
+    [Start, Sequence[Click], Any],  # noqa: UP045 (Python 3.9)
+    tuple[Any, Optional[float]],
 ]
 
 
@@ -116,27 +116,16 @@ def points_for(
     return seeds + clicks + [newest]
 
 
-def mask_prompt_from(
-    tiles: dict[Start, Tile], start: Sequence[int], device: torch.device
-) -> torch.Tensor:
+def mask_prompt_from(tiles: dict[Start, Tile], start: Sequence[int], ops: Any) -> Any:
     """Low-res mask prompt for a new crop: the existing crops' logits where they overlap
     it (averaged), 0 (= no information, as on a first click) elsewhere."""
-    total = torch.zeros(1, 1, geo.LOWRES, geo.LOWRES, geo.LOWRES, device=device)
-    count = torch.zeros_like(total)
-    knots = torch.arange(geo.LOWRES, dtype=torch.float32, device=device) * KNOT + 1.5
+    items = []
     for t in tiles.values():
         off = np.asarray(start, dtype=np.float64) - np.asarray(t.start, dtype=np.float64)
         if np.any(np.abs(off) >= geo.CROP):
             continue
-        # knot positions of the new crop in the old crop's low-res grid (align_corners=False)
-        axes = [((knots + float(off[d])) + 0.5) / geo.CROP * 2 - 1 for d in range(3)]
-        g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1)
-        g = g.permute(2, 1, 0, 3)[None]  # (1, n0, n1, n2, (x=d2, y=d1, z=d0))
-        v = F.grid_sample(t.logits, g, mode="bilinear", padding_mode="border", align_corners=False)
-        inside = ((g.abs() <= 1).all(-1))[:, None].float()
-        total += v * inside
-        count += inside
-    return torch.where(count > 0, total / count.clamp(min=1), total)
+        items.append((t.logits, off))
+    return ops.mask_prompt(items)
 
 
 def propagate(
@@ -148,7 +137,7 @@ def propagate(
     max_crops: int,
     point_policy: str,
     decode: Decode,
-    device: torch.device,
+    ops: Any,
 ) -> bool:
     """Add neighbour crops to ``tiles`` (in place) while the mask reaches crop faces with volume
     behind them; True if ``max_crops`` stopped it."""
@@ -160,7 +149,8 @@ def propagate(
         pos = t.logits[0, 0] > 0
         for axis in range(3):
             for direction in (-1, 1):
-                face = pos.select(axis, 0 if direction < 0 else geo.LOWRES - 1)
+                at = 0 if direction < 0 else geo.LOWRES - 1
+                face = pos[(slice(None),) * axis + (at,)]
                 if not bool(face.any()):
                     continue
                 if direction < 0 and s[axis] <= 0:
@@ -174,8 +164,8 @@ def propagate(
                     continue
                 if len(tiles) >= max_crops:
                     return True
-                seed = seed_at_face(t, axis, direction, lattice)
-                prompt = mask_prompt_from(tiles, nstart, device)
+                seed = seed_at_face(t, axis, direction, lattice, ops)
+                prompt = mask_prompt_from(tiles, nstart, ops)
                 points = [seed]
                 if point_policy == "accumulate":  # the user's clicks it contains too
                     points += [c for c in clicks if inside_tile(nstart, c.index)]
@@ -185,14 +175,14 @@ def propagate(
     return False
 
 
-def seed_at_face(tile: Tile, axis: int, direction: int, lattice: geo.Lattice) -> Click:
+def seed_at_face(tile: Tile, axis: int, direction: int, lattice: geo.Lattice, ops: Any) -> Click:
     """A positive point where the mask crosses a face: the strongest logit in the last
     16 voxels before it (about the middle of the neighbouring crop along that axis)."""
-    up = geo.upsample_logits(tile.logits)
+    up = ops.upsample_logits(tile.logits)
     sl = [slice(None)] * 3
     sl[axis] = slice(0, 16) if direction < 0 else slice(geo.CROP - 16, geo.CROP)
     slab = up[tuple(sl)]
-    flat = int(torch.argmax(slab))
+    flat = ops.argmax(slab)
     idx = np.array(np.unravel_index(flat, tuple(slab.shape)), dtype=np.float64)
     if direction > 0:
         idx[axis] += geo.CROP - 16

@@ -7,7 +7,9 @@ the engine the same way and nothing downstream has to know where a volume came f
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from .atomic import atomic_path
 from .errors import VolumeError
 from .nifti import NIFTI_SUFFIXES, is_nifti, is_orthogonal, read_nifti, write_nifti
 
-__all__ = ["Volume", "VolumeError", "LPS_TO_RAS", "MASK_SUFFIXES", "check_output"]
+__all__ = ["Volume", "VolumeError", "LPS_TO_RAS", "MASK_SUFFIXES", "check_output", "fingerprint"]
 
 # SimpleITK/ITK/DICOM are LPS; Slicer and the engine are RAS. The conversion happens only here.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -340,3 +342,18 @@ class Volume:
     def __repr__(self) -> str:
         sp = ", ".join(f"{s:.3g}" for s in self.spacing)
         return f"Volume(shape[k,j,i]={self.shape}, dtype={self.array.dtype}, spacing(i,j,k)=({sp}))"
+
+
+_FULL_FINGERPRINT_BYTES = 1 << 20  # arrays up to this size are hashed whole on every prompt
+_SAMPLE_VOXELS = 1 << 18  # larger ones: a fixed strided sample of about this many voxels
+
+
+def fingerprint(a: np.ndarray) -> tuple:
+    """Cheap identity of an array's contents: shape, dtype and a CRC of all of it (small arrays)
+    or of a fixed strided sample (large ones; an edit between sampled voxels can go unseen).
+    The session compares it on every prompt to notice a caller's in-place edit."""
+    if a.nbytes > _FULL_FINGERPRINT_BYTES:
+        step = max(1, math.ceil((a.size / _SAMPLE_VOXELS) ** (1 / 3)))
+        a = a[::step, ::step, ::step]
+    crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
+    return a.shape, a.dtype.str, crc

@@ -89,6 +89,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--device", default="auto", help="auto (default), cuda, mps, cpu, cuda:1 ...")
     p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="auto",
+        help="torch, or onnxruntime (no PyTorch needed: fastsam3d[onnx]); auto (default): "
+        "torch when installed, else onnxruntime",
+    )
+    p.add_argument(
         "--max-crops",
         type=int,
         default=8,
@@ -176,9 +183,19 @@ def _no_weights_message(name: str, reason: str) -> str:
 
 
 def _load(args: argparse.Namespace, log: Any) -> Any:
-    """The model, or a CommandError (status ``EXIT_NO_WEIGHTS``) saying how to get it."""
+    """The model (a torch-free runner for ``--backend onnxruntime``), or a CommandError (status
+    ``EXIT_NO_WEIGHTS``) saying how to get it."""
     from fastsam3d import hub
-    from fastsam3d.checkpoint import load_model
+
+    if args.backend == "onnxruntime":
+        from fastsam3d.onnx import torch_free_runner
+
+        def load_model(weights: Any) -> Any:  # a file, or a registry name now in the cache
+            return torch_free_runner(
+                weights if isinstance(weights, Path) else hub.cached_path(weights)
+            )
+    else:
+        from fastsam3d.checkpoint import load_model
 
     if args.fixture_weights:
         from fastsam3d.testing import fixture_model
@@ -236,7 +253,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--label {args.label}: must be 1..65535 (0 is the background)")
     if args.max_crops < 1:
         raise UsageError(f"--max-crops {args.max_crops}: must be at least 1")
-    if args.device != "auto":
+    _check_backend(args)
+    if args.device != "auto" and args.backend == "torch":
         import torch
 
         try:
@@ -275,6 +293,42 @@ def check_args(args: argparse.Namespace) -> None:
         _check_output(png, "--preview", inputs)
         if png.suffix.lower() != ".png":
             raise UsageError(f"--preview {png}: the preview is a PNG image; name it *.png")
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """Resolve ``--backend auto`` (torch when installed) and refuse what ONNX Runtime cannot do."""
+    import importlib.util
+
+    def have(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:  # a finder that refuses it
+            return False
+
+    if args.server:
+        return
+    if args.backend == "auto":
+        args.backend = "torch" if have("torch") else "onnxruntime"
+    if args.backend == "onnxruntime":
+        if not have("onnxruntime"):
+            raise UsageError(
+                "--backend onnxruntime: onnxruntime is not installed (pip install "
+                "'fastsam3d[onnx]'); or install PyTorch: pip install 'fastsam3d[torch]'"
+            )
+        if args.fixture_weights:
+            raise UsageError(
+                "--fixture-weights builds its network with PyTorch: use --backend torch"
+            )
+        if args.device not in ("auto", "cpu"):
+            raise UsageError(
+                f"--device {args.device}: with --backend onnxruntime the device follows the "
+                "installed onnxruntime's providers (FASTSAM3D_ORT_PROVIDERS); use auto"
+            )
+    elif not have("torch"):
+        raise UsageError(
+            "--backend torch: PyTorch is not installed (pip install 'fastsam3d[torch]'); "
+            "without it use --backend onnxruntime (pip install 'fastsam3d[onnx]')"
+        )
 
 
 def _extent(vol: Any) -> str:
@@ -402,7 +456,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.server:
         session = _remote_session(args, log)
     else:
-        from fastsam3d.geometry import Lattice
+        from fastsam3d.lattice import Lattice
 
         Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
         model = _load(args, log)
@@ -415,7 +469,7 @@ def _run(args: argparse.Namespace) -> int:
                 max_crops=args.max_crops,
                 warmup=False,
             )
-    if not args.server and session.device.type == "cpu":
+    if not args.server and getattr(session.device, "type", session.device) == "cpu":
         log(
             "running on the CPU (no CUDA/MPS device): each new crop takes a few tenths of "
             "a second to seconds"
