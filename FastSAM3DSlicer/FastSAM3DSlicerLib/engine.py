@@ -81,6 +81,7 @@ class FastSAM3DEngine:
         import fastsam3d
         from fastsam3d import hub
         from fastsam3d.device import resolve_device
+        from fastsam3d.weights import get_weights
 
         dev = resolve_device(device)
         if weights == LOCAL_FILE:
@@ -93,7 +94,7 @@ class FastSAM3DEngine:
                 raise FileNotFoundError(
                     f"the {weights!r} weights are not downloaded yet; press Download first"
                 )
-            config = hub.get_weights_info(weights).config
+            config = get_weights(weights).config
             model = fastsam3d.load_model(path, device=dev, config=config)
         return cls(model, dev)
 

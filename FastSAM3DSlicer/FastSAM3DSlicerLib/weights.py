@@ -74,9 +74,9 @@ def remote_size(name_or_url: str, timeout: float = SIZE_TIMEOUT_S) -> int | None
         url = name_or_url
     else:
         ensure_fastsam3d_importable()
-        from fastsam3d import hub
+        from fastsam3d.weights import get_weights
 
-        url = hub.get_weights_info(name_or_url).url
+        url = get_weights(name_or_url).url
     request = urllib.request.Request(url, method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
