@@ -29,10 +29,10 @@ def as_matrix(values: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
 
 def ras_to_ijk(ijk_to_ras: np.ndarray, ras: Sequence[float]) -> np.ndarray:
     """Continuous voxel index (i, j, k) of a point given in the volume's own RAS (the engine's
-    rule, ``fastsam3d.volume.ras_to_index``: the refusal here must match the session's)."""
-    from fastsam3d.volume import ras_to_index
+    rule, ``fastsam3d.volume.ras_to_ijk``: the refusal here must match the session's)."""
+    from fastsam3d.volume import ras_to_ijk as _ras_to_ijk
 
-    return ras_to_index(ijk_to_ras, ras)
+    return _ras_to_ijk(ijk_to_ras, ras)
 
 
 def inside_volume(ijk: Sequence[float], shape_kji: Sequence[int]) -> bool:

@@ -64,7 +64,7 @@ def test_crop_values_are_the_lattice_ras_positions(grid) -> None:
     size = 8
     start = tuple(int(s) // 2 - size // 2 for s in lat.shape)
     idx = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1) + np.array(start)
-    expected = lat.index_to_ras(idx)
+    expected = lat.lattice_to_ras(idx)
     # which crop voxels lie inside the original volume (continuous index in [-0.5, n-0.5))
     ijk = np.linalg.solve(m, np.c_[expected.reshape(-1, 3), np.ones(size**3)].T).T[:, :3]
     n = np.array(shape[::-1])
@@ -134,7 +134,7 @@ def test_crop_start_centres_like_crop_or_pad() -> None:
         label=torchio.LabelMap(tensor=label, affine=m),
     )
     out = torchio.CropOrPad(128, mask_name="label")(subject)
-    start = lat.crop_start(lat.index_to_ras(v + 0.3))
+    start = lat.crop_start(lat.lattice_to_ras(v + 0.3))
     np.testing.assert_allclose(out.image.affine, lat.crop_affine(start))
     assert tuple(np.argwhere(out.label.data[0].numpy())[0]) == (64, 64, 64)
 
@@ -160,7 +160,7 @@ def test_pasted_sphere_lands_at_its_world_position(mode, grid) -> None:
     lat = geo.Lattice.for_volume(m, shape)
     # off the crop centre on purpose: a flipped or permuted crop axis would move it by > 30 mm
     centre_crop = np.array([40.3, 80.0, 57.7])
-    vol_centre = lat.ras_to_index(m[:3, :3] @ ((np.array(shape[::-1]) - 1) / 2) + m[:3, 3])
+    vol_centre = lat.ras_to_lattice(m[:3, :3] @ ((np.array(shape[::-1]) - 1) / 2) + m[:3, 3])
     start = tuple(int(x) for x in np.round(vol_centre - centre_crop))
     radius_vox = 6.0  # lattice voxels = 9 mm
     # low-res knots sit at crop index 4q + 1.5; logits = signed distance (in crop voxels)
@@ -172,7 +172,7 @@ def test_pasted_sphere_lands_at_its_world_position(mode, grid) -> None:
     logits = geo.sample_field(field, start, lat, m, region, mode)[0].numpy()
     inside_fp = geo.footprint(lat, m, region, [start], torch.device("cpu"))
     mask = logits > 0 if inside_fp is None else (logits > 0) & inside_fp.numpy()
-    centre_ras = lat.index_to_ras(np.array(start) + centre_crop)
+    centre_ras = lat.lattice_to_ras(np.array(start) + centre_crop)
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     ras = np.stack([i, j, k], -1) @ m[:3, :3].T + m[:3, 3]
     dist = np.linalg.norm(ras - centre_ras, axis=-1)
@@ -226,7 +226,7 @@ def test_footprint_box_equals_the_pointwise_footprint(grid, start) -> None:
     got[box] = True
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     ijk = np.stack([i, j, k], -1).reshape(-1, 3).astype(np.float64)
-    c = lat.ras_to_index(ijk @ m[:3, :3].T + m[:3, 3]) - np.array(start)
+    c = lat.ras_to_lattice(ijk @ m[:3, :3].T + m[:3, 3]) - np.array(start)
     inside = np.all((c >= -0.5) & (c < geo.CROP - 0.5), axis=1).reshape(shape)
     # voxel centres exactly on a crop face are decided by rounding; do not judge those
     tie = np.any(

@@ -161,7 +161,7 @@ def test_registry_entries_and_unknown_name():
 
 
 def test_hub_keeps_the_registry_names_callers_import_from_it():
-    """Code written against the old hub (WeightsInfo / list_weights / get_weights_info) keeps working."""
+    """Code written against the old hub (WeightsInfo, list_weights, get_weights_info) works."""
     assert hub.WeightsInfo is weights.WeightsInfo
     assert hub.list_weights() == weights.list_weights()
     with pytest.warns(DeprecationWarning, match="fastsam3d.get_weights"):

@@ -111,8 +111,8 @@ def test_session_matches_torchio_reference(mni, networks, oblique, network) -> N
     session.set_volume(vol)
     # a click on a lattice voxel centre (the reference clicks whole voxels) inside the brain
     lat = session.lattice
-    v = np.floor(lat.ras_to_index(vol.ijk_to_ras_points([30, 70, 50])) + 0.5)
-    click = lat.index_to_ras(v)
+    v = np.floor(lat.ras_to_lattice(vol.ijk_to_ras_points([30, 70, 50])) + 0.5)
+    click = lat.lattice_to_ras(v)
     result = session.add_point(click)
 
     ref_mask, ref_crop, ref_affine = _reference(model, data, affine, click)

@@ -96,7 +96,7 @@ def test_click_coordinates_reach_the_prompt_encoder_in_crop_voxels() -> None:
     p = vol.ijk_to_ras_points([35.2, 30.0, 20.0])
     s.add_point(p)
     start = s.crops[0]
-    expected = s.lattice.ras_to_index(p) - np.array(start)
+    expected = s.lattice.ras_to_lattice(p) - np.array(start)
     np.testing.assert_allclose(model.prompts[0][0][0, 0].numpy(), expected, atol=1e-4)
     assert np.all(np.abs(expected - 64) <= 0.5)  # the crop is centred on the click
 

@@ -146,17 +146,17 @@ class Lattice:
     def spacing(self) -> float:
         return float(np.linalg.norm(self.affine[:3, 0]))
 
-    def ras_to_index(self, ras: np.ndarray) -> np.ndarray:
+    def ras_to_lattice(self, ras: np.ndarray) -> np.ndarray:
         """Continuous lattice indices of RAS points (..., 3)."""
         inv = np.linalg.inv(self.affine)
         return np.asarray(ras, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
 
-    def index_to_ras(self, idx: np.ndarray) -> np.ndarray:
+    def lattice_to_ras(self, idx: np.ndarray) -> np.ndarray:
         return np.asarray(idx, dtype=np.float64) @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def crop_start(self, ras: np.ndarray, size: int = CROP) -> tuple[int, int, int]:
         """Start of the crop centred (as ``CropOrPad`` centres it) on the voxel nearest ``ras``."""
-        v = np.floor(self.ras_to_index(ras) + 0.5).astype(np.int64)
+        v = np.floor(self.ras_to_lattice(ras) + 0.5).astype(np.int64)
         return tuple(int(x) for x in v - size // 2)  # type: ignore[return-value]
 
     def crop_affine(self, start: Sequence[int]) -> np.ndarray:
@@ -269,7 +269,7 @@ def lattice_box_to_region(
 ) -> tuple[slice, slice, slice] | None:
     """Smallest region of the original array whose voxel centres cover the lattice box
     [lo, hi] (continuous lattice indices); None when it misses the volume."""
-    ras = lattice.index_to_ras(box_corners(lo, hi))
+    ras = lattice.lattice_to_ras(box_corners(lo, hi))
     inv = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64))
     ijk = ras @ inv[:3, :3].T + inv[:3, 3]
     kji = ijk[:, ::-1]

@@ -58,7 +58,7 @@ def changed_region(
         return None
     lo, hi = np.min(los, axis=0), np.max(his, axis=0)
     if state.box is not None:
-        b = lattice.ras_to_index(geo.box_corners(*state.box))
+        b = lattice.ras_to_lattice(geo.box_corners(*state.box))
         lo, hi = np.maximum(lo, b.min(0) - 1), np.minimum(hi, b.max(0) + 1)
     if not np.all(hi > lo):
         return None

@@ -250,7 +250,7 @@ class Session:
         state = self._state
         if state.box is not None and not (np.all(p >= state.box[0]) and np.all(p <= state.box[1])):
             raise SessionError("click lies outside the current box; reset() or add a new box")
-        click = _Click(self._lattice.ras_to_index(p), tuple(float(x) for x in p), bool(positive))
+        click = _Click(self._lattice.ras_to_lattice(p), tuple(float(x) for x in p), bool(positive))
         new = self._apply_click(state, click)
         return self._commit(new)
 
@@ -300,7 +300,7 @@ class Session:
                     start = (s0, s1, s2)
                     st = np.array(start, dtype=np.float64)
                     c = (np.maximum(llo, st) + np.minimum(lhi, st + geo.CROP - 1)) / 2
-                    seed = _Click(c, tuple(self._lattice.index_to_ras(c).tolist()), True)
+                    seed = _Click(c, tuple(self._lattice.lattice_to_ras(c).tolist()), True)
                     logits, iou = self._decode(start, [seed], zero)
                     tiles[start] = _Tile(start, logits, (seed,), iou)
         return self._commit(_State(tiles=tiles, clicks=(), box=(lo, hi)))

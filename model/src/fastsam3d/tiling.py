@@ -82,7 +82,7 @@ def box_crop_starts(
     A box side that fits in one crop (with 4 voxels to spare each side) gets one crop centred
     on it; a longer one is tiled with crops overlapping by at least a quarter.
     """
-    lat = lattice.ras_to_index(geo.box_corners(lo, hi))
+    lat = lattice.ras_to_lattice(geo.box_corners(lo, hi))
     llo = np.maximum(lat.min(axis=0), 0)
     lhi = np.minimum(lat.max(axis=0), np.array(lattice.shape) - 1)
     starts_per_axis = []
@@ -187,4 +187,4 @@ def seed_at_face(tile: Tile, axis: int, direction: int, lattice: geo.Lattice, op
     if direction > 0:
         idx[axis] += geo.CROP - 16
     lat = idx + np.asarray(tile.start, dtype=np.float64)
-    return Click(lat, tuple(lattice.index_to_ras(lat).tolist()), True)
+    return Click(lat, tuple(lattice.lattice_to_ras(lat).tolist()), True)

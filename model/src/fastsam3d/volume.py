@@ -25,7 +25,7 @@ __all__ = ["Volume", "VolumeError", "LPS_TO_RAS", "MASK_SUFFIXES", "check_output
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def ras_to_index(ijk_to_ras: Any, ras: Any) -> np.ndarray:
+def ras_to_ijk(ijk_to_ras: Any, ras: Any) -> np.ndarray:
     """Continuous (i, j, k) indices of RAS points (..., 3) under a 4x4 IJK->RAS matrix.
 
     Free functions (and numpy only) so that callers holding just an array and a matrix, such as
@@ -178,7 +178,7 @@ class Volume:
 
     def ras_to_ijk(self, ras: Any) -> np.ndarray:
         """Continuous (i, j, k) indices of RAS points (..., 3)."""
-        return ras_to_index(self.ijk_to_ras, ras)
+        return ras_to_ijk(self.ijk_to_ras, ras)
 
     def ijk_to_ras_points(self, ijk: Any) -> np.ndarray:
         """RAS positions of continuous (i, j, k) indices (..., 3)."""
