@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_inputs_helpers import blob_volume, listing, no_model  # noqa: F401
+from inputs_stubs import blob_volume, listing, no_model  # noqa: F401
 
 from fastsam3d.cli import main
 from fastsam3d.commands import segment

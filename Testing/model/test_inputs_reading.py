@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_inputs_helpers import blob_volume, centre_point, listing, no_model, write_series  # noqa: F401
+from inputs_stubs import blob_volume, centre_point, listing, no_model, write_series  # noqa: F401
 
 from fastsam3d.cli import main
 from fastsam3d.volume import Volume, VolumeError

@@ -14,7 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_inputs_helpers import blob_volume, centre_point, listing, no_model  # noqa: F401
+from inputs_stubs import blob_volume, centre_point, listing, no_model  # noqa: F401
 
 from fastsam3d.atomic import atomic_path
 from fastsam3d.cli import main
@@ -76,7 +76,7 @@ def test_out_that_is_a_hard_link_to_the_input_is_refused(image, tmp_path, capsys
 
 @pytest.mark.usefixtures("no_model")
 def test_out_inside_a_dicom_folder_as_one_of_its_files_is_refused(tmp_path, capsys):
-    from test_inputs_helpers import write_series
+    from inputs_stubs import write_series
 
     folder = write_series(tmp_path / "series", [0, 2, 4])
     target = folder / "s001.dcm"
