@@ -84,4 +84,4 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(segment, "_load", refuse)
+    monkeypatch.setattr(segment, "load_network", refuse)

@@ -569,3 +569,20 @@ def test_remote_engine_is_the_slicer_engine_interface(srv) -> None:
     assert srv.app.state.manager.stats()["sessions"] == 2
     engine.close()
     assert srv.app.state.manager.stats()["sessions"] == 0
+
+
+def test_serve_command_loads_weights_through_segments_rules():
+    """`fastsam3d serve` builds its network with `segment`'s loader: a regression test for the
+    namespace it passes (it lacked the `--backend` choice the loader reads)."""
+    import argparse
+
+    from fastsam3d.commands import serve as serve_command
+    from fastsam3d.modeling.sam3d import Sam3D
+
+    messages: list = []
+    model, name = serve_command._model(
+        argparse.Namespace(model="fastsam3d", fixture_weights=True), messages.append
+    )
+    assert isinstance(model, Sam3D)
+    assert name == "fastsam3d (fixture weights)"
+    assert any("FIXTURE" in m for m in messages)

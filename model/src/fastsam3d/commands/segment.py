@@ -182,9 +182,10 @@ def _no_weights_message(name: str, reason: str) -> str:
     )
 
 
-def _load(args: argparse.Namespace, log: Any) -> Any:
+def load_network(args: argparse.Namespace, log: Any) -> Any:
     """The model (a torch-free runner for ``--backend onnxruntime``), or a CommandError (status
-    ``EXIT_NO_WEIGHTS``) saying how to get it."""
+    ``EXIT_NO_WEIGHTS``) saying how to get it. ``fastsam3d serve`` loads through it too, so both
+    commands share one set of weights rules."""
     from fastsam3d import hub
 
     if args.backend == "onnxruntime":
@@ -459,7 +460,7 @@ def _run(args: argparse.Namespace) -> int:
         from fastsam3d.lattice import Lattice
 
         Lattice.for_volume(vol.ijk_to_ras, vol.shape)  # too small an image, absurd voxel sizes
-        model = _load(args, log)
+        model = load_network(args, log)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             session = Session(

@@ -137,15 +137,19 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
 
 def _model(args: argparse.Namespace, log: Any) -> tuple[Any, str]:
     """(model, its name for clients): the same loading rules as ``fastsam3d segment``."""
-    from .segment import _load
+    from .segment import load_network
 
     ns = argparse.Namespace(
-        model=args.model, checkpoint=None, fixture_weights=args.fixture_weights, quiet=False
+        model=args.model,
+        checkpoint=None,
+        fixture_weights=args.fixture_weights,
+        quiet=False,
+        backend="torch",  # the server batches clicks on one torch Runner
     )
     if not args.fixture_weights and Path(args.model).is_file():
         ns.checkpoint, ns.model = args.model, "checkpoint"
     name = Path(args.model).name if ns.checkpoint else args.model
-    return _load(ns, log), name + (" (fixture weights)" if args.fixture_weights else "")
+    return load_network(ns, log), name + (" (fixture weights)" if args.fixture_weights else "")
 
 
 def run(args: argparse.Namespace) -> int:
