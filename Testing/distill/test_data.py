@@ -151,7 +151,26 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
             a, b = ref.get(i, epoch=3), got.get(i, epoch=3)
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
             assert a["image"].dtype == b["image"].dtype == torch.float32
-    # stage 1 trains from it, through a DataLoader worker (collate into shared memory)
+    # without augmentation the trainer reads batches in threads straight into (pinned)
+    # buffers: the same items, targets widened from uint8, buffers reused round the ring
+    from fastsam3d_distill.prefetch import BatchPrefetcher
+
+    plain = PreparedCropDataset(prep)
+    assert plain.direct_read and not PreparedCropDataset(prep, augment=True).direct_read
+    n = len(samples)
+    order = [[k % n, (3 * k + 1) % n] for k in range(5)]  # more batches than buffers
+    reader = BatchPrefetcher(plain, threads=2, depth=2, device=torch.device("cpu"))
+    for idx, batch in zip(order, reader.run(order), strict=True):
+        assert batch["id"].tolist() == idx and batch["label"].dtype == torch.float32
+        for j, i in enumerate(idx):
+            want = plain.get(i)
+            assert torch.equal(batch["image"][j], want["image"])
+            assert torch.equal(batch["label"][j], want["label"])
+    early = reader.run(order)
+    next(early)
+    early.close()  # a consumer that stops early leaves no read in flight
+    reader.close()
+    # stage 1 trains from it (threaded reads; with --augment through DataLoader workers)
     assert (
         main(
             [

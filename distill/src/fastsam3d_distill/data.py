@@ -512,10 +512,44 @@ class PreparedCropDataset(Dataset):
         self.augment = build_augment(intensity_prob=0.5 if intensity else 0.0) if augment else None
         self.seed = seed
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self._files: dict[str, tuple[int, int, int]] | None = None
+
+    @property
+    def direct_read(self) -> bool:
+        """Without augmentation a sample is its stored bytes: the trainer reads batches in
+        threads straight into pinned memory (:mod:`.prefetch`), no worker processes."""
+        return self.augment is None
+
+    def sample_fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, torch.dtype]]:
+        """Per-sample fields for :class:`~.prefetch.BatchPrefetcher`: (shape, host dtype,
+        device dtype); the target crosses as uint8 and is widened on the device."""
+        shape = (1, CROP, CROP, CROP)
+        fields = {"image": (shape, torch.float32, torch.float32)}
+        if self.labels:
+            fields["label"] = (shape, torch.uint8, torch.float32)
+        return fields
+
+    def read_into(self, i: int, dest: dict[str, np.ndarray]) -> None:
+        """Read sample ``i``'s stored bytes into ``dest``'s arrays (one ``preadv`` each:
+        no page faults on a memory map, no intermediate copy, the GIL released)."""
+        if self._files is None:
+            files = {}
+            for name, fname in (("image", "images.npy"), ("label", "targets.npy")):
+                arr = np.load(self.folder / fname, mmap_mode="r")
+                fd = os.open(self.folder / fname, os.O_RDONLY)
+                files[name] = (fd, int(arr.offset), int(arr[0].nbytes))
+                del arr
+            self._files = files
+        for name, arr in dest.items():
+            fd, offset, size = self._files[name]
+            got = os.preadv(fd, [memoryview(arr).cast("B")], offset + i * size)
+            if got != size:
+                raise OSError(f"{self.folder}: short read of sample {i} ({got} of {size} bytes)")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_arrays"] = None  # workers map the files themselves (a memmap pickles its data)
+        state["_files"] = None  # descriptors are per process
         return state
 
     def __len__(self) -> int:

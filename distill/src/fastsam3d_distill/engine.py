@@ -483,6 +483,7 @@ class Trainer:
         self._writer = None
         self._jsonl = None
         self._loader: DataLoader | None = None
+        self._prefetcher: Any = None  # prefetch.BatchPrefetcher for direct_read datasets
         self._batch_sampler = _EpochBatches(self.sampler)
         self._pending: list[dict[str, Any]] = []
         self._t_start = time.perf_counter()
@@ -745,6 +746,9 @@ class Trainer:
         if self._jsonl is not None:
             self._jsonl.close()
         self._loader = None  # shuts persistent workers down
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -755,6 +759,15 @@ class Trainer:
         if getattr(self.dataset, "direct_batches", False):  # device-resident (benchmarks)
             for idx in self.sampler.batches():
                 yield self.dataset.get_batch(idx, self.epoch)  # type: ignore[attr-defined]
+            return
+        if getattr(self.dataset, "direct_read", False):  # prepared crops: threads, pinned
+            if self._prefetcher is None:
+                from .prefetch import BatchPrefetcher
+
+                self._prefetcher = BatchPrefetcher(
+                    self.dataset, self.cfg.num_workers, self.cfg.prefetch, self.env.device
+                )
+            yield from self._prefetcher.run(self.sampler.batches())
             return
         if self._loader is None:
             workers = self.cfg.num_workers
@@ -810,6 +823,9 @@ class Trainer:
             find_unused_parameters=self.task.find_unused and not static,
             gradient_as_bucket_view=True,
             static_graph=static,
+            # No buffer changes in training (LayerNorms, constant positional tables): a
+            # broadcast before every forward would only add a collective per step.
+            broadcast_buffers=False,
         )
         if self.cfg.ddp_comm == "bf16":
             self.ddp.register_comm_hook(None, bf16_allreduce_hook)

@@ -174,8 +174,10 @@ class FinetuneTask(Task):
             )
             for i in ids
         ]
+        splits = self._round_splits(mask_only, dev)
         boxes = self._boxes(ids, gt, dev)
         prev = torch.zeros(n, 1, 32, 32, 32, device=dev, dtype=emb.dtype)
+        noise = torch.empty(gt.shape, device=dev)  # the click sampler's buffer, every round
         up: torch.Tensor | None = None
         click: tuple[torch.Tensor, torch.Tensor] | None = None
         hist_c: list[torch.Tensor] = []
@@ -183,44 +185,86 @@ class FinetuneTask(Task):
         total = torch.zeros(n, device=dev)
         parts = (self.prompt_encoder, self.mask_decoder)
         for r in range(self.n_clicks):
-            click = random_error_click(gt, None if up is None else up.detach(), gens, click)
+            click = random_error_click(
+                gt, None if up is None else up.detach(), gens, click, noise=noise
+            )
             hist_c.append(click[0].float())
             hist_l.append(click[1])
             if self.policy == "newest":
                 coords, labels = hist_c[-1][:, None], hist_l[-1][:, None]
             else:
                 coords, labels = torch.stack(hist_c, 1), torch.stack(hist_l, 1)
-            no_points = [
-                self.mask_only_rounds and (r == m or r == self.n_clicks - 1) for m in mask_only
-            ]
-            low = torch.empty_like(prev) if any(no_points) else None
-            for flag in (False, True):
-                rows = [b for b in range(n) if no_points[b] == flag]
-                if not rows:
-                    continue
-                if len(rows) == n:
-                    sel = slice(None)
-                else:
-                    sel = torch.as_tensor(rows, device=dev)
-                out = decode(
+            split = splits[r]
+            if not isinstance(split, tuple):  # every sample alike: one decoder pass
+                low = decode(
                     parts,
-                    emb[sel],
-                    None if flag else coords[sel],
-                    None if flag else labels[sel],
-                    prev[sel],
-                    None if boxes is None else boxes[sel],
+                    emb,
+                    None if split else coords,
+                    None if split else labels,
+                    prev,
+                    boxes,
                 )
-                if low is None:
-                    low = out
-                else:
-                    low = low.index_copy(0, torch.as_tensor(rows, device=dev), out.to(low.dtype))
-            assert low is not None
+            else:  # points for some, the mask prompt alone for the others
+                pts, msk, inverse = split
+                with_points = decode(
+                    parts,
+                    emb[pts],
+                    coords[pts],
+                    labels[pts],
+                    prev[pts],
+                    None if boxes is None else boxes[pts],
+                )
+                mask_alone = decode(
+                    parts, emb[msk], None, None, prev[msk], None if boxes is None else boxes[msk]
+                )
+                both = torch.cat([with_points.to(prev.dtype), mask_alone.to(prev.dtype)])
+                low = both[inverse]
             up = F.interpolate(
                 low.float(), size=gt_t.shape[2:], mode="trilinear", align_corners=False
             )
             total = total + dice_ce(up, gt_t)
             prev = low.detach() if self.detach_prev else low
         return total if self.reduction == "sum" else total / self.n_clicks
+
+    def _round_splits(
+        self, mask_only: list[int], dev: torch.device
+    ) -> list[bool | tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per round: False (every sample gets points), True (every sample the mask prompt
+        alone) or (rows with points, rows without, the inverse order of their
+        concatenation) as device index tensors. All rounds' indices travel in one
+        non-blocking copy from pinned memory: an index built from a host list per round
+        would make the host wait for the GPU twice a round (a pageable copy synchronises)."""
+        n = len(mask_only)
+        plan: list[Any] = []
+        flat: list[int] = []
+        for r in range(self.n_clicks):
+            alone = [
+                self.mask_only_rounds and (r == m or r == self.n_clicks - 1) for m in mask_only
+            ]
+            if all(alone) or not any(alone):
+                plan.append(all(alone))
+                continue
+            pts = [b for b in range(n) if not alone[b]]
+            msk = [b for b in range(n) if alone[b]]
+            inverse = np.argsort(np.asarray(pts + msk)).tolist()
+            plan.append((len(flat), len(pts), len(msk)))
+            flat += pts + msk + inverse
+        if not flat:
+            return plan
+        host = torch.as_tensor(flat, dtype=torch.long)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        idx = host.to(dev, non_blocking=True)
+        out: list[Any] = []
+        for p in plan:
+            if isinstance(p, tuple):
+                o, a, b = p
+                out.append(
+                    (idx[o : o + a], idx[o + a : o + a + b], idx[o + a + b : o + 2 * (a + b)])
+                )
+            else:
+                out.append(p)
+        return out
 
     def _boxes(self, ids: list[int], gt: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
         if self.box_prob <= 0:
