@@ -210,9 +210,11 @@ def _add_teacher(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--teacher-config",
-        default=FASTSAM3D_TEACHER,
-        help="config to run a teacher checkpoint with (block style!); FastSAM3D's "
-        f"teacher ran {FASTSAM3D_TEACHER}",
+        default="detect",
+        help="config to run a teacher checkpoint with (block style!); detect (default): "
+        "the network from the file's keys and shapes, with the FastSAM3D block unless the "
+        f"file records another (the official file gives {FASTSAM3D_TEACHER}, what "
+        "FastSAM3D's teacher ran)",
     )
     p.add_argument(
         "--teacher-override",
