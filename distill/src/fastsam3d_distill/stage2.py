@@ -94,10 +94,14 @@ class FinetuneTask(Task):
         reduction: str = "sum",
         lr_milestones: tuple[int, ...] = (60, 90),
         lr_gamma: float = 0.1,
+        mask_only_draw: str = "batch",
     ) -> None:
         super().__init__()
         if clicks not in CLICK_RULES:
             raise ValueError(f"click rule must be one of {CLICK_RULES}, got {clicks!r}")
+        if mask_only_draw not in ("batch", "sample"):
+            raise ValueError(f"mask_only_draw must be batch or sample, got {mask_only_draw!r}")
+        self.mask_only_draw = mask_only_draw
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
         self.clicks, self.mask_only_rounds = clicks, mask_only_rounds
@@ -119,9 +123,10 @@ class FinetuneTask(Task):
             )
         self.n_clicks, self.box_prob, self.seed = n_clicks, box_prob, seed
         self.epoch = 0
+        self.step = 0
 
     def set_progress(self, epoch: int, step: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.step = epoch, step
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Released: MultiStepLR over epochs (x0.1 at epochs 60 and 90)."""
@@ -134,6 +139,7 @@ class FinetuneTask(Task):
             "clicks": self.clicks,
             "n_clicks": self.n_clicks,
             "mask_only_rounds": self.mask_only_rounds,
+            "mask_only_draw": self.mask_only_draw,
             "detach_prev": self.detach_prev,
             "reduction": self.reduction,
             "lr_milestones": list(self.lr_milestones),
@@ -157,8 +163,10 @@ class FinetuneTask(Task):
         FN ∪ FP (the first: in the object), the newest click only (or all, per policy); at one
         random round in [2, 8] and at the last the decoder gets the mask prompt alone; the
         previous low-res logits go back in *with* their gradient; DiceCE summed over rounds.
-        All on the device; the randomness is seeded per sample (the released code drew the
-        mask-only round per batch of 1)."""
+        All on the device; clicks are seeded per sample. The mask-only round is drawn once per
+        optimiser step (``mask_only_draw="batch"``, as the released code drew it per batch: one
+        decoder pass per round) or per sample (``"sample"``: the batch splits into two
+        decoder passes on the rounds where samples differ, ~1.6x the decoder calls)."""
         emb = batch["embedding"]
         gt_t = (batch["label"] > 0.5).float()
         gt = gt_t[:, 0] > 0.5
@@ -166,14 +174,18 @@ class FinetuneTask(Task):
         n = len(ids)
         dev = emb.device
         gens = device_generators(self.seed, self.epoch, ids, dev, salt=2)
-        mask_only = [
-            int(
-                torch.randint(
-                    2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i, salt=4)
+        if self.mask_only_draw == "batch":  # one round per optimiser step, as released
+            g = sample_generator(self.seed, self.epoch, self.step, salt=5)
+            mask_only = [int(torch.randint(2, 9, (1,), generator=g))] * n
+        else:
+            mask_only = [
+                int(
+                    torch.randint(
+                        2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i, salt=4)
+                    )
                 )
-            )
-            for i in ids
-        ]
+                for i in ids
+            ]
         splits = self._round_splits(mask_only, dev)
         boxes = self._boxes(ids, gt, dev)
         prev = torch.zeros(n, 1, 32, 32, 32, device=dev, dtype=emb.dtype)
