@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +196,17 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
         )
         == 0
     )
+    # evaluate from the prepared crops: the same scores as from the NIfTI files
+    from distill_helpers import STUDENT_OVERRIDES
+
+    scores = []
+    for src in (["--data", str(data)], ["--prepared", str(prep)]):
+        ev = tmp_path / f"eval{len(scores)}"
+        argv = ["evaluate", "--model", "fixture:fastsam3d", "--model-override", *STUDENT_OVERRIDES]
+        argv += [*src, "--classes", "1", "2", "--min-voxels", "1", "--clicks", "2"]
+        assert main([*argv, "--grids", "crop", "--device", "cpu", "--out", str(ev)]) == 0
+        scores.append(json.loads((ev / "evaluation.json").read_text()))
+    assert scores[0] == scores[1] and len(scores[0]["crop"]["samples"]) == len(samples)
     # the same settings again: reused as they are; other settings: refused
     stamp = os.stat(prep / "images.npy").st_mtime_ns
     prepare_crops(cases, samples, prep, classes=[1, 2], min_voxels=1)

@@ -441,6 +441,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         seed=a.seed,
         clicks=a.click_rule,
         mask_only_rounds=a.mask_only_rounds,
+        mask_only_draw=a.mask_only_draw,
         detach_prev=a.detach_prev,
         reduction=a.loss_reduction,
         lr_milestones=tuple(a.lr_milestones),
@@ -460,16 +461,40 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     apply_recipe(a, "evaluate")
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cases = [c for src in a.data for c in discover(src)]
+    prepared = None
+    if a.prepared:  # the crops as `prepare` stored them: the same items as from the NIfTI files
+        from .data import PreparedCropDataset
+
+        prepared = PreparedCropDataset(
+            a.prepared,
+            expect={
+                "lattice_anchor": a.lattice_anchor,
+                "classes": a.classes,
+                "min_voxels": a.min_voxels,
+            },
+        )
+        if cases and cases != prepared.cases:
+            raise DistillUsageError(
+                f"--prepared {a.prepared} was made from other cases than --data"
+            )
+        cases = prepared.cases
     if not cases:
-        raise DistillUsageError("give --data with held-out cases")
+        raise DistillUsageError("give --data with held-out cases (or --prepared)")
     check_grids(cases)  # before any model work
-    samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels)
+    if prepared is not None:
+        samples = prepared.samples
+    else:
+        samples = index_samples(cases, classes=a.classes, min_voxels=a.min_voxels)
     if not samples:
         raise DistillUsageError("no samples: every label is empty or filtered out")
     model = load_spec(a.model, device, config=a.model_config, **parse_overrides(a.model_override))
     results: dict[str, list] = {}
     if "crop" in a.grids:
-        ds = CropDataset(cases, samples, anchor=a.lattice_anchor)
+        ds = (
+            prepared
+            if prepared is not None
+            else CropDataset(cases, samples, anchor=a.lattice_anchor)
+        )
         results["crop"] = evaluate_crops(
             model, ds, a.clicks, device, protocol=a.protocol, seed=a.seed
         )
@@ -642,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="released: a random round in [2,8] and the last get no click",
     )
     p.add_argument(
+        "--mask-only-draw",
+        choices=["batch", "sample"],
+        default="batch",
+        help="draw the random mask-only round once per optimiser step (batch, as released: "
+        "one decoder pass per round) or per sample (two passes where samples differ)",
+    )
+    p.add_argument(
         "--detach-prev",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -704,6 +736,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=100,
         help="skip structures smaller than this on the original grid (default 100)",
+    )
+    p.add_argument(
+        "--prepared",
+        default=None,
+        metavar="DIR",
+        help="held-out crops written by `prepare` (the same crops, without decoding the NIfTI "
+        "files; the original grid still reads them); must match --lattice-anchor, "
+        "--classes and --min-voxels",
     )
     p.add_argument("--clicks", type=int, default=10, help="clicks per structure (default 10)")
     p.add_argument(
