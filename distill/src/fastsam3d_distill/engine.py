@@ -287,9 +287,10 @@ class TrainConfig:
     apply_changes: bool = False  # resume: apply changed hyper-parameters (else refuse)
 
 
-# Default per-GPU batch on CUDA, per stage: where throughput has levelled off on an H200
-# (distill/benchmarks/results/gpu_distill_scaling.md); on CPU the default is 1.
-DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 32}
+# Default per-GPU batch on CUDA, per stage: where an H200's throughput has levelled off and the
+# GPU, not the host's kernel launches, bounds a step (stage 2 at 32 per GPU scaled 1.86x on two
+# H200s, at 64 2.05x; docs/benchmarks.md); on CPU the default is 1.
+DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 64}
 
 # Settings a resumed run may change freely (how it runs, not what it computes).
 RESUME_FREE = frozenset(
