@@ -12,8 +12,8 @@ from distill_helpers import REPO, STUDENT_OVERRIDES, TEACHER, TEACHER_OVERRIDES,
 
 import fastsam3d
 from fastsam3d_distill.cli import main
-from fastsam3d_distill.engine import load_training_checkpoint
 from fastsam3d_distill.models import config_from_dict
+from fastsam3d_distill.state import load_training_checkpoint
 
 TINY = [
     "--teacher",

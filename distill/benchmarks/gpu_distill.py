@@ -54,12 +54,8 @@ import fastsam3d  # noqa: E402
 from fastsam3d.geometry import znormalize  # noqa: E402
 from fastsam3d.testing import fixture_model  # noqa: E402
 from fastsam3d_distill.data import TensorCropDataset  # noqa: E402
-from fastsam3d_distill.engine import (  # noqa: E402
-    DEFAULT_GPU_BATCH,
-    TrainConfig,
-    Trainer,
-    init_distributed,
-)
+from fastsam3d_distill.distributed import init_distributed  # noqa: E402
+from fastsam3d_distill.engine import DEFAULT_GPU_BATCH, TrainConfig, Trainer  # noqa: E402
 from fastsam3d_distill.stage1 import (  # noqa: E402
     CachedFeatureDataset,
     DistillTask,
@@ -436,7 +432,7 @@ def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
     over ranks: each rank reads its own shard, as in training."""
     from torch.utils.data import DataLoader
 
-    from fastsam3d_distill.engine import collate, worker_context
+    from fastsam3d_distill.loading import collate, worker_context
 
     n = len(dataset)
     idx = list(range(env.rank, n, env.world))

@@ -32,7 +32,7 @@ from fastsam3d_distill.data import (  # noqa: E402
     index_samples,
     prepare_crops,
 )
-from fastsam3d_distill.engine import init_distributed  # noqa: E402
+from fastsam3d_distill.distributed import init_distributed  # noqa: E402
 
 
 def main() -> int:

@@ -25,7 +25,8 @@ import torch
 
 from fastsam3d.errors import FastSAM3DError
 
-from .engine import DEFAULT_GPU_BATCH, TrainConfig, Trainer, init_distributed
+from .distributed import init_distributed
+from .engine import DEFAULT_GPU_BATCH, TrainConfig, Trainer
 from .errors import DistillError, DistillUsageError
 from .models import load_spec, parse_overrides
 from .recipes import apply_preset, apply_recipe

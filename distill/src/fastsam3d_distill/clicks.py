@@ -90,7 +90,7 @@ def device_generators(
     seed: int, epoch: int, ids: list[int], device: torch.device, salt: int
 ) -> list[torch.Generator]:
     """One generator per sample on ``device``, seeded by (seed, epoch, sample, salt) only."""
-    from .engine import sample_generator
+    from .distributed import sample_generator
 
     out = []
     for i in ids:

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 
 from fastsam3d.geometry import CROP
 
-from .engine import sample_generator, worker_context
+from .distributed import sample_generator
+from .loading import worker_context
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 

@@ -117,7 +117,7 @@ def load_spec(
 
 
 def _is_training_checkpoint(path: str) -> bool:
-    from .engine import CKPT_FORMAT
+    from .state import CKPT_FORMAT
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -25,7 +25,8 @@ from .clicks import (
     next_click,
     random_error_click,
 )
-from .engine import Task, sample_generator
+from .distributed import sample_generator
+from .engine import Task
 from .models import config_to_dict
 
 CLICK_RULES = ("released", "ours")
