@@ -120,7 +120,7 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
     import os
 
     from fastsam3d_distill.cli import main
-    from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
+    from fastsam3d_distill.prepared import PreparedCropDataset, prepare_crops
 
     data = _copy_dataset(dataset_dir, tmp_path / "data")
     cases = discover(data)

@@ -244,7 +244,7 @@ def prepared_dataset(
 ) -> tuple[object, float]:
     """The NIfTI dataset of :func:`nifti_dataset`, prepared once by rank 0 (every case decoded
     once, crops stored memory-mapped) and opened by every rank; (dataset, prepare seconds)."""
-    from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
+    from fastsam3d_distill.prepared import PreparedCropDataset, prepare_crops
 
     nds = nifti_dataset(root, n_cases, shape, env)
     t0 = time.perf_counter()

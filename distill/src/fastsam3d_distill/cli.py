@@ -250,7 +250,7 @@ def _dataset(a: argparse.Namespace, out: Path, labels: bool = True) -> Any:
             intensity=bool(getattr(a, "intensity_jitter", 0)),
         )
     if getattr(a, "prepared", None):
-        from .data import PreparedCropDataset
+        from .prepared import PreparedCropDataset
 
         ds = PreparedCropDataset(
             a.prepared,
@@ -303,7 +303,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from .data import check_grids, discover, index_samples, prepare_crops
+    from .data import check_grids, discover, index_samples
+    from .prepared import prepare_crops
 
     if not a.data:
         raise ValueError("give --data (dataset folder or list file)")
@@ -464,7 +465,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     cases = [c for src in a.data for c in discover(src)]
     prepared = None
     if a.prepared:  # the crops as `prepare` stored them: the same items as from the NIfTI files
-        from .data import PreparedCropDataset
+        from .prepared import PreparedCropDataset
 
         prepared = PreparedCropDataset(
             a.prepared,
