@@ -216,7 +216,7 @@ def test_every_synth_and_evaluate_option_has_help():
 def test_errors_share_one_root_and_one_mapping(tmp_path, capsys, monkeypatch):
     """Style review 4: DistillError derives from fastsam3d's root; main alone maps errors."""
     import fastsam3d_distill
-    from fastsam3d_distill import cli
+    from fastsam3d_distill.commands import export as export_command
 
     assert issubclass(fastsam3d_distill.DistillError, fastsam3d.FastSAM3DError)
     assert issubclass(fastsam3d_distill.DistillUsageError, ValueError)
@@ -229,7 +229,7 @@ def test_errors_share_one_root_and_one_mapping(tmp_path, capsys, monkeypatch):
         def boom(args, exc=exc):
             raise exc
 
-        monkeypatch.setattr(cli, "cmd_export", boom)
+        monkeypatch.setattr(export_command, "run", boom)
         assert main(argv) == code
         assert capsys.readouterr().err.strip() == f"fastsam3d-distill export: {text}"
 
