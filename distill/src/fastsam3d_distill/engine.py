@@ -90,6 +90,10 @@ class TrainConfig:
 # H200s, at 64 2.05x; docs/benchmarks.md); on CPU the default is 1.
 DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 64}
 
+# Reading threads for prepared crops when --workers is 0: 14 threads read ~4300 crops/s on an
+# H200 host, a GPU takes ~1000/s in online stage 1 (docs/benchmarks.md); 8 keep a margin.
+PREFETCH_THREADS = 8
+
 # Settings a resumed run may change freely (how it runs, not what it computes).
 RESUME_FREE = frozenset(
     {
@@ -512,8 +516,9 @@ class Trainer:
             if self._prefetcher is None:
                 from .prefetch import BatchPrefetcher
 
+                threads = self.cfg.num_workers or PREFETCH_THREADS
                 self._prefetcher = BatchPrefetcher(
-                    self.dataset, self.cfg.num_workers, self.cfg.prefetch, self.env.device
+                    self.dataset, threads, self.cfg.prefetch, self.env.device
                 )
             yield from self._prefetcher.run(self.sampler.batches())
             return

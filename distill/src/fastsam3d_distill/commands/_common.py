@@ -89,7 +89,13 @@ def _add_train(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--seed", type=int, default=2023)
     g.add_argument("--ckpt-every", type=int, default=100, help="optimiser steps")
     g.add_argument("--log-every", type=int, default=10, help="micro-batches")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader workers per process; for --prepared without --augment, reading "
+        "threads (0: 8)",
+    )
     g.add_argument("--device", default="auto")
     g.add_argument(
         "--resume",
