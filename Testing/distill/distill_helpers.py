@@ -43,7 +43,6 @@ def subprocess_env() -> dict[str, str]:
         [str(REPO / "model/src"), str(REPO / "distill/src"), env.get("PYTHONPATH", "")]
     )
     env["OMP_NUM_THREADS"] = "1"
-    env.pop("FASTSAM3D_DISTILL_KILL_AT_STEP", None)
     return env
 
 

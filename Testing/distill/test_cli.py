@@ -12,8 +12,8 @@ from distill_helpers import REPO, STUDENT_OVERRIDES, TEACHER, TEACHER_OVERRIDES,
 
 import fastsam3d
 from fastsam3d_distill.cli import main
-from fastsam3d_distill.engine import load_training_checkpoint
 from fastsam3d_distill.models import config_from_dict
+from fastsam3d_distill.state import load_training_checkpoint
 
 TINY = [
     "--teacher",
@@ -216,7 +216,7 @@ def test_every_synth_and_evaluate_option_has_help():
 def test_errors_share_one_root_and_one_mapping(tmp_path, capsys, monkeypatch):
     """Style review 4: DistillError derives from fastsam3d's root; main alone maps errors."""
     import fastsam3d_distill
-    from fastsam3d_distill import cli
+    from fastsam3d_distill.commands import export as export_command
 
     assert issubclass(fastsam3d_distill.DistillError, fastsam3d.FastSAM3DError)
     assert issubclass(fastsam3d_distill.DistillUsageError, ValueError)
@@ -229,6 +229,38 @@ def test_errors_share_one_root_and_one_mapping(tmp_path, capsys, monkeypatch):
         def boom(args, exc=exc):
             raise exc
 
-        monkeypatch.setattr(cli, "cmd_export", boom)
+        monkeypatch.setattr(export_command, "run", boom)
         assert main(argv) == code
         assert capsys.readouterr().err.strip() == f"fastsam3d-distill export: {text}"
+
+
+def test_teacher_config_is_detected_from_the_file(tmp_path, capsys):
+    """Review m3: a teacher file of another size needed a config name and failed with a shape
+    report; now its network is detected (FastSAM3D block) and an unreadable one is one line."""
+    from argparse import Namespace
+
+    from distill_helpers import TINY_TEACHER
+
+    from fastsam3d.testing import fixture_model
+    from fastsam3d_distill.models import load_spec
+    from fastsam3d_distill.stage1 import teacher_identity
+
+    ref = fixture_model("sam-med3d-turbo-fastsam3d-block", **TINY_TEACHER)
+    path = tmp_path / "tiny_teacher.pth"
+    torch.save({"model_state_dict": ref.state_dict()}, path)
+    got = load_spec(str(path), config="detect")
+    assert got.config.block_style == "fastsam3d"
+    assert (got.config.depth, got.config.embed_dim) == (4, 32)
+    x = torch.randn(1, 1, 128, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(got.image_encoder(x), ref.image_encoder(x))
+    ident = teacher_identity(Namespace(teacher=str(path), teacher_config="detect"))
+    assert ident["config"] == got.config.name
+    common = ["--student-override", *STUDENT_OVERRIDES, "--synthetic", "2", "--max-steps", "1"]
+    common += ["--device", "cpu", "--precision", "fp32", "--no-progress", "--no-tensorboard"]
+    assert main(["distill", "--teacher", str(path), "--out", str(tmp_path / "r"), *common]) == 0
+    bad = tmp_path / "bad.pth"
+    torch.save({"model_state_dict": {"x": torch.zeros(2)}}, bad)
+    assert main(["distill", "--teacher", str(bad), "--out", str(tmp_path / "b"), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher-config detect: cannot tell which network" in err[0]

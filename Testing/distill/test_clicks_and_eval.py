@@ -161,6 +161,15 @@ def test_released_stage2_matches_the_released_interaction(crops):
     # same batch split differently: per-sample seeding gives the same per-sample losses
     one = task({k: (v[1:] if k != "id" else v[1:]) for k, v in batch.items()})
     assert torch.allclose(one, loss[1:], atol=1e-5)
+    # the random mask-only round: once per step (one decoder pass a round) or per sample
+    # (per sample, these two samples' rounds differ: two split rounds, one pass extra each)
+    for draw, passes, mask_alone in (("batch", 11, 2), ("sample", 13, 3)):
+        task = FinetuneTask(model, n_clicks=11, clicks="released", mask_only_draw=draw)
+        task.prompt_encoder.forward = spy
+        task.set_progress(0, 4)
+        calls.clear()
+        task(batch)
+        assert (len(calls), sum(calls)) == (passes, mask_alone)
 
 
 def test_grid_check_names_the_case_before_any_work(tmp_path):

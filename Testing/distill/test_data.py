@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,7 +120,7 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
     import os
 
     from fastsam3d_distill.cli import main
-    from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
+    from fastsam3d_distill.prepared import PreparedCropDataset, prepare_crops
 
     data = _copy_dataset(dataset_dir, tmp_path / "data")
     cases = discover(data)
@@ -151,7 +153,26 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
             a, b = ref.get(i, epoch=3), got.get(i, epoch=3)
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
             assert a["image"].dtype == b["image"].dtype == torch.float32
-    # stage 1 trains from it, through a DataLoader worker (collate into shared memory)
+    # without augmentation the trainer reads batches in threads straight into (pinned)
+    # buffers: the same items, targets widened from uint8, buffers reused round the ring
+    from fastsam3d_distill.prefetch import BatchPrefetcher
+
+    plain = PreparedCropDataset(prep)
+    assert plain.direct_read and not PreparedCropDataset(prep, augment=True).direct_read
+    n = len(samples)
+    order = [[k % n, (3 * k + 1) % n] for k in range(5)]  # more batches than buffers
+    reader = BatchPrefetcher(plain, threads=2, depth=2, device=torch.device("cpu"))
+    for idx, batch in zip(order, reader.run(order), strict=True):
+        assert batch["id"].tolist() == idx and batch["label"].dtype == torch.float32
+        for j, i in enumerate(idx):
+            want = plain.get(i)
+            assert torch.equal(batch["image"][j], want["image"])
+            assert torch.equal(batch["label"][j], want["label"])
+    early = reader.run(order)
+    next(early)
+    early.close()  # a consumer that stops early leaves no read in flight
+    reader.close()
+    # stage 1 trains from it (threaded reads; with --augment through DataLoader workers)
     assert (
         main(
             [
@@ -175,6 +196,17 @@ def test_prepared_crops_equal_the_nifti_path_and_refuse_stale_data(dataset_dir, 
         )
         == 0
     )
+    # evaluate from the prepared crops: the same scores as from the NIfTI files
+    from distill_helpers import STUDENT_OVERRIDES
+
+    scores = []
+    for src in (["--data", str(data)], ["--prepared", str(prep)]):
+        ev = tmp_path / f"eval{len(scores)}"
+        argv = ["evaluate", "--model", "fixture:fastsam3d", "--model-override", *STUDENT_OVERRIDES]
+        argv += [*src, "--classes", "1", "2", "--min-voxels", "1", "--clicks", "2"]
+        assert main([*argv, "--grids", "crop", "--device", "cpu", "--out", str(ev)]) == 0
+        scores.append(json.loads((ev / "evaluation.json").read_text()))
+    assert scores[0] == scores[1] and len(scores[0]["crop"]["samples"]) == len(samples)
     # the same settings again: reused as they are; other settings: refused
     stamp = os.stat(prep / "images.npy").st_mtime_ns
     prepare_crops(cases, samples, prep, classes=[1, 2], min_voxels=1)

@@ -91,8 +91,8 @@ def test_wrong_files_get_clear_messages(tmp_path):
     model.pth` raised torch's UnpicklingError."""
     import argparse
 
-    from fastsam3d_distill.engine import CKPT_FORMAT, atomic_save, load_training_checkpoint
     from fastsam3d_distill.models import load_spec
+    from fastsam3d_distill.state import CKPT_FORMAT, atomic_save, load_training_checkpoint
 
     last = tmp_path / "last.pt"
     atomic_save({"format": CKPT_FORMAT, "model": {}}, last)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +22,10 @@ from distill_helpers import (
 import fastsam3d
 from fastsam3d.testing import fixture_model
 from fastsam3d_distill.data import TensorCropDataset
-from fastsam3d_distill.engine import TrainConfig, Trainer, load_training_checkpoint
+from fastsam3d_distill.engine import TrainConfig, Trainer
 from fastsam3d_distill.stage1 import DistillTask, init_student_from_teacher
 from fastsam3d_distill.stage2 import FinetuneTask
+from fastsam3d_distill.state import load_training_checkpoint
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
@@ -141,8 +143,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     subprocess.run(distill_cli_args(ref, *RUN), env=env, check=True, capture_output=True)
 
     run = tmp_path / "killed"
-    kill_env = dict(env, FASTSAM3D_DISTILL_KILL_AT_STEP="3")
-    proc = subprocess.run(distill_cli_args(run, *RUN), env=kill_env, capture_output=True)
+    killed = [sys.executable, str(Path(__file__).with_name("kill_at_step.py")), "3"]
+    proc = subprocess.run(killed + distill_cli_args(run, *RUN)[3:], env=env, capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert (run / "last.pt").exists() and not (run / "final.pt").exists()
     killed_at = load_training_checkpoint(run / "last.pt")["progress"]["opt_step"]
@@ -344,7 +346,7 @@ def test_two_process_ddp_bf16_allreduce_matches_one_process(tmp_path):
 
 
 def test_align_param_layout_restrides_size_one_dims_only():
-    from fastsam3d_distill.engine import align_param_layout
+    from fastsam3d_distill.distributed import align_param_layout
 
     conv = torch.nn.Conv3d(4, 3, 1)
     conv.weight.grad = torch.empty_strided((3, 4, 1, 1, 1), (4, 1, 4, 4, 4)).fill_(1.0)

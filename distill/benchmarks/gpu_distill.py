@@ -54,12 +54,8 @@ import fastsam3d  # noqa: E402
 from fastsam3d.geometry import znormalize  # noqa: E402
 from fastsam3d.testing import fixture_model  # noqa: E402
 from fastsam3d_distill.data import TensorCropDataset  # noqa: E402
-from fastsam3d_distill.engine import (  # noqa: E402
-    DEFAULT_GPU_BATCH,
-    TrainConfig,
-    Trainer,
-    init_distributed,
-)
+from fastsam3d_distill.distributed import init_distributed  # noqa: E402
+from fastsam3d_distill.engine import DEFAULT_GPU_BATCH, TrainConfig, Trainer  # noqa: E402
 from fastsam3d_distill.stage1 import (  # noqa: E402
     CachedFeatureDataset,
     DistillTask,
@@ -248,7 +244,7 @@ def prepared_dataset(
 ) -> tuple[object, float]:
     """The NIfTI dataset of :func:`nifti_dataset`, prepared once by rank 0 (every case decoded
     once, crops stored memory-mapped) and opened by every rank; (dataset, prepare seconds)."""
-    from fastsam3d_distill.data import PreparedCropDataset, prepare_crops
+    from fastsam3d_distill.prepared import PreparedCropDataset, prepare_crops
 
     nds = nifti_dataset(root, n_cases, shape, env)
     t0 = time.perf_counter()
@@ -276,17 +272,199 @@ def _write_case(job: tuple[str, int, tuple[int, int, int]]) -> None:
     )
 
 
+def finetune_task(s_cfg, student0: torch.nn.Module, dev: torch.device):  # noqa: ANN001, ANN201
+    """A fresh stage-2 task: the student encoder (frozen) + a new prompt encoder and decoder."""
+    from fastsam3d_distill.stage2 import FinetuneTask
+
+    torch.manual_seed(0)
+    model = fastsam3d.build_model(s_cfg)
+    model.image_encoder.load_state_dict(student0.state_dict())
+    return FinetuneTask(model.to(dev).train(), n_clicks=11, clicks="released")
+
+
+def gating_compare(name: str, make_task, dataset, args, env, seconds_for, objective: str) -> dict:  # noqa: ANN001
+    """Time to equal loss with per-sample backward gating against without, same task, data and
+    seeds; levels = the baseline's best smoothed loss by 25/50/75/100 % of its wall time."""
+    base_task, gated_task = make_task(), make_task()
+    # Every micro-batch is logged (the gate syncs each step anyway), so the smoothed curve
+    # averages over whole epochs of distinct crops.
+    base = run_phase(
+        f"{name}_base", base_task, dataset, args, env, seconds_for(f"{name}_base"), log_every=1
+    )
+    gated = run_phase(
+        f"{name}_gated",
+        gated_task,
+        dataset,
+        args,
+        env,
+        seconds_for(f"{name}_gated"),
+        gate=True,
+        log_every=1,
+    )
+    del base_task, gated_task
+    window = max(8, 4 * math.ceil(len(dataset) / (args.batch * env.world)))
+    hb, hg = rebase(base["history"]), rebase(gated["history"])
+    sb = smoothed([h["loss"] for h in hb], window)
+    sg = smoothed([h["loss"] for h in hg], window)
+    t_base = hb[-1]["time"] if hb else float("nan")
+    # For each level, when did each run first reach it? Best-so-far levels keep loss spikes
+    # from making a late, worse value the target.
+    levels = {}
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        vals = [
+            v
+            for n, (h, v) in enumerate(zip(hb, sb))
+            if n + 1 >= window and h["time"] <= frac * t_base
+        ]
+        if vals:
+            level = min(vals)
+            tb = first_reach(hb, sb, level, window)
+            tg = first_reach(hg, sg, level, window)
+            levels[str(frac)] = {
+                "loss": level,
+                "baseline_s": tb,
+                "gated_s": tg,
+                "time_saved": (1 - tg / tb) if (tg is not None and tb) else None,
+            }
+    final = levels.get("1.0", {})
+    at_base_time = [v for h, v in zip(hg, sg) if h["time"] <= t_base]
+    out = {
+        "objective": objective,
+        "batch_per_process": args.batch,
+        "gate_settings": {
+            "mode": args.gate_mode,
+            "warmup": args.gate_warmup,
+            "threshold": args.gate_threshold,
+            "min_backward": args.gate_min_backward,
+        },
+        "times": "seconds since each run's first log record (excludes compile/warm-up)",
+        "smoothing_window_records": window,
+        "levels": levels,
+        "baseline": {
+            "final_loss_smoothed": sb[-1] if sb else float("nan"),
+            "best_loss_smoothed": final.get("loss"),
+            "wall_s": t_base,
+            "spikes": spikes(sb, window),
+            "micro_steps": base["micro_steps"],
+            "opt_steps": base["opt_steps"],
+        },
+        "gated": {
+            "final_loss_smoothed": sg[-1] if sg else float("nan"),
+            "wall_s": hg[-1]["time"] if hg else float("nan"),
+            "micro_steps": gated["micro_steps"],
+            "opt_steps": gated["opt_steps"],
+            "time_to_baseline_best_loss_s": final.get("gated_s"),
+            "spikes": spikes(sg, window),
+            "loss_smoothed_at_baseline_wall_time": at_base_time[-1] if at_base_time else None,
+            **gated["gate"],
+        },
+        "time_saved_at_equal_loss": final.get("time_saved"),
+        "baseline_curve": [(h["micro_step"], h["time"], h["loss"]) for h in hb],
+        "gated_curve": [
+            (h["micro_step"], h["time"], h["loss"], h["gate/backward_share"]) for h in hg
+        ],
+    }
+    if env.is_main:
+        saved = out["time_saved_at_equal_loss"]
+        print(
+            f"[{name}] backward share {gated['gate']['gate/backward_share']:.2f}, time "
+            f"saved at equal loss: {'not reached' if saved is None else f'{saved:.1%}'}",
+            flush=True,
+        )
+    return out
+
+
+def profile_steps(task, dataset, batch: int, steps: int, dev: torch.device) -> dict:  # noqa: ANN001
+    """``steps`` plain training steps of ``task`` under torch.profiler (after two warm-up steps):
+    GPU kernel time against wall time, host synchronisations, the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    params = [p for p in task.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
+
+    def step(k: int) -> None:
+        b = dataset.get_batch(list(range(k * batch, (k + 1) * batch)), 0)
+        b = {key: (v.to(dev) if key != "id" else v.tolist()) for key, v in b.items()}
+        with torch.no_grad(), autocast:
+            b = task.prepare(b)
+        with autocast:
+            loss = task(b)
+        loss.float().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n = max(1, len(dataset) // batch)
+    for k in range(2):
+        step(k % n)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for k in range(steps):
+            step(k % n)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in ka)
+    syncs = {
+        e.key: e.count
+        for e in ka
+        if "Synchronize" in e.key
+        or e.key in ("cudaMemcpy", "aten::item", "aten::_local_scalar_dense")
+    }
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return {
+        "steps": steps,
+        "batch": batch,
+        "wall_s_per_step": wall / steps,
+        "gpu_kernel_s_per_step": gpu_us / 1e6 / steps,
+        "gpu_busy_fraction": gpu_us / 1e6 / wall if wall > 0 else None,
+        "host_syncs": syncs,
+        "table": ka.table(sort_by=sort, row_limit=14, max_name_column_width=60),
+    }
+
+
 def loader_rate(dataset, batch: int, workers: int, seconds: float, env) -> dict:
     """Volumes/s of the real input path alone (NIfTI -> crops, DataLoader workers), summed
     over ranks: each rank reads its own shard, as in training."""
     from torch.utils.data import DataLoader
 
-    from fastsam3d_distill.engine import collate, worker_context
+    from fastsam3d_distill.loading import collate, worker_context
 
     n = len(dataset)
     idx = list(range(env.rank, n, env.world))
     order = [idx[(k * 7919) % len(idx)] for k in range(len(idx))]  # shuffled, no volume reuse
     batches = [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)] * 50
+    if getattr(dataset, "direct_read", False):  # what the trainer uses: threads, pinned, H2D
+        from fastsam3d_distill.prefetch import BatchPrefetcher
+
+        reader = BatchPrefetcher(dataset, workers, 4, env.device)
+        it = reader.run(batches)
+        next(it)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        t0, vols = time.perf_counter(), 0
+        for b in it:
+            vols += b["image"].shape[0]
+            if time.perf_counter() - t0 > seconds:
+                break
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)  # the last batch is on the device
+        dt = time.perf_counter() - t0
+        it.close()
+        reader.close()
+        rate = torch.tensor([vols / dt], dtype=torch.float64, device=env.device)
+        if env.distributed:
+            torch.distributed.all_reduce(rate)
+        return {
+            "reader": "threads into pinned memory, side-stream copy to the device",
+            "threads_per_process": workers,
+            "volumes_per_s": float(rate),
+            "seconds": dt,
+        }
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -365,6 +543,12 @@ def main() -> int:
     )
     ap.add_argument("--gate-warmup", type=int, default=100, help="micro-batches")
     ap.add_argument(
+        "--ft-gate-warmup",
+        type=int,
+        default=24,
+        help="micro-batches, stage 2 (its steps are ~10x slower than stage 1's)",
+    )
+    ap.add_argument(
         "--gate-threshold",
         type=float,
         default=0.0,
@@ -377,8 +561,15 @@ def main() -> int:
         "--phases",
         nargs="+",
         default=["online", "cached", "gating"],
-        choices=["online", "cached", "gating", "nifti", "prepared", "finetune"],
+        choices=["online", "cached", "gating", "ft_gating", "nifti", "prepared", "finetune"],
     )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many stage-2 steps after the finetune phase (1 process only)",
+    )
+    ap.add_argument("--name", default="", help="JSON file name (default gpu_distill[_ddpN].json)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny configs, a few seconds")
     ap.add_argument(
         "--device",
@@ -390,7 +581,7 @@ def main() -> int:
         args.batches, args.crops, args.compile = [2], 4, False
         args.nifti_cases, args.nifti_shape, args.workers = 2, [40, 44, 48], 1
         args.ft_batches = [2]
-        args.log_every, args.gate_warmup = 1, 8
+        args.log_every, args.gate_warmup, args.ft_gate_warmup = 1, 8, 4
         args.minutes = min(args.minutes, 0.5)
     if args.device == "auto":
         args.device = "cpu" if args.smoke else "cuda"
@@ -426,9 +617,11 @@ def main() -> int:
     if "nifti" in args.phases:
         weights.update({"loader": 0.5, "nifti": 1.0})
     if "prepared" in args.phases:
-        weights.update({"prep_loader": 0.5, "prepared": 1.0})
-    if "gating" in args.phases:
-        weights.update({"base": 1.0, "gated": 1.5})
+        weights.update({"prep_loader": 0.3, "prepared": 1.5})  # after the prepare step
+    if "gating" in args.phases:  # the long stage-1 run gets 1.5x stage 2's time
+        weights.update({"gating_base": 1.5, "gating_gated": 2.25})
+    if "ft_gating" in args.phases:
+        weights.update({"ft_gating_base": 1.0, "ft_gating_gated": 1.5})
     args.crops = max(args.crops, 4 * max(args.batches + args.ft_batches) * env.world)
 
     def seconds_for(phase: str) -> float:
@@ -465,9 +658,11 @@ def main() -> int:
 
     student_notes: list[str] = []
 
-    def fresh_task(teacher_or_none, k_start: int = 1, k_every_steps: int = 0) -> DistillTask:
+    def fresh_task(
+        teacher_or_none, k_start: int = 1, k_every_steps: int = 0, compile_: bool = True
+    ) -> DistillTask:
         st = copy.deepcopy(student0)
-        maybe_compile(st, args.compile, "student", student_notes, probe_student)
+        maybe_compile(st, args.compile and compile_, "student", student_notes, probe_student)
         return DistillTask(
             st,
             teacher_or_none,
@@ -582,18 +777,12 @@ def main() -> int:
     # Stage 2: prompt encoder + decoder, released recipe (11 rounds, random error clicks on
     # the device, mask-only rounds, logits fed back with their gradient) ----------------------
     if "finetune" in args.phases:
-        from fastsam3d_distill.stage2 import FinetuneTask
-
         labels = (images > 0.5).float()  # blobby binary targets on the smooth volumes
         fds = TensorCropDataset(images, labels, device=dev)
         result["finetune"] = {}
         for b in args.ft_batches:
             args.batch = b
-            torch.manual_seed(0)
-            model = fastsam3d.build_model(s_cfg)
-            model.image_encoder.load_state_dict(student0.state_dict())
-            model = model.to(dev).train()
-            task = FinetuneTask(model, n_clicks=11, clicks="released")
+            task = finetune_task(s_cfg, student0, dev)
             r = run_phase(f"finetune@{b}", task, fds, args, env, seconds_for(f"finetune@{b}"))
             res = {
                 **throughput(r["history"], b * env.world),
@@ -610,7 +799,11 @@ def main() -> int:
                     f"{res['peak_memory_gib'] or 0:.1f} GiB",
                     flush=True,
                 )
-            del task, model
+            if args.profile and b == args.ft_batches[0] and env.world == 1:
+                result["finetune_profile"] = profile_steps(task, fds, b, args.profile, dev)
+                if env.is_main:
+                    print(result["finetune_profile"]["table"], flush=True)
+            del task
         args.batch = args.batches[0]
 
     # NIfTI on disk -> DataLoader workers -> online distillation (the real input path) -------
@@ -669,92 +862,41 @@ def main() -> int:
                 flush=True,
             )
 
-    # 3. gating at equal final loss (cached features, fixed objective k = depth) ------------
+    # 3. gating at equal loss: stage 1 (cached features, fixed objective k = depth) and stage 2
     if "gating" in args.phases:
         depth = s_cfg.depth
-        # Every micro-batch is logged (the gate syncs each step anyway), so the smoothed curve
-        # averages over whole epochs of distinct crops.
-        base_task, gated_task = fresh_task(None, k_start=depth), fresh_task(None, k_start=depth)
-        base = run_phase("base", base_task, cached_ds, args, env, seconds_for("base"), log_every=1)
-        gated = run_phase(
-            "gated", gated_task, cached_ds, args, env, seconds_for("gated"), gate=True, log_every=1
+        result["gating"] = gating_compare(
+            "gating",
+            # eager, as the CLI trains: the gate's sub-batches vary in size and would make a
+            # shape-specialised compiled student recompile (seen: 7x slower gated steps)
+            lambda: fresh_task(None, k_start=depth, compile_=False),
+            cached_ds,
+            args,
+            env,
+            seconds_for,
+            f"paper loss, all {depth} block pairs + neck (fixed k)",
         )
-        window = max(8, 4 * math.ceil(args.crops / (args.batch * env.world)))
-        hb, hg = rebase(base["history"]), rebase(gated["history"])
-        sb = smoothed([h["loss"] for h in hb], window)
-        sg = smoothed([h["loss"] for h in hg], window)
-        t_base = hb[-1]["time"] if hb else float("nan")
-        # Levels = the baseline's best smoothed loss by 25/50/75/100 % of its wall time; for each,
-        # when did each run first reach it? Best-so-far levels keep loss spikes from making a
-        # late, worse value the target.
-        levels = {}
-        for frac in (0.25, 0.5, 0.75, 1.0):
-            vals = [
-                v
-                for n, (h, v) in enumerate(zip(hb, sb))
-                if n + 1 >= window and h["time"] <= frac * t_base
-            ]
-            if vals:
-                level = min(vals)
-                tb = first_reach(hb, sb, level, window)
-                tg = first_reach(hg, sg, level, window)
-                levels[str(frac)] = {
-                    "loss": level,
-                    "baseline_s": tb,
-                    "gated_s": tg,
-                    "time_saved": (1 - tg / tb) if (tg is not None and tb) else None,
-                }
-        final = levels.get("1.0", {})
-        reach = final.get("gated_s")
-        at_base_time = [v for h, v in zip(hg, sg) if h["time"] <= t_base]
-        result["gating"] = {
-            "objective": f"paper loss, all {depth} block pairs + neck (fixed k)",
-            "gate_settings": {
-                "warmup": args.gate_warmup,
-                "threshold": args.gate_threshold,
-                "min_backward": args.gate_min_backward,
-            },
-            "times": "seconds since each run's first log record (excludes compile/warm-up)",
-            "smoothing_window_records": window,
-            "levels": levels,
-            "baseline": {
-                "final_loss_smoothed": sb[-1] if sb else float("nan"),
-                "best_loss_smoothed": final.get("loss"),
-                "wall_s": t_base,
-                "spikes": spikes(sb, window),
-                "micro_steps": base["micro_steps"],
-                "opt_steps": base["opt_steps"],
-            },
-            "gated": {
-                "final_loss_smoothed": sg[-1] if sg else float("nan"),
-                "wall_s": hg[-1]["time"] if hg else float("nan"),
-                "micro_steps": gated["micro_steps"],
-                "opt_steps": gated["opt_steps"],
-                "time_to_baseline_best_loss_s": reach,
-                "spikes": spikes(sg, window),
-                "loss_smoothed_at_baseline_wall_time": at_base_time[-1] if at_base_time else None,
-                **gated["gate"],
-            },
-            "time_saved_at_equal_loss": final.get("time_saved"),
-            "baseline_curve": [(h["micro_step"], h["time"], h["loss"]) for h in hb],
-            "gated_curve": [
-                (h["micro_step"], h["time"], h["loss"], h["gate/backward_share"]) for h in hg
-            ],
-        }
-        if env.is_main:
-            saved = result["gating"]["time_saved_at_equal_loss"]
-            print(
-                f"[gating] backward share {gated['gate']['gate/backward_share']:.2f}, time "
-                f"saved at equal loss: {'not reached' if saved is None else f'{saved:.1%}'}",
-                flush=True,
-            )
+    if "ft_gating" in args.phases:
+        args.batch, warm = args.ft_batches[0], args.gate_warmup
+        args.gate_warmup = args.ft_gate_warmup
+        result["ft_gating"] = gating_compare(
+            "ft_gating",
+            lambda: finetune_task(s_cfg, student0, dev),
+            TensorCropDataset(images, (images > 0.5).float(), device=dev),
+            args,
+            env,
+            seconds_for,
+            "stage 2, released clicks (11 rounds), summed DiceCE",
+        )
+        args.batch, args.gate_warmup = args.batches[0], warm
 
     notes.extend(sorted(set(student_notes)))
     result["total_wall_s"] = time.perf_counter() - t_begin
     if dev.type == "cuda":
         result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if env.is_main:
-        path = out / (f"gpu_distill_ddp{env.world}.json" if args.ddp else "gpu_distill.json")
+        default = f"gpu_distill_ddp{env.world}.json" if args.ddp else "gpu_distill.json"
+        path = out / (args.name or default)
         path.write_text(json.dumps(result, indent=1))
         plot(result, path.with_suffix(".png"))
         print(f"wrote {path}")

@@ -25,14 +25,9 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from gpu_distill import _write_case, loader_rate  # noqa: E402
 
-from fastsam3d_distill.data import (  # noqa: E402
-    CropDataset,
-    PreparedCropDataset,
-    discover,
-    index_samples,
-    prepare_crops,
-)
-from fastsam3d_distill.engine import init_distributed  # noqa: E402
+from fastsam3d_distill.data import CropDataset, discover, index_samples  # noqa: E402
+from fastsam3d_distill.distributed import init_distributed  # noqa: E402
+from fastsam3d_distill.prepared import PreparedCropDataset, prepare_crops  # noqa: E402
 
 
 def main() -> int:

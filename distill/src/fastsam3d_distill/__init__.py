@@ -8,7 +8,8 @@ crop geometry and preprocessing are fastsam3d's; nothing here re-implements them
 
 from __future__ import annotations
 
-from .engine import DistEnv, TrainConfig, Trainer, init_distributed
+from .distributed import DistEnv, init_distributed
+from .engine import TrainConfig, Trainer
 from .errors import DistillError, DistillUsageError
 from .gating import BackwardGate
 

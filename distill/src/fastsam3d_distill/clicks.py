@@ -90,7 +90,7 @@ def device_generators(
     seed: int, epoch: int, ids: list[int], device: torch.device, salt: int
 ) -> list[torch.Generator]:
     """One generator per sample on ``device``, seeded by (seed, epoch, sample, salt) only."""
-    from .engine import sample_generator
+    from .distributed import sample_generator
 
     out = []
     for i in ids:
@@ -104,6 +104,7 @@ def random_error_click(
     logits: torch.Tensor | None,
     generators: list[torch.Generator],
     previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The released ``get_next_click3D_torch_2``, batched on the device without host syncs.
 
@@ -111,15 +112,17 @@ def random_error_click(
     (nothing predicted yet: the click is a uniform voxel of the object). A uniform voxel of
     FN ∪ FP (prediction = logits > 0.5), positive if it is a false negative. Returns
     coordinates (B, 3) long in array-axis order and labels (B,) long. A sample without errors
-    repeats ``previous`` (the released code would fail there).
+    repeats ``previous`` (the released code would fail there). ``noise`` (B, D, H, W) float,
+    optional: a buffer to draw into (overwritten), which saves a stacked copy per call.
     """
     pred = torch.zeros_like(gt) if logits is None else logits[:, 0] > RELEASED_THRESHOLD
     fn = gt & ~pred
     err = (fn | (pred & ~gt)).flatten(1)
-    noise = torch.stack(
-        [torch.rand(gt.shape[1:], generator=g, device=gt.device) for g in generators]
-    ).flatten(1)
-    idx = torch.where(err, noise, torch.full_like(noise, -1.0)).argmax(1)
+    if noise is None:
+        noise = torch.empty(gt.shape, device=gt.device)
+    for row, g in zip(noise, generators):
+        row.uniform_(generator=g)  # = torch.rand(row.shape, generator=g): the same stream
+    idx = noise.flatten(1).masked_fill_(~err, -1.0).argmax(1)
     size = gt.shape[1:]
     coords = torch.stack([idx // (size[1] * size[2]), (idx // size[2]) % size[1], idx % size[2]], 1)
     labels = fn.flatten(1).gather(1, idx[:, None])[:, 0].long()

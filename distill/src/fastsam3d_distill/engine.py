@@ -19,12 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
-import signal
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,220 +29,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from fastsam3d.atomic import atomic_path
 
+from .distributed import (
+    DistEnv,
+    ResumableDistributedSampler,
+    align_param_layout,
+    all_gather_objects,
+    bf16_allreduce_hook,
+    init_distributed,
+)
 from .gating import BackwardGate
-
-CKPT_FORMAT = "fastsam3d-distill-train/1"
-# Test hook: SIGKILL this process when this optimiser step begins (a real, unclean death).
-_KILL_ENV = "FASTSAM3D_DISTILL_KILL_AT_STEP"
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group if launched by torchrun, else run single-process.
-
-    NCCL on CUDA, gloo on CPU (the CPU path is what the 2-process tests use).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev)
-
-
-def _all_gather_objects(env: DistEnv, obj: Any) -> list[Any]:
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler whose epoch can start part-way, at a batch boundary.
-
-    Each epoch uses ``randperm(n)`` seeded by ``seed + epoch``; the tail that does not fill a
-    whole global batch is dropped, so every rank runs the same number of steps. Rank r takes
-    ``perm[r::world]``, which makes global batch s of a world-N run equal to batch s of a
-    one-process run with N-times the batch size.
-    """
-
-    def __init__(
-        self, dataset: Dataset, world: int, rank: int, batch_size: int, seed: int, shuffle: bool
-    ) -> None:
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-        self.batch_size = batch_size
-        self.start_batch = 0
-        n = len(dataset)  # type: ignore[arg-type]
-        self.batches_per_epoch = n // (world * batch_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"dataset has {n} samples, fewer than one global batch ({world} x {batch_size})"
-            )
-
-    def rank_indices(self) -> list[int]:
-        n = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            perm = torch.randperm(n, generator=g).tolist()
-        else:
-            perm = list(range(n))
-        used = perm[: self.batches_per_epoch * self.num_replicas * self.batch_size]
-        return used[self.rank :: self.num_replicas]
-
-    def batches(self) -> Iterator[list[int]]:
-        idx = self.rank_indices()
-        for b in range(self.start_batch, self.batches_per_epoch):
-            yield idx[b * self.batch_size : (b + 1) * self.batch_size]
-
-    def __iter__(self) -> Iterator[int]:
-        for b in self.batches():
-            yield from b
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-
-def sample_generator(seed: int, epoch: int, sample_id: int, salt: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, sample, salt): resume- and rank-proof."""
-    state = np.random.SeedSequence([seed, epoch, sample_id, salt]).generate_state(1, np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) % (2**63))
-
-
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch; in a DataLoader worker straight into shared memory (as PyTorch's
-    default collate does), which saves one copy of every batch on its way to the trainer."""
-    out: dict[str, Any] = {}
-    in_worker = torch.utils.data.get_worker_info() is not None
-    for key in samples[0]:
-        vals = [s[key] for s in samples]
-        if isinstance(vals[0], torch.Tensor):
-            dest = None
-            if in_worker and vals[0].device.type == "cpu":
-                shape = (len(vals), *vals[0].shape)
-                storage = vals[0]._typed_storage()._new_shared(math.prod(shape), device="cpu")
-                dest = vals[0].new(storage).resize_(shape)
-            out[key] = torch.stack(vals, out=dest)
-        elif isinstance(vals[0], (int, float, np.integer, np.floating)):
-            out[key] = torch.as_tensor(vals)
-        else:
-            out[key] = vals
-    return out
-
-
-class _EpochDataset(Dataset):
-    """Items keyed by (sample, epoch): datasets whose items depend on the epoch (seeded
-    augmentation) get it with the index, so one persistent DataLoader serves every epoch."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        i, epoch = key
-        getter = getattr(self.base, "get", None)
-        return getter(i, epoch) if getter is not None else self.base[i]
-
-
-class _EpochBatches:
-    """Batch sampler reading the trainer's epoch and resume position at every ``iter()``."""
-
-    def __init__(self, sampler: ResumableDistributedSampler) -> None:
-        self.sampler = sampler
-        self.epoch = 0
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for b in self.sampler.batches():
-            yield [(i, self.epoch) for i in b]
-
-    def __len__(self) -> int:
-        return self.sampler.batches_per_epoch - self.sampler.start_batch
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save that never leaves a half-written checkpoint (fastsam3d's atomic write)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint this engine wrote (weights-only unpickling: no code runs)."""
-    import pickle
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # e.g. an exported model.pth (it pickles its args)
-        ckpt = None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(
-            f"{path} is not a fastsam3d-distill training checkpoint (use `fastsam3d-distill "
-            "export` output with fastsam3d.load_model instead)"
-        )
-    return ckpt
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": _py_state_to_plain(random.getstate()),
-    }
-
-
-def _py_state_to_plain(state: tuple) -> list:
-    return [state[0], list(state[1]), state[2]]
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
+from .loading import EpochBatches, EpochDataset, collate, to_device, worker_context
+from .state import CKPT_FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
 
 # ----------------------------------------------------------------------------- config + task
 
@@ -287,9 +85,14 @@ class TrainConfig:
     apply_changes: bool = False  # resume: apply changed hyper-parameters (else refuse)
 
 
-# Default per-GPU batch on CUDA, per stage: where throughput has levelled off on an H200
-# (distill/benchmarks/results/gpu_distill_scaling.md); on CPU the default is 1.
-DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 32}
+# Default per-GPU batch on CUDA, per stage: where an H200's throughput has levelled off and the
+# GPU, not the host's kernel launches, bounds a step (stage 2 at 32 per GPU scaled 1.86x on two
+# H200s, at 64 2.05x; docs/benchmarks.md); on CPU the default is 1.
+DEFAULT_GPU_BATCH = {"distill": 64, "finetune": 64}
+
+# Reading threads for prepared crops when --workers is 0: 14 threads read ~4300 crops/s on an
+# H200 host, a GPU takes ~1000/s in online stage 1 (docs/benchmarks.md); 8 keep a margin.
+PREFETCH_THREADS = 8
 
 # Settings a resumed run may change freely (how it runs, not what it computes).
 RESUME_FREE = frozenset(
@@ -346,30 +149,6 @@ class Task(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("frozen_")}
 
 
-# ----------------------------------------------------------------------------- trainer
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Host tensors go through pinned memory: a copy from pageable memory would make the
-    host wait for the GPU (the stream is synchronised first), once per step."""
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if k == "id":  # a host list: reading ids must never wait for the GPU (and DDP
-            out[k] = v.tolist() if isinstance(v, torch.Tensor) else list(v)  # moves tensors)
-        elif isinstance(v, torch.Tensor) and device.type == "cuda" and v.device.type == "cpu":
-            out[k] = (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
-        else:
-            out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
-    return out
-
-
-def worker_context() -> str | None:
-    """DataLoader worker start method: forked workers of a process that has initialised CUDA
-    (and NCCL) die with 'CUDA error: initialization error' (seen on 2 H200s); forkserver
-    starts them clean. Plain fork otherwise (fast, and what the CPU tests use)."""
-    return "forkserver" if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-
 def _select(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     """The sub-batch of ``rows`` (tensors by first dimension, lists by position)."""
     out: dict[str, Any] = {}
@@ -383,44 +162,6 @@ def _select(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     return out
 
 
-def align_param_layout(module: nn.Module) -> list[str]:
-    """Give each parameter the strides its gradient came out with (after one backward).
-
-    DDP lays its gradient buckets out like the parameters; a kernel that returns a gradient
-    with other strides (e.g. a 1x1x1 conv weight whose gradient has channels-last strides in
-    its size-1 dimensions) makes DDP warn and copy every step. Where only size-1 dimensions
-    differ the memory order is the same, so the parameter becomes a re-strided view of its own
-    storage (no copy, values and optimiser state untouched). Returns the names changed.
-    """
-    changed = []
-    for name, p in module.named_parameters():
-        g = p.grad
-        if g is None or g.stride() == p.stride() or g.shape != p.shape:
-            continue
-        if all(a == b for a, b, n in zip(g.stride(), p.stride(), p.shape) if n > 1):
-            p.data = p.data.as_strided(p.shape, g.stride())
-            changed.append(name)
-    return changed
-
-
-def bf16_allreduce_hook(state, bucket):  # noqa: ANN001, ANN201 - DDP rejects string annotations
-    """DDP communication hook: average each gradient bucket in bf16 (half the bytes of fp32).
-
-    Same as torch's ``bf16_compress_hook`` but backend-neutral (that one insists on NCCL), so
-    the CPU/gloo tests run the very code the GPUs run.
-    """
-    buf = bucket.buffer()
-    world = dist.get_world_size()
-    comp = buf.to(torch.bfloat16).div_(world)
-    fut = dist.all_reduce(comp, async_op=True).get_future()
-
-    def back(f: torch.futures.Future) -> torch.Tensor:
-        buf.copy_(f.value()[0])
-        return buf
-
-    return fut.then(back)
-
-
 class Trainer:
     """Runs a Task over a dataset; see the module docstring for the guarantees.
 
@@ -432,8 +173,19 @@ class Trainer:
     blocking, and read one log interval later, timed with CUDA events.
     """
 
-    def __init__(self, task: Task, dataset: Dataset, cfg: TrainConfig, env: DistEnv | None = None):
+    def __init__(
+        self,
+        task: Task,
+        dataset: Dataset,
+        cfg: TrainConfig,
+        env: DistEnv | None = None,
+        callbacks: Sequence[Callable[[Trainer], None]] = (),
+    ):
         self.cfg = cfg
+        # Called with the trainer before each micro-batch, when it starts (``opt_step``,
+        # ``window_backward`` and ``epoch`` say where): progress hooks, and the resume tests'
+        # SIGKILL at a chosen step (Testing/distill/kill_at_step.py).
+        self.callbacks = list(callbacks)
         self.env = env or init_distributed(cfg.device)
         self.task = task.to(self.env.device)
         self.dataset = dataset
@@ -483,7 +235,8 @@ class Trainer:
         self._writer = None
         self._jsonl = None
         self._loader: DataLoader | None = None
-        self._batch_sampler = _EpochBatches(self.sampler)
+        self._prefetcher: Any = None  # prefetch.BatchPrefetcher for direct_read datasets
+        self._batch_sampler = EpochBatches(self.sampler)
         self._pending: list[dict[str, Any]] = []
         self._t_start = time.perf_counter()
         self._t0_event: Any = None
@@ -504,7 +257,7 @@ class Trainer:
         return self.out / "last.pt"
 
     def state(self) -> dict[str, Any]:
-        rngs = _all_gather_objects(self.env, _rng_state())
+        rngs = all_gather_objects(self.env, rng_state())
         return {
             "format": CKPT_FORMAT,
             "task": self.task.name,
@@ -596,7 +349,7 @@ class Trainer:
         self.gate.load_state_dict(ckpt["gate"])
         rngs = ckpt["rng"]
         if p["world"] == self.env.world:
-            _set_rng_state(rngs[self.env.rank])
+            set_rng_state(rngs[self.env.rank])
         elif self.env.is_main:
             print(
                 f"[{self.task.name}] resuming a {p['world']}-process run on {self.env.world}: "
@@ -745,6 +498,9 @@ class Trainer:
         if self._jsonl is not None:
             self._jsonl.close()
         self._loader = None  # shuts persistent workers down
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -755,6 +511,16 @@ class Trainer:
         if getattr(self.dataset, "direct_batches", False):  # device-resident (benchmarks)
             for idx in self.sampler.batches():
                 yield self.dataset.get_batch(idx, self.epoch)  # type: ignore[attr-defined]
+            return
+        if getattr(self.dataset, "direct_read", False):  # prepared crops: threads, pinned
+            if self._prefetcher is None:
+                from .prefetch import BatchPrefetcher
+
+                threads = self.cfg.num_workers or PREFETCH_THREADS
+                self._prefetcher = BatchPrefetcher(
+                    self.dataset, threads, self.cfg.prefetch, self.env.device
+                )
+            yield from self._prefetcher.run(self.sampler.batches())
             return
         if self._loader is None:
             workers = self.cfg.num_workers
@@ -768,7 +534,7 @@ class Trainer:
                 else {}
             )
             self._loader = DataLoader(
-                _EpochDataset(self.dataset),
+                EpochDataset(self.dataset),
                 batch_sampler=self._batch_sampler,
                 num_workers=workers,
                 collate_fn=collate,
@@ -810,6 +576,9 @@ class Trainer:
             find_unused_parameters=self.task.find_unused and not static,
             gradient_as_bucket_view=True,
             static_graph=static,
+            # No buffer changes in training (LayerNorms, constant positional tables): a
+            # broadcast before every forward would only add a collective per step.
+            broadcast_buffers=False,
         )
         if self.cfg.ddp_comm == "bf16":
             self.ddp.register_comm_hook(None, bf16_allreduce_hook)
@@ -951,7 +720,6 @@ class Trainer:
             self.load(self.ckpt_path)
             if self.env.is_main:
                 print(f"[{self.task.name}] resumed from {self.ckpt_path} at step {self.opt_step}")
-        kill_at = int(os.environ.get(_KILL_ENV, "0") or 0)
         total = cfg.max_steps or math.ceil(cfg.epochs * self.sampler.batches_per_epoch / cfg.accum)
         bar = None
         if cfg.progress and self.env.is_main:
@@ -969,10 +737,10 @@ class Trainer:
         run_backward = False
         while self.epoch < cfg.epochs and not self._done():
             for batch in self._batches():
-                if kill_at and self.opt_step + 1 == kill_at and self.window_backward == 0:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                for callback in self.callbacks:
+                    callback(self)
                 self.task.set_progress(self.epoch, self.opt_step)
-                batch = _to_device(batch, self.env.device)
+                batch = to_device(batch, self.env.device)
                 with torch.no_grad(), autocast:
                     batch = self.task.prepare(batch)
                 if self.ddp is None:

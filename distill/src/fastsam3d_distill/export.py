@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine import load_training_checkpoint
 from .models import config_from_dict, load_spec
+from .state import load_training_checkpoint
 
 
 def assemble_student(student_encoder: nn.Module, student_config: Any, base: nn.Module) -> nn.Module:

@@ -47,15 +47,47 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+DETECT = "detect"
+
+
+def detect_teacher_config(path: str | Path) -> Any:
+    """The teacher network a checkpoint file holds (a ``fastsam3d`` ``ModelConfig``), from its
+    keys and shapes by fastsam3d's own detection. Weights cannot show the block style: the
+    file's recorded style is used, else FastSAM3D's (its teacher ran the SAM-Med3D-turbo
+    weights with the FastSAM3D block), so the official file resolves to
+    ``sam-med3d-turbo-fastsam3d-block`` and a smaller teacher to a ``custom(...)`` config.
+    """
+    from fastsam3d.checkpoint import detect_config, load_state_dict_file
+    from fastsam3d.configs import MODEL_CONFIGS
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} not found")
+    try:
+        sd, style = load_state_dict_file(path)
+        cfg = detect_config(sd)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ValueError(
+            f"--teacher-config detect: cannot tell which network {path} holds ({first}); "
+            "name its config with --teacher-config (e.g. sam-med3d-turbo-fastsam3d-block)"
+        ) from None
+    style = style or "fastsam3d"
+    if style != cfg.block_style:
+        named = MODEL_CONFIGS.get(f"{cfg.name}-fastsam3d-block") if style == "fastsam3d" else None
+        cfg = named or dataclasses.replace(cfg, block_style=style)
+    return cfg
+
+
 def load_spec(
-    spec: str, device: str | torch.device = "cpu", config: str | None = None, **overrides: Any
+    spec: str, device: str | torch.device = "cpu", config: Any = None, **overrides: Any
 ) -> nn.Module:
     """A full Sam3D from a spec.
 
     ``fixture:NAME`` = registry config with the parity-recipe weights (no download; for tests
     and GPU benchmarks), ``random:NAME`` = random init, otherwise a checkpoint path or hub
     name for ``fastsam3d.load_model`` (``config`` overrides its detection, e.g. to run SAM-Med3D
-    weights with FastSAM3D's block). Overrides apply to fixture/random specs only.
+    weights with FastSAM3D's block; ``"detect"``: :func:`detect_teacher_config`). Overrides
+    apply to fixture/random specs only.
     """
     import fastsam3d
 
@@ -68,6 +100,8 @@ def load_spec(
     if overrides:
         raise ValueError(f"config overrides apply to fixture:/random: specs, not to {spec!r}")
     if Path(spec).exists() or not spec.endswith((".pth", ".pt", ".safetensors")):
+        if config == DETECT:
+            config = detect_teacher_config(spec)
         try:
             return fastsam3d.load_model(spec, device=str(device), config=config)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -83,7 +117,7 @@ def load_spec(
 
 
 def _is_training_checkpoint(path: str) -> bool:
-    from .engine import CKPT_FORMAT
+    from .state import CKPT_FORMAT
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .engine import Task
-from .models import config_to_dict
+from .models import DETECT, config_to_dict, detect_teacher_config
 
 LOSS_MODES = ("paper", "paper-mse", "neck", "released-tap")
 
@@ -223,7 +223,10 @@ def teacher_identity(args: Any) -> dict[str, Any]:
         return {"spec": spec, "overrides": sorted(args.teacher_override or [])}
     if not Path(spec).is_file():
         raise FileNotFoundError(f"teacher checkpoint {spec} not found")
-    return {"sha256": _sha256(spec), "config": args.teacher_config}
+    config = args.teacher_config
+    if config == DETECT:  # the resolved name: a cache made with that name explicitly still fits
+        config = detect_teacher_config(spec).name
+    return {"sha256": _sha256(spec), "config": config}
 
 
 def data_identity(dataset: Any, args: Any) -> str:

@@ -25,7 +25,8 @@ from .clicks import (
     next_click,
     random_error_click,
 )
-from .engine import Task, sample_generator
+from .distributed import sample_generator
+from .engine import Task
 from .models import config_to_dict
 
 CLICK_RULES = ("released", "ours")
@@ -94,10 +95,14 @@ class FinetuneTask(Task):
         reduction: str = "sum",
         lr_milestones: tuple[int, ...] = (60, 90),
         lr_gamma: float = 0.1,
+        mask_only_draw: str = "batch",
     ) -> None:
         super().__init__()
         if clicks not in CLICK_RULES:
             raise ValueError(f"click rule must be one of {CLICK_RULES}, got {clicks!r}")
+        if mask_only_draw not in ("batch", "sample"):
+            raise ValueError(f"mask_only_draw must be batch or sample, got {mask_only_draw!r}")
+        self.mask_only_draw = mask_only_draw
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
         self.clicks, self.mask_only_rounds = clicks, mask_only_rounds
@@ -119,9 +124,10 @@ class FinetuneTask(Task):
             )
         self.n_clicks, self.box_prob, self.seed = n_clicks, box_prob, seed
         self.epoch = 0
+        self.step = 0
 
     def set_progress(self, epoch: int, step: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.step = epoch, step
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Released: MultiStepLR over epochs (x0.1 at epochs 60 and 90)."""
@@ -134,6 +140,7 @@ class FinetuneTask(Task):
             "clicks": self.clicks,
             "n_clicks": self.n_clicks,
             "mask_only_rounds": self.mask_only_rounds,
+            "mask_only_draw": self.mask_only_draw,
             "detach_prev": self.detach_prev,
             "reduction": self.reduction,
             "lr_milestones": list(self.lr_milestones),
@@ -157,8 +164,10 @@ class FinetuneTask(Task):
         FN ∪ FP (the first: in the object), the newest click only (or all, per policy); at one
         random round in [2, 8] and at the last the decoder gets the mask prompt alone; the
         previous low-res logits go back in *with* their gradient; DiceCE summed over rounds.
-        All on the device; the randomness is seeded per sample (the released code drew the
-        mask-only round per batch of 1)."""
+        All on the device; clicks are seeded per sample. The mask-only round is drawn once per
+        optimiser step (``mask_only_draw="batch"``, as the released code drew it per batch: one
+        decoder pass per round) or per sample (``"sample"``: the batch splits into two
+        decoder passes on the rounds where samples differ, ~1.6x the decoder calls)."""
         emb = batch["embedding"]
         gt_t = (batch["label"] > 0.5).float()
         gt = gt_t[:, 0] > 0.5
@@ -166,16 +175,22 @@ class FinetuneTask(Task):
         n = len(ids)
         dev = emb.device
         gens = device_generators(self.seed, self.epoch, ids, dev, salt=2)
-        mask_only = [
-            int(
-                torch.randint(
-                    2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i, salt=4)
+        if self.mask_only_draw == "batch":  # one round per optimiser step, as released
+            g = sample_generator(self.seed, self.epoch, self.step, salt=5)
+            mask_only = [int(torch.randint(2, 9, (1,), generator=g))] * n
+        else:
+            mask_only = [
+                int(
+                    torch.randint(
+                        2, 9, (1,), generator=sample_generator(self.seed, self.epoch, i, salt=4)
+                    )
                 )
-            )
-            for i in ids
-        ]
+                for i in ids
+            ]
+        splits = self._round_splits(mask_only, dev)
         boxes = self._boxes(ids, gt, dev)
         prev = torch.zeros(n, 1, 32, 32, 32, device=dev, dtype=emb.dtype)
+        noise = torch.empty(gt.shape, device=dev)  # the click sampler's buffer, every round
         up: torch.Tensor | None = None
         click: tuple[torch.Tensor, torch.Tensor] | None = None
         hist_c: list[torch.Tensor] = []
@@ -183,44 +198,86 @@ class FinetuneTask(Task):
         total = torch.zeros(n, device=dev)
         parts = (self.prompt_encoder, self.mask_decoder)
         for r in range(self.n_clicks):
-            click = random_error_click(gt, None if up is None else up.detach(), gens, click)
+            click = random_error_click(
+                gt, None if up is None else up.detach(), gens, click, noise=noise
+            )
             hist_c.append(click[0].float())
             hist_l.append(click[1])
             if self.policy == "newest":
                 coords, labels = hist_c[-1][:, None], hist_l[-1][:, None]
             else:
                 coords, labels = torch.stack(hist_c, 1), torch.stack(hist_l, 1)
-            no_points = [
-                self.mask_only_rounds and (r == m or r == self.n_clicks - 1) for m in mask_only
-            ]
-            low = torch.empty_like(prev) if any(no_points) else None
-            for flag in (False, True):
-                rows = [b for b in range(n) if no_points[b] == flag]
-                if not rows:
-                    continue
-                if len(rows) == n:
-                    sel = slice(None)
-                else:
-                    sel = torch.as_tensor(rows, device=dev)
-                out = decode(
+            split = splits[r]
+            if not isinstance(split, tuple):  # every sample alike: one decoder pass
+                low = decode(
                     parts,
-                    emb[sel],
-                    None if flag else coords[sel],
-                    None if flag else labels[sel],
-                    prev[sel],
-                    None if boxes is None else boxes[sel],
+                    emb,
+                    None if split else coords,
+                    None if split else labels,
+                    prev,
+                    boxes,
                 )
-                if low is None:
-                    low = out
-                else:
-                    low = low.index_copy(0, torch.as_tensor(rows, device=dev), out.to(low.dtype))
-            assert low is not None
+            else:  # points for some, the mask prompt alone for the others
+                pts, msk, inverse = split
+                with_points = decode(
+                    parts,
+                    emb[pts],
+                    coords[pts],
+                    labels[pts],
+                    prev[pts],
+                    None if boxes is None else boxes[pts],
+                )
+                mask_alone = decode(
+                    parts, emb[msk], None, None, prev[msk], None if boxes is None else boxes[msk]
+                )
+                both = torch.cat([with_points.to(prev.dtype), mask_alone.to(prev.dtype)])
+                low = both[inverse]
             up = F.interpolate(
                 low.float(), size=gt_t.shape[2:], mode="trilinear", align_corners=False
             )
             total = total + dice_ce(up, gt_t)
             prev = low.detach() if self.detach_prev else low
         return total if self.reduction == "sum" else total / self.n_clicks
+
+    def _round_splits(
+        self, mask_only: list[int], dev: torch.device
+    ) -> list[bool | tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per round: False (every sample gets points), True (every sample the mask prompt
+        alone) or (rows with points, rows without, the inverse order of their
+        concatenation) as device index tensors. All rounds' indices travel in one
+        non-blocking copy from pinned memory: an index built from a host list per round
+        would make the host wait for the GPU twice a round (a pageable copy synchronises)."""
+        n = len(mask_only)
+        plan: list[Any] = []
+        flat: list[int] = []
+        for r in range(self.n_clicks):
+            alone = [
+                self.mask_only_rounds and (r == m or r == self.n_clicks - 1) for m in mask_only
+            ]
+            if all(alone) or not any(alone):
+                plan.append(all(alone))
+                continue
+            pts = [b for b in range(n) if not alone[b]]
+            msk = [b for b in range(n) if alone[b]]
+            inverse = np.argsort(np.asarray(pts + msk)).tolist()
+            plan.append((len(flat), len(pts), len(msk)))
+            flat += pts + msk + inverse
+        if not flat:
+            return plan
+        host = torch.as_tensor(flat, dtype=torch.long)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        idx = host.to(dev, non_blocking=True)
+        out: list[Any] = []
+        for p in plan:
+            if isinstance(p, tuple):
+                o, a, b = p
+                out.append(
+                    (idx[o : o + a], idx[o + a : o + a + b], idx[o + a + b : o + 2 * (a + b)])
+                )
+            else:
+                out.append(p)
+        return out
 
     def _boxes(self, ids: list[int], gt: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
         if self.box_prob <= 0:
