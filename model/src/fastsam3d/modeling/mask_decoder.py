@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import LayerNorm3d, using_reference_kernels
 from .transformer import TwoWayTransformer3D
 
 
@@ -27,6 +27,12 @@ class MLP(nn.Module):
 
 
 class MaskDecoder3D(nn.Module):
+    """Tokens + image embedding -> low-res mask logits and IoU predictions.
+
+    ``gemm_upscaling`` (default on; off in the ONNX export and under
+    :func:`~fastsam3d.modeling.common.reference_kernels`): see :meth:`_masks_by_gemm`.
+    """
+
     def __init__(
         self,
         transformer_dim: int = 384,
@@ -55,6 +61,7 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.gemm_upscaling = True
 
     def forward(
         self,
@@ -99,11 +106,13 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
         wanted = range(self.num_mask_tokens)[mask_slice]
-        hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
-        )
+        if self.gemm_upscaling and not using_reference_kernels():
+            hyper_in = self._hyper_in(mask_tokens_out, wanted)
+            masks = self._masks_by_gemm(src, hyper_in, (x, y, z))
+            return masks, self.iou_prediction_head(iou_token_out)
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        hyper_in = self._hyper_in(mask_tokens_out, wanted)
         b, c, x, y, z = upscaled.shape
         # The final logits in fp32 even under autocast (the fast paths): they are thresholded
         # and fed back as the next click's mask prompt.
@@ -111,3 +120,44 @@ class MaskDecoder3D(nn.Module):
             masks = hyper_in.float() @ upscaled.reshape(b, c, x * y * z).float()
         masks = masks.reshape(b, -1, x, y, z)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _hyper_in(self, mask_tokens_out: torch.Tensor, wanted: range) -> torch.Tensor:
+        """(B, len(wanted), C/8) hypernetwork weights of the wanted mask tokens."""
+        return torch.stack(
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
+        )
+
+    def _masks_by_gemm(
+        self, src: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """``output_upscaling`` and the hypernetwork product on (voxel, channel) rows.
+
+        A transposed convolution whose kernel equals its stride maps each input voxel to its
+        own 2x2x2 output block: one GEMM (N, C_in) x (C_in, 8 C_out) with the bias repeated.
+        Every later step is per voxel (LayerNorm over channels, GELU, the second such
+        convolution, the product with the hypernetwork's weights), so the rows stay in
+        (voxel, i, j, l, i', j', l') order, channels contiguous (no 5-D layout copies, no
+        slow_conv_transpose3d), and only the (N 64, masks) logits are put in grid order.
+        Same sums as the convolutions, in another order.
+        """
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        b, n, _ = src.shape
+        h = torch.addmm(conv1.bias.repeat(8), src.reshape(b * n, -1), _gemm_weight(conv1))
+        h = h.reshape(b * n * 8, -1)
+        h = act1(F.layer_norm(h, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+        h = act2(torch.addmm(conv2.bias.repeat(8), h, _gemm_weight(conv2)))
+        h = h.reshape(b, n * 64, -1)
+        # fp32 logits even under autocast (see predict_masks)
+        with torch.autocast(h.device.type, enabled=False):
+            masks = h.float() @ hyper_in.float().transpose(1, 2)  # (B, N 64, masks)
+        x, y, z = grid
+        masks = masks.reshape(b, x, y, z, 2, 2, 2, 2, 2, 2, -1)
+        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+        return masks.reshape(b, -1, 4 * x, 4 * y, 4 * z)
+
+
+def _gemm_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """A kernel-2, stride-2 ConvTranspose3d's weight (C_in, C_out, 2, 2, 2) as the
+    (C_in, 8 C_out) matrix whose columns run over (i, j, l, C_out)."""
+    w = conv.weight
+    return w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
