@@ -426,7 +426,7 @@ class Runner:
             embedding, coords, labels, mask_input, multimask_output: as :meth:`click`.
             post: fp32 low-res logits (B, C, 32, 32, 32) and ``extra`` -> one tensor (e.g. the
                 mask pasted into a region of the original grid, as
-                :func:`fastsam3d.bench.click_and_paste` does). Traced into the graph: it must
+                :func:`fastsam3d.clickpaste.click_and_paste` does). Traced into the graph: it must
                 not sync with the host.
             extra: tensors ``post`` reads, copied into the graph's static buffers per call.
             key: everything else that changes ``post``'s shapes or code (one graph per key).
