@@ -78,28 +78,45 @@ def paste_field(
     field: torch.Tensor, axes: Sequence[int], mode: str, tensors: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """(S, S, S) crop logits -> bool mask of the plan's region: separable gathers, threshold
-    at 0, and only voxels inside the crop's footprint may be set."""
-    x = field > 0 if mode == "nearest" else field.float()
-    inside = None
-    for a in range(3):
-        i0, i1, w, ok = tensors[4 * a : 4 * a + 4]
-        if mode == "nearest":
-            x = x.index_select(a, i0)
-        else:
-            shape = [1, 1, 1]
-            shape[a] = -1
-            x0 = x.index_select(a, i0)
-            x = x0 + (x.index_select(a, i1) - x0) * w.view(shape)
-        view = [1, 1, 1]
-        view[a] = -1
-        inside = ok.view(view) if inside is None else inside & ok.view(view)
-    if mode != "nearest":
-        x = x > 0
-    x = x & inside
+    at 0, and only voxels inside the crop's footprint may be set.
+
+    The crop is put in the region's axis order first (a copy of S^3 voxels, fewer than the
+    region's), so the result needs no permuted copy; nearest selections commute, so they run
+    shrinking axes first; the linear blends keep the crop-axis order (same rounding as ever).
+    """
+    nearest = mode == "nearest"
     pos = [0, 0, 0]
     for a in range(3):
         pos[axes[a]] = a
-    return x.permute(*pos).contiguous()
+    x = (field > 0 if nearest else field.float()).permute(*pos).contiguous()
+    order = sorted(range(3), key=lambda a: len(tensors[4 * a])) if nearest else range(3)
+    inside = None
+    for a in order:
+        d = axes[a]
+        i0, i1, w, ok = tensors[4 * a : 4 * a + 4]
+        if nearest:
+            x = _take(x, d, i0)
+        else:
+            shape = [1, 1, 1]
+            shape[d] = -1
+            x0 = _take(x, d, i0)
+            x = x0 + (_take(x, d, i1) - x0) * w.view(shape)
+        view = [1, 1, 1]
+        view[d] = -1
+        inside = ok.view(view) if inside is None else inside & ok.view(view)
+    if not nearest:
+        x = x > 0
+    return x & inside
+
+
+def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, index)``; along the last (contiguous) axis as a gather, which a
+    CPU runs ~5-10x faster there (index_select copies one element at a time)."""
+    if dim < x.dim() - 1:
+        return x.index_select(dim, index)
+    shape = list(x.shape)
+    shape[dim] = index.numel()
+    return torch.gather(x, dim, index.expand(shape))
 
 
 def click_and_paste(
