@@ -46,6 +46,18 @@ def test_folded_attention_equals_the_plain_form(short_side):
         assert rel(att(*args), ref) < 1e-5  # forward picks the folded form here
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_folded_attention_runs_in_the_module_dtype(dtype):
+    """A decoder cast whole to bf16 (no autocast) still runs: the fp32 softmax is cast back."""
+    torch.manual_seed(0)
+    att = Attention(384, 8, downsample_rate=2).eval().to(dtype)
+    few, many = torch.randn(1, 7, 384, dtype=dtype), torch.randn(1, 512, 384, dtype=dtype)
+    with torch.inference_mode():
+        for args in ((few, many, many), (many, few, few)):
+            out, ref = att(*args), att._plain(*args)
+            assert out.dtype == dtype and rel(out.float(), ref.float()) < 3e-2
+
+
 def test_attention_folds_only_where_it_saves_work(monkeypatch):
     att = Attention(384, 8, downsample_rate=2).eval()
 

@@ -102,7 +102,7 @@ class Attention(nn.Module):
         vh = self._split(self.v_proj(v))  # (B, h, n, d)
         wo = self.out_proj.weight.reshape(-1, h, vh.shape[-1]).permute(1, 2, 0)  # (h, d, C)
         vals = (vh @ wo).reshape(b, h * n, -1)  # (B, h n, C)
-        return torch.baddbmm(self.out_proj.bias.expand(b, 1, -1), attn, vals)
+        return torch.baddbmm(self.out_proj.bias.expand(b, 1, -1), attn.to(vals.dtype), vals)
 
     def _plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q = self._split(self.q_proj(q))
