@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastsam3d import geometry as geo
-from fastsam3d.bench import click_and_paste, crop_footprint, paste_field, paste_plan
+from fastsam3d.clickpaste import click_and_paste, crop_footprint, paste_field, paste_plan
 from fastsam3d.fastpath import Captured, GraphCache, Runner, click_key
 from fastsam3d.testing import fixture_model
 

@@ -10,6 +10,14 @@ Timing (``fastsam3d.bench``, FastSAM3D config, fixture weights, 512x512x300 CT s
 click), ``ort-fp32`` / ``ort-int8`` (``Runner(backend="onnxruntime")``). Medians; the machine's
 load average is recorded before and after (a shared machine makes medians noisy).
 
+Click variants (``--click``, issue 14's click <= 10 ms): the click (prompt encoder + decoder) in
+its plain form (the decoder's cross attention projected on the image side, the upscaling as
+transposed convolutions: the code before the exact rewrites, switched back per module as the
+ONNX export does) against the default (folded attention, upscaling as GEMMs), called in turn in
+one process so both see the same machine load: wall ms per thread count, CPU ms of one thread
+(``time.thread_time``: what other jobs on a shared machine disturb least), the 128^3 upsample
+(``geometry.upsample_logits``) and the rewrites' agreement with the plain form.
+
 Accuracy (``--accuracy``): int8 against fp32 on the parity crop and on crops of real volumes
 (nilearn's MNI152 T1; Debian ``mricron-data``'s ch2 brain; Debian ``invesalius-examples``' head
 CT), clicks at the crop centre and off-centre: embedding and logits relative error and the Dice
@@ -23,6 +31,7 @@ import glob
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,6 +82,11 @@ def cpu_flags() -> dict:
     return {
         "model": model,
         "logical_cpus": os.cpu_count(),
+        "isa_cap_env": {
+            k: os.environ[k]
+            for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ
+        },
         "flags": {f: f in flags for f in wanted},
     }
 
@@ -220,6 +234,108 @@ def accuracy(volume_names: list[str], parity: Path | None) -> dict:
     return {"cases": cases, "summary": summary}
 
 
+def click_variants(repeats: int, threads: tuple[int, ...], parity: Path | None) -> dict:
+    """Plain vs rewritten click, interleaved call by call (see the module docstring)."""
+    from fastsam3d.modeling.mask_decoder import MaskDecoder3D
+    from fastsam3d.modeling.transformer import Attention
+
+    model = fixture_model("fastsam3d")
+    runner = Runner(model, "cpu", "fp32")
+
+    def plain(on: bool) -> None:
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.fold = not on
+            if isinstance(m, MaskDecoder3D):
+                m.gemm_upscaling = not on
+
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(1, 384, 8, 8, 8, generator=g)
+    coords, labels, mask = bench._click_inputs(torch.device("cpu"))
+    variants = ("plain", "rewrites")
+    wall = {(t, v): [] for t in threads for v in variants}
+    cpu = {v: [] for v in variants}
+    before = load()
+    for i in range(repeats + 3):
+        for t in threads:
+            torch.set_num_threads(t)
+            for v in variants:
+                plain(v == "plain")
+                runner.click(emb, coords, labels, mask)  # keeps the thread pool warm
+                t0, c0 = time.perf_counter(), time.thread_time()
+                runner.click(emb, coords, labels, mask)
+                t1, c1 = time.perf_counter(), time.thread_time()
+                if i >= 3:
+                    wall[t, v].append((t1 - t0) * 1e3)
+                    if t == 1:
+                        cpu[v].append((c1 - c0) * 1e3)
+    plain(False)
+
+    def stats(ts: list[float]) -> dict:
+        ts = sorted(ts)
+        return {
+            "median_ms": statistics.median(ts),
+            "p25_ms": ts[len(ts) // 4],
+            "min_ms": ts[0],
+            "runs": len(ts),
+        }
+
+    res: dict = {
+        "wall": {f"{t} threads": {v: stats(wall[t, v]) for v in variants} for t in threads},
+        "cpu_1thread": {v: stats(cpu[v]) for v in variants},
+        "load": {"before": before, "after": load()},
+    }
+    low, _ = runner.click(emb, coords, labels, mask)
+    for t in threads:
+        torch.set_num_threads(t)
+        res["wall"][f"{t} threads"]["upsample_128"] = bench.time_fn(
+            lambda: geo.upsample_logits(low), torch.device("cpu"), repeats, 3
+        )
+    # agreement of the rewrites with the plain form: parity crop prompts and random ones
+    cases = [(coords, labels, mask, False), (coords, labels, None, True)]
+    if parity is not None and parity.exists():
+        gold = np.load(parity)
+        emb_p = runner.encode(torch.from_numpy(gold["input"]))
+        for pts, lab in (("points1", "labels1"), ("points3", "labels3")):
+            c, lb = torch.from_numpy(gold[pts]), torch.from_numpy(gold[lab])
+            cases.append((c, lb, torch.zeros(1, 1, 32, 32, 32), False))
+    worst = {"logits_rel_max": 0.0, "iou_abs_max": 0.0, "dice_min": 1.0, "cases": len(cases)}
+    for k, (c, lb, m, multi) in enumerate(cases):
+        e = emb if k < 2 else emb_p
+        a, ia = runner.click(e, c, lb, m, multi)
+        plain(True)
+        b, ib = runner.click(e, c, lb, m, multi)
+        plain(False)
+        big = [geo.upsample_logits(t[:1, :1]) > 0 for t in (a, b)]
+        total = float(big[0].sum() + big[1].sum())
+        dice = 1.0 if total == 0 else 2 * float((big[0] & big[1]).sum()) / total
+        worst["logits_rel_max"] = max(worst["logits_rel_max"], float((a - b).norm() / b.norm()))
+        worst["iou_abs_max"] = max(worst["iou_abs_max"], float((ia - ib).abs().max()))
+        worst["dice_min"] = min(worst["dice_min"], dice)
+    res["agreement"] = worst
+    return res
+
+
+def click_table(res: dict) -> str:
+    lines = [
+        "| click (ms) | plain: median / p25 / min | rewrites: median / p25 / min |",
+        "|---|---|---|",
+    ]
+    rows = [(k, v) for k, v in res["wall"].items()] + [("CPU time, 1 thread", res["cpu_1thread"])]
+    for name, r in rows:
+        cells = [
+            " / ".join(bench._fmt(r[v][q]) for q in ("median_ms", "p25_ms", "min_ms"))
+            for v in ("plain", "rewrites")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ups = ", ".join(
+        f"{k} {bench._fmt(v['upsample_128']['median_ms'])}" for k, v in res["wall"].items()
+    )
+    lines.append(f"\n128^3 upsample (median ms): {ups}; load {res['load']}")
+    lines.append(f"agreement of the rewrites with the plain form: {res['agreement']}")
+    return "\n".join(lines)
+
+
 def table(out: dict) -> str:
     stages = out["timing"]["stages"]
     modes = [m for m in MODES if any(m in stages.get(s, {}) for s in STAGES)]
@@ -243,6 +359,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--click", action="store_true", help="plain vs rewritten click (see above)")
+    ap.add_argument("--click-repeats", type=int, default=60)
     ap.add_argument("--volumes", default="mni152,mricron,invesalius")
     ap.add_argument(
         "--parity", type=Path, default=HERE.parents[2] / "shared" / "parity" / "parity.npz"
@@ -282,8 +400,14 @@ def main() -> int:
     }
     if args.accuracy:
         out["accuracy"] = accuracy(args.volumes.split(","), args.parity)
+    if args.click:
+        threads = (1, args.threads) if args.threads != 1 else (1,)
+        out["click_variants"] = click_variants(args.click_repeats, threads, args.parity)
+        torch.set_num_threads(args.threads)
     out["load_end"] = load()
     text = table(out)
+    if args.click:
+        text += "\n\n" + click_table(out["click_variants"])
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsam3d import geometry as geo
-from fastsam3d.bench import click_and_paste, crop_footprint, environment, paste_field, synthetic_ct
+from fastsam3d.bench import environment, synthetic_ct
+from fastsam3d.clickpaste import click_and_paste, crop_footprint, paste_field
 from fastsam3d.fastpath import Runner
 from fastsam3d.testing import fixture_model
 

@@ -14,10 +14,10 @@ Modes:
   Runtime); the graphs are exported once per weights into the user cache first.
 
 Stages: encoder of each model; one click (prompt encoder + decoder); one click including the
-paste of its mask into the crop's footprint on the original grid; the first mask of a new
-object in a CT-sized volume through :class:`fastsam3d.Session` (crop + encoder + click + paste,
-upload excluded); a further click through the session (paste included); batch-8 encoder
-throughput; peak GPU memory of a fast FastSAM3D session.
+paste of its mask into the crop's footprint on the original grid (:mod:`fastsam3d.clickpaste`);
+the first mask of a new object in a CT-sized volume through :class:`fastsam3d.Session` (crop +
+encoder + click + paste, upload excluded); a further click through the session (paste
+included); batch-8 encoder throughput; peak GPU memory of a fast FastSAM3D session.
 
 Timing: medians after warm-up; CUDA work is timed with CUDA events, never host clocks.
 Results are plain dicts so they can be written as JSON and kept in the repository.
@@ -33,8 +33,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,14 @@ import torch
 from . import __version__
 from . import geometry as geo
 from .build import set_attention_backend
+from .clickpaste import (  # noqa: F401 - PASTE_MODES, PastePlan, paste_plan: re-exported
+    PASTE_MODES,
+    PastePlan,
+    click_and_paste,
+    crop_footprint,
+    paste_field,
+    paste_plan,
+)
 from .device import resolve_device
 from .fastpath import Runner
 from .modeling import Sam3D
@@ -206,152 +213,6 @@ def synthetic_ct(
     vol = Volume(arr, ijk_to_ras)
     centre_ras = ijk_to_ras[:3, :3] @ c[::-1] + ijk_to_ras[:3, 3]
     return vol, centre_ras
-
-
-PASTE_MODES = ("nearest", "linear")
-
-
-@dataclass(frozen=True)
-class PastePlan:
-    """Where a crop's voxels land in a region of the original grid, prepared on the host.
-
-    ``axes[a]`` is the region axis that crop axis ``a`` runs along (the 1.5 mm lattice keeps
-    every voxel axis's direction, so the map is separable); ``tensors`` holds per crop axis
-    (i0, i1, w, inside) over that region axis: the two neighbouring crop voxels, the linear
-    weight, and whether the voxel centre lies in the crop (+/- half a voxel). Nearest rounds
-    halves up (ITK's rule), as :func:`fastsam3d.geometry.sample_field` does.
-    """
-
-    axes: tuple[int, int, int]
-    shape: tuple[int, int, int]
-    mode: str
-    tensors: tuple[torch.Tensor, ...]
-
-
-def paste_plan(
-    maps: Sequence[tuple[int, np.ndarray]],
-    size: int = 128,
-    mode: str = "nearest",
-    device: torch.device | str = "cpu",
-) -> PastePlan:
-    """Build a :class:`PastePlan` from per-crop-axis ``(region axis, crop coordinates of the
-    region's voxels along it)`` in float64 — ``fastsam3d.geometry.axis_maps`` minus the crop
-    start."""
-    if mode not in PASTE_MODES:
-        raise ValueError(f"paste mode must be one of {PASTE_MODES}, not {mode!r}")
-    axes = tuple(int(q) for q, _ in maps)
-    if sorted(axes) != [0, 1, 2]:
-        raise ValueError(f"maps must name each region axis once, got {axes}")
-    shape = [0, 0, 0]
-    parts: list[torch.Tensor] = []
-    for q, c in maps:
-        c = np.asarray(c, dtype=np.float64)
-        shape[q] = len(c)
-        if mode == "nearest":
-            i0 = np.clip(np.floor(c + 0.5), 0, size - 1)
-            i1, w = i0, np.zeros_like(c)
-        else:
-            cc = np.clip(c, 0, size - 1)
-            i0 = np.floor(cc)
-            i1, w = np.minimum(i0 + 1, size - 1), cc - i0
-        inside = (c >= -0.5) & (c < size - 0.5)
-        parts += [
-            torch.as_tensor(i0.astype(np.int64), device=device),
-            torch.as_tensor(i1.astype(np.int64), device=device),
-            torch.as_tensor(w, dtype=torch.float32, device=device),
-            torch.as_tensor(inside, device=device),
-        ]
-    return PastePlan(axes, tuple(shape), mode, tuple(parts))  # type: ignore[arg-type]
-
-
-def paste_field(
-    field: torch.Tensor, axes: Sequence[int], mode: str, tensors: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """(S, S, S) crop logits -> bool mask of the plan's region: separable gathers, threshold
-    at 0, and only voxels inside the crop's footprint may be set."""
-    x = field > 0 if mode == "nearest" else field.float()
-    inside = None
-    for a in range(3):
-        i0, i1, w, ok = tensors[4 * a : 4 * a + 4]
-        if mode == "nearest":
-            x = x.index_select(a, i0)
-        else:
-            shape = [1, 1, 1]
-            shape[a] = -1
-            x0 = x.index_select(a, i0)
-            x = x0 + (x.index_select(a, i1) - x0) * w.view(shape)
-        view = [1, 1, 1]
-        view[a] = -1
-        inside = ok.view(view) if inside is None else inside & ok.view(view)
-    if mode != "nearest":
-        x = x > 0
-    x = x & inside
-    pos = [0, 0, 0]
-    for a in range(3):
-        pos[axes[a]] = a
-    return x.permute(*pos).contiguous()
-
-
-def click_and_paste(
-    runner: Runner,
-    embedding: torch.Tensor,
-    coords: torch.Tensor,
-    labels: torch.Tensor,
-    mask_input: torch.Tensor | None,
-    plan: PastePlan,
-    multimask_output: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One click pasted into a region of the original volume, as one captured graph.
-
-    ``plan`` (:func:`paste_plan`) says where the crop lands in the region. Returns
-    (low-res logits, iou, bool mask of ``plan.shape`` on the device); the mask is the first
-    output mask thresholded at 0. One graph per region shape and axis order: keep the
-    region fixed per crop (e.g. the crop's whole footprint) to replay it click after click.
-    """
-    size = runner.model.image_encoder.img_size
-
-    def post(low: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        field = geo.upsample_logits(low[:1, :1], size)
-        return paste_field(field, plan.axes, plan.mode, tensors)
-
-    return runner.click_then(
-        embedding,
-        coords,
-        labels,
-        mask_input,
-        post,
-        plan.tensors,
-        (plan.shape, plan.axes, plan.mode),
-        multimask_output,
-    )
-
-
-def crop_footprint(
-    lattice: geo.Lattice,
-    ijk_to_ras: np.ndarray,
-    start: tuple[int, int, int],
-    shape_kji: tuple[int, ...],
-    mode: str = "nearest",
-    device: torch.device | str = "cpu",
-) -> tuple[tuple[slice, ...], PastePlan]:
-    """The region of the original grid a crop covers, and the plan to paste into it.
-
-    A fixed region per crop is what lets the click + paste graph replay click after click.
-    """
-    size = geo.CROP
-    lo = np.asarray(start, dtype=np.float64) - 0.5
-    region = geo.lattice_box_to_region(lattice, ijk_to_ras, lo, lo + size, shape_kji)
-    if region is None:
-        raise ValueError("crop does not overlap the volume")
-    m = geo._region_to_lattice(lattice, ijk_to_ras, region)
-    a = m[:3, :3]
-    q = np.argmax(np.abs(a), axis=1)
-    maps = []
-    for ax in range(3):
-        n = region[q[ax]].stop - region[q[ax]].start
-        c = a[ax, q[ax]] * np.arange(n, dtype=np.float64) + m[ax, 3] - start[ax]
-        maps.append((int(q[ax]), c))
-    return region, paste_plan(maps, size, mode, device)
 
 
 def _median(res: dict) -> float:

@@ -4,8 +4,9 @@
 fp32 on the parity cases, checked by the tests and by ``model/benchmarks/gpu_checks.py``):
 
 * CPU: where the CPU has native bf16 matmuls (AMX or AVX512-BF16; otherwise everything fp32),
-  the encoder on a bf16 copy of its weights and the click under bf16 autocast, with the final
-  mask product and logits in fp32 (2 cores: encoder 245 -> 84 ms, click 14 -> 10 ms).
+  the encoder on a bf16 copy of its weights; the click stays fp32 (since the decoder's exact
+  rewrites, bf16 autocast made it slower, not faster: docs/benchmarks.md; ``click_precision=
+  "bf16"`` still runs it so, with the final mask product and logits in fp32).
 * CUDA (``precision="bf16"``, the default there):
 
   - the encoder runs on a bf16 copy of its weights made once here (no per-call weight casts).
@@ -196,9 +197,9 @@ class Runner:
         max_graph_points: Clicks with more points run eagerly instead of from a graph.
         compile: ``torch.compile`` (Inductor) the encoder before capturing it: a faster encoder
             for a much longer warm-up; off by default.
-        click_precision: ``"auto"`` (bf16 autocast on a CPU with native bf16, fp32 on CUDA where
-            the click is launch-bound), ``"fp32"``, ``"tf32"`` (CUDA) or ``"bf16"``. The final mask
-            product and the logits stay fp32 in every mode.
+        click_precision: ``"auto"`` (fp32: on CUDA the click is launch-bound, on a CPU bf16
+            autocast is slower than the fp32 click), ``"fp32"``, ``"tf32"`` (CUDA) or
+            ``"bf16"``. The final mask product and the logits stay fp32 in every mode.
         backend: ``"torch"`` or ``"onnxruntime"`` (see the module docstring).
         onnx_dir: Where the exported ONNX graphs are (or go); default the user cache, keyed by
             the weights' digest.
@@ -255,8 +256,10 @@ class Runner:
         self.precision = precision
         self.cuda_fast = self.device.type == "cuda" and precision == "bf16"
         if click_precision == "auto":
-            cpu_bf16 = self.device.type == "cpu" and precision == "bf16"
-            click_precision = "bf16" if cpu_bf16 else "fp32"
+            # CPU with native bf16, 2 threads: fp32 18.0 vs bf16 autocast 21.3 ms (median, quiet
+            # machine): the click is bound by small ops and weight traffic, and autocast casts
+            # every weight on every call
+            click_precision = "fp32"
         self.click_precision = click_precision
         if graphs is None:
             graphs = self.cuda_fast
@@ -426,7 +429,7 @@ class Runner:
             embedding, coords, labels, mask_input, multimask_output: as :meth:`click`.
             post: fp32 low-res logits (B, C, 32, 32, 32) and ``extra`` -> one tensor (e.g. the
                 mask pasted into a region of the original grid, as
-                :func:`fastsam3d.bench.click_and_paste` does). Traced into the graph: it must
+                :func:`fastsam3d.clickpaste.click_and_paste` does). Traced into the graph: it must
                 not sync with the host.
             extra: tensors ``post`` reads, copied into the graph's static buffers per call.
             key: everything else that changes ``post``'s shapes or code (one graph per key).

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm3d
+from .common import LayerNorm3d, using_reference_kernels
 from .transformer import TwoWayTransformer3D
+
+# Input voxels per block of the CPU upscaling (see MaskDecoder3D._masks_by_gemm): a block's
+# largest intermediate, 128 x 64 x 48 fp32 = 1.5 MB, stays in a core's L2 cache. Measured on
+# 2 threads (docs/benchmarks.md): 128-256 beat one block of 512 by ~1 ms, 32 is slower.
+CPU_UPSCALE_VOXELS = 128
 
 
 class MLP(nn.Module):
@@ -27,6 +32,12 @@ class MLP(nn.Module):
 
 
 class MaskDecoder3D(nn.Module):
+    """Tokens + image embedding -> low-res mask logits and IoU predictions.
+
+    ``gemm_upscaling`` (default on; off in the ONNX export and under
+    :func:`~fastsam3d.modeling.common.reference_kernels`): see :meth:`_masks_by_gemm`.
+    """
+
     def __init__(
         self,
         transformer_dim: int = 384,
@@ -55,6 +66,7 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(
             transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.gemm_upscaling = True
 
     def forward(
         self,
@@ -99,11 +111,13 @@ class MaskDecoder3D(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
         wanted = range(self.num_mask_tokens)[mask_slice]
-        hyper_in = torch.stack(
-            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
-        )
+        if self.gemm_upscaling and not using_reference_kernels():
+            hyper_in = self._hyper_in(mask_tokens_out, wanted)
+            masks = self._masks_by_gemm(src, hyper_in, (x, y, z))
+            return masks, self.iou_prediction_head(iou_token_out)
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, x, y, z))
+        hyper_in = self._hyper_in(mask_tokens_out, wanted)
         b, c, x, y, z = upscaled.shape
         # The final logits in fp32 even under autocast (the fast paths): they are thresholded
         # and fed back as the next click's mask prompt.
@@ -111,3 +125,51 @@ class MaskDecoder3D(nn.Module):
             masks = hyper_in.float() @ upscaled.reshape(b, c, x * y * z).float()
         masks = masks.reshape(b, -1, x, y, z)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _hyper_in(self, mask_tokens_out: torch.Tensor, wanted: range) -> torch.Tensor:
+        """(B, len(wanted), C/8) hypernetwork weights of the wanted mask tokens."""
+        return torch.stack(
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
+        )
+
+    def _masks_by_gemm(
+        self, src: torch.Tensor, hyper_in: torch.Tensor, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        """``output_upscaling`` and the hypernetwork product on (voxel, channel) rows.
+
+        A transposed convolution whose kernel equals its stride maps each input voxel to its
+        own 2x2x2 output block: one GEMM (N, C_in) x (C_in, 8 C_out) with the bias repeated.
+        Every later step is per voxel (LayerNorm over channels, GELU, the second such
+        convolution, the product with the hypernetwork's weights), so the rows stay in
+        (voxel, i, j, l, i', j', l') order, channels contiguous (no 5-D layout copies, no
+        slow_conv_transpose3d), and only the (N 64, masks) logits are put in grid order.
+        Same sums as the convolutions, in another order. On a CPU the voxels go in blocks of
+        ``CPU_UPSCALE_VOXELS`` so that each block's 64x larger intermediates stay in cache.
+        """
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        w1, b1 = _gemm_weight(conv1), conv1.bias.repeat(8)
+        w2, b2 = _gemm_weight(conv2), conv2.bias.repeat(8)
+        hyper_t = hyper_in.float().transpose(1, 2)  # (B, C/8, masks)
+        b, n, _ = src.shape
+        step = CPU_UPSCALE_VOXELS if src.device.type == "cpu" else n
+        parts = []
+        for i in range(b):
+            for s in range(0, n, step):
+                h = torch.addmm(b1, src[i, s : s + step], w1).reshape(-1, norm.weight.shape[0])
+                h = act1(F.layer_norm(h, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+                h = act2(torch.addmm(b2, h, w2)).reshape(-1, hyper_t.shape[1])
+                # fp32 logits even under autocast (see predict_masks)
+                with torch.autocast(h.device.type, enabled=False):
+                    parts.append(h.float() @ hyper_t[i])  # (voxels 64, masks)
+        masks = torch.cat(parts)
+        x, y, z = grid
+        masks = masks.reshape(b, x, y, z, 2, 2, 2, 2, 2, 2, -1)
+        masks = masks.permute(0, 10, 1, 4, 7, 2, 5, 8, 3, 6, 9)
+        return masks.reshape(b, -1, 4 * x, 4 * y, 4 * z)
+
+
+def _gemm_weight(conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """A kernel-2, stride-2 ConvTranspose3d's weight (C_in, C_out, 2, 2, 2) as the
+    (C_in, 8 C_out) matrix whose columns run over (i, j, l, C_out)."""
+    w = conv.weight
+    return w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)

@@ -145,6 +145,7 @@ def export_onnx(
     ``overwrite`` (a directory holding another model's graphs is an error, not overwritten).
     """
     from ..modeling.attention import Attention as EncoderAttention
+    from ..modeling.transformer import Attention as DecoderAttention
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,9 +173,16 @@ def export_onnx(
                 "overwrite=True (--overwrite) or choose another directory"
             )
     backends = {m: m.backend for m in model.modules() if isinstance(m, EncoderAttention)}
+    # the click graph keeps the decoder's plain form (a dynamic number of points; the packaged
+    # templates are exported this way): no folded attention, upscaling as convolutions
+    plain = {m: m.fold for m in model.modules() if isinstance(m, DecoderAttention)}
+    gemm = model.mask_decoder.gemm_upscaling
     try:
         for m in backends:
             m.backend = "sdpa"  # the exact default kernels (SDPA with the rel-pos bias)
+        for m in plain:
+            m.fold = False
+        model.mask_decoder.gemm_upscaling = False
         crop = torch.zeros(1, 1, *(model.image_encoder.img_size,) * 3)
         _export(_Encoder(model).eval(), (crop,), paths["encoder"], (["crop"], ["embedding"]))
         pe = model.prompt_encoder
@@ -204,6 +212,9 @@ def export_onnx(
     finally:
         for m, b in backends.items():
             m.backend = b
+        for m, f in plain.items():
+            m.fold = f
+        model.mask_decoder.gemm_upscaling = gemm
     if int8:
         quantize_encoder(paths["encoder"], paths["encoder_int8"])
     cfg = getattr(model, "config", None)
