@@ -114,3 +114,46 @@ def test_click_with_rewrites_equals_the_plain_click(points, mask, multimask, bat
     assert low.shape == low0.shape == (batch, 3 if multimask else 1, 32, 32, 32)
     assert rel(low, low0) < 1e-5 and rel(iou, iou0) < 1e-5
     assert torch.equal(low > 0, low0 > 0) or float(((low > 0) != (low0 > 0)).float().mean()) < 1e-4
+
+
+def test_the_rewrites_run_on_the_cpu_only(monkeypatch):
+    """CUDA keeps the plain forms: on an H200 the rewrites made the click slower (0.76 -> 0.94
+    ms, bench_h200_2026-11-30.json). The meta device stands in for a GPU's."""
+    from fastsam3d.modeling import mask_decoder as md
+    from fastsam3d.modeling import transformer as tr
+    from fastsam3d.modeling.common import click_rewrites
+
+    assert click_rewrites(torch.empty(1))
+    assert not click_rewrites(torch.empty(1, device="meta"))
+    with reference_kernels():
+        assert not click_rewrites(torch.empty(1))
+
+    def boom(*args: object) -> None:
+        raise AssertionError("rewritten")
+
+    model = fixture_model("fastsam3d").eval()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            monkeypatch.setattr(m, "_few_queries", boom)
+            monkeypatch.setattr(m, "_few_keys", boom)
+    monkeypatch.setattr(model.mask_decoder, "_masks_by_gemm", boom)
+    args = dict(
+        image_embeddings=torch.randn(1, 384, 8, 8, 8),
+        image_pe=torch.randn(1, 384, 8, 8, 8),
+        sparse_prompt_embeddings=torch.randn(1, 3, 384),
+        dense_prompt_embeddings=torch.randn(1, 384, 8, 8, 8),
+        multimask_output=False,
+    )
+
+    def as_if_on_a_gpu(x: torch.Tensor) -> bool:  # what click_rewrites says off the CPU
+        return click_rewrites(torch.empty(1, device="meta"))
+
+    with torch.inference_mode():
+        monkeypatch.setattr(tr, "click_rewrites", as_if_on_a_gpu)
+        monkeypatch.setattr(md, "click_rewrites", as_if_on_a_gpu)
+        low_res, _ = model.mask_decoder(**args)  # every plain form: no AssertionError
+        assert tuple(low_res.shape) == (1, 1, 32, 32, 32)
+        monkeypatch.setattr(tr, "click_rewrites", click_rewrites)
+        monkeypatch.setattr(md, "click_rewrites", click_rewrites)
+        with pytest.raises(AssertionError, match="rewritten"):
+            model.mask_decoder(**args)

@@ -28,6 +28,14 @@ def using_reference_kernels() -> bool:
     return _REFERENCE_KERNELS
 
 
+def click_rewrites(x: torch.Tensor) -> bool:
+    """Whether the decoder's exact CPU rewrites (folded cross attention, upscaling as GEMMs) run
+    for ``x``: on the CPU only. On an H200 they made the click slower (0.76 -> 0.94 ms, fast
+    path; docs/benchmarks.md), so CUDA keeps the plain forms it was measured with; the reference
+    kernels and the ONNX export keep them too."""
+    return x.device.type == "cpu" and not _REFERENCE_KERNELS
+
+
 class LayerNorm3d(nn.Module):
     """LayerNorm over the channel axis of a (B, C, D, H, W) tensor.
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm3d, using_reference_kernels
+from .common import LayerNorm3d, click_rewrites
 from .transformer import TwoWayTransformer3D
 
 # Input voxels per block of the CPU upscaling (see MaskDecoder3D._masks_by_gemm): a block's
@@ -112,7 +112,7 @@ class MaskDecoder3D(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         wanted = range(self.num_mask_tokens)[mask_slice]
-        if self.gemm_upscaling and not using_reference_kernels():
+        if self.gemm_upscaling and click_rewrites(src):
             hyper_in = self._hyper_in(mask_tokens_out, wanted)
             masks = self._masks_by_gemm(src, hyper_in, (x, y, z))
             return masks, self.iou_prediction_head(iou_token_out)
@@ -151,7 +151,7 @@ class MaskDecoder3D(nn.Module):
         w2, b2 = _gemm_weight(conv2), conv2.bias.repeat(8)
         hyper_t = hyper_in.float().transpose(1, 2)  # (B, C/8, masks)
         b, n, _ = src.shape
-        step = CPU_UPSCALE_VOXELS if src.device.type == "cpu" else n
+        step = CPU_UPSCALE_VOXELS
         parts = []
         for i in range(b):
             for s in range(0, n, step):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock, using_reference_kernels
+from .common import MLPBlock, click_rewrites
 
 
 class Attention(nn.Module):
@@ -50,7 +50,7 @@ class Attention(nn.Module):
         ~4 * N * C * h * d on the long side's N tokens and the folded forms ~4 * N * C * h * n,
         so a side with n <= d / 2 tokens is folded (the click: n = 7, d = 24).
         """
-        if self.fold and not using_reference_kernels():
+        if self.fold and click_rewrites(q):
             short = self.internal_dim // self.num_heads // 2
             if q.shape[1] <= short < k.shape[1]:
                 return self._few_queries(q, k, v)
@@ -191,7 +191,7 @@ class TwoWayTransformer3D(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
-        if self.final_attn_token_to_image.fold and not using_reference_kernels():
+        if self.final_attn_token_to_image.fold and click_rewrites(image_embedding):
             # dense (B, XYZ, C) rows: every later add, norm and GEMM on the image tokens is
             # then a plain row-major one (strided adds cost ~3x here). Off in the ONNX export,
             # whose packaged graphs keep the plain form.
