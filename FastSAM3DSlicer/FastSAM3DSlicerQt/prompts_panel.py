@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import qt
 import slicer
 
 try:
@@ -114,19 +113,6 @@ class PromptsPanel:
                     "again."
                 ),
             )
-
-    def _saveChoices(self) -> None:
-        """The panel's choices into the parameter node, and from it into the preferences."""
-        from FastSAM3DSlicerLib import params
-
-        node = self._choices()
-        choice = self._selectedWeights()
-        if choice is not None:
-            node.weights = choice.key
-        if self.ui.deviceComboBox.currentText in params.DEVICES:
-            node.device = self.ui.deviceComboBox.currentText
-        node.positive = self.capture.positive
-        params.Preferences.of(node).save(qt.QSettings())
 
     # -- prompts: target, markers, submission -------------------------------------------
 
