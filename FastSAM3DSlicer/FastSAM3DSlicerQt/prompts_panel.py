@@ -24,6 +24,11 @@ except ImportError:  # Slicer without the i18n helpers
         return text
 
 
+def _prompt_failed() -> str:
+    """The message over an unexpected error of one prompt (translated when shown)."""
+    return _("FastSAM3D could not use this prompt.")
+
+
 class PromptsPanel:
     """The Prompts section's slots; the Widget's ``__init__``/``setup`` create the state they
     use (``capture``, ``views``, ``markers``, ``deferred``, ``logic``...)."""
@@ -144,9 +149,7 @@ class PromptsPanel:
         """A finished click or drag (called from the event loop, not from the view event)."""
         from FastSAM3DSlicerLib import interaction
 
-        with slicer.util.tryWithErrorDisplay(
-            _("FastSAM3D could not use this prompt."), waitCursor=False
-        ):
+        with slicer.util.tryWithErrorDisplay(_prompt_failed(), waitCursor=False):
             reason = interaction.refusal(self._pendingCount() + len(self.deferred))
             if reason:
                 self._status(reason)
@@ -180,9 +183,16 @@ class PromptsPanel:
             self._status(message)
 
     def _runDeferred(self) -> None:
+        """The prompts given while the model loaded, in order (from the timer's tick). One that
+        fails unexpectedly reaches the error display and loses its marker; the others still
+        run (Slicer's tryWithErrorDisplay raises again after showing, so it is caught here)."""
         deferred, self.deferred = self.deferred, []
         for prompt, tag, target in deferred:
-            self._submitPrompt(prompt, tag, target)
+            try:
+                with slicer.util.tryWithErrorDisplay(_prompt_failed(), waitCursor=False):
+                    self._submitPrompt(prompt, tag, target)
+            except Exception:  # noqa: BLE001 - shown above; the next prompts still run
+                logging.exception("FastSAM3D: a prompt given while the model loaded failed")
 
     def _submitPrompt(self, prompt: Any, tag: Any, target: Any = None) -> None:
         from FastSAM3DSlicerLib import interaction

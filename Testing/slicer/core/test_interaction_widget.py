@@ -628,7 +628,8 @@ def test_choices_live_in_the_parameter_node_and_a_new_scene_starts_from_the_pref
 
 
 class ErrorDisplay:
-    """slicer.util.tryWithErrorDisplay as a recorder: the message and the error it showed."""
+    """slicer.util.tryWithErrorDisplay as a recorder: the message and the error it showed. As
+    Slicer's (Base/Python/slicer/util.py), it raises the error again after showing it."""
 
     def __init__(self) -> None:
         self.shown = []
@@ -640,8 +641,9 @@ class ErrorDisplay:
         def show():
             try:
                 yield
-            except Exception as e:  # noqa: BLE001 - what Slicer's helper does: show it
+            except Exception as e:
                 self.shown.append((message, e))
+                raise
 
         return show()
 
@@ -677,10 +679,46 @@ def test_lib_refusals_are_a_status_line_and_other_errors_reach_the_error_display
     assert "was it deleted?" in env.messages[-1] and display.shown == []
     assert marker_count(env) == 1  # the refused prompt's marker went
     monkeypatch.setattr(w.logic, "add_point", lambda *a, **k: 1 / 0)
-    _submit_click(env)
+    with pytest.raises(ZeroDivisionError):  # shown, then raised on into Qt's slot call
+        _submit_click(env)
     [(message, error)] = display.shown
     assert "could not use this prompt" in message and isinstance(error, ZeroDivisionError)
     assert marker_count(env) == 1
+
+
+def test_a_waiting_prompts_error_is_shown_and_the_next_ones_still_run(env, monkeypatch):
+    """Prompts given while the model loaded run from the timer's tick (no slot guards it): an
+    unexpected error of one reaches the error display and takes its marker; the next prompt
+    still runs (before, the error left onPoll for the console only, the next prompt was
+    dropped and its marker stayed)."""
+    display = ErrorDisplay()
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", display, raising=False)
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (
+        scene.volume,
+        scene.segmentation,
+        scene.target,
+    )
+    add_point, calls = w.logic.add_point, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return add_point(*args, **kwargs)
+
+    monkeypatch.setattr(w.logic, "add_point", first_fails)
+    for ijk in ((22, 20, 18), (24, 20, 18)):
+        prompt = interaction.PointPrompt(tuple(scene.world_of_ijk(ijk)), True)
+        w.deferred.append((prompt, w.markers.add(prompt), None))
+    w._runDeferred()
+    w.logic.wait()
+    w.onPoll()
+    [(message, error)] = display.shown
+    assert "could not use this prompt" in message and isinstance(error, ZeroDivisionError)
+    assert len(calls) == 2 and w.deferred == [] and marker_count(env) == 1
+    assert w.ui.latencyLabel.text.startswith("Last prompt")  # the second one was written
 
 
 def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monkeypatch):
@@ -689,7 +727,8 @@ def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monk
     calls = []
     env.widget._guarded(lambda: calls.append(1))(True)  # a clicked(bool) argument is dropped
     assert calls == [1] and display.shown == []
-    env.widget._guarded(lambda: {}["missing"])()
+    with pytest.raises(KeyError):  # shown, then raised on into Qt's slot call (it logs it)
+        env.widget._guarded(lambda: {}["missing"])()
     [(message, error)] = display.shown
     assert "this action failed" in message and isinstance(error, KeyError)
 
