@@ -316,6 +316,16 @@ class FastSAM3DSlicerWidget(
             pass
         self._shutdownWork()
 
+    def onReload(self) -> None:
+        """Developer mode's Reload: Slicer executes this file again, not the modules it
+        imports, so the panel's slots (FastSAM3DSlicerQt) are dropped first and imported anew.
+        The Lib stays: the running work holds its classes until cleanup()."""
+        import sys
+
+        for name in [n for n in sys.modules if n.split(".")[0] == "FastSAM3DSlicerQt"]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def onAboutToQuit(self) -> None:
         """Slicer is quitting (cleanup may come too late): no prediction or download holds it."""
         self._stopViews()

@@ -933,3 +933,28 @@ def test_scene_close_binds_the_panel_to_the_new_node(panel):
     assert shown_choices(w) == ("FastSAM3D (fast, default)", "auto", False)  # not shown
     w.initializeParameterNode()  # what enter() does first
     assert shown_choices(w) == ("SAM-Med3D-turbo", "cpu", True)
+
+
+def test_developer_reload_imports_the_panels_slots_anew(env, monkeypatch):
+    """Slicer's Reload (slicer.util.reloadScriptedModule) executes FastSAM3DSlicer.py again but
+    not the modules it imports: without the Widget's onReload, edits to the panel's slots in
+    FastSAM3DSlicerQt were silently not reloaded."""
+    import importlib.util
+
+    base = sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleWidget
+    reloaded = []
+
+    def reload_scripted_module(self) -> None:  # what Slicer's onReload runs
+        spec = importlib.util.spec_from_file_location(
+            "FastSAM3DSlicer_reloaded", env.module.__file__
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        reloaded.append(module)
+
+    monkeypatch.setattr(base, "onReload", reload_scripted_module, raising=False)
+    env.widget.onReload()
+    [module] = reloaded
+    assert module.PromptsPanel is not env.module.PromptsPanel
+    assert module.SetupPanel is not env.module.SetupPanel
+    assert sys.modules["FastSAM3DSlicerQt.setup_panel"].SetupPanel is module.SetupPanel
