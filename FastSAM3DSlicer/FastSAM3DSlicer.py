@@ -143,6 +143,7 @@ class FastSAM3DSlicerWidget(
         self._promptOnEnter = False
         self._weightChoices = []
         self._probingSize = False  # the weights size request is in flight (m9)
+        self._dropWhenIdle = False  # the network goes once its predictions are written
         self.backend = None  # backends.BackendSettings: local / ONNX / remote (QSettings)
         # Last: without a parent, the base class calls setup() itself, which needs the above.
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -428,6 +429,8 @@ class FastSAM3DSlicerWidget(
                 self._showResults(
                     self.logic.poll(pump=slicer.app.processEvents, max_s=PROGRESS_EVERY_S)
                 )
+            if self._dropWhenIdle and self.logic is not None and not self.logic.busy:
+                self._dropEngine()  # asked for while it predicted (a scene loaded, a server)
             if self.modelSetup.state == "idle" and (self.logic is None or not self.logic.busy):
                 self.pollTimer.stop()
             self._updateButtons()

@@ -355,9 +355,12 @@ class SetupPanel:
         self._showWeightsStatus()
 
     def _dropEngine(self, index: Any = None) -> None:
-        """Forget the loaded network (new weights, device or backend) and every session."""
+        """Forget the loaded network (new weights, device, backend or server) and every
+        session; while it predicts, once the results are written (the timer's tick)."""
         if self.logic is not None and self.logic.busy:
+            self._dropWhenIdle = True
             return
+        self._dropWhenIdle = False
         self.markers.clear_points()  # their sessions (and undo) are gone
         if self.logic is not None:
             self._closeEngine(self.logic.engine)

@@ -958,3 +958,21 @@ def test_developer_reload_imports_the_panels_slots_anew(env, monkeypatch):
     assert module.PromptsPanel is not env.module.PromptsPanel
     assert module.SetupPanel is not env.module.SetupPanel
     assert sys.modules["FastSAM3DSlicerQt.setup_panel"].SetupPanel is module.SetupPanel
+
+
+def test_a_scene_imported_while_predicting_unloads_the_network_once_written(panel):
+    """The combos are disabled while a prediction runs, but a scene imported then can bring
+    other weights: the running prediction is written, then the network goes (before, the
+    refused drop left it loaded under the panel's new weights)."""
+    w, scene = panel.widget, panel.scene
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    assert w.logic.busy
+    import_scene_choices(scene.scene, weights="sam-med3d-turbo")
+    assert w.logic is not None and shown_choices(w)[0] == "SAM-Med3D-turbo"
+    for _tick in range(200):  # the timer's ticks (each waits up to its poll time)
+        if w.logic is None:
+            break
+        w.onPoll()
+    assert w.ui.latencyLabel.text.startswith("Last prompt")  # written first
+    assert w.logic is None and not w._dropWhenIdle
