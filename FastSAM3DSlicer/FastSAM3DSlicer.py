@@ -17,6 +17,7 @@ from typing import Any
 
 import qt
 import slicer
+import vtk
 from FastSAM3DSlicerQt.prompts_panel import PromptsPanel
 from FastSAM3DSlicerQt.setup_panel import SetupPanel
 from slicer.parameterNodeWrapper import parameterNodeWrapper
@@ -129,7 +130,8 @@ class FastSAM3DSlicerWidget(
         VTKObservationMixin.__init__(self)
         self.logic = None  # InteractiveLogic once a network is loaded
         self.moduleLogic = None  # FastSAM3DSlicerLogic: the parameter node
-        self._parameterNode = None
+        self._parameterNode = None  # FastSAM3DSlicerParameterNode the panel is bound to
+        self._syncingChoices = False  # the panel and the node being brought together
         self.modelSetup = setup_flow.ModelSetup()  # download and load in flight, the worker
         self.capture = None  # interaction.PromptCapture: click/drag decisions and polarity
         self.markers = markers.PromptMarkers(slicer.mrmlScene)
@@ -141,6 +143,7 @@ class FastSAM3DSlicerWidget(
         self._promptOnEnter = False
         self._weightChoices = []
         self._probingSize = False  # the weights size request is in flight (m9)
+        self._dropWhenIdle = False  # the network goes once its predictions are written
         self.backend = None  # backends.BackendSettings: local / ONNX / remote (QSettings)
         # Last: without a parent, the base class calls setup() itself, which needs the above.
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -172,16 +175,13 @@ class FastSAM3DSlicerWidget(
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.moduleLogic = FastSAM3DSlicerLogic()
         self.capture = interaction.PromptCapture()
-        self.initializeParameterNode()
         self._setupBackend()
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         self.masking.ui = self.ui
         self.masking.connect()
         self.masking.select()
         for name in params.DEVICES:
-            self.ui.deviceComboBox.addItem(name)
-        device = params.Preferences.of(self._choices()).device  # a known one
-        self.ui.deviceComboBox.setCurrentIndex(params.DEVICES.index(device))
+            self.ui.deviceComboBox.addItem(name, name)  # text and key alike
         for w in (
             self.ui.downloadProgressBar,
             self.ui.cancelDownloadButton,
@@ -228,25 +228,53 @@ class FastSAM3DSlicerWidget(
         layoutManager = slicer.app.layoutManager()
         if layoutManager is not None:  # new slice views appear with a new layout
             layoutManager.connect("layoutChanged(int)", self.onLayoutChanged)
+        self.initializeParameterNode()  # the panel shows the node's choices (the combos are filled)
         self._showPolarity()
         self._updateButtons()
 
     def initializeParameterNode(self) -> None:
-        """Ensure the parameter node exists; a new one starts from the user's preferences."""
+        """Ensure the parameter node exists and bind the panel to it; a new one starts from
+        the user's preferences."""
         from FastSAM3DSlicerLib import params
 
         if self.moduleLogic is None:
             self.moduleLogic = FastSAM3DSlicerLogic()
         preferences = params.Preferences.load(qt.QSettings())
-        self._parameterNode = self.moduleLogic.getParameterNode(preferences)
-        if self.capture is not None:
-            self.capture.positive = bool(self._parameterNode.positive)
+        self.setParameterNode(self.moduleLogic.getParameterNode(preferences))
+
+    def setParameterNode(self, node: FastSAM3DSlicerParameterNode | None) -> None:
+        """Bind the panel to ``node`` both ways (None: unbind), as the template's connectGui
+        does: the panel shows the node's choices now and whenever the node changes (a scene
+        imported over it), and the user's changes go into the node (_saveChoices). Not
+        connectGui itself: the weights combo shows labels while the node holds keys (item data).
+        """
+        self._observeChoices(False)
+        self._parameterNode = node
+        if node is not None:
+            self._observeChoices(True)
+            self._showChoices()
+
+    def _observeChoices(self, on: bool) -> None:
+        """Follow the bound node's changes (on) or stop (off: the module is left)."""
+        if self._parameterNode is None:
+            return
+        raw, event = self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent
+        observed = self.hasObserver(raw, event, self._onParameterNodeModified)
+        if on and not observed:
+            # Below the wrapper's own observers (priority 0), which refresh its cached values:
+            # VTK calls equal priorities out of order, so at 0 this could read stale ones.
+            self.addObserver(raw, event, self._onParameterNodeModified, priority=-1.0)
+        elif observed and not on:
+            self.removeObserver(raw, event, self._onParameterNodeModified)
+
+    def _onParameterNodeModified(self, caller: Any = None, event: Any = None) -> None:
+        self._showChoices()
 
     def enter(self) -> None:
         """Called each time the user opens this module: keys and view capture start here."""
         from FastSAM3DSlicerLib import install
 
-        self.initializeParameterNode()
+        self.initializeParameterNode()  # binds the panel again (exit unbinds it)
         self.masking.select()
         self.ui.segmentEditorWidget.updateWidgetFromMRML()
         self._installShortcuts()
@@ -260,6 +288,7 @@ class FastSAM3DSlicerWidget(
     def exit(self) -> None:
         """Called when the user leaves: nothing of this module keeps acting on the views."""
         self._promptOnEnter = bool(self.capture and self.capture.active)
+        self._observeChoices(False)
         self._stopViews()
         editor = self.ui.segmentEditorWidget
         editor.setActiveEffect(None)  # a Paint/Draw effect would keep taking view clicks
@@ -288,6 +317,16 @@ class FastSAM3DSlicerWidget(
             pass
         self._shutdownWork()
 
+    def onReload(self) -> None:
+        """Developer mode's Reload: Slicer executes this file again, not the modules it
+        imports, so the panel's slots (FastSAM3DSlicerQt) are dropped first and imported anew.
+        The Lib stays: the running work holds its classes until cleanup()."""
+        import sys
+
+        for name in [n for n in sys.modules if n.split(".")[0] == "FastSAM3DSlicerQt"]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def onAboutToQuit(self) -> None:
         """Slicer is quitting (cleanup may come too late): no prediction or download holds it."""
         self._stopViews()
@@ -314,7 +353,7 @@ class FastSAM3DSlicerWidget(
             # dropped, never written into a new scene's nodes that reuse the old IDs (M8).
             self.logic.forget_sessions()
         self.markers.forget()
-        self._parameterNode = None
+        self.setParameterNode(None)  # the node is reset; EndCloseEvent or enter() binds again
         editor = self.ui.segmentEditorWidget  # as the Segment Editor module does
         editor.setSegmentationNode(None)
         editor.removeViewObservations()
@@ -390,6 +429,8 @@ class FastSAM3DSlicerWidget(
                 self._showResults(
                     self.logic.poll(pump=slicer.app.processEvents, max_s=PROGRESS_EVERY_S)
                 )
+            if self._dropWhenIdle and self.logic is not None and not self.logic.busy:
+                self._dropEngine()  # asked for while it predicted (a scene loaded, a server)
             if self.modelSetup.state == "idle" and (self.logic is None or not self.logic.busy):
                 self.pollTimer.stop()
             self._updateButtons()

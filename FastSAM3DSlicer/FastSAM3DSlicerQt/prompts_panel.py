@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import qt
 import slicer
 
 try:
@@ -23,6 +22,11 @@ except ImportError:  # Slicer without the i18n helpers
 
     def _(text: str) -> str:
         return text
+
+
+def _prompt_failed() -> str:
+    """The message over an unexpected error of one prompt (translated when shown)."""
+    return _("FastSAM3D could not use this prompt.")
 
 
 class PromptsPanel:
@@ -115,19 +119,6 @@ class PromptsPanel:
                 ),
             )
 
-    def _saveChoices(self) -> None:
-        """The panel's choices into the parameter node, and from it into the preferences."""
-        from FastSAM3DSlicerLib import params
-
-        node = self._choices()
-        choice = self._selectedWeights()
-        if choice is not None:
-            node.weights = choice.key
-        if self.ui.deviceComboBox.currentText in params.DEVICES:
-            node.device = self.ui.deviceComboBox.currentText
-        node.positive = self.capture.positive
-        params.Preferences.of(node).save(qt.QSettings())
-
     # -- prompts: target, markers, submission -------------------------------------------
 
     def _ensureTarget(self, segmentID: Any, viewVolumeID: Any) -> Any:
@@ -158,9 +149,7 @@ class PromptsPanel:
         """A finished click or drag (called from the event loop, not from the view event)."""
         from FastSAM3DSlicerLib import interaction
 
-        with slicer.util.tryWithErrorDisplay(
-            _("FastSAM3D could not use this prompt."), waitCursor=False
-        ):
+        with slicer.util.tryWithErrorDisplay(_prompt_failed(), waitCursor=False):
             reason = interaction.refusal(self._pendingCount() + len(self.deferred))
             if reason:
                 self._status(reason)
@@ -194,9 +183,16 @@ class PromptsPanel:
             self._status(message)
 
     def _runDeferred(self) -> None:
+        """The prompts given while the model loaded, in order (from the timer's tick). One that
+        fails unexpectedly reaches the error display and loses its marker; the others still
+        run (Slicer's tryWithErrorDisplay raises again after showing, so it is caught here)."""
         deferred, self.deferred = self.deferred, []
         for prompt, tag, target in deferred:
-            self._submitPrompt(prompt, tag, target)
+            try:
+                with slicer.util.tryWithErrorDisplay(_prompt_failed(), waitCursor=False):
+                    self._submitPrompt(prompt, tag, target)
+            except Exception:  # noqa: BLE001 - shown above; the next prompts still run
+                logging.exception("FastSAM3D: a prompt given while the model loaded failed")
 
     def _submitPrompt(self, prompt: Any, tag: Any, target: Any = None) -> None:
         from FastSAM3DSlicerLib import interaction

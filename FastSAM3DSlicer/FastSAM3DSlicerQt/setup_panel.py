@@ -192,13 +192,13 @@ class SetupPanel:
             logging.exception("FastSAM3D: listing the weights failed")
             self.ui.weightsStatusLabel.text = str(e)
             return
+        from FastSAM3DSlicerLib import params
+
         self.ui.weightsComboBox.blockSignals(True)
         for c in self._weightChoices:
-            self.ui.weightsComboBox.addItem(c.label, c.key)
-        keys = [c.key for c in self._weightChoices]
-        if self._choices().weights in keys:
-            self.ui.weightsComboBox.setCurrentIndex(keys.index(self._choices().weights))
+            self.ui.weightsComboBox.addItem(c.label, c.key)  # the label shown, the key as data
         self.ui.weightsComboBox.blockSignals(False)
+        self._selectKey(self.ui.weightsComboBox, params.Preferences.of(self._choices()).weights)
         self._showWeightsStatus()
 
     def _selectedWeights(self) -> Any:
@@ -214,6 +214,63 @@ class SetupPanel:
     def onDeviceChanged(self, index: Any = None) -> None:
         self._saveChoices()
         self._dropEngine()
+
+    # -- the user's choices: the parameter node and the panel, both ways ------------------
+
+    @staticmethod
+    def _selectKey(combo: Any, key: str) -> bool:
+        """Select the item whose data is ``key``, without its signal; True if it changed.
+        An unknown key (weights this Slicer does not list) leaves the combo as it is."""
+        index = combo.findData(key)
+        if index < 0 or index == combo.currentIndex:
+            return False
+        combo.blockSignals(True)
+        combo.setCurrentIndex(index)
+        combo.blockSignals(False)
+        return True
+
+    def _showChoices(self) -> None:
+        """The parameter node's choices in the panel (a scene loaded or imported over it, a
+        new node after a scene close): the combos select its weights and device keys, the next
+        point takes its polarity. Other weights or device drop the loaded network, as the
+        user's own change does; the preferences keep the user's choices, not the scene's."""
+        from FastSAM3DSlicerLib import params
+
+        node = self._parameterNode
+        if node is None or self._syncingChoices:
+            return
+        choices = params.Preferences.of(node)
+        changed = [
+            self._selectKey(self.ui.weightsComboBox, choices.weights),
+            self._selectKey(self.ui.deviceComboBox, choices.device),
+        ]
+        if any(changed):
+            self._showWeightsStatus()
+            if self.logic is not None:
+                self._dropEngine()
+        if self.capture is not None and self.capture.positive != choices.positive:
+            self.capture.positive = choices.positive
+            self._showPolarity()
+            self._applyCursors()
+
+    def _saveChoices(self) -> None:
+        """The panel's choices into the parameter node, and from it into the preferences."""
+        from FastSAM3DSlicerLib import params
+
+        choice = self._selectedWeights()
+        device = self.ui.deviceComboBox.currentText
+        positive = self.capture.positive
+        node = self._choices()
+        self._syncingChoices = True  # the node's Modified events: the panel is the source here
+        try:
+            if choice is not None:
+                node.weights = choice.key
+            if device in params.DEVICES:
+                node.device = device
+            node.positive = positive
+        finally:
+            self._syncingChoices = False
+        params.Preferences.of(node).save(qt.QSettings())
 
     def _showWeightsStatus(self) -> None:
         from FastSAM3DSlicerLib import engine, weights
@@ -298,9 +355,12 @@ class SetupPanel:
         self._showWeightsStatus()
 
     def _dropEngine(self, index: Any = None) -> None:
-        """Forget the loaded network (new weights, device or backend) and every session."""
+        """Forget the loaded network (new weights, device, backend or server) and every
+        session; while it predicts, once the results are written (the timer's tick)."""
         if self.logic is not None and self.logic.busy:
+            self._dropWhenIdle = True
             return
+        self._dropWhenIdle = False
         self.markers.clear_points()  # their sessions (and undo) are gone
         if self.logic is not None:
             self._closeEngine(self.logic.engine)

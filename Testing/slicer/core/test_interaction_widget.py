@@ -135,6 +135,67 @@ class Widget(Anything):
         self.__dict__["items"] = []
 
 
+class Signal:
+    """A Qt signal: ``connect`` keeps the slots, ``emit`` calls them."""
+
+    def __init__(self) -> None:
+        self.slots = []
+
+    def connect(self, slot) -> None:
+        self.slots.append(slot)
+
+    def emit(self, *args) -> None:
+        for slot in list(self.slots):
+            slot(*args)
+
+
+class ComboBox(Widget):
+    """QComboBox: items with their data, the current index and ``currentIndexChanged``, which
+    fires on a change unless signals are blocked (the first item added becomes current)."""
+
+    def __init__(self, items=(), **values) -> None:
+        super().__init__(**values)
+        self.items, self.data, self._index, self._blocked = [], [], -1, False
+        self.currentIndexChanged = Signal()
+        for text, data in items:
+            self.addItem(text, data)
+
+    def addItem(self, text, data=None) -> None:  # noqa: N802
+        self.items.append(text)
+        self.data.append(data)
+        if self._index < 0:
+            self.setCurrentIndex(0)
+
+    def findData(self, data) -> int:  # noqa: N802
+        return self.data.index(data) if data in self.data else -1
+
+    def blockSignals(self, on) -> bool:  # noqa: N802
+        was, self._blocked = self._blocked, bool(on)
+        return was
+
+    def setCurrentIndex(self, index) -> None:  # noqa: N802
+        if index != self._index:
+            self._index = index
+            if not self._blocked:
+                self.currentIndexChanged.emit(index)
+
+    @property
+    def currentIndex(self) -> int:  # noqa: N802
+        return self._index
+
+    @currentIndex.setter
+    def currentIndex(self, index) -> None:  # noqa: N802
+        self.setCurrentIndex(index)
+
+    @property
+    def currentText(self) -> str:  # noqa: N802
+        return self.items[self._index] if 0 <= self._index < len(self.items) else ""
+
+    def choose(self, data) -> None:
+        """The user picks the item holding ``data`` (the signal fires)."""
+        self.setCurrentIndex(self.findData(data))
+
+
 class Editor(Widget):
     """qMRMLSegmentEditorWidget's selection API on a real parameter node."""
 
@@ -567,7 +628,8 @@ def test_choices_live_in_the_parameter_node_and_a_new_scene_starts_from_the_pref
 
 
 class ErrorDisplay:
-    """slicer.util.tryWithErrorDisplay as a recorder: the message and the error it showed."""
+    """slicer.util.tryWithErrorDisplay as a recorder: the message and the error it showed. As
+    Slicer's (Base/Python/slicer/util.py), it raises the error again after showing it."""
 
     def __init__(self) -> None:
         self.shown = []
@@ -579,8 +641,9 @@ class ErrorDisplay:
         def show():
             try:
                 yield
-            except Exception as e:  # noqa: BLE001 - what Slicer's helper does: show it
+            except Exception as e:
                 self.shown.append((message, e))
+                raise
 
         return show()
 
@@ -616,10 +679,46 @@ def test_lib_refusals_are_a_status_line_and_other_errors_reach_the_error_display
     assert "was it deleted?" in env.messages[-1] and display.shown == []
     assert marker_count(env) == 1  # the refused prompt's marker went
     monkeypatch.setattr(w.logic, "add_point", lambda *a, **k: 1 / 0)
-    _submit_click(env)
+    with pytest.raises(ZeroDivisionError):  # shown, then raised on into Qt's slot call
+        _submit_click(env)
     [(message, error)] = display.shown
     assert "could not use this prompt" in message and isinstance(error, ZeroDivisionError)
     assert marker_count(env) == 1
+
+
+def test_a_waiting_prompts_error_is_shown_and_the_next_ones_still_run(env, monkeypatch):
+    """Prompts given while the model loaded run from the timer's tick (no slot guards it): an
+    unexpected error of one reaches the error display and takes its marker; the next prompt
+    still runs (before, the error left onPoll for the console only, the next prompt was
+    dropped and its marker stayed)."""
+    display = ErrorDisplay()
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", display, raising=False)
+    w, scene = env.widget, env.scene
+    editor = w.ui.segmentEditorWidget
+    editor.volume, editor.segmentation, editor.segment = (
+        scene.volume,
+        scene.segmentation,
+        scene.target,
+    )
+    add_point, calls = w.logic.add_point, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return add_point(*args, **kwargs)
+
+    monkeypatch.setattr(w.logic, "add_point", first_fails)
+    for ijk in ((22, 20, 18), (24, 20, 18)):
+        prompt = interaction.PointPrompt(tuple(scene.world_of_ijk(ijk)), True)
+        w.deferred.append((prompt, w.markers.add(prompt), None))
+    w._runDeferred()
+    w.logic.wait()
+    w.onPoll()
+    [(message, error)] = display.shown
+    assert "could not use this prompt" in message and isinstance(error, ZeroDivisionError)
+    assert len(calls) == 2 and w.deferred == [] and marker_count(env) == 1
+    assert w.ui.latencyLabel.text.startswith("Last prompt")  # the second one was written
 
 
 def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monkeypatch):
@@ -628,7 +727,8 @@ def test_guarded_slots_show_unexpected_errors_in_slicers_error_display(env, monk
     calls = []
     env.widget._guarded(lambda: calls.append(1))(True)  # a clicked(bool) argument is dropped
     assert calls == [1] and display.shown == []
-    env.widget._guarded(lambda: {}["missing"])()
+    with pytest.raises(KeyError):  # shown, then raised on into Qt's slot call (it logs it)
+        env.widget._guarded(lambda: {}["missing"])()
     [(message, error)] = display.shown
     assert "this action failed" in message and isinstance(error, KeyError)
 
@@ -697,8 +797,10 @@ def test_setup_builds_the_panel_from_the_ui_and_the_parameter_node(env, monkeypa
             return Anything()
 
     ui = widget_harness.UI(segmentEditorWidget=w.ui.segmentEditorWidget)
-    for name in ("deviceComboBox", "backendComboBox", "weightsComboBox", "serverUrlLineEdit"):
-        setattr(ui, name, Control(currentIndex=-1, text=""))
+    combos = ("deviceComboBox", "backendComboBox", "weightsComboBox")
+    for name in combos:
+        setattr(ui, name, ComboBox())
+    ui.serverUrlLineEdit = Control(text="")
     for name in ("loadModelButton", "undoButton", "installDependenciesButton"):
         setattr(ui, name, Control(enabled=True))
     ui.polarityLabel = Widget(text="")
@@ -716,9 +818,161 @@ def test_setup_builds_the_panel_from_the_ui_and_the_parameter_node(env, monkeypa
     assert w.ui is ui and isinstance(w.moduleLogic, module.FastSAM3DSlicerLogic)
     assert ui.deviceComboBox.items == list(params.DEVICES)
     assert (w._choices().device, w.capture.positive) == ("cpu", False)  # from the preferences
+    assert ui.deviceComboBox.currentText == "cpu"  # the panel shows the node
+    connected += [
+        ("currentIndexChanged", slot)
+        for name in combos
+        for slot in getattr(ui, name).currentIndexChanged.slots
+    ]
     assert "negative" in ui.polarityLabel.text
     assert ui.loadModelButton.enabled and not ui.undoButton.enabled  # no network yet
     slots = {name for name, _slot in connected}
     assert {"clicked", "currentIndexChanged", "editingFinished"} <= slots
     assert len(connected) == 7  # each stood-in control's signal, once
     assert all("_guarded" in slot.__qualname__ for _name, slot in connected)  # error display
+
+
+# -- the parameter node and the panel, both ways (issue 15) -----------------------------------
+
+WEIGHTS = (("fastsam3d", "FastSAM3D (fast, default)"), ("sam-med3d-turbo", "SAM-Med3D-turbo"))
+
+
+@pytest.fixture
+def panel(env, monkeypatch):
+    """The Widget with its weights listed (labels shown, keys as item data) and the two combos'
+    signals connected to their slots as setup() connects them."""
+    from FastSAM3DSlicerLib import weights
+
+    w = env.widget
+    choices = [weights.Choice(key, label, "", "terms") for key, label in WEIGHTS]
+    monkeypatch.setattr(weights, "choices", lambda: choices)
+    monkeypatch.setattr(weights, "status_text", lambda key: f"{key}: not downloaded")
+    w._refreshWeights()
+    w.ui.weightsComboBox.currentIndexChanged.connect(w._guarded(w.onWeightsChanged))
+    w.ui.deviceComboBox.currentIndexChanged.connect(w._guarded(w.onDeviceChanged))
+    w.parent = types.SimpleNamespace(isEntered=True)  # the module is shown
+    return env
+
+
+def import_scene_choices(scene, **parameters) -> None:
+    """File > Import Scene of a scene saved with these choices: MRML copies the saved
+    FastSAM3DSlicer singleton node into the open scene's own (one Modified event)."""
+    saved = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetSingletonTag("FastSAM3DSlicer")
+    node = saved.AddNode(node)
+    for name, value in parameters.items():
+        node.SetParameter(name, value)
+    saved.SetSaveToXMLString(1)
+    saved.Commit()
+    scene.SetLoadFromXMLString(1)
+    scene.SetSceneXMLString(saved.GetSceneXMLString())
+    scene.Import()
+    scene.SetLoadFromXMLString(0)
+
+
+def shown_choices(w) -> tuple:
+    """What the panel shows: the weights label, the device, the next point's polarity."""
+    return w.ui.weightsComboBox.currentText, w.ui.deviceComboBox.currentText, w.capture.positive
+
+
+def test_an_imported_scenes_choices_reach_the_panel_not_the_preferences(panel):
+    """Issue 15: a scene loaded over the open one brings its weights, device and polarity into
+    the panel (the weights combo shows the label of the node's key); the network loaded for
+    other weights goes; the user's preferences stay theirs."""
+    w = panel.widget
+    assert shown_choices(w) == ("FastSAM3D (fast, default)", "auto", True)
+    import_scene_choices(
+        panel.scene.scene, weights="sam-med3d-turbo", device="cpu", positive="False"
+    )
+    assert (w._choices().weights, w._choices().device) == ("sam-med3d-turbo", "cpu")
+    assert shown_choices(w) == ("SAM-Med3D-turbo", "cpu", False)
+    assert "negative" in w.ui.polarityLabel.text
+    assert w.ui.weightsStatusLabel.text == "sam-med3d-turbo: not downloaded"
+    assert w.logic is None  # loaded for FastSAM3D: no click may run on it now
+    assert params.Preferences.load(FakeSettings()) == params.Preferences()
+
+
+def test_a_change_in_the_panel_reaches_the_node_and_the_preferences(panel):
+    """After a scene load, the user's change is written to the node and the preferences, and
+    the scene's other choices are kept (before, the device change wrote the panel's stale
+    weights over the scene's)."""
+    w = panel.widget
+    import_scene_choices(
+        panel.scene.scene, weights="sam-med3d-turbo", device="cpu", positive="False"
+    )
+    w.ui.deviceComboBox.choose("cuda")
+    node = w._choices()
+    assert (node.weights, node.device, node.positive) == ("sam-med3d-turbo", "cuda", False)
+    assert params.Preferences.load(FakeSettings()) == params.Preferences(
+        "sam-med3d-turbo", "cuda", False
+    )
+    w.ui.weightsComboBox.choose("fastsam3d")
+    assert node.parameterNode.GetParameter("weights") == "fastsam3d"
+    assert params.Preferences.load(FakeSettings()).weights == "fastsam3d"
+    assert shown_choices(w) == ("FastSAM3D (fast, default)", "cuda", False)
+
+
+def test_scene_close_binds_the_panel_to_the_new_node(panel):
+    """Scene close unbinds (the node's reset does not reach the panel), the new scene's node
+    starts from the preferences and is bound: a scene imported later reaches the panel. Leaving
+    the module unbinds too; entering it again shows what changed meanwhile."""
+    w, scene = panel.widget, panel.scene.scene
+    w.ui.weightsComboBox.choose("sam-med3d-turbo")
+    w.ui.deviceComboBox.choose("cpu")
+    w.onSceneClose()
+    scene.Clear(0)  # the module's singleton node is reset, not removed
+    assert shown_choices(w)[:2] == ("SAM-Med3D-turbo", "cpu")  # not the reset node's defaults
+    w.onSceneClosed()
+    node = w._choices()
+    assert (node.weights, node.device) == ("sam-med3d-turbo", "cpu")  # from the preferences
+    import_scene_choices(scene, weights="fastsam3d", device="auto", positive="False")
+    assert shown_choices(w) == ("FastSAM3D (fast, default)", "auto", False)
+    w.exit()
+    import_scene_choices(scene, weights="sam-med3d-turbo", device="cpu", positive="True")
+    assert shown_choices(w) == ("FastSAM3D (fast, default)", "auto", False)  # not shown
+    w.initializeParameterNode()  # what enter() does first
+    assert shown_choices(w) == ("SAM-Med3D-turbo", "cpu", True)
+
+
+def test_developer_reload_imports_the_panels_slots_anew(env, monkeypatch):
+    """Slicer's Reload (slicer.util.reloadScriptedModule) executes FastSAM3DSlicer.py again but
+    not the modules it imports: without the Widget's onReload, edits to the panel's slots in
+    FastSAM3DSlicerQt were silently not reloaded."""
+    import importlib.util
+
+    base = sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleWidget
+    reloaded = []
+
+    def reload_scripted_module(self) -> None:  # what Slicer's onReload runs
+        spec = importlib.util.spec_from_file_location(
+            "FastSAM3DSlicer_reloaded", env.module.__file__
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        reloaded.append(module)
+
+    monkeypatch.setattr(base, "onReload", reload_scripted_module, raising=False)
+    env.widget.onReload()
+    [module] = reloaded
+    assert module.PromptsPanel is not env.module.PromptsPanel
+    assert module.SetupPanel is not env.module.SetupPanel
+    assert sys.modules["FastSAM3DSlicerQt.setup_panel"].SetupPanel is module.SetupPanel
+
+
+def test_a_scene_imported_while_predicting_unloads_the_network_once_written(panel):
+    """The combos are disabled while a prediction runs, but a scene imported then can bring
+    other weights: the running prediction is written, then the network goes (before, the
+    refused drop left it loaded under the panel's new weights)."""
+    w, scene = panel.widget, panel.scene
+    w.logic.set_target(scene.volume, scene.segmentation, scene.target)
+    w.logic.add_point(scene.world_of_ijk((22, 20, 18)), True)
+    assert w.logic.busy
+    import_scene_choices(scene.scene, weights="sam-med3d-turbo")
+    assert w.logic is not None and shown_choices(w)[0] == "SAM-Med3D-turbo"
+    for _tick in range(200):  # the timer's ticks (each waits up to its poll time)
+        if w.logic is None:
+            break
+        w.onPoll()
+    assert w.ui.latencyLabel.text.startswith("Last prompt")  # written first
+    assert w.logic is None and not w._dropWhenIdle

@@ -228,3 +228,44 @@ def test_editor_uses_the_segment_editor_singleton():
         "overwriteModeComboBox",
     ):
         assert name in names, name
+
+
+#: What Slicer's ScriptedLoadableModuleWidget and VTKObservationMixin give the Widget.
+WIDGET_BASE_NAMES = {
+    "parent",
+    "layout",
+    "moduleName",
+    "developerMode",
+    "resourcePath",
+    "addObserver",
+    "removeObserver",
+    "hasObserver",
+    "removeObservers",
+}
+
+
+def test_every_name_the_panel_reaches_on_self_is_defined():
+    """The Widget's slots live in three files (the module, setup_panel, prompts_panel): every
+    ``self.<name>`` read there, and every shortcut's method, is a method or an attribute one
+    of them sets, or the Slicer base classes' (a slot moved without its helper fails here, not
+    at a click in Slicer)."""
+    defined, read = set(WIDGET_BASE_NAMES), {}
+    for path in [MODULE, *QT_SIDE]:
+        for cls in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not (isinstance(cls, ast.ClassDef) and cls.name in PANEL_CLASSES):
+                continue
+            for node in ast.walk(cls):
+                if isinstance(node, ast.FunctionDef):
+                    defined.add(node.name)
+                elif (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "self"
+                ):
+                    if isinstance(node.ctx, ast.Store):
+                        defined.add(node.attr)
+                    else:
+                        read.setdefault(node.attr, path.name)
+    missing = {name: where for name, where in read.items() if name not in defined}
+    assert not missing, missing
+    assert set(shortcuts().values()) <= defined

@@ -14,6 +14,7 @@ import importlib.util
 import sys
 import types
 import typing
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ sys.path.insert(0, str(REPO / "Testing" / "slicer" / "core"))
 sys.path.insert(0, str(REPO / "FastSAM3DSlicer"))
 
 import test_interaction_widget as harness  # noqa: E402
+import vtk  # noqa: E402
 from slicer_scene import slicer  # noqa: E402
 
-from FastSAM3DSlicerLib import interaction  # noqa: E402
+from FastSAM3DSlicerLib import interaction, params  # noqa: E402
 
 
 class UI(types.SimpleNamespace):
@@ -47,7 +49,11 @@ class Button(harness.Widget):
 def parameter_node_wrapper(cls: type) -> type:
     """Slicer's ``@parameterNodeWrapper`` (slicer/parameterNodeWrapper/wrapper.py) for plain
     ``str``/``bool`` fields: typed attributes kept as the node's string parameters, each default
-    written when the node does not have it yet; unknown names refused, as the real one does."""
+    written when the node does not have it yet; unknown names refused, as the real one does.
+    Reads come from a cache that each field's own ModifiedEvent observer (priority 0, added
+    with the wrapper) refreshes, as the real _CachedParameterWrapper's: an observer of the
+    node's changes added later at the same priority may run before them and read stale values
+    (VTK calls equal priorities out of order)."""
     hints = typing.get_type_hints(cls)
     defaults = {name: getattr(cls, name) for name in hints}
 
@@ -56,20 +62,42 @@ def parameter_node_wrapper(cls: type) -> type:
 
         def __init__(self, node: Any) -> None:
             object.__setattr__(self, "parameterNode", node)
+            object.__setattr__(self, "_cache", {})
+            object.__setattr__(self, "_tags", [])
             for name, value in defaults.items():
                 if not node.GetParameter(name):
-                    setattr(self, name, value)
+                    node.SetParameter(name, str(hints[name](value)))
+            me = weakref.ref(self)
+            for name in hints:
+                self._cache[name] = self._read(name)
+                self._tags.append(
+                    node.AddObserver(
+                        vtk.vtkCommand.ModifiedEvent,
+                        lambda caller, event, name=name: me() and me()._refresh(name),
+                    )
+                )
+
+        def __del__(self) -> None:
+            for tag in self._tags:
+                self.parameterNode.RemoveObserver(tag)
+
+        def _read(self, name: str) -> Any:
+            text = self.parameterNode.GetParameter(name)
+            return text == "True" if hints[name] is bool else hints[name](text)
+
+        def _refresh(self, name: str) -> None:
+            self._cache[name] = self._read(name)
 
         def __getattr__(self, name: str) -> Any:
             if name not in hints:
                 raise AttributeError(name)
-            text = self.parameterNode.GetParameter(name)
-            return text == "True" if hints[name] is bool else hints[name](text)
+            return self._cache[name]
 
         def __setattr__(self, name: str, value: Any) -> None:
             if name not in hints:
                 raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
             self.parameterNode.SetParameter(name, str(hints[name](value)))
+            self._cache[name] = self._read(name)
 
     Wrapped.__name__ = cls.__name__
     return Wrapped
@@ -185,8 +213,8 @@ def load_widget(
         statusLabel=harness.Widget(text=""),
         latencyLabel=harness.Widget(text=""),
         dependenciesStatusLabel=harness.Widget(text=""),
-        deviceComboBox=harness.Widget(currentText="auto"),
-        weightsComboBox=harness.Widget(currentIndex=-1),
+        deviceComboBox=harness.ComboBox([(name, name) for name in params.DEVICES]),
+        weightsComboBox=harness.ComboBox(),
         undoButton=Button(widget.onUndo),
     )
     widget.capture = interaction.PromptCapture()
