@@ -222,3 +222,18 @@ def test_export_onnx_command(tmp_path, capsys, tiny_cli_export):
     err = capsys.readouterr().err
     assert err.startswith("fastsam3d export-onnx:") and "missing.pth" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_template_for_weights_of_two_configs_is_the_registered_one_unless_a_style_is_recorded():
+    """SAM-Med3D's 12-block weights fit its own template and its FastSAM3D-block variant's: with
+    no recorded block style the config registered first (the one the weights were trained as)
+    wins; a recorded style picks the variant."""
+    import numpy as np
+
+    from fastsam3d.onnx.build import list_templates, match_template
+
+    shapes = list_templates()["sam-med3d-turbo"]["shapes"]
+    weights = {k: np.zeros(tuple(v), np.float32) for k, v in shapes.items()}
+    assert match_template(weights)["config"] == "sam-med3d-turbo"
+    assert match_template(weights, "fastsam3d")["config"] == "sam-med3d-turbo-fastsam3d-block"
+    assert match_template(weights, "standard")["config"] == "sam-med3d-turbo"

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from ..configs import CONFIGS
 from .layout import CLICK, ENCODER, ENCODER_INT8, FORMAT_VERSION, META
 
 
@@ -155,7 +156,8 @@ def match_template(
 ) -> dict:
     """The template whose weights are exactly the file's keys with the same shapes. Block style
     cannot be seen in weights: ``style`` (recorded by our exporters) picks among equal fits,
-    else the config's own style (SAM-Med3D's standard block for 12-block files)."""
+    else the config registered first (a block-style variant, ``configs.BLOCK_STYLE_VARIANTS``,
+    is registered after the config it varies: SAM-Med3D's standard block for 12-block files)."""
     fits = []
     for meta in list_templates(root).values():
         shapes = meta["shapes"]
@@ -165,7 +167,8 @@ def match_template(
             fits.append(meta)
     if style is not None:
         fits = [m for m in fits if m["block_style"] == style] or fits
-    fits.sort(key=lambda m: m["config"].endswith("-fastsam3d-block"))  # own style first
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    fits.sort(key=lambda m: order.get(m["config"], len(order)))
     if not fits:
         known = ", ".join(sorted(list_templates(root))) or "none installed"
         raise ValueError(
