@@ -44,7 +44,7 @@ class AttentionFreeBlock(nn.Module):
         return _mlp_residual(self.block_style, x, self.norm2, self.mlp)
 
 
-class Block(nn.Module):
+class Block3D(nn.Module):
     """Pre-norm transformer block with windowed or global attention."""
 
     def __init__(
@@ -146,7 +146,7 @@ class ImageEncoderViT3D(nn.Module):
             else:
                 ws = 0 if i in global_attn_indexes else window_size
                 blocks.append(
-                    Block(
+                    Block3D(
                         embed_dim,
                         num_heads,
                         mlp_ratio,
