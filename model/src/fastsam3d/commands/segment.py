@@ -319,6 +319,7 @@ def _check_backend(args: argparse.Namespace) -> None:
         if args.fixture_weights:
             raise UsageError(
                 "--fixture-weights builds its network with PyTorch: use --backend torch"
+                + ("" if have("torch") else " (pip install 'fastsam3d[torch]')")
             )
         if args.device not in ("auto", "cpu"):
             raise UsageError(
