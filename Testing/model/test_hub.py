@@ -467,4 +467,9 @@ def test_cli_info_reports_cache(server, cache, registry_url, capsys):
     assert not weights["sam-med3d-turbo"]["present"]
     assert "torch" in data and "cpu" in data
     assert _cli(["info"]) == 0
-    assert str(cache) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(cache) in out
+    # one column for the states, also for the longest name (it overflowed a fixed width)
+    rows = [ln for ln in out.splitlines() if ln.startswith("  ") and ln.split()[0] in weights]
+    assert len(rows) == len(data["weights"])
+    assert len({len(row) - len(row[2:].split(None, 1)[1]) for row in rows}) == 1

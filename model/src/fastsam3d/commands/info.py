@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     models = data["models"]
     print(f"models:   {', '.join(models) if isinstance(models, list) else models}")
     print(f"cache:    {data['cache_dir']}  (override with ${data['cache_env']})")
+    width = max((len(w["name"]) for w in data["weights"]), default=0)
     for w in data["weights"]:
         size = f", {format_size(w['size'])}" if w["present"] else ""
-        print(f"  {w['name']:<18} {w['state']}{size}")
+        print(f"  {w['name']:<{width}} {w['state']}{size}")
     return 0
