@@ -149,14 +149,18 @@ def onnx_status() -> tuple[bool, str]:
 class OnnxBackendEngine:
     """The Lib's engine on fastsam3d's torch-free ONNX Runtime runner."""
 
-    def __init__(self, weights_path: str, **session_options: Any) -> None:
+    def __init__(
+        self, weights_path: str, config: str | None = None, **session_options: Any
+    ) -> None:
         import fastsam3d
         import fastsam3d.onnx as fonnx
 
         from .engine import DeviceInfo
 
         self._fastsam3d = fastsam3d
-        self.runner = fonnx.torch_free_runner(weights_path)
+        # config: the chosen weights entry's (sam-med3d-turbo-fastsam3d-block shares its file
+        # with sam-med3d-turbo; the block style is not in the file)
+        self.runner = fonnx.torch_free_runner(weights_path, config=config)
         providers = getattr(self.runner, "providers", None) or {}
         provider = str(providers.get("encoder", "CPUExecutionProvider"))
         is_cpu = provider == "CPUExecutionProvider"
@@ -347,10 +351,15 @@ def build_engine(
             raise BackendError(f"ONNX Runtime backend unavailable: {why}")
         from .engine import LOCAL_FILE
 
-        path = local_path if weights == LOCAL_FILE else _cached_weights(weights)
+        if weights == LOCAL_FILE:
+            path, config = local_path, None
+        else:
+            from fastsam3d.weights import get_weights
+
+            path, config = _cached_weights(weights), get_weights(weights).config
         if not path:
             raise BackendError("choose a checkpoint file for 'Local file'")
-        return OnnxBackendEngine(str(path), **session_options)
+        return OnnxBackendEngine(str(path), config, **session_options)
     raise BackendError(f"unknown backend {settings.kind!r}")
 
 

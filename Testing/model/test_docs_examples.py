@@ -272,9 +272,7 @@ def test_shell_examples_run(cmd, in_scratch, capsys):
         assert script.is_file(), f"{where}: no such script {script}"
         source = script.read_text(encoding="utf-8")
         for opt in (a.split("=")[0] for a in args[at + 1 :] if a.startswith("--")):
-            assert f'"{opt}"' in source or f"'{opt}'" in source, (
-                f"{where}: {script.name} has no option {opt}"
-            )
+            assert _has_option(source, opt), f"{where}: {script.name} has no option {opt}"
     elif prog == "bash":
         script = REPO / args[0]
         assert script.is_file(), f"{where}: no such script {script}"
@@ -284,6 +282,22 @@ def test_shell_examples_run(cmd, in_scratch, capsys):
             assert opt in source, f"{where}: {args[0]} has no option {opt}"
     elif prog != "pip":
         pytest.fail(f"{where}: the docs test does not know how to check `{prog}` commands")
+
+
+def _has_option(source: str, opt: str) -> bool:
+    """Whether a script's argparse source defines ``opt``; ``--no-X`` counts for an ``--X`` of
+    ``argparse.BooleanOptionalAction`` (gpu_distill.py's ``--compile`` / ``--no-compile``)."""
+    if f'"{opt}"' in source or f"'{opt}'" in source:
+        return True
+    negated = opt.startswith("--no-") and "BooleanOptionalAction" in source
+    return negated and _has_option(source, "--" + opt[len("--no-") :])
+
+
+def test_script_option_check_knows_negated_boolean_options():
+    src = 'ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)'
+    assert _has_option(src, "--compile") and _has_option(src, "--no-compile")
+    assert not _has_option(src, "--no-cache") and not _has_option(src, "--cache")
+    assert not _has_option('ap.add_argument("--compile", action="store_true")', "--no-compile")
 
 
 def test_submodules_are_reachable_after_a_plain_import():

@@ -466,5 +466,17 @@ def test_cli_info_reports_cache(server, cache, registry_url, capsys):
     assert weights["fastsam3d"]["present"] and weights["fastsam3d"]["sha256"] == BODY_SHA
     assert not weights["sam-med3d-turbo"]["present"]
     assert "torch" in data and "cpu" in data
+    # the torch-free engine is reported too (a fastsam3d[onnx] install showed only "no torch")
+    try:
+        import onnxruntime
+    except ImportError:
+        assert data["onnxruntime"] is None
+    else:
+        assert data["onnxruntime"]["version"] == onnxruntime.__version__
     assert _cli(["info"]) == 0
-    assert str(cache) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(cache) in out
+    # one column for the states, also for the longest name (it overflowed a fixed width)
+    rows = [ln for ln in out.splitlines() if ln.startswith("  ") and ln.split()[0] in weights]
+    assert len(rows) == len(data["weights"])
+    assert len({len(row) - len(row[2:].split(None, 1)[1]) for row in rows}) == 1

@@ -264,3 +264,25 @@ def test_a_path_given_to_model_points_to_checkpoint(image, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "use --checkpoint ./FastSAM3D.pth" in err and "reading" not in err
+
+
+def test_preview_is_written_without_torch(tmp_path):
+    """`segment --preview` in a torch-free install (`fastsam3d[onnx,io]`, or a `--server` client)
+    wrote the mask, then failed on `No module named 'torch'`: preview.py took
+    closest_orientation from the torch geometry module instead of the numpy lattice."""
+    pytest.importorskip("matplotlib")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None
+        import numpy as np
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from inputs_stubs import blob_volume
+        from fastsam3d.preview import save_preview
+        vol = blob_volume()
+        save_preview(vol, np.ones(vol.shape, bool), {str(tmp_path / "p.png")!r})
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -586,3 +586,26 @@ def test_serve_command_loads_weights_through_segments_rules():
     assert isinstance(model, Sam3D)
     assert name == "fastsam3d (fixture weights)"
     assert any("FIXTURE" in m for m in messages)
+
+
+def test_serve_takes_a_registered_name_over_a_file_of_that_name(tmp_path, monkeypatch):
+    """`fastsam3d serve --model fastsam3d` beside a file named `fastsam3d` served that file;
+    a registered name always means the registry entry (README, load_model); a path is a file."""
+    import argparse
+
+    from fastsam3d.commands import segment
+    from fastsam3d.commands import serve as serve_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fastsam3d").write_bytes(b"not the registered weights")
+    (tmp_path / "mine.pth").write_bytes(b"a checkpoint file")
+    monkeypatch.setattr(segment, "load_network", lambda ns, log: ns)
+    for model, checkpoint, name in (
+        ("fastsam3d", None, "fastsam3d"),
+        ("./fastsam3d", "./fastsam3d", "fastsam3d"),
+        ("mine.pth", "mine.pth", "mine.pth"),
+    ):
+        ns, got = serve_command._model(
+            argparse.Namespace(model=model, fixture_weights=False), print
+        )
+        assert (ns.checkpoint, got) == (checkpoint, name), model

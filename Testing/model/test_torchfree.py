@@ -110,6 +110,49 @@ def test_template_graphs_filled_from_a_pth_equal_the_reference(tmp_path, parity_
         assert float(res[check]) < 1e-4, (check, res)
 
 
+def _template_weights(config: str) -> dict:
+    """Arrays of the template's shapes that allocate nothing (matching reads shapes only)."""
+    shapes = list_templates()[config]["shapes"]
+    return {k: np.broadcast_to(np.float32(0), tuple(v)) for k, v in shapes.items()}
+
+
+def test_registry_config_picks_the_block_style_the_file_does_not_record():
+    """The official SAM-Med3D-turbo file records no block style, so without a config its
+    weights run SAM-Med3D's own block; the registry entry sam-med3d-turbo-fastsam3d-block
+    (the same file) must run FastSAM3D's block. Torch-free, that name used to run the wrong
+    block: ``config`` was not passed (Session(name), segment --backend onnxruntime, Slicer)."""
+    turbo = _template_weights("sam-med3d-turbo")
+    assert match_template(turbo)["config"] == "sam-med3d-turbo"
+    block = "sam-med3d-turbo-fastsam3d-block"
+    assert match_template(turbo, config=block)["config"] == block
+    assert match_template(turbo, "fastsam3d", config="sam-med3d-turbo")["config"] == (
+        "sam-med3d-turbo"
+    )
+    with pytest.raises(ValueError, match="do not fit config 'fastsam3d'.*sam-med3d-turbo"):
+        match_template(turbo, config="fastsam3d")
+
+
+def test_registered_names_resolve_like_load_model_without_torch(tmp_path, monkeypatch):
+    """Without torch, Session(name) took a file of that name in the working directory over the
+    registered weights (load_model's rule is the reverse) and dropped the entry's config."""
+    import torch
+
+    from fastsam3d import hub, runners
+    from fastsam3d.hashes import sha256_file
+    from fastsam3d.weights import get_weights
+
+    monkeypatch.setenv("FASTSAM3D_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    name = "sam-med3d-turbo-fastsam3d-block"
+    cached = tmp_path / "cache" / get_weights(name).filename
+    torch.save({"x": torch.zeros(1)}, cached)  # a PyTorch zip: what the cache accepts
+    hub.download(name, sha256=sha256_file(cached), progress=False)  # adopted, pinned
+    (tmp_path / name).write_bytes(b"not the registered weights")
+    assert runners._checkpoint_file(name) == (str(cached), name)
+    assert runners._checkpoint_file(tmp_path / name) == (str(tmp_path / name), None)
+
+
 def test_template_build_refuses_weights_that_fit_no_graph(tmp_path):
     sd = {
         k: v.numpy()

@@ -367,6 +367,36 @@ def test_segment_command_runs_on_onnxruntime_without_torch(checkpoints, tmp_path
     assert not (tmp_path / "x.nii.gz").exists()
 
 
+def test_commands_that_need_torch_say_what_to_install(tmp_path):
+    """Without torch, convert / export-onnx / bench ended on a bare "ModuleNotFoundError: No
+    module named 'torch'", and segment --fixture-weights said "use --backend torch" with no
+    torch to use: each now names the fastsam3d[torch] extra (exit 2, nothing written)."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "in.nii.gz"  # never read: the commands stop before any work
+    cases = [
+        ["convert", str(tmp_path / "x.pth"), str(tmp_path / "x.safetensors")],
+        ["export-onnx", "--fixture-weights", str(tmp_path / "onnx")],
+        ["bench", "--device", "cpu"],
+        ["segment", str(image), "--point", "0,0,0", "--fixture-weights"]
+        + ["--backend", "onnxruntime", "--out", str(tmp_path / "m.nii.gz")],
+    ]
+    for argv in cases:
+        if argv[0] == "segment":
+            pytest.importorskip("onnxruntime")
+        run = subprocess.run(
+            [sys.executable, "-c", _NO_TORCH_CLI, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 2, (argv[0], run.stderr[-2000:])
+        assert "fastsam3d[torch]" in run.stderr, (argv[0], run.stderr[-2000:])
+        assert "ModuleNotFoundError" not in run.stderr, argv[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("oblique", [False, True], ids=["axis-aligned", "oblique"])
 def test_numpy_session_on_a_real_oblique_volume(oblique):
     """MNI152 stored axis-aligned and rotated (0.35 rad about S, -0.2 about R): the numpy

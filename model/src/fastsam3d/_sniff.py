@@ -46,6 +46,7 @@ SAFETENSORS_DTYPES: dict[str, int] = {
     "C64": 8,
 }
 _MAX_HEADER = 100 << 20  # safetensors' own limit for the JSON header
+_ARCHIVES = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz
 _ZIP_SLACK = 1 << 16  # zip bookkeeping may make the listed sizes exceed the file by a little
 
 
@@ -71,8 +72,12 @@ def sniff(path: str | os.PathLike[str], name: str | None = None) -> str:
         _check_zip(path, size, shown)
         return "zip"
     if len(head) >= 9 and head[8:9] == b"{":
-        safetensors_header(path, shown)
-        return "safetensors"
+        # a "{" at byte 8 may be chance: an archive whose first 8 bytes are no header length
+        # that fits is named as the archive it is (a truncated safetensors keeps its message)
+        fits = int.from_bytes(head[:8], "little") <= size - 8
+        if fits or not head.startswith(_ARCHIVES):
+            safetensors_header(path, shown)
+            return "safetensors"
     raise CheckpointError(
         f"{shown} is not a checkpoint (refused unread): it {_describe(head, size)}"
     )
@@ -92,7 +97,7 @@ def _describe(head: bytes, size: int) -> str:
             "is a raw pickle or a pre-1.6 PyTorch file; only the zip format of torch.save "
             "(torch >= 1.6) and safetensors are read. Re-save it with a current torch"
         )
-    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+    if head.startswith(_ARCHIVES):
         return "is a compressed archive (gzip/bzip2/xz); unpack it first"
     try:
         head.decode("utf-8")

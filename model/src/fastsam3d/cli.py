@@ -2,7 +2,7 @@
 
 Commands raise; :func:`main` alone turns an error into one message on stderr
 (``fastsam3d COMMAND: ...``) and an exit status: 2 for a usage error (:class:`UsageError`, as
-argparse's own), 1 for bad input, checkpoints, downloads and servers (any
+argparse's own, or PyTorch missing), 1 for bad input, checkpoints, downloads and servers (any
 :class:`fastsam3d.FastSAM3DError`, ``ValueError`` or ``OSError``), a :class:`CommandError`'s own
 code (``segment``: 3 without weights), 130 on Ctrl-C. Anything else is a bug: one line naming
 the exception type (``FASTSAM3D_DEBUG=1`` shows the traceback instead).
@@ -16,6 +16,7 @@ import sys
 from importlib import import_module
 
 from . import __version__
+from ._optional import TORCH_HINT, missing_torch
 from .commands import COMMANDS
 from .errors import (
     EXIT_ERROR,
@@ -51,6 +52,10 @@ def exit_status(exc: BaseException) -> tuple[int, str]:
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, CommandError):
         return exc.code, str(exc)
+    if missing_torch(exc):  # convert, export-onnx, bench, serve on a `fastsam3d[onnx]` install
+        if TORCH_HINT in str(exc):  # fastsam3d._optional.require_torch named the feature
+            return EXIT_USAGE, str(exc)
+        return EXIT_USAGE, f"this command needs PyTorch, which is not installed: {TORCH_HINT}"
     if isinstance(exc, (FastSAM3DError, ValueError, FileNotFoundError)):
         return EXIT_ERROR, str(exc)
     if isinstance(exc, OSError):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .geometry import closest_orientation
+from .lattice import closest_orientation
 from .volume import Volume
 
 __all__ = ["save_preview"]

@@ -47,12 +47,15 @@ def runner_and_ops(model: Any, device: Any, precision: str) -> tuple[Any, Any]:
     try:
         require_torch("a fastsam3d.Session on a PyTorch model")
     except ImportError:
-        path = _checkpoint_file(model)
-        if path is None or importlib.util.find_spec("onnxruntime") is None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise
+        if importlib.util.find_spec("onnxruntime") is None:
             raise
         from .onnx import torch_free_runner
 
-        return runner_and_ops(torch_free_runner(path, precision=precision), device, precision)
+        path, config = _checkpoint_file(model)
+        runner = torch_free_runner(path, config=config, precision=precision)
+        return runner_and_ops(runner, device, precision)
     from .device import resolve_device
     from .fastpath import Runner
     from .geometry import TorchOps
@@ -65,16 +68,14 @@ def runner_and_ops(model: Any, device: Any, precision: str) -> tuple[Any, Any]:
     return runner, TorchOps(runner.device)
 
 
-def _checkpoint_file(model: Any) -> str | None:
-    """A checkpoint path, or a downloaded registry entry's file, for the torch-free runner."""
-    if not isinstance(model, (str, os.PathLike)):
-        return None
-    if os.path.isfile(model):
-        return os.fspath(model)
-    from .hub import HubError, cached_path
+def _checkpoint_file(model: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """(file, registry config or None) for the torch-free runner, by ``load_model``'s rule: a
+    registered name always means its verified cache entry (downloaded on first use) and runs as
+    its config, even when a file of that name is in the working directory."""
+    from .weights import WEIGHTS
 
-    try:
-        path = cached_path(os.fspath(model))
-    except (HubError, ValueError, KeyError):
-        return None
-    return None if path is None else str(path)
+    if isinstance(model, str) and model in WEIGHTS:
+        from .hub import download
+
+        return str(download(model)), WEIGHTS[model].config
+    return os.fspath(model), None

@@ -77,6 +77,16 @@ def _devices() -> dict:
     return out
 
 
+def _onnxruntime() -> dict | None:
+    """The ONNX Runtime engine (``fastsam3d[onnx]``: segments without PyTorch), or None."""
+    try:
+        import onnxruntime
+    except Exception:
+        return None
+    providers = _guard(onnxruntime.get_available_providers)
+    return {"version": str(onnxruntime.__version__), "providers": list(providers or [])}
+
+
 def _guard(fn: Callable[[], object]) -> object:
     try:
         return fn()
@@ -115,6 +125,7 @@ def collect(verify: bool = False) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         **_devices(),
+        "onnxruntime": _onnxruntime(),
         "models": _models(),
         "cache_dir": str(hub.cache_dir(create=False)),
         "cache_env": hub.ENV_CACHE,
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"fastsam3d {data['fastsam3d']}  (python {data['python']}, {data['platform']})")
     if data.get("torch") is None:
-        print(f"torch:    {data.get('error')}")
+        print(f"torch:    {data.get('error')} (the PyTorch engine: pip install 'fastsam3d[torch]')")
     else:
         cpu = data["cpu"]
         print(f"torch:    {data['torch']}")
@@ -144,10 +155,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"devices:  {'; '.join(devices)}")
         if "cuda_error" in data:
             print(f"          cuda probe failed: {data['cuda_error']}")
+    ort = data["onnxruntime"]
+    if ort is None:
+        print("onnxruntime: not installed (to segment without PyTorch: 'fastsam3d[onnx]')")
+    else:
+        print(f"onnxruntime: {ort['version']} ({', '.join(ort['providers']) or 'no providers'})")
     models = data["models"]
     print(f"models:   {', '.join(models) if isinstance(models, list) else models}")
     print(f"cache:    {data['cache_dir']}  (override with ${data['cache_env']})")
+    width = max((len(w["name"]) for w in data["weights"]), default=0)
     for w in data["weights"]:
         size = f", {format_size(w['size'])}" if w["present"] else ""
-        print(f"  {w['name']:<18} {w['state']}{size}")
+        print(f"  {w['name']:<{width}} {w['state']}{size}")
     return 0

@@ -190,11 +190,13 @@ def load_network(args: argparse.Namespace, log: Any) -> Any:
 
     if args.backend == "onnxruntime":
         from fastsam3d.onnx import torch_free_runner
+        from fastsam3d.weights import get_weights
 
         def load_model(weights: Any) -> Any:  # a file, or a registry name now in the cache
-            return torch_free_runner(
-                weights if isinstance(weights, Path) else hub.cached_path(weights)
-            )
+            if isinstance(weights, Path):
+                return torch_free_runner(weights)
+            # the name's config: sam-med3d-turbo-fastsam3d-block shares sam-med3d-turbo's file
+            return torch_free_runner(hub.cached_path(weights), config=get_weights(weights).config)
     else:
         from fastsam3d.checkpoint import load_model
 
@@ -319,6 +321,7 @@ def _check_backend(args: argparse.Namespace) -> None:
         if args.fixture_weights:
             raise UsageError(
                 "--fixture-weights builds its network with PyTorch: use --backend torch"
+                + ("" if have("torch") else " (pip install 'fastsam3d[torch]')")
             )
         if args.device not in ("auto", "cpu"):
             raise UsageError(

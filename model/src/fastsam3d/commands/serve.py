@@ -146,7 +146,10 @@ def _model(args: argparse.Namespace, log: Any) -> tuple[Any, str]:
         quiet=False,
         backend="torch",  # the server batches clicks on one torch Runner
     )
-    if not args.fixture_weights and Path(args.model).is_file():
+    from fastsam3d.weights import WEIGHTS
+
+    # a registered name means the registry entry even beside a file of that name (load_model's rule)
+    if not args.fixture_weights and args.model not in WEIGHTS and Path(args.model).is_file():
         ns.checkpoint, ns.model = args.model, "checkpoint"
     name = Path(args.model).name if ns.checkpoint else args.model
     return load_network(ns, log), name + (" (fixture weights)" if args.fixture_weights else "")

@@ -153,11 +153,14 @@ def match_template(
     weights: dict[str, np.ndarray],
     style: str | None = None,
     root: str | os.PathLike[str] | None = None,
+    config: str | None = None,
 ) -> dict:
     """The template whose weights are exactly the file's keys with the same shapes. Block style
-    cannot be seen in weights: ``style`` (recorded by our exporters) picks among equal fits,
-    else the config registered first (a block-style variant, ``configs.BLOCK_STYLE_VARIANTS``,
-    is registered after the config it varies: SAM-Med3D's standard block for 12-block files)."""
+    cannot be seen in weights: ``config`` (a registry config the caller asks for, e.g. the
+    ``sam-med3d-turbo-fastsam3d-block`` weights entry) decides, else ``style`` (recorded by our
+    exporters) picks among equal fits, else the config registered first (a block-style
+    variant, ``configs.BLOCK_STYLE_VARIANTS``, is registered after the config it varies:
+    SAM-Med3D's standard block for 12-block files)."""
     fits = []
     for meta in list_templates(root).values():
         shapes = meta["shapes"]
@@ -165,6 +168,11 @@ def match_template(
             tuple(weights[k].shape) == tuple(v) for k, v in shapes.items()
         ):
             fits.append(meta)
+    if config is not None:
+        fitting = ", ".join(sorted(m["config"] for m in fits)) or "none"
+        fits = [m for m in fits if m["config"] == config]
+        if not fits:
+            raise ValueError(f"the weights do not fit config {config!r} (they fit: {fitting})")
     if style is not None:
         fits = [m for m in fits if m["block_style"] == style] or fits
     order = {name: i for i, name in enumerate(CONFIGS)}

@@ -126,6 +126,7 @@ def weights_of(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], str
 def torch_free_runner(
     path: str | os.PathLike[str],
     *,
+    config: str | None = None,
     precision: str = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
     providers: list[str] | None = None,
@@ -136,6 +137,10 @@ def torch_free_runner(
     Args:
         path: An official ``.pth`` (zip format) or a ``.safetensors`` file of a registered
             config (FastSAM3D, SAM-Med3D-turbo).
+        config: The registry config to run the weights as, e.g.
+            ``"sam-med3d-turbo-fastsam3d-block"`` (``fastsam3d.get_weights(name).config``): the
+            official SAM-Med3D-turbo file does not record a block style. Default: the style
+            the file records, else the config's own.
         precision: ``"fp32"``, ``"int8"`` (int8 encoder: about twice as fast on CPUs, masks
             agree within Dice 0.99) or ``"auto"`` (int8 on the CPU provider unless
             ``FASTSAM3D_CPU_INT8=0``, else fp32).
@@ -147,14 +152,15 @@ def torch_free_runner(
 
     Raises:
         CheckpointReadError: The file is not a readable checkpoint, or a tensor is malformed.
-        ValueError: The weights fit no packaged template, or an unknown precision.
+        ValueError: The weights fit no packaged template (or not ``config``'s), or an unknown
+            precision.
     """
     if precision not in ("auto", "fp32", "int8"):
         raise ValueError(
             f"precision must be 'auto', 'fp32' or 'int8' on ONNX Runtime, not {precision!r}"
         )
     weights, style = weights_of(path)
-    meta = match_template(weights, style)
+    meta = match_template(weights, style, config=config)
     if precision == "auto":
         first = (providers or default_providers("fp32"))[0]
         on_cpu = first == "CPUExecutionProvider"
