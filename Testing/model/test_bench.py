@@ -118,3 +118,18 @@ def test_synthetic_ct_and_crop_footprint():
     assert plan.shape == vol.shape
     inside = [t for i, t in enumerate(plan.tensors) if i % 4 == 3]
     assert all(bool(t.all()) for t in inside)
+
+
+def test_tiny_encoders_of_every_default_model_build():
+    """`fastsam3d bench --tiny` without --models benches both registered networks: the 2-block
+    SAM-Med3D keeps one global attention block (its blocks 2, 5, 8, 11 do not exist there);
+    this failed with "global attention blocks [2, 5, 8, 11]" before."""
+    from fastsam3d.bench import TINY, _overrides_for
+    from fastsam3d.testing import fixture_model
+
+    for name, glob in (("fastsam3d", ()), ("sam-med3d-turbo", (1,))):
+        over = _overrides_for(name, TINY)
+        assert over["global_attn_indexes"] == glob
+        model = fixture_model(name, **over)
+        assert len(model.image_encoder.blocks) == 2
+    assert _overrides_for("sam-med3d-turbo", {}) == {}

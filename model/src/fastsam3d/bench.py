@@ -65,6 +65,21 @@ CT_SHAPE = (300, 512, 512)  # [k, j, i]
 CT_SPACING = (0.8, 0.8, 2.5)  # i, j, k in mm
 TINY = {"depth": 2, "embed_dim": 96, "num_heads": 2, "num_attn_free_blocks": 1}
 
+
+def _overrides_for(name: str, overrides: dict) -> dict:
+    """``overrides`` made valid for config ``name``: a shallower encoder keeps its global
+    attention blocks that still exist, or its last block global if none does (SAM-Med3D's
+    global blocks 2, 5, 8, 11 do not exist in the 2-block ``--tiny`` encoder)."""
+    depth = overrides.get("depth")
+    if depth is None or "global_attn_indexes" in overrides:
+        return overrides
+    from .configs import get_config
+
+    glob = get_config(name).global_attn_indexes
+    kept = tuple(i for i in glob if i < depth) or ((depth - 1,) if glob else ())
+    return {**overrides, "global_attn_indexes": kept}
+
+
 # Goals of issue 6 (H200, batch 1), checked against the fast column.
 GOALS_MS = {
     "encoder/fastsam3d": 0.30,
@@ -233,7 +248,7 @@ def bench_encoders(
     crop = torch.randn(1, 1, 128, 128, 128, generator=gen).to(device)
     crops = torch.randn(batch, 1, 128, 128, 128, generator=gen).to(device) if batch else None
     for name in models:
-        model = fixture_model(name, device=device, **overrides)
+        model = fixture_model(name, device=device, **_overrides_for(name, overrides))
         enc: dict[str, dict] = {}
         thr: dict[str, dict] = {}
         for mode in modes:
@@ -273,7 +288,7 @@ def bench_clicks(
     volume_shape: tuple[int, int, int],
 ) -> dict:
     """One click, and one click with its paste into a CT crop's footprint."""
-    model = fixture_model(name, device=device, **overrides)
+    model = fixture_model(name, device=device, **_overrides_for(name, overrides))
     vol, centre = synthetic_ct(volume_shape)
     lattice = geo.Lattice.for_volume(vol.ijk_to_ras, vol.shape)
     start = lattice.crop_start(centre)
@@ -330,7 +345,7 @@ def bench_session(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        model = fixture_model(name, device=device, **overrides)
+        model = fixture_model(name, device=device, **_overrides_for(name, overrides))
         runner = _runner(model, device, mode)
         t0 = time.perf_counter()
         if mode.startswith("fast"):
