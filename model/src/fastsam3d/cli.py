@@ -72,6 +72,11 @@ def run_command(args: argparse.Namespace) -> int:
     """``args.func(args)`` with the CLI's error mapping (:func:`exit_status`) applied."""
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `fastsam3d info | head`: the reader left; that is not an error of the command, and
+        # Python's flush at exit must not report it either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (KeyboardInterrupt, Exception) as exc:
         expected = isinstance(exc, (KeyboardInterrupt, FastSAM3DError, ValueError, OSError))
         if not expected and os.environ.get("FASTSAM3D_DEBUG"):
