@@ -21,9 +21,9 @@ from .lattice import (
     LOWRES,
     SPACING,
     Lattice,
-    _aligned_maps,
     _normaliser,
     _region_to_lattice,
+    aligned_crop_plan,
     axis_maps,
     box_corners,
     closest_orientation,
@@ -100,28 +100,12 @@ def sample_crop(
     """
     in_shape = tuple(volume.shape[2:])
     m = crop_to_volume_grid(lattice, ijk_to_ras, start)
-    maps = _aligned_maps(m, (size,) * 3)
-    if maps is None:
+    aligned = aligned_crop_plan(m, lattice, start, size, in_shape)
+    if aligned is None:
         return _sample_crop_grid(volume, lattice, ijk_to_ras, start, size)
+    plan, lo, hi = aligned
     dev = volume.device
-    x = volume[0, 0]
-    plan = []
-    for ax, (q, c) in enumerate(maps):
-        n = in_shape[q]
-        inside = (c >= -0.5) & (c < n - 0.5)
-        lat_idx = start[ax] + np.arange(size)
-        inside &= (lat_idx >= 0) & (lat_idx < lattice.shape[ax])
-        cc = np.clip(c, 0, n - 1)
-        i0 = np.floor(cc).astype(np.int64)
-        i1 = np.minimum(i0 + 1, n - 1)
-        plan.append((ax, q, i0, i1, cc - i0, inside))
-    # restrict to the block the crop reads, then interpolate the most-shrinking axis first
-    lo = {q: int(min(i0.min(), i1.min())) for _, q, i0, i1, _, _ in plan}
-    hi = {q: int(max(i0.max(), i1.max())) + 1 for _, q, i0, i1, _, _ in plan}
-    x = x[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    # outer axes first (gathering whole planes/rows is a memcpy), the most-shrinking of them
-    # first; the innermost (strided) gather last, on the smallest tensor
-    plan.sort(key=lambda p: (p[1] == 2, size / (hi[p[1]] - lo[p[1]])))
+    x = volume[0, 0][lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     for _, q, i0, i1, w, _ in plan:
         shape = [1, 1, 1]
         shape[q] = -1

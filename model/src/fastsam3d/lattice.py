@@ -202,6 +202,41 @@ def _aligned_maps(m: np.ndarray, sizes: Sequence[int]) -> list[tuple[int, np.nda
     ]
 
 
+def aligned_crop_plan(
+    m: np.ndarray,
+    lattice: Lattice,
+    start: Sequence[int],
+    size: int,
+    in_shape: Sequence[int],
+) -> tuple[list, dict[int, int], dict[int, int]] | None:
+    """The separable reading of a crop (``m`` from :func:`crop_to_volume_grid`) when its axes are
+    parallel to the volume's, else None: ``(plan, lo, hi)``. ``plan`` holds per crop axis
+    ``(axis, volume axis q, i0, i1, weight, inside)`` (linear interpolation between voxels i0
+    and i1 of q; ``inside`` = within half a voxel of the volume and on the lattice), sorted in
+    the order the interpolations run (outer volume axes first, the most-shrinking first);
+    ``lo[q]:hi[q]`` is the block of axis q the crop reads. One plan for the torch and the
+    numpy crop sampling, so both read the same voxels with the same weights."""
+    maps = _aligned_maps(m, (size,) * 3)
+    if maps is None:
+        return None
+    plan = []
+    for ax, (q, c) in enumerate(maps):
+        n = in_shape[q]
+        inside = (c >= -0.5) & (c < n - 0.5)
+        lat_idx = start[ax] + np.arange(size)
+        inside &= (lat_idx >= 0) & (lat_idx < lattice.shape[ax])
+        cc = np.clip(c, 0, n - 1)
+        i0 = np.floor(cc).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n - 1)
+        plan.append((ax, q, i0, i1, cc - i0, inside))
+    lo = {q: int(min(i0.min(), i1.min())) for _, q, i0, i1, _, _ in plan}
+    hi = {q: int(max(i0.max(), i1.max())) + 1 for _, q, i0, i1, _, _ in plan}
+    # gathering whole planes/rows of the outer axes is a memcpy: those first, the most-shrinking
+    # of them first; the innermost (strided) gather last, on the smallest array
+    plan.sort(key=lambda p: (p[1] == 2, size / (hi[p[1]] - lo[p[1]])))
+    return plan, lo, hi
+
+
 def axis_maps(
     lattice: Lattice, ijk_to_ras: np.ndarray, region: tuple[slice, slice, slice]
 ) -> list[tuple[int, np.ndarray]] | None:

@@ -23,8 +23,8 @@ from .lattice import (
     CROP,
     LOWRES,
     Lattice,
-    _aligned_maps,
     _region_to_lattice,
+    aligned_crop_plan,
     axis_maps,
     crop_to_volume_grid,
 )
@@ -114,24 +114,12 @@ def sample_crop(
     x = volume[0, 0]
     in_shape = x.shape
     m = crop_to_volume_grid(lattice, ijk_to_ras, start)
-    maps = _aligned_maps(m, (size,) * 3)
-    if maps is None:
+    aligned = aligned_crop_plan(m, lattice, start, size, in_shape)
+    if aligned is None:
         c = _coords(m, (size,) * 3)
         return _interpolate(x, c, "linear") * _inside(c, in_shape)
-    plan = []
-    for ax, (q, c) in enumerate(maps):
-        n = in_shape[q]
-        inside = (c >= -0.5) & (c < n - 0.5)
-        lat_idx = start[ax] + np.arange(size)
-        inside &= (lat_idx >= 0) & (lat_idx < lattice.shape[ax])
-        cc = np.clip(c, 0, n - 1)
-        i0 = np.floor(cc).astype(np.int64)
-        i1 = np.minimum(i0 + 1, n - 1)
-        plan.append((ax, q, i0, i1, cc - i0, inside))
-    lo = {q: int(min(i0.min(), i1.min())) for _, q, i0, i1, _, _ in plan}
-    hi = {q: int(max(i0.max(), i1.max())) + 1 for _, q, i0, i1, _, _ in plan}
+    plan, lo, hi = aligned
     x = x[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    plan.sort(key=lambda p: (p[1] == 2, size / (hi[p[1]] - lo[p[1]])))
     for _, q, i0, i1, w, _ in plan:
         x = _lerp(np.take(x, i0 - lo[q], axis=q), np.take(x, i1 - lo[q], axis=q), _along(w, q, 3))
     plan.sort(key=lambda p: p[0])
