@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import deps
+from .engine import DeviceInfo, RunnerEngine
 from .errors import FastSAM3DSlicerError
 
 LOCAL, ONNX, REMOTE = "local", "onnx", "remote"
@@ -146,7 +147,7 @@ def onnx_status() -> tuple[bool, str]:
     return True, ""
 
 
-class OnnxBackendEngine:
+class OnnxBackendEngine(RunnerEngine):
     """The Lib's engine on fastsam3d's torch-free ONNX Runtime runner."""
 
     def __init__(
@@ -154,8 +155,6 @@ class OnnxBackendEngine:
     ) -> None:
         import fastsam3d
         import fastsam3d.onnx as fonnx
-
-        from .engine import DeviceInfo
 
         self._fastsam3d = fastsam3d
         # config: the chosen weights entry's (sam-med3d-turbo-fastsam3d-block shares its file
@@ -168,16 +167,6 @@ class OnnxBackendEngine:
         self.device_info = DeviceInfo(self.device, f"ONNX Runtime ({provider})", is_cpu)
         self.session_options = session_options
         self._warmed = False
-
-    def new_session(self) -> Any:
-        session = self._fastsam3d.Session(
-            self.runner, warmup=not self._warmed, **self.session_options
-        )
-        self._warmed = True
-        return session
-
-    def make_volume(self, array_kji: Any, ijk_to_ras: Any) -> Any:
-        return self._fastsam3d.Volume(array_kji, ijk_to_ras)
 
     def close(self) -> None:
         pass
@@ -295,8 +284,6 @@ class RemoteBackendEngine:
 
     def __init__(self, url: str, api_key: str | None, **session_options: Any) -> None:
         from fastsam3d.remote import RemoteEngine
-
-        from .engine import DeviceInfo
 
         self._remote = RemoteEngine(url, api_key or None, **session_options)
         server = self._remote.server

@@ -55,7 +55,29 @@ def describe_device(device: Any) -> DeviceInfo:
     return DeviceInfo("cpu", f"CPU ({torch.get_num_threads()} threads)", True)
 
 
-class FastSAM3DEngine:
+class RunnerEngine:
+    """What every local engine shares: one prepared runner (``self.runner``) and the session
+    options, made into one ``fastsam3d.Session`` per segment. Subclasses set ``_fastsam3d``,
+    ``runner``, ``session_options`` and ``_warmed``."""
+
+    _fastsam3d: Any
+    runner: Any
+    session_options: dict
+    _warmed: bool
+
+    def new_session(self) -> Any:
+        # Warming up (cuDNN plans, allocator) once per network is enough; later sessions reuse it.
+        session = self._fastsam3d.Session(
+            self.runner, warmup=not self._warmed, **self.session_options
+        )
+        self._warmed = True
+        return session
+
+    def make_volume(self, array_kji: Any, ijk_to_ras: Any) -> Any:
+        return self._fastsam3d.Volume(array_kji, ijk_to_ras)
+
+
+class FastSAM3DEngine(RunnerEngine):
     """One loaded network shared by all sessions; every method runs on the worker thread."""
 
     def __init__(self, model: Any, device: Any, **session_options: Any) -> None:
@@ -105,14 +127,3 @@ class FastSAM3DEngine:
         from fastsam3d.device import resolve_device
 
         return cls(model, resolve_device(device), **session_options)
-
-    def new_session(self) -> Any:
-        # Warming up (cuDNN plans, allocator) once per network is enough; later sessions reuse it.
-        session = self._fastsam3d.Session(
-            self.runner, warmup=not self._warmed, **self.session_options
-        )
-        self._warmed = True
-        return session
-
-    def make_volume(self, array_kji: Any, ijk_to_ras: Any) -> Any:
-        return self._fastsam3d.Volume(array_kji, ijk_to_ras)
