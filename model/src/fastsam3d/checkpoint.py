@@ -38,11 +38,10 @@ from .atomic import atomic_path
 from .build import build_model
 from .configs import CONFIGS, MAX_WINDOW, ModelConfig, check_config, get_config, with_block_style
 from .modeling import Sam3D
+from .state_dict import PREFIXES, normalise_keys, tensors_of
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
-_CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")
 
 __all__ = [
     "CheckpointError",
@@ -132,11 +131,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def extract_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     """The tensors of a container, keys normalised: DDP ``module.`` stripped and an
     encoder-only file (FastSAM3D's distilled encoder) given the ``image_encoder.`` prefix."""
-    for key in _CONTAINER_KEYS:
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = tensors_of(obj, lambda v: isinstance(v, torch.Tensor))
     if not sd:
         raise CheckpointError("no tensors found (expected a state dict or 'model_state_dict')")
     odd = [k for k in sd if not isinstance(k, str)]
@@ -145,11 +140,7 @@ def extract_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
             f"tensor names must be strings; found {odd[0]!r} "
             f"({type(odd[0]).__name__}){' and more' if len(odd) > 1 else ''}"
         )
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    if not any(k.startswith(PREFIXES) for k in sd) and "patch_embed.proj.weight" in sd:
-        sd = {f"image_encoder.{k}": v for k, v in sd.items()}
-    return sd
+    return normalise_keys(sd)
 
 
 def _tensor(

@@ -17,13 +17,12 @@ import numpy as np
 
 from .._sniff import sniff
 from ..pth_reader import CheckpointReadError, read_pth, read_safetensors
+from ..state_dict import normalise_keys, tensors_of
 from .build import build_from_weights, digest_arrays, match_template
 from .engine import OrtEngine, default_providers
 
 __all__ = ["OrtRunner", "torch_free_runner", "weights_of"]
 
-_CONTAINER_KEYS = ("model_state_dict", "state_dict", "model")  # as fastsam3d.checkpoint
-_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 ENV_INT8 = "FASTSAM3D_CPU_INT8"  # "0": fp32 encoder on the CPU too (as fastsam3d.quantize)
 
 
@@ -98,19 +97,12 @@ def weights_of(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], str
     style = (
         meta.get("block_style") if isinstance(meta, dict) else getattr(args, "block_style", None)
     )
-    for key in _CONTAINER_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    sd = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+    sd = tensors_of(obj, lambda v: isinstance(v, np.ndarray))
     if not sd:
         raise CheckpointReadError(
             f"{path}: no tensors found (expected a state dict or 'model_state_dict')"
         )
-    if all(isinstance(k, str) and k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    if not any(str(k).startswith(_PREFIXES) for k in sd) and "patch_embed.proj.weight" in sd:
-        sd = {f"image_encoder.{k}": v for k, v in sd.items()}
+    sd = normalise_keys(sd)
     out = {}
     for k, v in sd.items():
         if not isinstance(k, str):
