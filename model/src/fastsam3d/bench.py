@@ -43,14 +43,7 @@ import torch
 from . import __version__
 from . import geometry as geo
 from .build import set_attention_backend
-from .clickpaste import (  # noqa: F401 - PASTE_MODES, PastePlan, paste_plan: re-exported
-    PASTE_MODES,
-    PastePlan,
-    click_and_paste,
-    crop_footprint,
-    paste_field,
-    paste_plan,
-)
+from .clickpaste import click_and_paste, crop_footprint, paste_field
 from .device import resolve_device
 from .fastpath import Runner
 from .modeling import Sam3D
